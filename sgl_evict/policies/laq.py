@@ -1,0 +1,48 @@
+"""Lookahead Q-Cache: score with the queries of a few real decode steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sgl_evict.observation import LayerObservation
+from sgl_evict.policies.base import register
+from sgl_evict.policies.window import QueryScoringPolicy
+
+
+@register
+@dataclass
+class LookaheadQCache(QueryScoringPolicy):
+    """Lookahead Q-Cache (LAQ: "Lookahead Q-Cache: Achieving More Consistent KV Eviction via Pseudo
+    Query", 2025).
+
+    Window queries come from the prompt, but eviction serves the decoding queries. LAQ first
+    compresses with SnapKV, greedily decodes ``lookahead_steps`` tokens on that provisional cache,
+    and uses those decode steps' queries (positions ``seq_len ..``, seeing the whole prompt) to score
+    the full cache, which is then compressed for real. The lookahead tokens are discarded.
+
+    Attributes:
+        lookahead_steps: decode steps whose queries are captured (the engine runs them).
+        include_window: also average in the window queries' scores (both are mean attention, so
+            one scale).
+    """
+
+    name = "laq"
+    needs = ("lookahead_queries", "window_queries")
+    lookahead_steps: int = 8
+    include_window: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lookahead_steps < 1:
+            raise ValueError(f"laq needs lookahead_steps >= 1, got {self.lookahead_steps}")
+
+    def check(self, obs: LayerObservation) -> None:
+        obs.require("lookahead_queries", *(("window_queries",) if self.include_window else ()))
+
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        self.check(obs)
+        lookahead = self._score(obs, obs.lookahead_queries, None)
+        if not self.include_window:
+            return lookahead
+        return 0.5 * (lookahead + self.score_window(obs))

@@ -1,0 +1,180 @@
+"""Turns per-token scores into the set of prompt tokens whose KV is kept.
+
+One selector for every policy: budgets (fraction or token count), protected tokens (the first
+``sinks`` attention sinks and the last ``recent`` tokens are always kept), and three granularities:
+
+- ``uniform``: one keep-set for every layer and KV head. The only kind a paged engine pool, whose slot
+  index is shared by all layers, can turn into freed memory.
+- ``per_layer``: one keep-set per layer, shared by its KV heads. With ``global_budget=True`` the
+  total budget (``num_layers x tokens``) is spread over layers by raw scores, which is only sound when
+  scores are comparable across layers (laprox).
+- ``per_head``: one keep-set per layer and KV head.
+
+Ties are broken towards the earlier token, so a selection is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GRANULARITIES = ("uniform", "per_layer", "per_head")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of a prompt's KV to keep: a fraction of its tokens, or a token count.
+
+    Attributes:
+        fraction: in ``(0, 1]``, or ``None`` when ``tokens`` is set.
+        tokens: at least 1, or ``None`` when ``fraction`` is set.
+    """
+
+    fraction: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.tokens is None):
+            raise ValueError("a budget is either a fraction or a token count")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"budget fraction must be in (0, 1], got {self.fraction}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError(f"budget token count must be >= 1, got {self.tokens}")
+
+    @classmethod
+    def parse(cls, text: str | float | int) -> "Budget":
+        """``"0.1"``, ``0.1`` or ``"10%"``: a fraction; ``"1024"`` or ``1024``: a token count."""
+        if isinstance(text, bool):
+            raise ValueError(f"invalid budget {text!r}")
+        if isinstance(text, int):
+            return cls(tokens=text)
+        if isinstance(text, float):
+            return cls(fraction=text)
+        s = str(text).strip()
+        try:
+            if s.endswith("%"):
+                return cls(fraction=float(s[:-1]) / 100.0)
+            if any(c in s for c in ".eE"):
+                return cls(fraction=float(s))
+            return cls(tokens=int(s))
+        except ValueError as err:
+            raise ValueError(
+                f"invalid budget {text!r}: use a fraction in (0, 1] such as 0.1 or 10%, or a token count such as 1024"
+                + (f" ({err})" if "budget" in str(err) else "")
+            ) from None
+
+    def num_tokens(self, seq_len: int) -> int:
+        """Tokens to keep of a ``seq_len``-token prompt (never more than ``seq_len``)."""
+        if self.tokens is not None:
+            return min(self.tokens, seq_len)
+        return min(seq_len, max(1, math.ceil(self.fraction * seq_len)))
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}" if self.fraction is not None else str(self.tokens)
+
+
+@dataclass
+class KeepSet:
+    """Kept prompt tokens of one request.
+
+    Attributes:
+        indices: one ``[num_kv_heads, kept_tokens_of_layer]`` int64 tensor per layer, ascending along the
+            last dimension. ``uniform`` and ``per_layer`` repeat one row over the heads.
+        seq_len: prompt length the indices refer to.
+    """
+
+    indices: list[torch.Tensor]
+    seq_len: int
+
+    def mask(self, layer: int) -> torch.Tensor:
+        """``[num_kv_heads, seq_len]`` bool, True where the token's KV is kept."""
+        idx = self.indices[layer]
+        out = torch.zeros(idx.shape[0], self.seq_len, dtype=torch.bool, device=idx.device)
+        return out.scatter_(1, idx, True)
+
+    def total_kept(self) -> int:
+        """Kept (layer, head, token) entries, the memory the keep-set costs."""
+        return sum(int(i.numel()) for i in self.indices)
+
+
+def protected_mask(seq_len: int, sinks: int, recent: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[seq_len]`` bool: the first ``sinks`` and the last ``recent`` tokens."""
+    pos = torch.arange(seq_len, device=device)
+    return (pos < sinks) | (pos >= seq_len - recent)
+
+
+def _top_indices(scores: torch.Tensor, protected: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices of the ``num_keep`` best tokens of ``scores [..., seq_len]``, protected first, ascending."""
+    ranked = scores.masked_fill(protected, float("inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    return order[..., :num_keep].sort(dim=-1).values
+
+
+def _normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Each row of ``[..., seq_len]`` scaled to sum to 1 (rows of zeros stay zero)."""
+    total = scores.sum(dim=-1, keepdim=True)
+    return scores / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def select_keep(
+    scores: torch.Tensor,
+    budget: Budget,
+    sinks: int = 4,
+    recent: int = 32,
+    granularity: str = "uniform",
+    global_budget: bool = False,
+) -> KeepSet:
+    """Chooses the kept tokens of one request from its scores.
+
+    Args:
+        scores: ``[num_layers, num_kv_heads, seq_len]`` non-negative scores, higher is more important.
+        budget: tokens to keep per layer and KV head. Protected tokens always count and are always
+            kept; a budget below their number keeps exactly the protected tokens.
+        sinks: leading tokens always kept (attention sinks).
+        recent: trailing tokens always kept.
+        granularity: one of :data:`GRANULARITIES`.
+        global_budget: ``per_layer`` only: spread ``num_layers x budget`` over layers by raw scores.
+
+    Returns:
+        The :class:`KeepSet`. Every layer keeps exactly ``max(budget, protected)`` tokens per KV head,
+        except with ``global_budget``, where the total over layers is exact.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [num_layers, num_kv_heads, seq_len], got shape {tuple(scores.shape)}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if global_budget and granularity != "per_layer":
+        raise ValueError("global_budget applies to granularity 'per_layer' only")
+    if sinks < 0 or recent < 0:
+        raise ValueError(f"sinks and recent must be >= 0, got {sinks} and {recent}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; refusing to select from them")
+
+    num_layers, num_kv_heads, seq_len = scores.shape
+    scores = scores.float()
+    protected = protected_mask(seq_len, sinks, recent, scores.device)
+    num_keep = max(budget.num_tokens(seq_len), int(protected.sum()))
+
+    def per_layer_rows(rows: torch.Tensor) -> list[torch.Tensor]:  # rows: [num_layers, k]
+        return [r.expand(num_kv_heads, -1) for r in rows]
+
+    if granularity == "uniform":
+        combined = _normalise(scores).mean(dim=(0, 1))
+        row = _top_indices(combined, protected, num_keep)
+        return KeepSet(per_layer_rows(row.expand(num_layers, -1)), seq_len)
+    if granularity == "per_head":
+        return KeepSet(list(_top_indices(scores, protected, num_keep).unbind(0)), seq_len)
+    if not global_budget:
+        combined = _normalise(scores).mean(dim=1)  # [num_layers, seq_len]
+        return KeepSet(per_layer_rows(_top_indices(combined, protected, num_keep)), seq_len)
+
+    # Global: protected tokens of every layer first, then the best remaining (layer, token) pairs.
+    combined = scores.sum(dim=1).masked_fill(protected, float("inf")).flatten()
+    order = torch.sort(combined, descending=True, stable=True).indices[: num_layers * num_keep]
+    chosen = torch.zeros(num_layers * seq_len, dtype=torch.bool, device=scores.device)
+    chosen[order] = True
+    chosen = chosen.view(num_layers, seq_len)
+    rows = [chosen[i].nonzero().squeeze(1).expand(num_kv_heads, -1) for i in range(num_layers)]
+    return KeepSet(rows, seq_len)
