@@ -1,0 +1,104 @@
+"""Selector invariants: exact budgets, protected tokens, deterministic ties, granularities."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgl_evict.selection import Budget, protected_mask, select_keep
+
+
+@pytest.mark.parametrize("text,fraction,tokens", [("0.1", 0.1, None), ("10%", 0.1, None), (0.25, 0.25, None),
+                                                   ("1.0", 1.0, None), ("1024", None, 1024), (64, None, 64)])
+def test_budget_parse(text, fraction, tokens):
+    b = Budget.parse(text)
+    assert b.fraction == (pytest.approx(fraction) if fraction else None)
+    assert b.tokens == tokens
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "1.5", "abc", "0.0", "", "150%", True])
+def test_budget_parse_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="budget"):
+        Budget.parse(bad)
+
+
+def test_budget_token_count():
+    assert Budget(fraction=0.1).num_tokens(2048) == 205
+    assert Budget(fraction=1.0).num_tokens(7) == 7
+    assert Budget(tokens=100).num_tokens(50) == 50
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_layers=st.integers(1, 3), num_heads=st.integers(1, 3), seq_len=st.integers(1, 80),
+       fraction=st.floats(0.01, 1.0), sinks=st.integers(0, 6), recent=st.integers(0, 10),
+       granularity=st.sampled_from(["uniform", "per_layer", "per_head"]), seed=st.integers(0, 1000))
+def test_budget_exact_and_protected_kept(num_layers, num_heads, seq_len, fraction, sinks, recent, granularity, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_layers, num_heads, seq_len, generator=gen)
+    budget = Budget(fraction=fraction)
+    keep = select_keep(scores, budget, sinks, recent, granularity)
+    protected = protected_mask(seq_len, sinks, recent)
+    expected = max(budget.num_tokens(seq_len), int(protected.sum()))
+    for layer, idx in enumerate(keep.indices):
+        assert idx.shape == (num_heads, expected)
+        for row in idx:
+            assert len(set(row.tolist())) == expected  # no duplicates
+            assert torch.all(row[1:] > row[:-1])  # ascending
+        assert keep.mask(layer)[:, protected].all()
+    if granularity == "uniform":
+        assert all(torch.equal(i, keep.indices[0]) for i in keep.indices)
+
+
+def test_selects_highest_scores_per_head():
+    scores = torch.zeros(1, 2, 10)
+    scores[0, 0, 5] = scores[0, 0, 6] = 1.0
+    scores[0, 1, 2] = scores[0, 1, 3] = 1.0
+    keep = select_keep(scores, Budget(tokens=3), sinks=1, recent=0, granularity="per_head")
+    assert keep.indices[0].tolist() == [[0, 5, 6], [0, 2, 3]]
+
+
+def test_ties_break_towards_earlier_tokens():
+    keep = select_keep(torch.ones(2, 2, 20), Budget(tokens=5), sinks=0, recent=0, granularity="uniform")
+    assert keep.indices[0][0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_uniform_normalises_each_layer_so_no_layer_dominates():
+    scores = torch.zeros(2, 1, 6)
+    scores[0, 0] = torch.tensor([0, 0, 0, 1000.0, 1000.0, 0])  # layer 0: large scale, likes 3 and 4
+    scores[1, 0] = torch.tensor([0, 1.0, 0, 0, 0, 0])  # layer 1: small scale, all mass on 1
+    keep = select_keep(scores, Budget(tokens=1), sinks=0, recent=0, granularity="uniform")
+    # normalised: token 1 gets 0.5 from layer 1, tokens 3 and 4 get 0.25 each
+    assert keep.indices[0][0].tolist() == [1]
+
+
+def test_global_budget_moves_tokens_to_the_layer_with_larger_scores():
+    scores = torch.zeros(2, 1, 10)
+    scores[0, 0, :] = torch.arange(10.0)  # layer 0 has all the large scores
+    scores[1, 0, :] = 0.001 * torch.arange(10.0)
+    keep = select_keep(scores, Budget(tokens=3), sinks=1, recent=1, granularity="per_layer", global_budget=True)
+    kept = [i.shape[1] for i in keep.indices]
+    assert sum(kept) == 6
+    assert kept == [4, 2]  # layer 1 keeps only its protected tokens
+    assert keep.indices[1][0].tolist() == [0, 9]
+
+
+def test_budget_below_protected_keeps_exactly_protected():
+    keep = select_keep(torch.rand(1, 1, 100), Budget(tokens=2), sinks=4, recent=8, granularity="uniform")
+    assert keep.indices[0][0].tolist() == list(range(4)) + list(range(92, 100))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"granularity": "per_token"}, "granularity must be one of"),
+    ({"granularity": "uniform", "global_budget": True}, "global_budget"),
+    ({"sinks": -1}, "sinks and recent"),
+])
+def test_bad_arguments_fail_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_keep(torch.rand(1, 1, 10), Budget(tokens=3), **kwargs)
+
+
+def test_nan_scores_are_refused():
+    s = torch.rand(1, 1, 10)
+    s[0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        select_keep(s, Budget(tokens=3))
