@@ -25,8 +25,9 @@ class NoEviction(EvictionPolicy):
 @register
 @dataclass
 class StreamingLLM(EvictionPolicy):
-    """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", 2023).
+    """StreamingLLM: keeps the attention sinks and the most recent tokens.
 
+    Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (2023).
     Keeps the attention sinks and the most recent tokens: the score is the token's position, so the
     budget left after the protected sinks goes to the latest tokens.
     """

@@ -14,8 +14,9 @@ from sgl_evict.policies.window import QueryScoringPolicy
 @register
 @dataclass
 class LookaheadQCache(QueryScoringPolicy):
-    """Lookahead Q-Cache (LAQ: "Lookahead Q-Cache: Achieving More Consistent KV Eviction via Pseudo
-    Query", 2025).
+    """LAQ: scores with the queries of a few lookahead decode steps on a provisional SnapKV cache.
+
+    Paper: "Lookahead Q-Cache: Achieving More Consistent KV Eviction via Pseudo Query" (2025).
 
     Window queries come from the prompt, but eviction serves the decoding queries. LAQ first
     compresses with SnapKV, greedily decodes ``lookahead_steps`` tokens on that provisional cache,

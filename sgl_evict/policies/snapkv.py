@@ -14,8 +14,9 @@ from sgl_evict.policies.window import QueryScoringPolicy
 @register
 @dataclass
 class SnapKV(QueryScoringPolicy):
-    """SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024).
+    """SnapKV: the prompt's last window of queries votes for the keys it attends.
 
+    Paper: Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (2024).
     The last ``window`` prompt tokens act as observation queries: each key's score is the mean
     attention they pay it (causally), smoothed by max pooling so that neighbouring tokens of an
     important span survive together. The window itself is protected by the selector (``recent``).

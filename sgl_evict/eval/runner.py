@@ -1,0 +1,143 @@
+"""Runs policies x budgets over task samples with one shared prefill per sample."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sgl_evict.eval.tasks import TASKS, generate_sample, score_answer
+from sgl_evict.policies import EvictionPolicy, make_policy
+from sgl_evict.selection import GRANULARITIES, Budget
+
+FULL = "full"  # budget label of the uncompressed reference run
+
+
+@dataclass
+class EvalConfig:
+    """What one evaluation covers. Budgets are strings as ``Budget.parse`` reads them."""
+
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    context_tokens: int = 2048
+    samples_per_task: int = 1
+    policies: list[str] = field(default_factory=lambda: ["snapkv", "laq", "dapq", "laprox", "streaming", "random"])
+    budgets: list[str] = field(default_factory=lambda: ["0.05", "0.1", "0.2", "0.5"])
+    granularity: str = "uniform"
+    window: int = 32
+    sinks: int = 4
+    max_new_tokens: int = 16
+    fidelity_tokens: int = 32
+    seed: int = 0
+    soft_tokens: str | None = None
+
+    def validate(self) -> None:
+        """Fails with a message naming the bad setting, before any model work starts."""
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"unknown task {t!r}; choose from: {', '.join(TASKS)}")
+        for b in self.budgets:
+            Budget.parse(b)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if "judgeq" in self.policies and not self.soft_tokens:
+            raise ValueError("policy 'judgeq' needs --soft-tokens FILE (Judge Q soft tokens trained for this model)")
+        for name, value in (("context tokens", self.context_tokens), ("samples per task", self.samples_per_task),
+                            ("max new tokens", self.max_new_tokens), ("window", self.window)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.fidelity_tokens < 1 or self.sinks < 0:
+            raise ValueError("fidelity tokens must be >= 1 and sinks >= 0")
+        self.build_policies()
+
+    def build_policies(self) -> dict[str, EvictionPolicy]:
+        options = {"judgeq": {"soft_tokens_path": self.soft_tokens}}
+        return {name: make_policy(name, **options.get(name, {})) for name in self.policies}
+
+
+@dataclass
+class RunRecord:
+    """One (sample, policy, budget) result. ``kl`` and ``top1`` compare with the full cache."""
+
+    task: str
+    seed: int
+    policy: str
+    budget: str
+    score: float
+    top1: float
+    kl: float
+    seq_len: int
+    kept_tokens: list[int]
+    output: str
+
+
+def _decode(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) -> list[RunRecord]:
+    """Evaluates every policy and budget of ``config`` on freshly generated task samples.
+
+    Per sample: one full prefill; the full-cache greedy answer (the ceiling) and its continuation
+    of ``fidelity_tokens`` tokens, which the compressed runs are teacher-forced on for top-1
+    agreement and KL; then each policy x budget generates its own greedy answer.
+    """
+    from tqdm.auto import tqdm
+
+    from sgl_evict.harness import EvictionHarness
+
+    config.validate()
+    policies = config.build_policies()
+    harness = EvictionHarness(model, window=config.window, sinks=config.sinks)
+    none = make_policy("none")
+    full_budget = Budget(fraction=1.0)
+    eos = tuple(sorted({t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None))
+                        if isinstance(t, int)}))
+    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    runs_per_sample = 1 + len(policies) * len(config.budgets)
+    total = len(config.tasks) * config.samples_per_task * runs_per_sample
+    records: list[RunRecord] = []
+    bar = tqdm(total=total, desc="eval", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with torch.inference_mode():
+        for task in config.tasks:
+            for i in range(config.samples_per_task):
+                seed = config.seed * 100_003 + i
+                sample = generate_sample(task, config.context_tokens, count, seed)
+                ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
+                state = harness.prefill(ids)
+                reference = harness.generate(state, none, full_budget, config.granularity,
+                                             max_new_tokens=max(config.max_new_tokens, config.fidelity_tokens))
+                answer = _answer(reference.tokens, config.max_new_tokens, eos)
+                text = _decode(tokenizer, answer)
+                records.append(RunRecord(task, seed, FULL, FULL, score_answer(sample, text), 1.0, 0.0,
+                                         reference.seq_len, [reference.seq_len], text))
+                bar.update(1)
+                continuation = torch.tensor([reference.tokens[: config.fidelity_tokens]], device=ids.device)
+                for name, policy in policies.items():
+                    for budget_text in config.budgets:
+                        bar.set_postfix_str(f"{task} {name}@{budget_text}")
+                        budget = Budget.parse(budget_text)
+                        res = harness.generate(state, policy, budget, config.granularity,
+                                               max_new_tokens=config.max_new_tokens, eos_token_ids=eos)
+                        fid = harness.fidelity(state, policy, budget, config.granularity, continuation)
+                        text = _decode(tokenizer, res.tokens)
+                        records.append(RunRecord(task, seed, name, budget_text, score_answer(sample, text),
+                                                 float(fid.top1_agreement), float(fid.kl), res.seq_len,
+                                                 list(res.kept_tokens), text))
+                        bar.update(1)
+    bar.close()
+    return records
+
+
+def _answer(tokens: list[int], max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
+    """The first ``max_new_tokens`` tokens, cut at the first end-of-sequence token."""
+    out = []
+    for t in tokens[:max_new_tokens]:
+        if t in eos:
+            break
+        out.append(t)
+    return out
+
+
+def records_to_dicts(records: list[RunRecord]) -> list[dict]:
+    return [asdict(r) for r in records]
