@@ -119,7 +119,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
                         budget = Budget.parse(budget_text)
                         res = harness.generate(state, policy, budget, config.granularity,
                                                max_new_tokens=config.max_new_tokens, eos_token_ids=eos)
-                        fid = harness.fidelity(state, policy, budget, config.granularity, continuation)
+                        fid = harness.fidelity(state, policy, budget, config.granularity, continuation, keep=res.keep)
                         text = _decode(tokenizer, res.tokens)
                         records.append(RunRecord(task, seed, name, budget_text, score_answer(sample, text),
                                                  float(fid.top1_agreement), float(fid.kl), res.seq_len,

@@ -1,0 +1,148 @@
+"""Harness on tiny random-weight models: cache lengths, exactness at 100%, logical positions, lookahead, soft tokens."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sgl_evict import Budget, make_policy  # noqa: E402
+from sgl_evict.harness import EvictionHarness  # noqa: E402
+from sgl_evict.soft_tokens import SoftTokens  # noqa: E402
+
+POLICIES = ["snapkv", "laq", "dapq", "laprox", "streaming", "random"]
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # a large init spreads the logits, so greedy choices are not near-ties decided by rounding
+    cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=1024, initializer_range=0.2)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def setup(request):
+    model = _llama() if request.param == "llama" else _gemma3()
+    ids = torch.randint(0, 200, (1, 61), generator=torch.Generator().manual_seed(1))
+    harness = EvictionHarness(model, window=8, sinks=2)
+    return request.param, model, ids, harness, harness.prefill(ids)
+
+
+def test_full_cache_decode_equals_hf_generate(setup):
+    _, model, ids, harness, state = setup
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    ours = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=12).tokens
+    assert ours == expected
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("granularity", ["uniform", "per_layer", "per_head"])
+def test_full_budget_reproduces_full_cache_exactly(setup, policy, granularity):
+    _, _, _, harness, state = setup
+    full = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=8).tokens
+    res = harness.generate(state, make_policy(policy), Budget(fraction=1.0), granularity, max_new_tokens=8)
+    assert res.tokens == full
+    fid = harness.fidelity(state, make_policy(policy), Budget(fraction=1.0), granularity, torch.tensor([full]))
+    assert fid.top1_agreement == 1.0 and fid.kl < 1e-6
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_compressed_cache_has_promised_length_and_sliding_layers_untouched(setup, policy):
+    name, _, ids, harness, state = setup
+    budget = Budget(fraction=0.25)
+    keep = harness.select(state, make_policy(policy), budget, "uniform")
+    cache = harness._compressed_cache(state, keep)
+    expected = budget.num_tokens(ids.shape[1])
+    for layer, entry in enumerate(cache.layers):
+        if layer in harness.layers:
+            assert entry.keys.shape[2] == expected and entry.values.shape[2] == expected
+        else:
+            assert entry.keys is state.cache.layers[layer].keys  # sliding layer shares the prefill tensors
+    assert state.cache.layers[harness.layers[0]].keys.shape[2] == ids.shape[1]  # prefill state not mutated
+    if name == "gemma3":
+        assert harness.layers == [1, 3]
+
+
+def test_kept_keys_are_the_selected_ones(setup):
+    _, _, _, harness, state = setup
+    keep = harness.select(state, make_policy("snapkv"), Budget(tokens=20), "per_head")
+    cache = harness._compressed_cache(state, keep)
+    layer = harness.layers[0]
+    full_keys = state.cache.layers[layer].keys[0]
+    for head in range(full_keys.shape[0]):
+        assert torch.equal(cache.layers[layer].keys[0, head], full_keys[head, keep.indices[0][head]])
+
+
+def test_positions_stay_logical(setup):
+    """Decoding continues at the full prompt length: the compressed length as position changes the outputs."""
+    _, _, ids, harness, state = setup
+    policy, budget = make_policy("snapkv"), Budget(fraction=0.3)
+    keep = harness.select(state, policy, budget, "uniform")
+    first = int(state.last_logits.argmax())
+    logical = harness._extend(harness._compressed_cache(state, keep), torch.tensor([ids.shape[1]]),
+                              input_ids=torch.tensor([[first]]))
+    shifted = harness._extend(harness._compressed_cache(state, keep), torch.tensor([keep.indices[0].shape[1]]),
+                              input_ids=torch.tensor([[first]]))
+    assert not torch.allclose(logical, shifted)
+    res = harness.generate(state, policy, budget, max_new_tokens=2)
+    assert res.tokens[1] == int(logical[-1].argmax())
+
+
+def test_laq_scores_with_lookahead_queries(setup):
+    _, _, ids, harness, state = setup
+    policy = make_policy("laq", lookahead_steps=3)
+    obs = harness.observations(state, policy, Budget(fraction=0.3), "uniform")
+    num_q_heads, head_dim = state.window_queries[harness.layers[0]].shape[::2]
+    for o in obs:
+        assert o.lookahead_queries.shape == (num_q_heads, 3, head_dim)
+        assert o.window_queries.shape == (num_q_heads, 8, head_dim)
+    assert harness.select(state, policy, Budget(fraction=0.3), "uniform").indices[0].shape[1] == 19
+
+
+def test_judgeq_soft_tokens(setup, tmp_path):
+    _, model, _, harness, state = setup
+    path = tmp_path / "soft.safetensors"
+    SoftTokens(torch.randn(5, model.config.hidden_size), harness.fingerprint()).save(path)
+    policy = make_policy("judgeq", soft_tokens_path=str(path))
+    obs = harness.observations(state, policy, Budget(fraction=0.3), "uniform")
+    assert obs[0].soft_token_queries.shape[1] == 5
+    res = harness.generate(state, policy, Budget(fraction=0.3), max_new_tokens=3)
+    assert len(res.tokens) == 3
+    SoftTokens(torch.randn(5, model.config.hidden_size), "0123456789abcdef").save(path)
+    with pytest.raises(ValueError, match="trained for model fingerprint"):
+        harness.generate(state, make_policy("judgeq", soft_tokens_path=str(path)), Budget(fraction=0.3))
+
+
+def test_laprox_global_budget_gives_per_layer_lengths(setup):
+    _, _, ids, harness, state = setup
+    res = harness.generate(state, make_policy("laprox"), Budget(fraction=0.3), "per_layer", max_new_tokens=4)
+    assert sum(res.kept_tokens) == len(harness.layers) * Budget(fraction=0.3).num_tokens(ids.shape[1])
+    assert len(res.tokens) == 4
+
+
+def test_eos_stops_generation(setup):
+    _, _, _, harness, state = setup
+    full = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=6).tokens
+    stopped = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=6,
+                               eos_token_ids=(full[2],))
+    assert stopped.tokens == full[: full.index(full[2]) + 1]
+
+
+def test_bad_input_is_a_clear_error(setup):
+    _, _, _, harness, _ = setup
+    with pytest.raises(ValueError, match=r"input_ids must be \[1, seq_len\]"):
+        harness.prefill(torch.zeros(2, 10, dtype=torch.long))
