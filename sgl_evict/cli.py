@@ -95,7 +95,7 @@ def cmd_eval(args) -> int:
     import torch
     import transformers
 
-    meta = {"command": "sgl-evict " + " ".join(sys.argv[1:]), "model": args.model, "device": args.device,
+    meta = {"command": "sgl-evict " + " ".join(args.argv), "model": args.model, "device": args.device,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"sgl_evict": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in result files: the exact command that made them
     handler = {"eval": cmd_eval, "policies": cmd_policies}[args.command]
     try:
         return handler(args)
