@@ -38,13 +38,16 @@ def _gemma3():
 def setup(request):
     model = _llama() if request.param == "llama" else _gemma3()
     ids = torch.randint(0, 200, (1, 61), generator=torch.Generator().manual_seed(1))
+    # the reference runs on the model's own sdpa attention, before the harness swaps in its attention function
+    model.hf_greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     harness = EvictionHarness(model, window=8, sinks=2)
     return request.param, model, ids, harness, harness.prefill(ids)
 
 
 def test_full_cache_decode_equals_hf_generate(setup):
     _, model, ids, harness, state = setup
-    expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    expected = model.hf_greedy
+    assert model.config._attn_implementation == "sgl_evict_capture"
     ours = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=12).tokens
     assert ours == expected
 

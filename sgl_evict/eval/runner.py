@@ -27,7 +27,7 @@ class EvalConfig:
     window: int = 32
     sinks: int = 4
     max_new_tokens: int = 16
-    fidelity_tokens: int = 32
+    fidelity_tokens: int = 16
     seed: int = 0
     soft_tokens: str | None = None
 
