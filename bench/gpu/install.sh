@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Host side of the offline path: installs one bundle made by wheelhouse.sh into a target folder that later calls reuse.
+#
+#   bash bench/gpu/install.sh BUNDLE_DIR [TARGET]     (TARGET defaults to /tmp/site)
+#
+# Bundles a, b, c are wheel folders (a also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, which are
+# appended to TARGET/gemma.gguf. Each bundle leaves a marker, so a repeated call is a no-op. The device machine
+# keeps /tmp only while it stays warm between calls: `install.sh --check` says which bundles are in place.
+set -euo pipefail
+TARGET=${2:-/tmp/site}
+if [ "${1:-}" = "--check" ]; then
+  for b in a b c; do
+    if [ -e "$TARGET/.installed-$b" ]; then echo "bundle $b: installed"; else echo "bundle $b: MISSING"; fi
+  done
+  ls "$TARGET"/.installed-gemma* >/dev/null 2>&1 && echo "gemma parts: $(ls "$TARGET"/.installed-gemma* | wc -l)"
+  exit 0
+fi
+BUNDLE=${1:?usage: install.sh BUNDLE_DIR [TARGET] | --check [TARGET]}
+name=$(basename "$BUNDLE")
+mkdir -p "$TARGET"
+if [ -e "$TARGET/.installed-$name" ]; then
+  echo "install.sh: bundle $name already installed in $TARGET"
+  exit 0
+fi
+case "$name" in
+  b|c) [ -e "$TARGET/.installed-a" ] || { echo "install.sh: bundle a is missing from $TARGET (machine went cold?): install a, b, c in order" >&2; exit 3; } ;;
+esac
+start=$(date +%s)
+if [[ "$name" == gemma* ]]; then
+  cat "$BUNDLE"/gemma.gguf.part* >> "$TARGET/gemma.gguf"
+  [ -f "$BUNDLE/gemma.gguf.sha256" ] && cp "$BUNDLE/gemma.gguf.sha256" "$TARGET/"
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TARGET" "$BUNDLE"/*.whl
+  if [ -f "$BUNDLE/sgl_kernel_trim.tar.xz" ]; then tar xJf "$BUNDLE/sgl_kernel_trim.tar.xz" -C "$TARGET"; fi
+fi
+touch "$TARGET/.installed-$name"
+echo "install.sh: bundle $name installed in $TARGET in $(( $(date +%s) - start )) s"

@@ -1,0 +1,206 @@
+"""GPU smoke test of the offline SGLang install: launches servers, waits for health, sends requests, times them.
+
+Run on the GPU host after `bench/gpu/install.sh` put bundles a, b, c (and optionally the Gemma parts) in /tmp/site:
+
+    PYTHONPATH=/tmp/site:. python3 bench/gpu/smoke.py [--gemma] [--llama8b] [--out DIR]
+
+Servers (127.0.0.1 only, launched side by side so the whole test fits one call):
+- a 4-layer random-weight Llama with `--attention-backend flashinfer` and with `triton` (`--skip-tokenizer-init`,
+  /generate with input_ids);
+- with `--llama8b`: Llama-3.1-8B shapes, random weights (`--load-format dummy`), FlashInfer;
+- with `--gemma`: Gemma 3 270M converted on the host from the GGUF parts, a text prompt.
+Prints one verdict line per server and writes smoke.json (+ server logs) to --out (default $OUT or /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+SITE = Path(os.environ.get("SGL_EVICT_SITE", "/tmp/site"))
+
+# Llama-3.1-8B, from its public model card / config
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def write_llama_8b_config(path: Path) -> Path:
+    """A config-only checkpoint folder with Llama-3.1-8B shapes, for `--load-format dummy`."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
+    return path
+
+
+def write_tiny_llama(path: Path) -> Path:
+    """A 4-layer random-weight Llama (hidden 512, GQA 8:4) saved in bf16."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=16384)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def convert_gemma(gguf: Path, path: Path) -> Path:
+    """Gemma 3 270M from the carried GGUF to an HF bf16 checkpoint (tokenizer included)."""
+    if (path / "config.json").exists():
+        return path
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    expected = (gguf.parent / "gemma.gguf.sha256").read_text().strip()
+    if hashlib.sha256(gguf.read_bytes()).hexdigest() != expected:
+        raise ValueError(f"{gguf} does not match its sha256: a part is missing or doubled; reinstall the gemma parts")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.config.quantization_config = None
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+class Server:
+    """One `python -m sglang.launch_server` subprocess on 127.0.0.1."""
+
+    def __init__(self, name: str, port: int, args: list[str], out: Path):
+        self.name, self.port = name, port
+        self.log_path = out / f"server-{name}.log"
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--host", "127.0.0.1", "--port", str(port), *args]
+        self.cmd = " ".join(cmd)
+        self.start = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        self.healthy_after: float | None = None
+
+    def poll_health(self) -> bool:
+        if self.healthy_after is not None:
+            return True
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+            self.healthy_after = time.time() - self.start
+            return True
+        except Exception:
+            return False
+
+    def generate(self, payload: dict) -> tuple[float, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t = time.time()
+        body = json.loads(urllib.request.urlopen(req, timeout=600).read())
+        return time.time() - t, body
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gemma", action="store_true", help="also serve Gemma 3 270M from /tmp/site/gemma.gguf")
+    parser.add_argument("--llama8b", action="store_true", help="also serve Llama-3.1-8B shapes with dummy weights")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--timeout", type=float, default=420, help="seconds to wait for all servers to be healthy")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [b for b in "abc" if not (SITE / f".installed-{b}").exists()]
+    if missing:
+        print(f"smoke: bundles {', '.join(missing)} missing from {SITE}: the machine went cold; reinstall a, b, c")
+        return 3
+
+    common = ["--mem-fraction-static", "0.2", "--log-level", "warning"]
+    tiny = str(write_tiny_llama(Path("/tmp/tiny-llama")))
+    servers = [Server("flashinfer", 30000, ["--model-path", tiny, "--skip-tokenizer-init",
+                                            "--attention-backend", "flashinfer", *common], out),
+               Server("triton", 30001, ["--model-path", tiny, "--skip-tokenizer-init",
+                                        "--attention-backend", "triton", *common], out)]
+    if args.llama8b:
+        cfg = str(write_llama_8b_config(Path("/tmp/llama-3.1-8b-dummy")))
+        servers.append(Server("llama8b-dummy", 30002, ["--model-path", cfg, "--load-format", "dummy",
+                                                       "--skip-tokenizer-init", "--attention-backend", "flashinfer",
+                                                       "--mem-fraction-static", "0.3", "--log-level", "warning"], out))
+    gemma_convert_s = None
+    if args.gemma:
+        t = time.time()
+        gemma = convert_gemma(SITE / "gemma.gguf", Path("/tmp/gemma3-270m-hf"))
+        gemma_convert_s = time.time() - t
+        servers.append(Server("gemma3-270m", 30003, ["--model-path", str(gemma), "--attention-backend", "flashinfer",
+                                                     *common], out))
+
+    deadline = time.time() + args.timeout
+    while time.time() < deadline and not all(s.poll_health() or s.proc.poll() is not None for s in servers):
+        time.sleep(2)
+
+    results = []
+    for s in servers:
+        r = {"name": s.name, "command": s.cmd, "healthy_after_s": s.healthy_after, "exit_code": s.proc.poll()}
+        if s.healthy_after is not None:
+            try:
+                if s.name.startswith("gemma"):
+                    payload = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 12,
+                                                                                       "temperature": 0}}
+                else:
+                    payload = {"input_ids": list(range(1, 101)), "sampling_params": {"max_new_tokens": 16,
+                                                                                     "temperature": 0}}
+                times, body = [], None
+                for _ in range(3):
+                    dt, body = s.generate(payload)
+                    times.append(round(dt, 3))
+                r.update(first_request_s=times[0], later_requests_s=times[1:],
+                         output=body.get("text", body.get("output_ids")))
+                r["ok"] = True
+            except Exception as err:  # the verdict must say what failed, not stop the other servers' report
+                r.update(ok=False, error=repr(err))
+        else:
+            r["ok"] = False
+            r["log_tail"] = s.log_path.read_text()[-3000:]
+        results.append(r)
+    for s in servers:
+        s.stop()
+
+    import torch
+
+    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "versions": {m: _version(m) for m in ("sglang", "flashinfer", "sgl_kernel", "transformers", "triton")},
+           "gemma_convert_s": gemma_convert_s, "servers": results}
+    (out / "smoke.json").write_text(json.dumps(doc, indent=1))
+    for r in results:
+        verdict = "PASS" if r["ok"] else "FAIL"
+        detail = (f"healthy {r['healthy_after_s']:.0f}s, first request {r['first_request_s']:.1f}s, "
+                  f"later {r['later_requests_s']}, out={str(r['output'])[:80]!r}") if r["ok"] else \
+            r.get("error", "not healthy")
+        print(f"[smoke] {r['name']}: {verdict} {detail}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

