@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu/install.sh BUNDLE_DIR [TARGET]     (TARGET defaults to /tmp/site)
 #
-# Bundles a, b, c are wheel folders (a also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, which are
-# appended to TARGET/gemma.gguf. Each bundle leaves a marker, so a repeated call is a no-op. The device machine
+# Bundles a, b, c are wheel folders (a also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, copied to
+# TARGET/gemma-parts/ in any order and joined by name (bench/gpu/smoke.py checks the sha256). Each bundle leaves a marker, so a repeated call is a no-op. The device machine
 # keeps /tmp only while it stays warm between calls: `install.sh --check` says which bundles are in place.
 set -euo pipefail
 TARGET=${2:-/tmp/site}
@@ -27,8 +27,8 @@ case "$name" in
 esac
 start=$(date +%s)
 if [[ "$name" == gemma* ]]; then
-  cat "$BUNDLE"/gemma.gguf.part* >> "$TARGET/gemma.gguf"
-  [ -f "$BUNDLE/gemma.gguf.sha256" ] && cp "$BUNDLE/gemma.gguf.sha256" "$TARGET/"
+  mkdir -p "$TARGET/gemma-parts"
+  cp "$BUNDLE"/gemma.gguf.* "$TARGET/gemma-parts/"
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TARGET" "$BUNDLE"/*.whl
   if [ -f "$BUNDLE/sgl_kernel_trim.tar.xz" ]; then tar xJf "$BUNDLE/sgl_kernel_trim.tar.xz" -C "$TARGET"; fi
