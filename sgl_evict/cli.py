@@ -1,4 +1,4 @@
-"""Command line: ``sgl-evict eval``, ``sgl-evict policies``."""
+"""Command line: ``sgl-evict eval``, ``sgl-evict report``, ``sgl-evict policies``."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _load_model(name: str, device: str):
 
 
 def cmd_eval(args) -> int:
-    from sgl_evict.eval.report import format_table, plot, summarize, write_json
+    from sgl_evict.eval.report import plot, summarize, write_json
     from sgl_evict.eval.runner import EvalConfig, run_evaluation
 
     config = EvalConfig(tasks=args.tasks, context_tokens=args.context, samples_per_task=args.samples,
@@ -102,13 +102,38 @@ def cmd_eval(args) -> int:
             "machine": platform.processor() or platform.machine(), "seconds": round(elapsed, 1)}
     write_json(args.out, dataclasses.asdict(config), records, meta)
     n = summary["full"]["full"]["n"] if "full" in summary else 0
-    title = (f"{args.model}, {config.context_tokens}-token prompts, {n} samples "
-             f"({len(config.tasks)} tasks), {config.granularity} selection")
-    plot(summary, args.plot, title)
-    for metric in ("score", "top1", "kl"):
+    plot(summary, args.plot, _plot_title(args.model, dataclasses.asdict(config), summary))
+    _print_tables(summary)
+    print(f"{n} samples, {len(records)} runs in {elapsed:.0f} s; JSON: {args.out}; plot: {args.plot}")
+    return 0
+
+
+def _print_tables(summary) -> None:
+    from sgl_evict.eval.report import METRICS, format_table
+
+    for metric in METRICS:
         print(format_table(summary, metric))
         print()
-    print(f"{n} samples, {len(records)} runs in {elapsed:.0f} s; JSON: {args.out}; plot: {args.plot}")
+
+
+def _plot_title(model: str, config: dict, summary: dict) -> str:
+    n = summary["full"]["full"]["n"] if "full" in summary else 0
+    return (f"{model}, {config['context_tokens']}-token prompts, {n} samples "
+            f"({len(config['tasks'])} tasks), {config['granularity']} selection")
+
+
+def cmd_report(args) -> int:
+    from sgl_evict.eval.report import load_json, plot, summarize
+
+    path = Path(args.results)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    doc, records = load_json(path)
+    summary = summarize(records)
+    _print_tables(summary)
+    if args.plot:
+        plot(summary, args.plot, _plot_title(doc.get("model", "?"), doc["config"], summary))
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -134,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sgl-evict {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_parser(sub)
+    p = sub.add_parser("report", help="print the tables of an eval results file and redraw its plot")
+    p.add_argument("results", help="JSON written by `sgl-evict eval`")
+    p.add_argument("--plot", default=None, help="PNG to write")
     p = sub.add_parser("policies", help="list eviction policies, their inputs and options")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -144,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in result files: the exact command that made them
-    handler = {"eval": cmd_eval, "policies": cmd_policies}[args.command]
+    handler = {"eval": cmd_eval, "report": cmd_report, "policies": cmd_policies}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:

@@ -66,3 +66,17 @@ def test_cli_lists_policies(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} >= {"snapkv", "laq", "dapq", "laprox", "judgeq"}
     assert next(r for r in rows if r["name"] == "laq")["needs"] == ["lookahead_queries", "window_queries"]
+
+
+def test_report_redraws_from_json(tmp_path, capsys):
+    write_json(tmp_path / "r.json", {"context_tokens": 100, "tasks": ["niah_single"], "granularity": "uniform"},
+               _records(), {"model": "tiny"})
+    assert main(["report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "again.png")]) == 0
+    assert "snapkv      0.500  1.000" in capsys.readouterr().out
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_missing_file_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "nope.json")])
+    assert "results file not found" in capsys.readouterr().err

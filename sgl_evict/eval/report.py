@@ -58,6 +58,12 @@ def format_table(summary: dict, metric: str = "score") -> str:
     return "\n".join(lines)
 
 
+def load_json(path: str | Path) -> tuple[dict, list[RunRecord]]:
+    """Reads a file written by :func:`write_json`: ``(document, records)``."""
+    doc = json.loads(Path(path).read_text())
+    return doc, [RunRecord(**r) for r in doc["records"]]
+
+
 def write_json(path: str | Path, config: dict, records: list[RunRecord], extra: dict | None = None) -> None:
     doc = {"config": config, **(extra or {}), "summary": summarize(records), "records": records_to_dicts(records)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -74,16 +80,23 @@ def plot(summary: dict, path: str | Path, title: str) -> None:
     budgets = _budget_order({b for per in summary.values() for b in per})
     x = [_budget_value(b) for b in budgets]
     as_fraction = all(Budget.parse(b).fraction is not None for b in budgets)
+    from matplotlib.ticker import NullFormatter, NullLocator
+
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    policies = [p for p in summary if p != FULL]
+    markers, styles = "osD^vP*X", ["-", "--", "-.", ":"]
     for ax, metric in zip(axes, METRICS):
-        for policy, per in summary.items():
-            if policy == FULL:
-                continue
+        for i, policy in enumerate(policies):
+            per = summary[policy]
             ys = [per[b][metric] if b in per else float("nan") for b in budgets]
-            ax.plot(x, ys, marker="o", label=policy)
+            # distinct marker and dash per policy: equal results must not hide each other
+            ax.plot(x, ys, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)], label=policy,
+                    alpha=0.85)
         if FULL in summary:
             ax.axhline(summary[FULL][FULL][metric], color="black", linestyle="--", label="full cache")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(x, [f"{v:g}" for v in x])
         ax.set_xlabel("KV budget (fraction of prompt kept)" if as_fraction else "KV budget (tokens kept)")
         ax.set_ylabel(_LABELS[metric])
