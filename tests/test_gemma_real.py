@@ -13,7 +13,7 @@ from sgl_evict.harness import EvictionHarness, load_gemma3_270m  # noqa: E402
 @pytest.mark.slow
 def test_gemma3_270m_harness_matches_hf_and_compresses_global_layers_only():
     model, tok = load_gemma3_270m()
-    sample = generate_sample("niah_single", 700, lambda s: len(tok(s).input_ids), seed=0)
+    sample = generate_sample("niah_single", 2048, lambda s: len(tok(s).input_ids), seed=0)
     ids = tok(sample.prompt, return_tensors="pt").input_ids
     assert ids.shape[1] > model.config.sliding_window  # sliding layers must actually slide
     with torch.inference_mode():  # reference on the model's own attention, before the harness replaces it

@@ -128,6 +128,9 @@ def test_judgeq_soft_tokens(setup, tmp_path):
     SoftTokens(torch.randn(5, model.config.hidden_size), "0123456789abcdef").save(path)
     with pytest.raises(ValueError, match="trained for model fingerprint"):
         harness.generate(state, make_policy("judgeq", soft_tokens_path=str(path)), Budget(fraction=0.3))
+    SoftTokens(torch.randn(5, model.config.hidden_size + 1), harness.fingerprint()).save(path)
+    with pytest.raises(ValueError, match="soft tokens must be"):
+        harness.generate(state, make_policy("judgeq", soft_tokens_path=str(path)), Budget(fraction=0.3))
 
 
 def test_laprox_global_budget_gives_per_layer_lengths(setup):
@@ -149,3 +152,20 @@ def test_bad_input_is_a_clear_error(setup):
     _, _, _, harness, _ = setup
     with pytest.raises(ValueError, match=r"input_ids must be \[1, seq_len\]"):
         harness.prefill(torch.zeros(2, 10, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("build", [_llama, _gemma3])
+def test_on_gpu_full_cache_equals_generate_and_full_budget_is_exact(build):
+    model = build().cuda()
+    ids = torch.randint(0, 200, (1, 61), generator=torch.Generator().manual_seed(1)).cuda()
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    harness = EvictionHarness(model, window=8, sinks=2, device="cuda")
+    state = harness.prefill(ids)
+    full = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=8).tokens
+    assert full == expected
+    for policy in POLICIES:
+        assert harness.generate(state, make_policy(policy), Budget(fraction=1.0), max_new_tokens=8).tokens == full
+    half = harness.generate(state, make_policy("laq"), Budget(fraction=0.5), max_new_tokens=8)
+    assert half.kept_tokens == [Budget(fraction=0.5).num_tokens(ids.shape[1])] * len(harness.layers)

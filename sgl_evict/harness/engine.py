@@ -81,11 +81,14 @@ class EvictionHarness:
             ``o_proj``, ``scaling``). It is switched to the harness's attention function.
         window: observation window, also the always-kept recent tokens.
         sinks: leading tokens always kept.
+        device: where to run (``"cpu"``, ``"cuda"``, ...); the model is moved there. ``None`` keeps it where it is.
     """
 
-    def __init__(self, model, window: int = 32, sinks: int = 4):
+    def __init__(self, model, window: int = 32, sinks: int = 4, device: str | torch.device | None = None):
         if window < 1 or sinks < 0:
             raise ValueError(f"window must be >= 1 and sinks >= 0, got {window} and {sinks}")
+        if device is not None:
+            model = model.to(device)
         self.model = model.eval()
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.window, self.sinks = window, sinks
@@ -173,6 +176,7 @@ class EvictionHarness:
 
     # ---------------------------------------------------------------- policy runs
 
+    @torch.inference_mode()
     def observations(self, state: PrefillState, policy: EvictionPolicy, budget: Budget,
                      granularity: str) -> list[LayerObservation]:
         """One :class:`LayerObservation` per compressible layer, with everything ``policy.needs``."""
@@ -205,10 +209,14 @@ class EvictionHarness:
     def _add_soft_token_queries(self, state, policy: JudgeQ, obs) -> None:
         """Judge Q: run the soft tokens after the prompt on a throw-away copy, recording their queries.
 
-        The soft tokens are residual-stream inputs: they bypass the embedding module, so a model that scales its
-        embeddings (Gemma) does not scale them.
+        The soft tokens are post-scaling: they are residual-stream inputs that bypass the embedding module, so a
+        model that scales its embeddings (Gemma's ``sqrt(hidden_size)``) does not scale them. A trainer must
+        optimise them in that same space.
         """
         soft = policy.load(self.fingerprint()).embeddings
+        if soft.dim() != 2 or soft.shape[0] < 1 or soft.shape[1] != self.config.hidden_size:
+            raise ValueError(f"soft tokens must be [k >= 1, hidden_size={self.config.hidden_size}], "
+                             f"got shape {tuple(soft.shape)} from {policy.soft_tokens_path}")
         embeds = soft.to(self.device, self.model.get_input_embeddings().weight.dtype)[None]
         positions = torch.arange(state.seq_len, state.seq_len + soft.shape[0])
         self.ctx.queries = {}
@@ -222,6 +230,7 @@ class EvictionHarness:
         global_budget = granularity == "per_layer" and policy.comparable_across_layers
         return select_keep(scores, budget, self.sinks, self.window, granularity, global_budget)
 
+    @torch.inference_mode()
     def select(self, state: PrefillState, policy: EvictionPolicy, budget: Budget, granularity: str) -> KeepSet:
         """The keep-set of ``policy`` at ``budget`` for this prompt (lookahead/soft-token passes included)."""
         return self._select(state, policy, budget, granularity, self.observations(state, policy, budget, granularity))
