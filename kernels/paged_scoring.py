@@ -2,8 +2,9 @@
 
 Two passes over the keys, never materialising the ``[num_queries, seq_len]`` attention matrix:
 
-1. ``_row_stats``: for every query, the running max and sum of ``exp(logit - max)`` over the request's keys
-   (online softmax), one program per (request, KV head).
+1. ``_row_stats``: for every query, the running max and sum of ``exp(logit - max)`` over a chunk of the request's
+   keys (online softmax), one program per (request, KV head, chunk); the chunks' statistics are then combined
+   (a ``[splits, rows]`` reduction), so a single long request still fills the GPU.
 2. ``_accumulate``: one program per (request, KV head, key block) recomputes the logits of its block, normalises
    them with the row statistics and sums them over each query head's queries.
 
@@ -31,20 +32,24 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _dot(q, k, DOT_FP32: tl.constexpr):
-    """``q [rows, d] @ k[n, d]^T`` in float32 accumulation."""
+def _dot(q, k, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``q [rows, d] @ k[n, d]^T`` in float32 accumulation; float32 keys stay float32 (no TF32 rounding)."""
     if DOT_FP32:
         return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
     return tl.dot(q, tl.trans(k)).to(tl.float32)
 
 
 @triton.jit
-def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale,
-               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh,
+def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale, chunk,
+               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms,
                NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+               IEEE: tl.constexpr):
     req = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     rows = tl.arange(0, GROUP * NQ_P)
     g, i = rows // NQ_P, rows % NQ_P
     row_ok = i < NUM_Q
@@ -56,13 +61,13 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale,
         qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
     m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
     s = tl.zeros([GROUP * NQ_P], tl.float32)
-    for n0 in range(0, seq_len, BLOCK_N):
+    for n0 in range(split * chunk, tl.minimum(seq_len, (split + 1) * chunk), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < seq_len
         slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
         k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
                     other=0.0)
-        logits = _dot(q, k, DOT_FP32) * scale
+        logits = _dot(q, k, DOT_FP32, IEEE) * scale
         ok = n_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (n[None, :] <= qpos[:, None])
@@ -71,7 +76,7 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
         m = m_new
-    base = req * s_mr + kvh * s_mh + rows
+    base = req * s_mr + kvh * s_mh + split * s_ms + rows
     tl.store(M + base, m)
     tl.store(L + base, s)
 
@@ -80,7 +85,8 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale,
 def _accumulate(Q, K, ReqToTok, SeqLens, QPos, M, L, Out, scale, max_len,
                 s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+               IEEE: tl.constexpr):
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     n0 = tl.program_id(2) * BLOCK_N
@@ -104,7 +110,7 @@ def _accumulate(Q, K, ReqToTok, SeqLens, QPos, M, L, Out, scale, max_len,
     slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
     k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
                 other=0.0)
-    logits = _dot(q, k, DOT_FP32) * scale
+    logits = _dot(q, k, DOT_FP32, IEEE) * scale
     ok = n_ok[None, :] & row_ok[:, None]
     if CAUSAL:
         qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
@@ -155,19 +161,30 @@ def attention_mass_paged(
     causal = query_positions is not None
     qpos = (query_positions.to(torch.int32).contiguous() if causal
             else torch.zeros(num_reqs, 1, dtype=torch.int32, device=queries.device))
-    stats_shape = (num_reqs, num_kv_heads, group * nq_p)
-    row_max = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
-    row_sum = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
+    # enough chunks that (requests x KV heads x chunks) covers the GPU several times over
+    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(512, num_reqs * num_kv_heads)))
+    chunk = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    splits = triton.cdiv(max_len, chunk)
+    stats_shape = (num_reqs, num_kv_heads, splits, group * nq_p)
+    part_max = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
+    part_sum = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
     out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=queries.device)
     common = dict(NUM_Q=num_queries, GROUP=group, NQ_P=nq_p, HEAD_DIM=head_dim,
-                  BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal, DOT_FP32=_INTERPRETING)
+                  BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal, DOT_FP32=_INTERPRETING,
+                  IEEE=k_buffer.dtype == torch.float32)
     strides = (queries.stride(0), queries.stride(1), queries.stride(2), k_buffer.stride(0), k_buffer.stride(1),
-               req_to_token.stride(0), qpos.stride(0), row_max.stride(0), row_max.stride(1))
-    _row_stats[(num_reqs, num_kv_heads)](queries, k_buffer, req_to_token, seq_lens, qpos, row_max, row_sum,
-                                         scaling, *strides, **common)
+               req_to_token.stride(0), qpos.stride(0))
+    _row_stats[(num_reqs, num_kv_heads, splits)](
+        queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, scaling, chunk, *strides,
+        part_max.stride(0), part_max.stride(1), part_max.stride(2), **common)
+    row_max = part_max.amax(dim=2)
+    # chunks past a request's end hold max -inf and sum 0: give them weight 0 instead of exp(nan)
+    weight = torch.exp(part_max - row_max[:, :, None]).nan_to_num(0.0)
+    row_sum = (part_sum * weight).sum(dim=2)
+    row_max, row_sum = row_max.contiguous(), row_sum.contiguous()
     _accumulate[(num_reqs, num_kv_heads, triton.cdiv(max_len, block_n))](
         queries, k_buffer, req_to_token, seq_lens, qpos, row_max, row_sum, out, scaling, max_len, *strides,
-        out.stride(0), out.stride(1), **common)
+        row_max.stride(0), row_max.stride(1), out.stride(0), out.stride(1), **common)
     return out
 
 
