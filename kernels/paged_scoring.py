@@ -3,10 +3,9 @@
 Two passes over the keys, never materialising the ``[num_queries, seq_len]`` attention matrix:
 
 1. ``_row_stats``: for every query, the running max and sum of ``exp(logit - max)`` over a chunk of the request's
-   keys (online softmax), one program per (request, KV head, chunk); the chunks' statistics are then combined
-   (a ``[splits, rows]`` reduction), so a single long request still fills the GPU.
-2. ``_accumulate``: one program per (request, KV head, key block) recomputes the logits of its block, normalises
-   them with the row statistics and sums them over each query head's queries.
+   keys (online softmax), one program per (request, KV head, chunk), so a single long request still fills the GPU.
+2. ``_accumulate``: one program per (request, KV head, chunk) combines the chunks' statistics, then for each key
+   block of its chunk recomputes the logits, normalises them and sums them over each query head's queries.
 
 A KV head's query heads (its GQA group) and their queries are one tile of ``group x queries`` rows, so keys are loaded
 once per KV head and pass. Keys are gathered through ``req_to_token`` (SGLang's ``ReqToTokenPool.req_to_token``).
@@ -82,42 +81,51 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale, chunk,
 
 
 @triton.jit
-def _accumulate(Q, K, ReqToTok, SeqLens, QPos, M, L, Out, scale, max_len,
-                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_or, s_oh,
+def _accumulate(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Out, scale, chunk, num_splits, max_len,
+                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-               IEEE: tl.constexpr):
+                IEEE: tl.constexpr):
     req = tl.program_id(0)
     kvh = tl.program_id(1)
-    n0 = tl.program_id(2) * BLOCK_N
+    split = tl.program_id(2)
     seq_len = tl.load(SeqLens + req)
-    n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = n < seq_len
-    gs = tl.arange(0, GROUP)
-    out_ptr = Out + req * s_or + (kvh * GROUP + gs)[:, None] * s_oh + n[None, :]
-    out_ok = (n < max_len)[None, :] & (gs < GROUP)[:, None]
-    if n0 >= seq_len:  # whole block past this request's end: zeros, so every output element is written
-        tl.store(out_ptr, tl.zeros([GROUP, BLOCK_N], tl.float32), mask=out_ok)
-        return
     rows = tl.arange(0, GROUP * NQ_P)
     g, i = rows // NQ_P, rows % NQ_P
     row_ok = i < NUM_Q
+    gs = tl.arange(0, GROUP)
+    # combine the chunks' softmax statistics (the [splits, rows] partials of _row_stats)
+    stats = PartM + req * s_mr + kvh * s_mh + rows
+    m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
+    for sp in range(0, num_splits):
+        m = tl.maximum(m, tl.load(stats + sp * s_ms))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros([GROUP * NQ_P], tl.float32)
+    for sp in range(0, num_splits):
+        s += tl.load(PartL + req * s_mr + kvh * s_mh + sp * s_ms + rows) * tl.exp(tl.load(stats + sp * s_ms) - m_safe)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    m = tl.load(M + req * s_mr + kvh * s_mh + rows)
-    s = tl.load(L + req * s_mr + kvh * s_mh + rows)
-    slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
-    k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
-                other=0.0)
-    logits = _dot(q, k, DOT_FP32, IEEE) * scale
-    ok = n_ok[None, :] & row_ok[:, None]
     if CAUSAL:
         qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
-        ok = ok & (n[None, :] <= qpos[:, None])
-    p = tl.where(ok, tl.exp(logits - m[:, None]) / s[:, None], 0.0)
-    per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1) / NUM_Q  # mean over each head's queries
-    tl.store(out_ptr, per_head, mask=out_ok)
+    for n0 in range(split * chunk, tl.minimum(max_len, (split + 1) * chunk), BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < seq_len
+        out_ptr = Out + req * s_or + (kvh * GROUP + gs)[:, None] * s_oh + n[None, :]
+        out_ok = (n < max_len)[None, :] & (gs < GROUP)[:, None]
+        if n0 >= seq_len:  # block past this request's end: zeros, so every output element is written
+            tl.store(out_ptr, tl.zeros([GROUP, BLOCK_N], tl.float32), mask=out_ok)
+        else:
+            slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
+            k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :],
+                        mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            logits = _dot(q, k, DOT_FP32, IEEE) * scale
+            ok = n_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                ok = ok & (n[None, :] <= qpos[:, None])
+            p = tl.where(ok, tl.exp(logits - m_safe[:, None]) / s[:, None], 0.0)
+            per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1) / NUM_Q  # mean over a head's queries
+            tl.store(out_ptr, per_head, mask=out_ok)
 
 
 def _next_pow2(x: int) -> int:
@@ -177,14 +185,9 @@ def attention_mass_paged(
     _row_stats[(num_reqs, num_kv_heads, splits)](
         queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, scaling, chunk, *strides,
         part_max.stride(0), part_max.stride(1), part_max.stride(2), **common)
-    row_max = part_max.amax(dim=2)
-    # chunks past a request's end hold max -inf and sum 0: give them weight 0 instead of exp(nan)
-    weight = torch.exp(part_max - row_max[:, :, None]).nan_to_num(0.0)
-    row_sum = (part_sum * weight).sum(dim=2)
-    row_max, row_sum = row_max.contiguous(), row_sum.contiguous()
-    _accumulate[(num_reqs, num_kv_heads, triton.cdiv(max_len, block_n))](
-        queries, k_buffer, req_to_token, seq_lens, qpos, row_max, row_sum, out, scaling, max_len, *strides,
-        row_max.stride(0), row_max.stride(1), out.stride(0), out.stride(1), **common)
+    _accumulate[(num_reqs, num_kv_heads, splits)](
+        queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, out, scaling, chunk, splits, max_len,
+        *strides, part_max.stride(0), part_max.stride(1), part_max.stride(2), out.stride(0), out.stride(1), **common)
     return out
 
 
