@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_evict.scoring import pool_scores, reduce_gqa
+from sgl_evict.scoring import finish_scores
 
 
 # Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly (seen: ~2e10 where the answer is ~19), so under
@@ -202,7 +202,7 @@ def score_paged(
     pooling_mode: str = "max",
     gqa_reduce: str = "mean",
     value_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
     """Per-KV-head token scores of a batch of requests: :func:`sgl_evict.scoring.score_queries` on a paged pool.
 
     ``value_weights`` (laprox), if given, is ``[num_reqs, num_q_heads, max_len]``.
@@ -211,11 +211,7 @@ def score_paged(
         one ``[num_kv_heads, seq_len_i]`` float32 tensor per request.
     """
     mass = attention_mass_paged(queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)
-    if value_weights is not None:
-        mass = mass * value_weights.float()
-    out = []
-    for r, seq_len in enumerate(seq_lens.tolist()):
-        # pool within the request only: avg pooling must not count the zeros past its end
-        pooled = pool_scores(mass[r, :, :seq_len], pooling_kernel, pooling_mode)
-        out.append(reduce_gqa(pooled, k_buffer.shape[1], gqa_reduce))
-    return out
+    # finish each request within its own length: avg pooling must not count the zeros past its end
+    return [finish_scores(mass[r, :, :n], k_buffer.shape[1], pooling_kernel, pooling_mode, gqa_reduce,
+                          None if value_weights is None else value_weights[r, :, :n])
+            for r, n in enumerate(seq_lens.tolist())]

@@ -108,6 +108,24 @@ def projected_value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, num
     return projected.norm(dim=-1)
 
 
+def finish_scores(
+    per_head: torch.Tensor,
+    num_kv_heads: int,
+    pooling_kernel: int = 1,
+    pooling_mode: str = "max",
+    gqa_reduce: str = "mean",
+    value_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean attention per query head ``[num_q_heads, seq_len]`` -> scores ``[num_kv_heads, seq_len]``.
+
+    Times ``value_weights [num_q_heads, seq_len]`` if given (laprox), pooled over neighbouring tokens,
+    reduced over each GQA group. Shared by the reference and the paged kernel's wrapper.
+    """
+    if value_weights is not None:
+        per_head = per_head * value_weights.float()
+    return reduce_gqa(pool_scores(per_head, pooling_kernel, pooling_mode), num_kv_heads, gqa_reduce)
+
+
 def score_queries(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -131,9 +149,5 @@ def score_queries(
     Returns:
         ``[num_kv_heads, seq_len]`` float32.
     """
-    probs = attention_probs(queries, keys, scaling, query_positions, logit_softcap)
-    per_head = probs.mean(dim=1)  # [Hq, L]
-    if value_weights is not None:
-        per_head = per_head * value_weights.float()
-    per_head = pool_scores(per_head, pooling_kernel, pooling_mode)
-    return reduce_gqa(per_head, keys.shape[0], gqa_reduce)
+    per_head = attention_probs(queries, keys, scaling, query_positions, logit_softcap).mean(dim=1)  # [Hq, L]
+    return finish_scores(per_head, keys.shape[0], pooling_kernel, pooling_mode, gqa_reduce, value_weights)
