@@ -57,3 +57,10 @@ if [ "$GEMMA" = 1 ]; then
   sha256sum "$gguf" | cut -d' ' -f1 > "$DEST/gemma1/gemma.gguf.sha256"
 fi
 du -sh "$DEST"/*
+cat <<HOW
+On the GPU host, one bundle per device call (carry $DEST/<bundle>), within 30 s of each other:
+  bash bench/gpu/install.sh $DEST/a ; then b ; then c ; then gemma1.. (any order)
+  which runs: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site <bundle>/*.whl
+  (and for a: tar xJf a/sgl_kernel_trim.tar.xz -C /tmp/site)
+Then: export PYTHONPATH=/tmp/site:.   (the repository root travels with every call, so sgl_evict imports from it)
+HOW
