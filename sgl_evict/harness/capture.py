@@ -76,11 +76,17 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if query.shape[0] != 1:
         raise ValueError("the eviction harness runs one request at a time (batch size 1)")
     num_new, num_keys = query.shape[2], key.shape[2]
+    num_q_heads, num_kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[3]
+    groups = num_q_heads // num_kv_heads
+    softcap = kwargs.get("softcap")
+    if num_new == 1 and not softcap and (not sliding_window or num_keys <= sliding_window):
+        # decode step: every cached key is visible, so no mask; a KV head's query heads go in as its query rows
+        # (head h = kv * groups + g, as repeat_interleave orders them), which avoids copying K/V per query head
+        out = F.scaled_dot_product_attention(query.view(1, num_kv_heads, groups, head_dim), key, value, scale=scaling)
+        return out.view(1, 1, num_q_heads, head_dim), None
     mask = _extend_mask(num_new, num_keys, sliding_window, query.device)
-    groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)
-    softcap = kwargs.get("softcap")
     if softcap:
         logits = torch.matmul(query, k.transpose(-1, -2)) * scaling
         logits = softcap * torch.tanh(logits / softcap)
