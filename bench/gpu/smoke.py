@@ -174,6 +174,11 @@ def main() -> int:
                     times.append(round(dt, 3))
                 r.update(first_request_s=times[0], later_requests_s=times[1:],
                          output=body.get("text", body.get("output_ids")))
+                if s.name.startswith("gemma"):
+                    # the same prompt as explicit ids with <bos> first, to tell tokenization from the model
+                    ids = _gemma_prompt_ids(Path("/tmp/gemma3-270m-hf"), payload["text"])
+                    _, body = s.generate({"input_ids": ids, "sampling_params": payload["sampling_params"]})
+                    r.update(prompt_ids_with_bos=ids, output_from_ids=body.get("text"))
                 r["ok"] = True
             except Exception as err:  # the verdict must say what failed, not stop the other servers' report
                 r.update(ok=False, error=repr(err))
@@ -197,7 +202,18 @@ def main() -> int:
                   f"later {r['later_requests_s']}, out={str(r['output'])[:80]!r}") if r["ok"] else \
             r.get("error", "not healthy")
         print(f"[smoke] {r['name']}: {verdict} {detail}")
+        if "output_from_ids" in r:
+            print(f"[smoke] {r['name']}: ids {r['prompt_ids_with_bos']} -> {r['output_from_ids']!r}")
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _gemma_prompt_ids(path: Path, prompt: str) -> list[int]:
+    """The prompt's token ids from the served checkpoint's tokenizer, with exactly one <bos> in front."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    return [tok.bos_token_id, *ids]
 
 
 def _version(module: str) -> str | None:
