@@ -66,14 +66,14 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale, chunk,
         slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
         k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
                     other=0.0)
-        logits = _dot(q, k, DOT_FP32, IEEE) * scale
+        logits = _dot(q, k, DOT_FP32, IEEE) * scale  # scale includes log2(e): statistics are in base 2
         ok = n_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (n[None, :] <= qpos[:, None])
         logits = tl.where(ok, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+        s = s * tl.exp2(m - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), axis=1)
         m = m_new
     base = req * s_mr + kvh * s_mh + split * s_ms + rows
     tl.store(M + base, m)
@@ -102,7 +102,9 @@ def _accumulate(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Out, scale, chunk, 
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.zeros([GROUP * NQ_P], tl.float32)
     for sp in range(0, num_splits):
-        s += tl.load(PartL + req * s_mr + kvh * s_mh + sp * s_ms + rows) * tl.exp(tl.load(stats + sp * s_ms) - m_safe)
+        s += tl.load(PartL + req * s_mr + kvh * s_mh + sp * s_ms + rows) * tl.exp2(tl.load(stats + sp * s_ms) - m_safe)
+    # one reciprocal per row (not a division per element), with the mean over a head's queries folded in
+    inv_s = 1.0 / tl.where(s > 0, s * NUM_Q, 1.0)  # rows with s == 0 are fully masked below
     d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
@@ -123,8 +125,8 @@ def _accumulate(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Out, scale, chunk, 
             ok = n_ok[None, :] & row_ok[:, None]
             if CAUSAL:
                 ok = ok & (n[None, :] <= qpos[:, None])
-            p = tl.where(ok, tl.exp(logits - m_safe[:, None]) / s[:, None], 0.0)
-            per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1) / NUM_Q  # mean over a head's queries
+            p = tl.where(ok, tl.exp2(logits - m_safe[:, None]) * inv_s[:, None], 0.0)
+            per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1)  # mean over a head's queries
             tl.store(out_ptr, per_head, mask=out_ok)
 
 
@@ -140,6 +142,8 @@ def attention_mass_paged(
     scaling: float,
     query_positions: torch.Tensor | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Mean attention each query head's observation queries pay to each key, from a paged pool.
 
@@ -151,7 +155,8 @@ def attention_mass_paged(
         scaling: logit scale.
         query_positions: ``[num_reqs, num_queries]`` positions of queries inside the prompt (each sees keys up to
             its own position), or ``None`` (queries after the prompt see every key).
-        block_n: keys per program.
+        block_n: keys per loop step of a program.
+        num_warps, num_stages: Triton launch options of both passes.
 
     Returns:
         ``[num_reqs, num_q_heads, max_len]`` float32; zero past each request's length.
@@ -177,7 +182,8 @@ def attention_mass_paged(
     part_max = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
     part_sum = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
     out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=queries.device)
-    common = dict(NUM_Q=num_queries, GROUP=group, NQ_P=nq_p, HEAD_DIM=head_dim,
+    scaling = scaling * 1.4426950408889634  # log2(e): the kernels use exp2 (one instruction, no extra multiply)
+    common = dict(num_warps=num_warps, num_stages=num_stages, NUM_Q=num_queries, GROUP=group, NQ_P=nq_p, HEAD_DIM=head_dim,
                   BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal, DOT_FP32=_INTERPRETING,
                   IEEE=k_buffer.dtype == torch.float32)
     strides = (queries.stride(0), queries.stride(1), queries.stride(2), k_buffer.stride(0), k_buffer.stride(1),
