@@ -26,7 +26,10 @@ case "$name" in
   b|c) [ -e "$TARGET/.installed-a" ] || { echo "install.sh: bundle a is missing from $TARGET (machine went cold?): install a, b, c in order" >&2; exit 3; } ;;
 esac
 start=$(date +%s)
-if [[ "$name" == gemma* ]]; then
+if [ "$name" = gemma-tok ]; then
+  mkdir -p "$TARGET/gemma-tok"
+  cp "$BUNDLE"/tokenizer*.json "$TARGET/gemma-tok/"
+elif [[ "$name" == gemma* ]]; then
   mkdir -p "$TARGET/gemma-parts"
   cp "$BUNDLE"/gemma.gguf.* "$TARGET/gemma-parts/"
 else

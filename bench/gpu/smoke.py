@@ -62,6 +62,10 @@ def convert_gemma(parts: Path, path: Path) -> Path:
     """Gemma 3 270M from the carried GGUF parts to an HF bf16 checkpoint (tokenizer included)."""
     if (path / "config.json").exists():
         return path
+    # transformers 5.12.1 splits this GGUF's tokenizer into characters: the 5.23 one travels as bundle gemma-tok
+    carried = SITE / "gemma-tok"
+    if not (carried / "tokenizer.json").exists():
+        raise ValueError(f"{carried}/tokenizer.json is missing: install bundle gemma-tok (the host's tokenizer is wrong)")
     import hashlib
 
     import torch
@@ -78,6 +82,8 @@ def convert_gemma(parts: Path, path: Path) -> Path:
     model.config.quantization_config = None
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((carried / name).read_bytes())
     return path
 
 

@@ -55,6 +55,11 @@ if [ "$GEMMA" = 1 ]; then
   i=1
   for part in "$tmp"/gemma.gguf.part*; do mkdir -p "$DEST/gemma$i"; mv "$part" "$DEST/gemma$i/"; i=$((i + 1)); done
   sha256sum "$gguf" | cut -d' ' -f1 > "$DEST/gemma1/gemma.gguf.sha256"
+  # transformers 5.12.1 (the host's pinned one) turns the GGUF tokenizer into single characters; carry the one
+  # transformers 5.23 makes here (sgl_evict.harness.load_gemma3_270m caches it), 32 MiB
+  hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
+  [ -f "$hf/tokenizer.json" ] || { echo "wheelhouse.sh: no $hf/tokenizer.json: load Gemma once with sgl_evict.harness.load_gemma3_270m" >&2; exit 4; }
+  mkdir -p "$DEST/gemma-tok" && cp "$hf/tokenizer.json" "$hf/tokenizer_config.json" "$DEST/gemma-tok/"
 fi
 du -sh "$DEST"/*
 cat <<HOW
