@@ -1,0 +1,101 @@
+"""``--kv-evict-*`` server flags for SGLang 0.5.17.
+
+Wraps two SGLang functions (registered through HookRegistry by :mod:`sgl_evict.plugin`):
+
+- ``sglang.srt.server_args.ServerArgs.add_cli_args`` (AFTER): SGLang builds its parser there, both in
+  ``prepare_server_args`` (``launch_server``) and in ``sglang serve``; adding the flags after it keeps
+  SGLang's own flags untouched and makes bad values fail as argparse errors (``error: argument --flag: ...``).
+- ``sglang.srt.server_args.ServerArgs.from_cli_args`` (AROUND): SGLang copies only its dataclass fields
+  from the parsed namespace, so the flags would be dropped; this builds the one :class:`EvictionConfig`
+  (cross-flag checks such as judgeq's soft-token file) and attaches it as ``server_args._kv_evict`` (resolved
+  ServerArgs are read-only except for underscore names), which travels with ``ServerArgs`` into every
+  scheduler process; read it with :func:`eviction_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sgl_evict.config import POLICY_NAMES, EvictionConfig
+from sgl_evict.selection import Budget
+
+FLAG_OF_FIELD = {
+    "policy": "--kv-evict-policy", "budget": "--kv-evict-budget", "window": "--kv-evict-window",
+    "sinks": "--kv-evict-sinks", "pooling_kernel": "--kv-evict-pooling-kernel",
+    "min_prompt_len": "--kv-evict-min-prompt-len", "lookahead_steps": "--kv-evict-lookahead-steps",
+    "soft_tokens": "--kv-evict-soft-tokens", "page_granular": "--kv-evict-page-granular",
+}
+_DEFAULTS = EvictionConfig()
+
+
+def _budget(text: str) -> Budget:
+    try:
+        return Budget.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def add_eviction_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("KV eviction (sgl-evict)")
+    group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
+                       help="Token-level KV eviction policy applied after prefill.")
+    group.add_argument("--kv-evict-budget", type=_budget, default=None,
+                       help="KV kept per request: a fraction (0.1, 10%%) or a token count (1024).")
+    group.add_argument("--kv-evict-window", type=_int_at_least(1), default=_DEFAULTS.window,
+                       help="Observation window (last prompt tokens used as queries).")
+    group.add_argument("--kv-evict-sinks", type=_int_at_least(0), default=_DEFAULTS.sinks,
+                       help="Leading tokens always kept.")
+    group.add_argument("--kv-evict-pooling-kernel", type=_int_at_least(1), default=_DEFAULTS.pooling_kernel,
+                       help="Odd 1-D pooling kernel over scores.")
+    group.add_argument("--kv-evict-min-prompt-len", type=_int_at_least(0), default=_DEFAULTS.min_prompt_len,
+                       help="Prompts shorter than this are not compressed.")
+    group.add_argument("--kv-evict-lookahead-steps", type=_int_at_least(1), default=_DEFAULTS.lookahead_steps,
+                       help="laq: decode steps run on the snapkv view before re-scoring.")
+    group.add_argument("--kv-evict-soft-tokens", default=None, help="judgeq: soft-token file.")
+    group.add_argument("--kv-evict-page-granular", action="store_true",
+                       help="Evict whole pages (page_size > 1) so freed memory is real.")
+
+
+def config_from_namespace(args: argparse.Namespace) -> EvictionConfig:
+    """The EvictionConfig of parsed flags; ValueError whose message starts with the bad flag."""
+    values = {field: getattr(args, "kv_evict_" + field) for field in FLAG_OF_FIELD
+              if hasattr(args, "kv_evict_" + field)}
+    try:
+        return EvictionConfig(**values)
+    except ValueError as err:
+        field, _, message = str(err).partition(": ")
+        raise ValueError(f"argument {FLAG_OF_FIELD.get(field, field)}: {message}") from None
+
+
+def add_cli_args_after(result, parser: argparse.ArgumentParser):
+    """AFTER hook on ``ServerArgs.add_cli_args(parser)``."""
+    add_eviction_args(parser)
+
+
+def from_cli_args_around(original, cls, args: argparse.Namespace):
+    """AROUND hook on the classmethod ``ServerArgs.from_cli_args(args)``."""
+    try:
+        config = config_from_namespace(args)
+    except ValueError as err:
+        # argparse's own error format and exit status, no traceback.
+        raise SystemExit(f"sglang serve: error: {err}") from None
+    server_args = original(cls, args)
+    server_args._kv_evict = config
+    return server_args
+
+
+def eviction_config(server_args) -> EvictionConfig:
+    """The server's EvictionConfig (no eviction when the flags were never parsed)."""
+    return getattr(server_args, "_kv_evict", _DEFAULTS)

@@ -1,0 +1,80 @@
+"""One eviction configuration for the SGLang plugin: server flags, per-request overrides, radix namespace."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+from sgl_evict.selection import Budget
+
+POLICY_NAMES = ("none", "snapkv", "laq", "dapq", "laprox", "judgeq", "streaming", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictionConfig:
+    """What to evict and how much. Every field is validated on construction (ValueError names the field)."""
+
+    policy: str = "none"
+    budget: Budget | None = None
+    window: int = 32
+    sinks: int = 4
+    pooling_kernel: int = 7
+    min_prompt_len: int = 0
+    lookahead_steps: int = 8
+    soft_tokens: str | None = None
+    page_granular: bool = False
+
+    def __post_init__(self):
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy: {self.policy!r} is not one of {', '.join(POLICY_NAMES)}")
+        if self.policy != "none" and self.budget is None:
+            raise ValueError(f"budget: policy {self.policy!r} needs a budget (a fraction such as 0.1 or a token count)")
+        for name in ("window", "pooling_kernel", "lookahead_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("sinks", "min_prompt_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be at least 0, got {getattr(self, name)}")
+        if self.pooling_kernel % 2 == 0:
+            raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
+        if self.policy == "judgeq":
+            if not self.soft_tokens:
+                raise ValueError("soft_tokens: policy 'judgeq' needs a soft-token file")
+            if not os.path.isfile(self.soft_tokens):
+                raise ValueError(f"soft_tokens: file {self.soft_tokens!r} does not exist")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    def fingerprint(self) -> str | None:
+        """Radix-cache namespace of KV compressed under this config; None when nothing is evicted.
+
+        Everything that changes which tokens are kept is part of it, so two configs share cached KV
+        only when they would have produced the same holes.
+        """
+        if not self.enabled:
+            return None
+        parts = [self.policy, repr(self.budget), self.window, self.sinks, self.pooling_kernel,
+                 self.lookahead_steps if self.policy == "laq" else 0, self.soft_tokens or "", self.page_granular]
+        return "kv_evict:" + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+    def override(self, request_params: dict | None) -> "EvictionConfig":
+        """This config with a request's ``custom_params["kv_evict"]`` applied (validated the same way)."""
+        if not request_params or "kv_evict" not in request_params:
+            return self
+        raw = request_params["kv_evict"]
+        if not isinstance(raw, dict):
+            raise ValueError(f"kv_evict: expected an object such as {{'policy': 'snapkv', 'budget': 0.2}}, got {raw!r}")
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ValueError(f"kv_evict: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        values = dict(raw)
+        if "budget" in values and values["budget"] is not None:
+            try:
+                values["budget"] = Budget.parse(values["budget"])
+            except ValueError as err:
+                raise ValueError(f"budget: {err}") from None
+        return dataclasses.replace(self, **values)

@@ -1,0 +1,91 @@
+"""The plugin registers through SGLang's entry point and its flags parse through SGLang's own prepare_server_args."""
+
+import re
+
+import pytest
+
+try:
+    import sglang.srt.server_args  # noqa: F401
+except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
+    pytest.skip(f"sglang.srt.server_args does not import here: {exc}", allow_module_level=True)
+
+import transformers  # noqa: E402
+from sglang.srt.plugins import load_plugins  # noqa: E402
+from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
+
+from sgl_evict.config import EvictionConfig  # noqa: E402
+from sgl_evict.patches.server_args import eviction_config  # noqa: E402
+from sgl_evict.selection import Budget  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A local config-only checkpoint: ServerArgs resolution reads the model's config, never its weights."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, architectures=["LlamaForCausalLM"],
+    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prepare(model_dir):
+    load_plugins()  # what launch_server does before parsing arguments
+    from sglang.srt.server_args import prepare_server_args
+
+    return lambda *flags: prepare_server_args(["--model-path", model_dir, "--device", "cpu", *flags])
+
+
+def test_entry_point_registers_hooks(prepare):
+    assert "sglang.srt.server_args.ServerArgs.add_cli_args" in HookRegistry._patched
+    assert "sglang.srt.server_args.ServerArgs.from_cli_args" in HookRegistry._patched
+
+
+def test_flags_parse_into_one_config(prepare):
+    args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-window", "16",
+                   "--kv-evict-sinks", "2", "--kv-evict-pooling-kernel", "5", "--kv-evict-min-prompt-len", "64",
+                   "--kv-evict-page-granular")
+    config = eviction_config(args)
+    assert config == EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), window=16, sinks=2,
+                                    pooling_kernel=5, min_prompt_len=64, page_granular=True)
+    assert config.fingerprint() is not None
+
+
+def test_no_flags_means_no_eviction(prepare):
+    config = eviction_config(prepare())
+    assert not config.enabled and config.fingerprint() is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kv-evict-policy", "h2o"], "argument --kv-evict-policy: invalid choice: 'h2o'"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "lots"], "argument --kv-evict-budget: invalid budget 'lots'"),
+    (["--kv-evict-window", "0"], "argument --kv-evict-window: must be at least 1, got 0"),
+    (["--kv-evict-sinks", "x"], "argument --kv-evict-sinks: expected an integer, got 'x'"),
+    (["--kv-evict-policy", "snapkv"], "argument --kv-evict-budget: policy 'snapkv' needs a budget"),
+    (["--kv-evict-pooling-kernel", "4"], "argument --kv-evict-pooling-kernel: must be odd, got 4"),
+    (["--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", "/no/such/file"],
+     "argument --kv-evict-soft-tokens: file '/no/such/file' does not exist"),
+])
+def test_bad_values_fail_at_launch_naming_the_flag(prepare, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare(*flags)
+    printed = capsys.readouterr().err + str(exit_info.value.code)
+    assert message in printed
+    assert "Traceback" not in printed
+
+
+def test_request_override_is_validated_the_same_way():
+    server = EvictionConfig(policy="laq", budget=Budget.parse("0.1"))
+    request = server.override({"kv_evict": {"policy": "snapkv", "budget": 0.2}})
+    assert request.policy == "snapkv" and request.budget == Budget.parse("0.2")
+    assert request.fingerprint() != server.fingerprint()
+    assert server.override({}) is server
+    for params, message in [
+        ({"kv_evict": {"policy": "h2o"}}, "policy: 'h2o' is not one of"),
+        ({"kv_evict": {"budget": "lots"}}, "budget: invalid budget 'lots'"),
+        ({"kv_evict": {"windw": 3}}, "kv_evict: unknown field(s) windw"),
+        ({"kv_evict": "snapkv"}, "kv_evict: expected an object"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            server.override(params)
