@@ -15,6 +15,7 @@ Wraps two SGLang functions (registered through HookRegistry by :mod:`sgl_evict.p
 from __future__ import annotations
 
 import argparse
+import logging
 
 from sgl_evict.config import POLICY_NAMES, EvictionConfig
 from sgl_evict.selection import Budget
@@ -93,6 +94,12 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
         raise SystemExit(f"sglang serve: error: {err}") from None
     server_args = original(cls, args)
     server_args._kv_evict = config
+    if config.enabled:
+        # the engine-side hooks (capture, scoring, freeing) are not in this version: say so rather than let a user
+        # believe memory is being saved
+        logging.getLogger("sgl_evict").warning(
+            "--kv-evict-policy %s is parsed and validated, but this sgl-evict version does not evict inside the "
+            "server yet: the KV cache is kept in full (see docs/plugin.md)", config.policy)
     return server_args
 
 

@@ -52,6 +52,14 @@ def test_flags_parse_into_one_config(prepare):
     assert config.fingerprint() is not None
 
 
+def test_enabled_policy_warns_that_the_server_does_not_evict_yet(prepare, capfd):
+    # SGLang's logging setup writes to stderr itself (caplog does not see it)
+    prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1")
+    assert "does not evict inside the server yet" in capfd.readouterr().err
+    prepare()
+    assert "does not evict" not in capfd.readouterr().err
+
+
 def test_no_flags_means_no_eviction(prepare):
     config = eviction_config(prepare())
     assert not config.enabled and config.fingerprint() is None
