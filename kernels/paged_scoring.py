@@ -1,479 +1,223 @@
-"""Fused attention scores of observation queries over keys read straight from a paged KV pool.
+"""Attention scores of observation queries, read straight from SGLang's paged KV pool (Triton).
 
-Computes :func:`sgl_evict.scoring.score_queries` for a batch of requests without gathering the keys
-and without writing the ``[num_queries, seq_len]`` probability matrix. Keys are addressed as in
-SGLang: ``k_buffer [pool_slots, num_kv_heads, head_dim]`` holds one layer, and token ``t`` of request
-``r`` lives in slot ``req_to_token[r, t]`` (any page size: the table is per token).
+Two passes over the keys, never materialising the ``[num_queries, seq_len]`` attention matrix:
 
-Three launches (four with pooling), each a grid of ``(num_reqs * num_kv_heads, num_chunks)``:
+1. ``_row_stats``: for every query, the running max and sum of ``exp(logit - max)`` over a chunk of the request's
+   keys (online softmax), one program per (request, KV head, chunk), so a single long request still fills the GPU.
+2. ``_accumulate``: one program per (request, KV head, chunk) combines the chunks' statistics, then for each key
+   block of its chunk recomputes the logits, normalises them and sums them over each query head's queries.
 
-1. ``_row_stats_kernel``: per key chunk, online softmax row max and row sum (base 2) for every query
-   row of the KV head's group (``group * num_queries`` rows in one matrix-unit tile).
-2. ``_combine_kernel``: merges the chunks' (max, sum) into each row's log-sum-exp.
-3. ``_accumulate_kernel``: re-reads the chunk, ``p = exp2(s - max) / (sum * num_queries)``, sums the
-   rows of each query head (mean over queries), multiplies laprox value weights, then reduces the
-   GQA group (or writes per-head scores for pooling).
-4. ``_pool_reduce_kernel`` (pooling only): max/avg pooling over neighbouring tokens, clipped at the
-   request's length like ``F.max_pool1d`` / ``avg_pool1d(count_include_pad=False)``, then the GQA
-   reduction.
+A KV head's query heads (its GQA group) and their queries are one tile of ``group x queries`` rows, so keys are loaded
+once per KV head and pass. Keys are gathered through ``req_to_token`` (SGLang's ``ReqToTokenPool.req_to_token``).
 
-Queries are cast to the key dtype before the matrix product (as the model's own attention does);
-logits and everything after are float32.
+:func:`score_paged` matches :func:`sgl_evict.scoring.score_queries` per request, pooling and GQA reduction included
+(those act on the small ``[num_q_heads, seq_len]`` output and run in PyTorch).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from sgl_evict.scoring import score_queries
+from sgl_evict.scoring import finish_scores
 
-_NEG = -1.0e30  # finite "minus infinity": exp2(_NEG - _NEG) stays 1, never NaN
-_LOG2E = 1.4426950408889634
-_GQA_REDUCE = {"mean": 0, "max": 1, "sum": 2}
-_POOL_MODE = {"max": 0, "avg": 1}
+
+# Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly (seen: ~2e10 where the answer is ~19), so under
+# TRITON_INTERPRET the operands go to float32 first; compiled kernels keep the KV dtype on the tensor cores.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _tile_logits(
-    q, k_ptr, rtt_row_ptr, qpos, row_valid, kvh, n0, seq_len, qk_scale,
-    stride_k_slot, stride_k_head,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Base-2 logits ``[rows, BLOCK_N]`` of the tile starting at token ``n0``, and their validity."""
-    t = n0 + tl.arange(0, BLOCK_N)
-    in_seq = t < seq_len
-    slot = tl.load(rtt_row_ptr + t, mask=in_seq, other=0).to(tl.int64)
-    d = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_ptr + slot[:, None] * stride_k_slot + kvh * stride_k_head + d[None, :], mask=in_seq[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-    valid = row_valid[:, None] & in_seq[None, :]
+def _dot(q, k, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``q [rows, d] @ k[n, d]^T`` in float32 accumulation; float32 keys stay float32 (no TF32 rounding)."""
+    if DOT_FP32:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k)).to(tl.float32)
+
+
+@triton.jit
+def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale, chunk,
+               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms,
+               NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+               IEEE: tl.constexpr):
+    req = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.arange(0, GROUP * NQ_P)
+    g, i = rows // NQ_P, rows % NQ_P
+    row_ok = i < NUM_Q
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    seq_len = tl.load(SeqLens + req)
     if CAUSAL:
-        valid = valid & (t[None, :] <= qpos[:, None])
-    return tl.where(valid, s, _NEG), valid
+        qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
+    m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
+    s = tl.zeros([GROUP * NQ_P], tl.float32)
+    for n0 in range(split * chunk, tl.minimum(seq_len, (split + 1) * chunk), BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < seq_len
+        slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
+                    other=0.0)
+        logits = _dot(q, k, DOT_FP32, IEEE) * scale  # scale includes log2(e): statistics are in base 2
+        ok = n_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (n[None, :] <= qpos[:, None])
+        logits = tl.where(ok, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2(m - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), axis=1)
+        m = m_new
+    base = req * s_mr + kvh * s_mh + split * s_ms + rows
+    tl.store(M + base, m)
+    tl.store(L + base, s)
 
 
 @triton.jit
-def _load_queries(
-    q_ptr, pos_ptr, req, kvh, num_queries, stride_qr, stride_qh, stride_qq, stride_pr,
-    GROUP: tl.constexpr, QUERIES_P: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-):
-    """Rows ``g * QUERIES_P + i``: query ``i`` of query head ``kvh * GROUP + g``. Returns q, positions, validity."""
-    rows = tl.arange(0, ROWS)
-    g = rows // QUERIES_P
-    i = rows % QUERIES_P
-    row_valid = (g < GROUP) & (i < num_queries)
-    d = tl.arange(0, HEAD_DIM)
-    qh = kvh * GROUP + g
-    q = tl.load(
-        q_ptr + req * stride_qr + qh[:, None] * stride_qh + i[:, None] * stride_qq + d[None, :],
-        mask=row_valid[:, None], other=0.0,
-    )
+def _accumulate(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Out, scale, chunk, num_splits, max_len,
+                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms, s_or, s_oh,
+                NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+                IEEE: tl.constexpr):
+    req = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + req)
+    rows = tl.arange(0, GROUP * NQ_P)
+    g, i = rows // NQ_P, rows % NQ_P
+    row_ok = i < NUM_Q
+    gs = tl.arange(0, GROUP)
+    # combine the chunks' softmax statistics (the [splits, rows] partials of _row_stats)
+    stats = PartM + req * s_mr + kvh * s_mh + rows
+    m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
+    for sp in range(0, num_splits):
+        m = tl.maximum(m, tl.load(stats + sp * s_ms))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros([GROUP * NQ_P], tl.float32)
+    for sp in range(0, num_splits):
+        s += tl.load(PartL + req * s_mr + kvh * s_mh + sp * s_ms + rows) * tl.exp2(tl.load(stats + sp * s_ms) - m_safe)
+    # one reciprocal per row (not a division per element), with the mean over a head's queries folded in
+    inv_s = 1.0 / tl.where(s > 0, s * NUM_Q, 1.0)  # rows with s == 0 are fully masked below
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     if CAUSAL:
-        qpos = tl.load(pos_ptr + req * stride_pr + i, mask=i < num_queries, other=-1)
-    else:
-        qpos = rows
-    return q, qpos, row_valid
-
-
-@triton.jit
-def _row_stats_kernel(
-    q_ptr, pos_ptr, k_ptr, rtt_ptr, seq_lens_ptr, m_out_ptr, l_out_ptr,
-    num_queries, chunk_size, num_chunks, qk_scale,
-    stride_qr, stride_qh, stride_qq, stride_pr, stride_k_slot, stride_k_head, stride_rtt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, QUERIES_P: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, Q_DOT_DTYPE: tl.constexpr,
-):
-    ROWS: tl.constexpr = GROUP_P * QUERIES_P
-    pid = tl.program_id(0)
-    chunk = tl.program_id(1)
-    req = pid // NUM_KV_HEADS
-    kvh = pid % NUM_KV_HEADS
-    seq_len = tl.load(seq_lens_ptr + req)
-    q, qpos, row_valid = _load_queries(
-        q_ptr, pos_ptr, req, kvh, num_queries, stride_qr, stride_qh, stride_qq, stride_pr,
-        GROUP, QUERIES_P, ROWS, HEAD_DIM, CAUSAL,
-    )
-    q = q.to(k_ptr.dtype.element_ty).to(Q_DOT_DTYPE)
-    m = tl.full([ROWS], _NEG, tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
-    start = chunk * chunk_size
-    end = tl.minimum(start + chunk_size, seq_len)
-    rtt_row = rtt_ptr + req.to(tl.int64) * stride_rtt
-    for n0 in range(start, end, BLOCK_N):
-        s, valid = _tile_logits(
-            q, k_ptr, rtt_row, qpos, row_valid, kvh, n0, seq_len, qk_scale,
-            stride_k_slot, stride_k_head, CAUSAL, HEAD_DIM, BLOCK_N,
-        )
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
-        l = l * tl.exp2(m - m_new) + tl.sum(p, 1)
-        m = m_new
-    offs = (pid * num_chunks + chunk) * ROWS + tl.arange(0, ROWS)
-    tl.store(m_out_ptr + offs, m)
-    tl.store(l_out_ptr + offs, l)
-
-
-@triton.jit
-def _combine_kernel(
-    m_ptr, l_ptr, row_max_ptr, row_weight_ptr, num_chunks, num_queries, ROWS: tl.constexpr,
-):
-    """Per row: max over chunks, and weight ``1 / (sum * num_queries)`` (0 for padding rows)."""
-    pid = tl.program_id(0)
-    rows = tl.arange(0, ROWS)
-    m = tl.full([ROWS], _NEG, tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
-    for c in range(0, num_chunks):
-        offs = (pid * num_chunks + c) * ROWS + rows
-        m_c = tl.load(m_ptr + offs)
-        l_c = tl.load(l_ptr + offs)
-        m_new = tl.maximum(m, m_c)
-        l = l * tl.exp2(m - m_new) + l_c * tl.exp2(m_c - m_new)
-        m = m_new
-    weight = tl.where(l > 0, 1.0 / (tl.where(l > 0, l, 1.0) * num_queries), 0.0)
-    tl.store(row_max_ptr + pid * ROWS + rows, m)
-    tl.store(row_weight_ptr + pid * ROWS + rows, weight)
-
-
-@triton.jit
-def _accumulate_kernel(
-    q_ptr, pos_ptr, k_ptr, rtt_ptr, seq_lens_ptr, row_max_ptr, row_weight_ptr, vw_ptr, out_ptr,
-    num_queries, chunk_size, max_len, qk_scale,
-    stride_qr, stride_qh, stride_qq, stride_pr, stride_k_slot, stride_k_head, stride_rtt,
-    stride_vwr, stride_vwh, stride_or, stride_oh,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, QUERIES_P: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, Q_DOT_DTYPE: tl.constexpr, HAS_VW: tl.constexpr, PER_HEAD_OUT: tl.constexpr,
-    GQA_REDUCE: tl.constexpr,
-):
-    ROWS: tl.constexpr = GROUP_P * QUERIES_P
-    pid = tl.program_id(0)
-    chunk = tl.program_id(1)
-    req = pid // NUM_KV_HEADS
-    kvh = pid % NUM_KV_HEADS
-    seq_len = tl.load(seq_lens_ptr + req)
-    q, qpos, row_valid = _load_queries(
-        q_ptr, pos_ptr, req, kvh, num_queries, stride_qr, stride_qh, stride_qq, stride_pr,
-        GROUP, QUERIES_P, ROWS, HEAD_DIM, CAUSAL,
-    )
-    q = q.to(k_ptr.dtype.element_ty).to(Q_DOT_DTYPE)
-    rows = tl.arange(0, ROWS)
-    row_max = tl.load(row_max_ptr + pid * ROWS + rows)
-    row_weight = tl.load(row_weight_ptr + pid * ROWS + rows)
-    g = tl.arange(0, GROUP_P)
-    start = chunk * chunk_size
-    end = tl.minimum(start + chunk_size, max_len)
-    rtt_row = rtt_ptr + req.to(tl.int64) * stride_rtt
-    for n0 in range(start, end, BLOCK_N):
-        s, valid = _tile_logits(
-            q, k_ptr, rtt_row, qpos, row_valid, kvh, n0, seq_len, qk_scale,
-            stride_k_slot, stride_k_head, CAUSAL, HEAD_DIM, BLOCK_N,
-        )
-        p = tl.where(valid, tl.exp2(s - row_max[:, None]), 0.0) * row_weight[:, None]
-        per_head = tl.sum(tl.reshape(p, [GROUP_P, QUERIES_P, BLOCK_N]), 1)  # [GROUP_P, BLOCK_N]
-        t = n0 + tl.arange(0, BLOCK_N)
-        head_ok = (g[:, None] < GROUP) & (t[None, :] < seq_len)
-        if HAS_VW:
-            vw = tl.load(
-                vw_ptr + req * stride_vwr + (kvh * GROUP + g[:, None]) * stride_vwh + t[None, :],
-                mask=head_ok, other=0.0,
-            )
-            per_head = per_head * vw
-        in_table = t < max_len
-        if PER_HEAD_OUT:
-            tl.store(
-                out_ptr + req * stride_or + (kvh * GROUP + g[:, None]) * stride_oh + t[None, :],
-                per_head, mask=(g[:, None] < GROUP) & in_table[None, :],
-            )
+        qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
+    for n0 in range(split * chunk, tl.minimum(max_len, (split + 1) * chunk), BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < seq_len
+        out_ptr = Out + req * s_or + (kvh * GROUP + gs)[:, None] * s_oh + n[None, :]
+        out_ok = (n < max_len)[None, :] & (gs < GROUP)[:, None]
+        if n0 >= seq_len:  # block past this request's end: zeros, so every output element is written
+            tl.store(out_ptr, tl.zeros([GROUP, BLOCK_N], tl.float32), mask=out_ok)
         else:
-            if GQA_REDUCE == 1:
-                reduced = tl.max(tl.where(g[:, None] < GROUP, per_head, _NEG), 0)
-            else:
-                reduced = tl.sum(per_head, 0)
-                if GQA_REDUCE == 0:
-                    reduced = reduced / GROUP
-            reduced = tl.where(t < seq_len, reduced, 0.0)
-            tl.store(out_ptr + req * stride_or + kvh * stride_oh + t, reduced, mask=in_table)
-
-
-@triton.jit
-def _pool_reduce_kernel(
-    head_ptr, seq_lens_ptr, out_ptr, max_len,
-    stride_hr, stride_hh, stride_or, stride_oh,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, KERNEL: tl.constexpr, POOL_MODE: tl.constexpr,
-    GQA_REDUCE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    req = pid // NUM_KV_HEADS
-    kvh = pid % NUM_KV_HEADS
-    seq_len = tl.load(seq_lens_ptr + req)
-    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if GQA_REDUCE == 1:
-        reduced = tl.full([BLOCK], _NEG, tl.float32)
-    else:
-        reduced = tl.zeros([BLOCK], tl.float32)
-    for g in tl.static_range(GROUP):
-        row = head_ptr + req * stride_hr + (kvh * GROUP + g) * stride_hh
-        if POOL_MODE == 0:
-            pooled = tl.full([BLOCK], _NEG, tl.float32)
-        else:
-            pooled = tl.zeros([BLOCK], tl.float32)
-        count = tl.zeros([BLOCK], tl.float32)
-        for o in tl.static_range(KERNEL):
-            idx = t + (o - KERNEL // 2)
-            ok = (idx >= 0) & (idx < seq_len)
-            v = tl.load(row + idx, mask=ok, other=0.0)
-            if POOL_MODE == 0:
-                pooled = tl.maximum(pooled, tl.where(ok, v, _NEG))
-            else:
-                pooled += v
-                count += ok.to(tl.float32)
-        if POOL_MODE == 1:
-            pooled = pooled / tl.maximum(count, 1.0)
-        if GQA_REDUCE == 1:
-            reduced = tl.maximum(reduced, pooled)
-        else:
-            reduced += pooled
-    if GQA_REDUCE == 0:
-        reduced = reduced / GROUP
-    reduced = tl.where(t < seq_len, reduced, 0.0)
-    tl.store(out_ptr + req * stride_or + kvh * stride_oh + t, reduced, mask=t < max_len)
-
-
-def _dot_dtype(k_buffer: torch.Tensor):
-    """Matrix-product operand type: the key dtype on a GPU; float32 under TRITON_INTERPRET, whose
-    half-precision dot is wrong (values rounded to the key dtype first, so results still match)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or k_buffer.dtype == torch.float32:
-        return tl.float32
-    return tl.bfloat16 if k_buffer.dtype == torch.bfloat16 else tl.float16
+            slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
+            k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :],
+                        mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            logits = _dot(q, k, DOT_FP32, IEEE) * scale
+            ok = n_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                ok = ok & (n[None, :] <= qpos[:, None])
+            p = tl.where(ok, tl.exp2(logits - m_safe[:, None]) * inv_s[:, None], 0.0)
+            per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1)  # mean over a head's queries
+            tl.store(out_ptr, per_head, mask=out_ok)
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-class PagedScoring:
-    """Attention-mass scores of observation queries over a paged key pool (FlashInfer-style plan/run).
-
-    ``plan`` fixes the batch geometry and allocates scratch; ``run`` may then be called once per layer.
-
-    Args:
-        num_q_heads, num_kv_heads, head_dim: attention geometry (``head_dim`` a power of two >= 16).
-        scaling: logit scale (``head_dim ** -0.5`` for most models).
-        pooling_kernel: odd window of :func:`sgl_evict.scoring.pool_scores` (1: no pooling).
-        pooling_mode: ``"max"`` or ``"avg"``.
-        gqa_reduce: ``"mean"``, ``"max"`` or ``"sum"`` over each GQA group.
-        block_n: keys per tile.
-    """
-
-    def __init__(
-        self, num_q_heads: int, num_kv_heads: int, head_dim: int, scaling: float,
-        pooling_kernel: int = 1, pooling_mode: str = "max", gqa_reduce: str = "mean", block_n: int = 64,
-    ) -> None:
-        if num_q_heads % num_kv_heads:
-            raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-        if num_q_heads // num_kv_heads > 32:
-            raise ValueError(f"GQA group of {num_q_heads // num_kv_heads} query heads is over the supported 32")
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-        if pooling_kernel > 1 and pooling_kernel % 2 == 0:
-            raise ValueError(f"pooling kernel size must be odd, got {pooling_kernel}")
-        if pooling_mode not in _POOL_MODE:
-            raise ValueError(f"pooling mode must be 'max' or 'avg', got {pooling_mode!r}")
-        if gqa_reduce not in _GQA_REDUCE:
-            raise ValueError(f"GQA reduction must be 'mean', 'max' or 'sum', got {gqa_reduce!r}")
-        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.group = num_q_heads // num_kv_heads
-        self.scaling = scaling
-        self.pooling_kernel, self.pooling_mode, self.gqa_reduce = pooling_kernel, pooling_mode, gqa_reduce
-        self.block_n = block_n
-        self._plan: dict | None = None
-
-    def plan(self, num_reqs: int, max_len: int, num_queries: int, device: torch.device | str) -> None:
-        """Sizes the key chunks so about four programs run per multiprocessor, and allocates scratch.
-
-        Args:
-            num_reqs: requests in the batch.
-            max_len: width of ``req_to_token`` (the longest ``seq_len`` the batch may have).
-            num_queries: observation queries per query head.
-        """
-        if num_reqs < 1 or max_len < 1 or num_queries < 1:
-            raise ValueError(f"num_reqs, max_len and num_queries must be >= 1, got {num_reqs}, {max_len}, {num_queries}")
-        device = torch.device(device)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        target_chunks = max(1, math.ceil(4 * sms / (num_reqs * self.num_kv_heads)))
-        chunk = self.block_n * max(1, math.ceil(max_len / (target_chunks * self.block_n)))
-        num_chunks = math.ceil(max_len / chunk)
-        queries_p = max(_next_pow2(num_queries), math.ceil(16 / _next_pow2(self.group)))
-        rows = _next_pow2(self.group) * queries_p
-        slices = num_reqs * self.num_kv_heads
-        f32 = dict(dtype=torch.float32, device=device)
-        self._plan = dict(
-            num_reqs=num_reqs, max_len=max_len, num_queries=num_queries, chunk=chunk, num_chunks=num_chunks,
-            queries_p=queries_p, rows=rows,
-            chunk_max=torch.empty(slices * num_chunks * rows, **f32),
-            chunk_sum=torch.empty(slices * num_chunks * rows, **f32),
-            row_max=torch.empty(slices * rows, **f32),
-            row_weight=torch.empty(slices * rows, **f32),
-            per_head=torch.empty(num_reqs, self.num_q_heads, max_len, **f32) if self.pooling_kernel > 1 else None,
-        )
-
-    def run(
-        self,
-        queries: torch.Tensor,
-        k_buffer: torch.Tensor,
-        req_to_token: torch.Tensor,
-        seq_lens: torch.Tensor,
-        query_positions: torch.Tensor | None = None,
-        value_weights: torch.Tensor | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scores of one layer.
-
-        Args:
-            queries: ``[num_reqs, num_q_heads, num_queries, head_dim]`` post-RoPE observation queries
-                (cast to ``k_buffer``'s dtype for the matrix product).
-            k_buffer: ``[pool_slots, num_kv_heads, head_dim]`` keys of this layer (bf16, fp16 or fp32).
-            req_to_token: ``[num_reqs, max_len]`` int32 slot of each token.
-            seq_lens: ``[num_reqs]`` int32/int64 prompt lengths (``<= max_len``).
-            query_positions: ``[num_reqs, num_queries]`` positions of queries inside the prompt (causal),
-                or ``None`` (every query sees every key).
-            value_weights: ``[num_reqs, num_q_heads, max_len]`` float32 laprox weights, or ``None``.
-            out: optional ``[num_reqs, num_kv_heads, max_len]`` float32 destination.
-
-        Returns:
-            ``[num_reqs, num_kv_heads, max_len]`` float32; entries at ``t >= seq_len`` are 0.
-        """
-        if self._plan is None:
-            raise ValueError("call plan() before run()")
-        p = self._plan
-        num_reqs, max_len, nq = p["num_reqs"], p["max_len"], p["num_queries"]
-        want_q = (num_reqs, self.num_q_heads, nq, self.head_dim)
-        if tuple(queries.shape) != want_q:
-            raise ValueError(f"queries must be {list(want_q)}, got {list(queries.shape)}")
-        if k_buffer.dim() != 3 or k_buffer.shape[1:] != (self.num_kv_heads, self.head_dim) or k_buffer.stride(2) != 1:
-            raise ValueError(
-                f"k_buffer must be [pool_slots, {self.num_kv_heads}, {self.head_dim}] with contiguous head_dim, "
-                f"got {list(k_buffer.shape)}"
-            )
-        if tuple(req_to_token.shape) != (num_reqs, max_len) or req_to_token.stride(1) != 1:
-            raise ValueError(f"req_to_token must be [{num_reqs}, {max_len}] row-contiguous, got {list(req_to_token.shape)}")
-        if tuple(seq_lens.shape) != (num_reqs,):
-            raise ValueError(f"seq_lens must be [{num_reqs}], got {list(seq_lens.shape)}")
-        if query_positions is not None and tuple(query_positions.shape) != (num_reqs, nq):
-            raise ValueError(f"query_positions must be [{num_reqs}, {nq}], got {list(query_positions.shape)}")
-        if value_weights is not None and (
-            tuple(value_weights.shape) != (num_reqs, self.num_q_heads, max_len) or value_weights.stride(2) != 1
-        ):
-            raise ValueError(
-                f"value_weights must be [{num_reqs}, {self.num_q_heads}, {max_len}] contiguous in tokens, "
-                f"got {list(value_weights.shape)}"
-            )
-        queries = queries if queries.stride(3) == 1 else queries.contiguous()
-        if out is None:
-            out = torch.empty(num_reqs, self.num_kv_heads, max_len, dtype=torch.float32, device=k_buffer.device)
-        causal = query_positions is not None
-        pos = query_positions if causal else seq_lens  # placeholder pointer when not causal
-        vw = value_weights if value_weights is not None else out
-        vw = vw.float() if vw.dtype != torch.float32 else vw
-        grid = (num_reqs * self.num_kv_heads, p["num_chunks"])
-        qk_scale = self.scaling * _LOG2E
-        common = dict(
-            NUM_KV_HEADS=self.num_kv_heads, GROUP=self.group, GROUP_P=_next_pow2(self.group), QUERIES_P=p["queries_p"], HEAD_DIM=self.head_dim,
-            BLOCK_N=self.block_n, CAUSAL=causal, Q_DOT_DTYPE=_dot_dtype(k_buffer),
-        )
-        strides_q = (queries.stride(0), queries.stride(1), queries.stride(2), pos.stride(0) if causal else 0)
-        strides_k = (k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0))
-        _row_stats_kernel[grid](
-            queries, pos, k_buffer, req_to_token, seq_lens, p["chunk_max"], p["chunk_sum"],
-            nq, p["chunk"], p["num_chunks"], qk_scale, *strides_q, *strides_k, **common, num_warps=8,
-        )
-        _combine_kernel[(grid[0],)](
-            p["chunk_max"], p["chunk_sum"], p["row_max"], p["row_weight"], p["num_chunks"], nq, ROWS=p["rows"],
-        )
-        per_head = p["per_head"]
-        dest = per_head if per_head is not None else out
-        _accumulate_kernel[grid](
-            queries, pos, k_buffer, req_to_token, seq_lens, p["row_max"], p["row_weight"], vw, dest,
-            nq, p["chunk"], max_len, qk_scale, *strides_q, *strides_k,
-            vw.stride(0), vw.stride(1), dest.stride(0), dest.stride(1),
-            **common, HAS_VW=value_weights is not None, PER_HEAD_OUT=per_head is not None,
-            GQA_REDUCE=_GQA_REDUCE[self.gqa_reduce], num_warps=8,
-        )
-        if per_head is not None:
-            block = 256
-            _pool_reduce_kernel[(grid[0], triton.cdiv(max_len, block))](
-                per_head, seq_lens, out, max_len, per_head.stride(0), per_head.stride(1), out.stride(0), out.stride(1),
-                NUM_KV_HEADS=self.num_kv_heads, GROUP=self.group, KERNEL=self.pooling_kernel,
-                POOL_MODE=_POOL_MODE[self.pooling_mode], GQA_REDUCE=_GQA_REDUCE[self.gqa_reduce], BLOCK=block,
-            )
-        return out
-
-
-def gather_request_kv(buffer: torch.Tensor, req_to_token: torch.Tensor, req: int, seq_len: int) -> torch.Tensor:
-    """``[num_kv_heads, seq_len, head_dim]`` keys (or values) of request ``req`` from a paged pool."""
-    slots = req_to_token[req, :seq_len].long()
-    return buffer[slots].transpose(0, 1)
-
-
-def paged_scores_reference(
+def attention_mass_paged(
     queries: torch.Tensor,
     k_buffer: torch.Tensor,
     req_to_token: torch.Tensor,
     seq_lens: torch.Tensor,
     scaling: float,
     query_positions: torch.Tensor | None = None,
-    value_weights: torch.Tensor | None = None,
-    pooling_kernel: int = 1,
-    pooling_mode: str = "max",
-    gqa_reduce: str = "mean",
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """PyTorch oracle of :meth:`PagedScoring.run`: gathers each request and calls ``score_queries``.
+    """Mean attention each query head's observation queries pay to each key, from a paged pool.
 
-    Queries are cast to the key dtype first, as the kernel does. Same shapes as :meth:`PagedScoring.run`.
+    Args:
+        queries: ``[num_reqs, num_q_heads, num_queries, head_dim]`` post-RoPE observation queries.
+        k_buffer: ``[pool_slots, num_kv_heads, head_dim]`` one layer's keys (bf16, fp16 or fp32).
+        req_to_token: ``[num_reqs, max_len]`` int32/int64 slot of each request's token ``t``.
+        seq_lens: ``[num_reqs]`` prompt lengths (keys ``t >= seq_len`` are ignored).
+        scaling: logit scale.
+        query_positions: ``[num_reqs, num_queries]`` positions of queries inside the prompt (each sees keys up to
+            its own position), or ``None`` (queries after the prompt see every key).
+        block_n: keys per loop step of a program.
+        num_warps, num_stages: Triton launch options of both passes.
+
+    Returns:
+        ``[num_reqs, num_q_heads, max_len]`` float32; zero past each request's length.
     """
-    num_reqs, max_len = req_to_token.shape
-    out = torch.zeros(num_reqs, k_buffer.shape[1], max_len, dtype=torch.float32, device=k_buffer.device)
-    for r in range(num_reqs):
-        n = int(seq_lens[r])
-        keys = gather_request_kv(k_buffer, req_to_token, r, n)
-        out[r, :, :n] = score_queries(
-            queries[r].to(k_buffer.dtype), keys, scaling,
-            query_positions=None if query_positions is None else query_positions[r],
-            pooling_kernel=pooling_kernel, pooling_mode=pooling_mode, gqa_reduce=gqa_reduce,
-            value_weights=None if value_weights is None else value_weights[r, :, :n],
-        )
+    num_reqs, num_q_heads, num_queries, head_dim = queries.shape
+    num_kv_heads = k_buffer.shape[1]
+    group = num_q_heads // num_kv_heads
+    if num_q_heads % num_kv_heads or group & (group - 1):
+        raise ValueError(f"GQA group size must be a power of two, got {num_q_heads} / {num_kv_heads}")
+    max_len = req_to_token.shape[1]
+    # tl.dot needs at least 16 rows: pad the queries of a head to a power of two that gets there
+    nq_p = max(_next_pow2(num_queries), 16 // group if group < 16 else 1)
+    queries = queries.to(k_buffer.dtype).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    causal = query_positions is not None
+    qpos = (query_positions.to(torch.int32).contiguous() if causal
+            else torch.zeros(num_reqs, 1, dtype=torch.int32, device=queries.device))
+    # enough chunks that (requests x KV heads x chunks) covers the GPU several times over
+    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(512, num_reqs * num_kv_heads)))
+    chunk = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    splits = triton.cdiv(max_len, chunk)
+    stats_shape = (num_reqs, num_kv_heads, splits, group * nq_p)
+    part_max = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
+    part_sum = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
+    out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=queries.device)
+    scaling = scaling * 1.4426950408889634  # log2(e): the kernels use exp2 (one instruction, no extra multiply)
+    common = dict(num_warps=num_warps, num_stages=num_stages, NUM_Q=num_queries, GROUP=group, NQ_P=nq_p, HEAD_DIM=head_dim,
+                  BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal, DOT_FP32=_INTERPRETING,
+                  IEEE=k_buffer.dtype == torch.float32)
+    strides = (queries.stride(0), queries.stride(1), queries.stride(2), k_buffer.stride(0), k_buffer.stride(1),
+               req_to_token.stride(0), qpos.stride(0))
+    _row_stats[(num_reqs, num_kv_heads, splits)](
+        queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, scaling, chunk, *strides,
+        part_max.stride(0), part_max.stride(1), part_max.stride(2), **common)
+    _accumulate[(num_reqs, num_kv_heads, splits)](
+        queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, out, scaling, chunk, splits, max_len,
+        *strides, part_max.stride(0), part_max.stride(1), part_max.stride(2), out.stride(0), out.stride(1), **common)
     return out
 
 
-def paged_value_norms(
-    v_buffer: torch.Tensor, req_to_token: torch.Tensor, seq_lens: torch.Tensor, o_proj_weight: torch.Tensor,
-    num_q_heads: int,
-) -> torch.Tensor:
-    """laprox value weights from a paged value pool, as a matmul prep step (no kernel needed).
+def score_paged(
+    queries: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scaling: float,
+    query_positions: torch.Tensor | None = None,
+    pooling_kernel: int = 1,
+    pooling_mode: str = "max",
+    gqa_reduce: str = "mean",
+    value_weights: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Per-KV-head token scores of a batch of requests: :func:`sgl_evict.scoring.score_queries` on a paged pool.
 
-    ``|W_h v|^2 = v^T (W_h^T W_h) v``: the per-head Gram matrices ``[num_q_heads, head_dim, head_dim]``
-    are formed once per layer, so each token costs ``head_dim^2`` multiply-adds per head instead of
-    ``head_dim * hidden_size``. Same function as :func:`sgl_evict.scoring.projected_value_norms`.
-
-    Args:
-        v_buffer: ``[pool_slots, num_kv_heads, head_dim]`` values of this layer.
-        req_to_token: ``[num_reqs, max_len]`` int32 slot table.
-        seq_lens: ``[num_reqs]`` lengths.
-        o_proj_weight: ``[hidden_size, num_q_heads * head_dim]``.
+    ``value_weights`` (laprox), if given, is ``[num_reqs, num_q_heads, max_len]``.
 
     Returns:
-        ``[num_reqs, num_q_heads, max_len]`` float32, 0 at ``t >= seq_len``.
+        one ``[num_kv_heads, seq_len_i]`` float32 tensor per request.
     """
-    num_kv_heads, head_dim = v_buffer.shape[1:]
-    w = o_proj_weight.float().reshape(o_proj_weight.shape[0], num_q_heads, head_dim)
-    gram = torch.einsum("nhd,nhe->hde", w, w)  # [Hq, d, d]
-    values = v_buffer[req_to_token.long()].float()  # [R, L, Hkv, d]
-    values = values.repeat_interleave(num_q_heads // num_kv_heads, dim=2)  # [R, L, Hq, d]
-    sq = torch.einsum("rlhd,hde,rlhe->rhl", values, gram, values)
-    norms = sq.clamp_min(0).sqrt()
-    in_seq = torch.arange(req_to_token.shape[1], device=norms.device)[None, :] < seq_lens.to(norms.device)[:, None]
-    return norms * in_seq[:, None, :]
+    mass = attention_mass_paged(queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)
+    # finish each request within its own length: avg pooling must not count the zeros past its end
+    return [finish_scores(mass[r, :, :n], k_buffer.shape[1], pooling_kernel, pooling_mode, gqa_reduce,
+                          None if value_weights is None else value_weights[r, :, :n])
+            for r, n in enumerate(seq_lens.tolist())]
