@@ -2,13 +2,26 @@
 
 Two passes over the keys, never materialising the ``[num_queries, seq_len]`` attention matrix:
 
-1. ``_row_stats``: for every query, the running max and sum of ``exp(logit - max)`` over a chunk of the request's
-   keys (online softmax), one program per (request, KV head, chunk), so a single long request still fills the GPU.
-2. ``_accumulate``: one program per (request, KV head, chunk) combines the chunks' statistics, then for each key
-   block of its chunk recomputes the logits, normalises them and sums them over each query head's queries.
+1. ``_row_stats``: for every query row, the running max and sum of ``exp(logit - max)`` over a chunk of the
+   request's keys (online softmax), one program per (request, KV head, chunk), so a single long request still fills
+   the GPU. The last program of a (request, KV head) to finish (an atomic ticket) combines the chunks' statistics into
+   one normaliser per row, ``c = log2(sum_t exp(logit_t)) + log2(num_queries)`` (base 2, mean over queries folded in).
+2. ``_accumulate``: one program per (request, KV head, chunk) recomputes the logits of its chunk's key blocks,
+   ``p = exp2(logit - c)``, and sums them over each query head's queries.
 
 A KV head's query heads (its GQA group) and their queries are one tile of ``group x queries`` rows, so keys are loaded
-once per KV head and pass. Keys are gathered through ``req_to_token`` (SGLang's ``ReqToTokenPool.req_to_token``).
+once per KV head and pass. Keys are gathered through ``req_to_token`` (SGLang's ``ReqToTokenPool.req_to_token``);
+negative entries are holes (evicted tokens, ``sgl_evict.holes.HOLE``) and are masked like positions past the end.
+
+Options (keyword arguments of :func:`attention_mass_paged`):
+
+- ``heads_per_launch``: run pass 1 then pass 2 for groups of that many KV heads at a time, so pass 2 re-reads keys
+  that pass 1 has just brought into L2 (a KV head of a 32K prompt is 8 MiB of bf16 keys; H100's L2 is 50 MB).
+  ``None``: both passes over all heads (two launches).
+- ``row_lse``: each query row's natural log-sum-exp over the same keys, when the caller has it (prefill attention
+  kernels can return it for SnapKV's window queries). Pass 1 is skipped: one read of the keys.
+- pass 2 visits its programs in the reverse order of pass 1 (``reverse_pass2``), so its first blocks are those that
+  pass 1 read last, still in L2.
 
 :func:`score_paged` matches :func:`sgl_evict.scoring.score_queries` per request, pooling and GQA reduction included
 (those act on the small ``[num_q_heads, seq_len]`` output and run in PyTorch).
@@ -16,6 +29,7 @@ once per KV head and pass. Keys are gathered through ``req_to_token`` (SGLang's 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -28,6 +42,10 @@ from sgl_evict.scoring import finish_scores
 # Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly (seen: ~2e10 where the answer is ~19), so under
 # TRITON_INTERPRET the operands go to float32 first; compiled kernels keep the KV dtype on the tensor cores.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+# the compiled kernels of the last call (name -> Triton's compiled kernel: n_regs, n_spills, asm), for bench/kernels.py
+last_compiled: dict = {}
 
 
 @triton.jit
@@ -41,91 +59,114 @@ def _dot(q, k, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(Q, K, ReqToTok, SeqLens, QPos, M, L, scale, chunk,
-               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms,
+def _load_queries(Q, req, kvh, s_qr, s_qh, s_qn, NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.arange(0, GROUP * NQ_P)
+    g, i = rows // NQ_P, rows % NQ_P
+    d = tl.arange(0, BLOCK_D)
+    return tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
+                   mask=(i < NUM_Q)[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+            IEEE: tl.constexpr):
+    """Scaled logits of a block of keys (positions ``n``) and the mask of those that count: inside the request,
+    not a hole (negative slot), not after the query (causal)."""
+    d = tl.arange(0, BLOCK_D)
+    slot = tl.load(ReqToTok + req * s_rr + n, mask=n < seq_len, other=-1).to(tl.int64)
+    live = slot >= 0  # holes (HOLE = -1, sgl_evict.holes) and positions past the end
+    k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=live[:, None] & (d[None, :] < HEAD_DIM),
+                other=0.0)
+    logits = _dot(q, k, DOT_FP32, IEEE) * scale  # scale includes log2(e): everything is in base 2
+    ok = live[None, :] & row_ok[:, None]
+    if CAUSAL:
+        ok = ok & (n[None, :] <= qpos[:, None])
+    return logits, ok
+
+
+@triton.jit
+def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale, log2_nq, chunk, num_splits, kvh0,
+               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms, s_cr, s_ch, s_tr,
                NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
                IEEE: tl.constexpr):
     req = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = kvh0 + tl.program_id(1)
     split = tl.program_id(2)
     rows = tl.arange(0, GROUP * NQ_P)
-    g, i = rows // NQ_P, rows % NQ_P
+    i = rows % NQ_P
     row_ok = i < NUM_Q
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    q = _load_queries(Q, req, kvh, s_qr, s_qh, s_qn, NUM_Q, GROUP, NQ_P, HEAD_DIM, BLOCK_D)
     seq_len = tl.load(SeqLens + req)
     if CAUSAL:
         qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
+    else:
+        qpos = i  # unused
     m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
     s = tl.zeros([GROUP * NQ_P], tl.float32)
     for n0 in range(split * chunk, tl.minimum(seq_len, (split + 1) * chunk), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < seq_len
-        slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
-                    other=0.0)
-        logits = _dot(q, k, DOT_FP32, IEEE) * scale  # scale includes log2(e): statistics are in base 2
-        ok = n_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            ok = ok & (n[None, :] <= qpos[:, None])
+        logits, ok = _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
+                             HEAD_DIM, BLOCK_D, CAUSAL, DOT_FP32, IEEE)
         logits = tl.where(ok, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp2(m - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), axis=1)
         m = m_new
-    base = req * s_mr + kvh * s_mh + split * s_ms + rows
-    tl.store(M + base, m)
-    tl.store(L + base, s)
+    base = req * s_mr + kvh * s_mh + rows
+    tl.store(PartM + base + split * s_ms, m)
+    tl.store(PartL + base + split * s_ms, s)
+    # the last program of this (request, KV head) combines the chunks' statistics: one normaliser per row
+    tl.debug_barrier()  # every thread's partial stores precede the release below
+    ticket = tl.atomic_add(Ticket + req * s_tr + kvh, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_splits - 1:
+        m_all = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
+        for sp in range(0, num_splits):
+            m_all = tl.maximum(m_all, tl.load(PartM + base + sp * s_ms, cache_modifier=".cg"))
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        s_all = tl.zeros([GROUP * NQ_P], tl.float32)
+        for sp in range(0, num_splits):
+            s_all += (tl.load(PartL + base + sp * s_ms, cache_modifier=".cg")
+                      * tl.exp2(tl.load(PartM + base + sp * s_ms, cache_modifier=".cg") - m_safe))
+        # rows with no key at all get +inf: exp2(logit - inf) = 0 (and pass 2 masks them anyway)
+        c = tl.where(s_all > 0, m_safe + tl.log2(tl.where(s_all > 0, s_all, 1.0)) + log2_nq, float("inf"))
+        tl.store(RowC + req * s_cr + kvh * s_ch + rows, c)
 
 
 @triton.jit
-def _accumulate(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Out, scale, chunk, num_splits, max_len,
-                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms, s_or, s_oh,
+def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, Out, scale, chunk, max_len, kvh0, rev,
+                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_cr, s_ch, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
                 IEEE: tl.constexpr):
-    req = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    # rev = 1: programs run in the reverse order of pass 1's, so the keys pass 1 read last (still in L2) come first
+    p0, p1, p2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    req = p0 + rev * (tl.num_programs(0) - 1 - 2 * p0)
+    kvh = kvh0 + p1 + rev * (tl.num_programs(1) - 1 - 2 * p1)
+    split = p2 + rev * (tl.num_programs(2) - 1 - 2 * p2)
     seq_len = tl.load(SeqLens + req)
     rows = tl.arange(0, GROUP * NQ_P)
-    g, i = rows // NQ_P, rows % NQ_P
+    i = rows % NQ_P
     row_ok = i < NUM_Q
     gs = tl.arange(0, GROUP)
-    # combine the chunks' softmax statistics (the [splits, rows] partials of _row_stats)
-    stats = PartM + req * s_mr + kvh * s_mh + rows
-    m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
-    for sp in range(0, num_splits):
-        m = tl.maximum(m, tl.load(stats + sp * s_ms))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.zeros([GROUP * NQ_P], tl.float32)
-    for sp in range(0, num_splits):
-        s += tl.load(PartL + req * s_mr + kvh * s_mh + sp * s_ms + rows) * tl.exp2(tl.load(stats + sp * s_ms) - m_safe)
-    # one reciprocal per row (not a division per element), with the mean over a head's queries folded in
-    inv_s = 1.0 / tl.where(s > 0, s * NUM_Q, 1.0)  # rows with s == 0 are fully masked below
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + req * s_qr + (kvh * GROUP + g)[:, None] * s_qh + i[:, None] * s_qn + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    c = tl.load(RowC + req * s_cr + kvh * s_ch + rows)  # log2 of each row's normaliser (x num_queries)
+    q = _load_queries(Q, req, kvh, s_qr, s_qh, s_qn, NUM_Q, GROUP, NQ_P, HEAD_DIM, BLOCK_D)
     if CAUSAL:
         qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
+    else:
+        qpos = i  # unused
     for n0 in range(split * chunk, tl.minimum(max_len, (split + 1) * chunk), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < seq_len
         out_ptr = Out + req * s_or + (kvh * GROUP + gs)[:, None] * s_oh + n[None, :]
         out_ok = (n < max_len)[None, :] & (gs < GROUP)[:, None]
         if n0 >= seq_len:  # block past this request's end: zeros, so every output element is written
             tl.store(out_ptr, tl.zeros([GROUP, BLOCK_N], tl.float32), mask=out_ok)
         else:
-            slot = tl.load(ReqToTok + req * s_rr + n, mask=n_ok, other=0).to(tl.int64)
-            k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :],
-                        mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-            logits = _dot(q, k, DOT_FP32, IEEE) * scale
-            ok = n_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                ok = ok & (n[None, :] <= qpos[:, None])
-            p = tl.where(ok, tl.exp2(logits - m_safe[:, None]) * inv_s[:, None], 0.0)
+            logits, ok = _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
+                                 HEAD_DIM, BLOCK_D, CAUSAL, DOT_FP32, IEEE)
+            p = tl.where(ok, tl.exp2(logits - c[:, None]), 0.0)
             per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1)  # mean over a head's queries
             tl.store(out_ptr, per_head, mask=out_ok)
 
@@ -144,22 +185,35 @@ def attention_mass_paged(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    *,
+    row_lse: torch.Tensor | None = None,
+    heads_per_launch: int | None = None,
+    reverse_pass2: bool = True,
+    num_programs: int = 512,
 ) -> torch.Tensor:
     """Mean attention each query head's observation queries pay to each key, from a paged pool.
 
     Args:
         queries: ``[num_reqs, num_q_heads, num_queries, head_dim]`` post-RoPE observation queries.
         k_buffer: ``[pool_slots, num_kv_heads, head_dim]`` one layer's keys (bf16, fp16 or fp32).
-        req_to_token: ``[num_reqs, max_len]`` int32/int64 slot of each request's token ``t``.
+        req_to_token: ``[num_reqs, max_len]`` int32/int64 slot of each request's token ``t``; a negative entry is a
+            hole (an evicted token, ``sgl_evict.holes.HOLE``): that key is left out, like keys past the end.
         seq_lens: ``[num_reqs]`` prompt lengths (keys ``t >= seq_len`` are ignored).
         scaling: logit scale.
         query_positions: ``[num_reqs, num_queries]`` positions of queries inside the prompt (each sees keys up to
             its own position), or ``None`` (queries after the prompt see every key).
         block_n: keys per loop step of a program.
         num_warps, num_stages: Triton launch options of both passes.
+        row_lse: optional ``[num_reqs, num_q_heads, num_queries]`` float natural log-sum-exp of each query row's
+            logits ``scaling * q.k`` over the same keys (live, inside the request, causal if positions are given).
+            Pass 1 is then skipped: the keys are read once. The result is exact only if ``row_lse`` is.
+        heads_per_launch: run both passes for this many KV heads at a time (pass 2 right behind pass 1 while the
+            keys are in L2); ``None``: all heads in one launch per pass.
+        reverse_pass2: pass 2 visits its programs in the reverse order of pass 1.
+        num_programs: programs per launch to aim for (a long request is split into that many chunks).
 
     Returns:
-        ``[num_reqs, num_q_heads, max_len]`` float32; zero past each request's length.
+        ``[num_reqs, num_q_heads, max_len]`` float32; zero past each request's length and at holes.
     """
     num_reqs, num_q_heads, num_queries, head_dim = queries.shape
     num_kv_heads = k_buffer.shape[1]
@@ -167,33 +221,52 @@ def attention_mass_paged(
     if num_q_heads % num_kv_heads or group & (group - 1):
         raise ValueError(f"GQA group size must be a power of two, got {num_q_heads} / {num_kv_heads}")
     max_len = req_to_token.shape[1]
+    hpl = num_kv_heads if heads_per_launch is None else heads_per_launch
+    if hpl < 1 or num_kv_heads % hpl:
+        raise ValueError(f"heads_per_launch must divide num_kv_heads={num_kv_heads}, got {heads_per_launch}")
     # tl.dot needs at least 16 rows: pad the queries of a head to a power of two that gets there
     nq_p = max(_next_pow2(num_queries), 16 // group if group < 16 else 1)
+    rows = group * nq_p
+    dev = queries.device
     queries = queries.to(k_buffer.dtype).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     causal = query_positions is not None
     qpos = (query_positions.to(torch.int32).contiguous() if causal
-            else torch.zeros(num_reqs, 1, dtype=torch.int32, device=queries.device))
-    # enough chunks that (requests x KV heads x chunks) covers the GPU several times over
-    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(512, num_reqs * num_kv_heads)))
+            else torch.zeros(num_reqs, 1, dtype=torch.int32, device=dev))
+    # enough chunks that (requests x KV heads of a launch x chunks) covers the GPU several times over
+    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(num_programs, num_reqs * hpl)))
     chunk = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     splits = triton.cdiv(max_len, chunk)
-    stats_shape = (num_reqs, num_kv_heads, splits, group * nq_p)
-    part_max = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
-    part_sum = torch.empty(stats_shape, dtype=torch.float32, device=queries.device)
-    out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=queries.device)
-    scaling = scaling * 1.4426950408889634  # log2(e): the kernels use exp2 (one instruction, no extra multiply)
-    common = dict(num_warps=num_warps, num_stages=num_stages, NUM_Q=num_queries, GROUP=group, NQ_P=nq_p, HEAD_DIM=head_dim,
-                  BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal, DOT_FP32=_INTERPRETING,
-                  IEEE=k_buffer.dtype == torch.float32)
+    # per row: log2 of (sum of exp of its logits) x num_queries, so that pass 2's p = exp2(logit - c) is the mean
+    row_c = torch.empty(num_reqs, num_kv_heads, rows, dtype=torch.float32, device=dev)
+    if row_lse is not None:
+        if row_lse.shape != (num_reqs, num_q_heads, num_queries):
+            raise ValueError(f"row_lse must be {(num_reqs, num_q_heads, num_queries)}, got {tuple(row_lse.shape)}")
+        c = torch.full((num_reqs, num_q_heads, nq_p), float("inf"), dtype=torch.float32, device=dev)
+        c[:, :, :num_queries] = row_lse.float() * _LOG2E + math.log2(num_queries)
+        row_c.copy_(c.view(num_reqs, num_kv_heads, rows))
+    else:
+        stats_shape = (num_reqs, num_kv_heads, splits, rows)
+        part_max = torch.empty(stats_shape, dtype=torch.float32, device=dev)
+        part_sum = torch.empty(stats_shape, dtype=torch.float32, device=dev)
+        ticket = torch.zeros(num_reqs, num_kv_heads, dtype=torch.int32, device=dev)
+    out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=dev)
+    scale = scaling * _LOG2E  # the kernels use exp2 (one instruction, no extra multiply)
+    common = dict(num_warps=num_warps, num_stages=num_stages, NUM_Q=num_queries, GROUP=group, NQ_P=nq_p,
+                  HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal,
+                  DOT_FP32=_INTERPRETING, IEEE=k_buffer.dtype == torch.float32)
     strides = (queries.stride(0), queries.stride(1), queries.stride(2), k_buffer.stride(0), k_buffer.stride(1),
                req_to_token.stride(0), qpos.stride(0))
-    _row_stats[(num_reqs, num_kv_heads, splits)](
-        queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, scaling, chunk, *strides,
-        part_max.stride(0), part_max.stride(1), part_max.stride(2), **common)
-    _accumulate[(num_reqs, num_kv_heads, splits)](
-        queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, out, scaling, chunk, splits, max_len,
-        *strides, part_max.stride(0), part_max.stride(1), part_max.stride(2), out.stride(0), out.stride(1), **common)
+    grid = (num_reqs, hpl, splits)
+    for kvh0 in range(0, num_kv_heads, hpl):
+        if row_lse is None:
+            last_compiled["row_stats"] = _row_stats[grid](
+                queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, ticket, row_c, scale,
+                math.log2(num_queries), chunk, splits, kvh0, *strides, part_max.stride(0), part_max.stride(1),
+                part_max.stride(2), row_c.stride(0), row_c.stride(1), ticket.stride(0), **common)
+        last_compiled["accumulate"] = _accumulate[grid](
+            queries, k_buffer, req_to_token, seq_lens, qpos, row_c, out, scale, chunk, max_len, kvh0,
+            int(reverse_pass2), *strides, row_c.stride(0), row_c.stride(1), out.stride(0), out.stride(1), **common)
     return out
 
 
@@ -208,15 +281,18 @@ def score_paged(
     pooling_mode: str = "max",
     gqa_reduce: str = "mean",
     value_weights: torch.Tensor | None = None,
+    **kernel_options,
 ) -> list[torch.Tensor]:
     """Per-KV-head token scores of a batch of requests: :func:`sgl_evict.scoring.score_queries` on a paged pool.
 
-    ``value_weights`` (laprox), if given, is ``[num_reqs, num_q_heads, max_len]``.
+    ``value_weights`` (laprox), if given, is ``[num_reqs, num_q_heads, max_len]``. ``kernel_options`` go to
+    :func:`attention_mass_paged` (``row_lse``, ``heads_per_launch``, ``block_n``, ...). Holes (negative entries of
+    ``req_to_token``) score 0.
 
     Returns:
         one ``[num_kv_heads, seq_len_i]`` float32 tensor per request.
     """
-    mass = attention_mass_paged(queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)
+    mass = attention_mass_paged(queries, k_buffer, req_to_token, seq_lens, scaling, query_positions, **kernel_options)
     # finish each request within its own length: avg pooling must not count the zeros past its end
     return [finish_scores(mass[r, :, :n], k_buffer.shape[1], pooling_kernel, pooling_mode, gqa_reduce,
                           None if value_weights is None else value_weights[r, :, :n])

@@ -92,3 +92,126 @@ def test_non_power_of_two_group_is_refused():
     with pytest.raises(ValueError, match="power of two"):
         attention_mass_paged(torch.zeros(1, 6, 2, 16), torch.zeros(4, 2, 16), torch.zeros(1, 4, dtype=torch.int32),
                              torch.tensor([4]), 1.0)
+
+
+# --- holes (evicted tokens: negative req_to_token entries), the grouped schedule and the row_lse single pass ---
+
+try:
+    from sgl_evict.holes import HOLE
+except ImportError:  # pragma: no cover - defined in sgl_evict/holes.py
+    HOLE = -1
+
+
+def _punch_holes(table, seq_lens, page_size, gen, frac=0.3):
+    """Replace a random ``frac`` of each request's pages (whole pages) by HOLE; the first page of request 0 too."""
+    table = table.clone()
+    for r, n in enumerate(seq_lens):
+        pages = -(-n // page_size)
+        dead = torch.rand(pages, generator=gen) < frac
+        if r == 0:
+            dead[0] = True  # a hole at the start (where sinks would be)
+        for p in torch.nonzero(dead).flatten().tolist():
+            table[r, p * page_size : min(n, (p + 1) * page_size)] = HOLE
+    return table
+
+
+def _reference(q, pool, table, seq_lens, scaling, qpos):
+    """float64 mean attention per query head and the rows' natural log-sum-exp, holes and future keys left out.
+
+    Returns ``([num_reqs, num_q_heads, max_len], [num_reqs, num_q_heads, num_queries])``.
+    """
+    num_reqs, num_q_heads, num_queries, _ = q.shape
+    group = num_q_heads // pool.shape[1]
+    out = torch.zeros(num_reqs, num_q_heads, table.shape[1], dtype=torch.float64)
+    lse = torch.zeros(num_reqs, num_q_heads, num_queries, dtype=torch.float64)
+    for r, n in enumerate(seq_lens):
+        slots = table[r, :n].long().cpu()
+        live = slots >= 0
+        keys = pool.cpu().double()[slots.clamp(min=0)].transpose(0, 1).repeat_interleave(group, 0)  # [qh, n, d]
+        logits = torch.einsum("hqd,hkd->hqk", q[r].cpu().double(), keys) * scaling
+        ok = live[None, None, :].expand_as(logits)
+        if qpos is not None:
+            ok = ok & (torch.arange(n)[None, :] <= qpos[r].cpu()[:, None])[None]
+        logits = logits.masked_fill(~ok, float("-inf"))
+        lse[r] = torch.logsumexp(logits, -1)
+        out[r, :, :n] = torch.softmax(logits, -1).nan_to_num(0.0).mean(1)
+    return out, lse
+
+
+MODES = {"two_pass": {}, "grouped": {"heads_per_launch": 1, "num_programs": 7}, "forward": {"reverse_pass2": False},
+         "lse": "lse"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_holes_and_modes_match_reference(device, mode, page_size, causal):
+    gen = torch.Generator().manual_seed(hash((mode, page_size, causal)) % 2**31)
+    num_kv_heads, group, head_dim, num_queries = 2, 4, 32, 5
+    seq_lens = [37, 70, 129]
+    pool, table = _paged_pool(seq_lens, num_kv_heads, head_dim, torch.float32, device, gen, page_size)
+    table = _punch_holes(table.cpu(), seq_lens, page_size, gen).to(device)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, num_queries, head_dim, generator=gen).to(device)
+    qpos = torch.stack([torch.arange(n - num_queries, n) for n in seq_lens]).to(device) if causal else None
+    ref, lse = _reference(q, pool, table, seq_lens, 0.2, qpos)
+    opts = {"row_lse": lse.float().to(device)} if MODES[mode] == "lse" else MODES[mode]
+    out = attention_mass_paged(q, pool, table, torch.tensor(seq_lens, device=device), 0.2, qpos, block_n=16, **opts)
+    out = out.cpu().double()
+    assert _rel_err(out, ref) < 1e-4
+    assert torch.all(out.transpose(1, 2)[table.cpu() < 0] == 0)  # holes score exactly 0
+    for r, n in enumerate(seq_lens):
+        assert torch.all(out[r, :, n:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["two_pass", "grouped", "lse"])
+def test_holes_bf16_long_many_chunks(device, mode):
+    """bf16 keys, thousands of tokens in many chunks (many programs meet at the atomic ticket), 30% holes."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [3001, 4096]
+    pool, table = _paged_pool(seq_lens, 2, 64, torch.bfloat16, device, gen, page_size=16)
+    table = _punch_holes(table.cpu(), seq_lens, 16, gen).to(device)
+    q = torch.randn(2, 8, 8, 64, generator=gen).to(torch.bfloat16).to(device)
+    ref, lse = _reference(q, pool, table, seq_lens, 0.125, None)
+    opts = {"row_lse": lse.float().to(device)} if mode == "lse" else MODES[mode]
+    out = attention_mass_paged(q, pool, table, torch.tensor(seq_lens, device=device), 0.125, block_n=64, **opts)
+    assert _rel_err(out.cpu().double(), ref) < RTOL[torch.bfloat16]
+    assert torch.all(out.cpu().transpose(1, 2)[table.cpu() < 0] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_request_of_holes_only_scores_zero(device):
+    gen = torch.Generator().manual_seed(8)
+    pool, table = _paged_pool([20, 33], 1, 16, torch.float32, device, gen)
+    table[0] = HOLE
+    q = torch.randn(2, 2, 3, 16, generator=gen).to(device)
+    out = attention_mass_paged(q, pool, table, torch.tensor([20, 33], device=device), 0.25, block_n=16)
+    assert torch.all(out[0] == 0)
+    assert out[1, :, :33].sum(-1).sub(1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_paged_with_holes_and_options(device):
+    """score_paged passes kernel options through; holes score 0 before pooling, and match the holes-removed keys."""
+    gen = torch.Generator().manual_seed(9)
+    seq_lens = [40, 65]
+    pool, table = _paged_pool(seq_lens, 2, 32, torch.float32, device, gen)
+    table = _punch_holes(table.cpu(), seq_lens, 1, gen).to(device)
+    q = torch.randn(2, 4, 4, 32, generator=gen).to(device)
+    got = score_paged(q, pool, table, torch.tensor(seq_lens, device=device), 0.2, heads_per_launch=1, block_n=16)
+    for r, n in enumerate(seq_lens):
+        slots = table[r, :n].cpu()
+        keys = pool.cpu()[slots[slots >= 0].long()].transpose(0, 1)
+        ref = score_queries(q[r].cpu(), keys, 0.2)  # the live keys alone: same scores, holes dropped
+        assert _rel_err(got[r].cpu()[:, slots >= 0], ref) < 1e-4
+        assert torch.all(got[r].cpu()[:, slots < 0] == 0)
+
+
+def test_bad_options_are_refused():
+    args = (torch.zeros(1, 4, 2, 16), torch.zeros(4, 2, 16), torch.zeros(1, 4, dtype=torch.int32), torch.tensor([4]),
+            1.0)
+    with pytest.raises(ValueError, match="heads_per_launch"):
+        attention_mass_paged(*args, heads_per_launch=3)
+    with pytest.raises(ValueError, match="row_lse"):
+        attention_mass_paged(*args, row_lse=torch.zeros(1, 4, 3))
