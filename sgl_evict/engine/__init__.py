@@ -1,0 +1,10 @@
+"""Eviction inside SGLang's engine: what the hooks in ``patches/`` call.
+
+| module | job |
+| --- | --- |
+| ``runtime`` | the scheduler process's eviction state (config, query capture, compacted view) |
+| ``capture`` | post-RoPE queries of each request's last prompt window, per layer, during prefill |
+| ``keep`` | a request's keep mask from its captured queries and the paged key pool (scores + selection) |
+| ``apply`` | turns a keep mask into holes in the request's logical ``req_to_token`` row and freed slots |
+| ``compact_view`` | attention's view of a batch without holes: compacted shadow rows and kept lengths |
+"""

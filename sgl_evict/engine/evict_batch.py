@@ -1,0 +1,71 @@
+"""Eviction of the requests whose prefill a batch finished: score, select, punch holes, free slots."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from sgl_evict.engine.apply import evict_from_row
+from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.holes import count_live
+
+logger = logging.getLogger("sgl_evict")
+
+
+def finishes_prefill(req, batch) -> bool:
+    """Whether this batch ran the last prefill chunk of ``req`` (SGLang's ``Req``), which is not done yet."""
+    if req.inflight_middle_chunks > 0 or req.is_retracted or req.finished():
+        return False
+    return not (batch.decoding_reqs and req in batch.decoding_reqs)
+
+
+def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
+                        free: Callable[[torch.Tensor], None], attention_mass: Callable,
+                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+    """Evicts from every request of ``batch`` (SGLang's ``ScheduleBatch``) whose prefill it finished.
+
+    Args:
+        state: the process's :class:`EngineState`; its capture must hold this batch's window queries.
+        req_to_token: SGLang's ``ReqToTokenPool.req_to_token``.
+        key_buffer: layer id -> ``[pool_slots, num_kv_heads, head_dim]`` keys.
+        free: hands slots back (``TokenToKVPoolAllocator.free``).
+        attention_mass: :func:`sgl_evict.kernels.paged_scoring.attention_mass_paged` (or its signature).
+        all_reduce: returns a tensor summed over tensor-parallel ranks (each rank scores its own KV heads, and
+            all must keep the same tokens), or None with one rank.
+
+    Returns:
+        slots freed.
+    """
+    capture = state.capture
+    if capture is None or capture.forward_id != state.forward_id or len(capture.num_queries) != len(batch.reqs):
+        return 0
+    freed = 0
+    for i, req in enumerate(batch.reqs):
+        if not finishes_prefill(req, batch):
+            continue
+        config = state.config_of(req)
+        seq_len = int(batch.seq_lens_cpu[i])
+        row = req_to_token[req.req_pool_idx, :seq_len]
+        if not config.enabled or seq_len < config.min_prompt_len:
+            continue
+        if config.budget.num_tokens(seq_len) >= count_live(row):
+            continue
+        if config.policy == "snapkv":
+            scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row,
+                                   config.pooling_kernel, attention_mass)
+        else:
+            scores = position_scores(config.policy, row)
+        combined = combined_scores(scores)
+        if all_reduce is not None:
+            combined = all_reduce(combined)
+        slots, hidden = evict_from_row(row, keep_mask(combined, config), owned_from=req.cache_protected_len)
+        free(slots)
+        freed += slots.numel()
+        state.freed_slots += slots.numel()
+        state.hidden_tokens += hidden
+        logger.debug("request %s: %d of %d tokens kept, %d slots freed, %d hidden", req.rid, count_live(row),
+                     seq_len, slots.numel(), hidden)
+    return freed

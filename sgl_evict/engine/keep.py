@@ -1,0 +1,91 @@
+"""A request's keep mask after prefill: policy scores from the paged key pool, then the shared selector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from sgl_evict.config import EvictionConfig
+from sgl_evict.holes import is_live
+from sgl_evict.scoring import finish_scores
+from sgl_evict.selection import select_keep
+
+#: policies the engine can run today; the others need inputs the server does not capture yet
+SERVER_POLICIES = ("none", "snapkv", "streaming", "random")
+
+MassFn = Callable[..., torch.Tensor]
+"""``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
+
+
+def window_scores(
+    window_queries: Mapping[int, torch.Tensor],
+    scaling: Mapping[int, float],
+    key_buffer: Callable[[int], torch.Tensor],
+    row: torch.Tensor,
+    pooling_kernel: int,
+    attention_mass: MassFn,
+) -> torch.Tensor:
+    """SnapKV scores of one request from its window queries, layer by layer, keys read from the pool.
+
+    Args:
+        window_queries: layer id -> ``[num_q_heads, window, head_dim]`` post-RoPE queries of the prompt's last
+            ``window`` tokens (positions ``seq_len - window .. seq_len - 1``).
+        scaling: layer id -> attention logit scale.
+        key_buffer: layer id -> ``[pool_slots, num_kv_heads, head_dim]`` that layer's keys.
+        row: ``[seq_len]`` int32 logical slot row of the request (``HOLE`` for evicted tokens).
+        pooling_kernel: odd max-pooling width over neighbouring tokens.
+        attention_mass: :func:`sgl_evict.kernels.paged_scoring.attention_mass_paged` or a stand-in with its
+            signature (holes must get zero mass and stay out of the softmax).
+
+    Returns:
+        ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
+    """
+    seq_len = row.shape[0]
+    table = row.view(1, seq_len)
+    lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
+    per_layer = []
+    for layer in sorted(window_queries):
+        q = window_queries[layer]
+        keys = key_buffer(layer)
+        positions = torch.arange(seq_len - q.shape[1], seq_len, device=row.device).view(1, -1)
+        mass = attention_mass(q.unsqueeze(0), keys, table, lens, scaling[layer], positions)[0, :, :seq_len]
+        per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max", "mean"))
+    scores = torch.stack(per_layer)
+    # pooling spreads a neighbour's score onto a hole; a hole has no KV to keep
+    return scores * is_live(row).to(scores.dtype)
+
+
+def position_scores(policy: str, row: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Scores of the query-free baselines, ``[1, 1, seq_len]`` float32, zero at holes.
+
+    ``streaming``: the token's position (the budget goes to the latest tokens after the sinks); ``random``: a
+    seeded draw on the CPU generator, so every tensor-parallel rank draws the same keep-set.
+    """
+    seq_len = row.shape[0]
+    if policy == "streaming":
+        scores = torch.arange(seq_len, dtype=torch.float32, device=row.device) + 1.0
+    elif policy == "random":
+        scores = torch.rand(seq_len, generator=torch.Generator().manual_seed(seed)).to(row.device)
+    else:
+        raise ValueError(f"policy {policy!r} is scored from queries, not positions")
+    return (scores * is_live(row).float()).view(1, 1, seq_len)
+
+
+def combined_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``[num_layers, num_kv_heads, seq_len]`` -> ``[seq_len]``: each (layer, head) row normalised, then summed.
+
+    The ``uniform`` combination of ``sgl_evict.selection.select_keep`` (a sum where it takes a mean: the same
+    ranking), written as a sum so that tensor-parallel ranks, each holding some KV heads, can all-reduce it.
+    """
+    total = scores.sum(dim=-1, keepdim=True)
+    return (scores / torch.where(total > 0, total, torch.ones_like(total))).sum(dim=(0, 1))
+
+
+def keep_mask(combined: torch.Tensor, config: EvictionConfig) -> torch.Tensor:
+    """``[seq_len]`` bool keep mask of one request from its :func:`combined_scores`: one keep-set for all layers
+    and heads (``uniform``). The budget counts the request's logical tokens; the first ``sinks`` and last
+    ``window`` tokens are always kept, as in the HF harness.
+    """
+    kept = select_keep(combined.view(1, 1, -1), config.budget, config.sinks, config.window, "uniform")
+    return kept.mask(0)[0]

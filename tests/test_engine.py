@@ -1,0 +1,227 @@
+"""Engine-side eviction pieces on CPU: capture, keep-set, holes + freeing, compacted attention view.
+
+The scoring goes through the real paged kernel (Triton interpreter on CPU) and is compared with the harness's
+reference policy on the same keys.
+"""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
+
+from sgl_evict.config import EvictionConfig  # noqa: E402
+from sgl_evict.engine.apply import evict_from_row  # noqa: E402
+from sgl_evict.engine.capture import WindowQueryCapture  # noqa: E402
+from sgl_evict.engine.compact_view import compact_rows, enter_compacted, leave_compacted  # noqa: E402
+from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
+from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores  # noqa: E402
+from sgl_evict.engine.runtime import EngineState  # noqa: E402
+from sgl_evict.holes import HOLE  # noqa: E402
+from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
+from sgl_evict.observation import LayerObservation  # noqa: E402
+from sgl_evict.policies import make_policy  # noqa: E402
+from sgl_evict.selection import Budget, select_keep  # noqa: E402
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_capture_keeps_each_requests_last_window_rows():
+    heads, dim, window = 3, 8, 4
+    lens = [6, 2, 9]  # the middle request has fewer new tokens than the window
+    q = torch.randn(sum(lens), heads * dim, generator=_gen(0))
+    capture = WindowQueryCapture(window)
+    capture.begin(1, lens, "cpu")
+    capture.record(5, q, heads, dim, 0.25)
+    capture.end()
+    start = 0
+    for i, n in enumerate(lens):
+        expected = q[start + n - min(n, window): start + n].view(-1, heads, dim).transpose(0, 1)
+        got = capture.queries_of(i)[5]
+        assert got.shape == (heads, min(n, window), dim)
+        assert torch.equal(got, expected)
+        start += n
+    assert capture.scaling == {5: 0.25}
+
+
+def _row_with_holes(seq_len, gen):
+    slots = torch.randperm(1000, generator=gen)[:seq_len].to(torch.int32) + 1
+    holes = torch.rand(seq_len, generator=gen) < 0.3
+    return slots.masked_fill(holes, HOLE)
+
+
+def test_evict_from_row_frees_only_owned_live_dropped_slots():
+    gen = _gen(1)
+    row = _row_with_holes(50, gen)
+    before = row.clone()
+    keep = torch.rand(50, generator=gen) < 0.5
+    slots, hidden = evict_from_row(row, keep, owned_from=20)
+    live = before != HOLE
+    dropped = live & ~keep
+    pos = torch.arange(50)
+    assert torch.equal(slots, before[dropped & (pos >= 20)].long())
+    assert hidden == int((dropped & (pos < 20)).sum())
+    assert torch.equal(row, before.masked_fill(dropped, HOLE))  # kept and old holes untouched
+
+
+def test_evict_from_row_refuses_a_mask_of_another_length():
+    with pytest.raises(ValueError, match="does not match"):
+        evict_from_row(torch.ones(5, dtype=torch.int32), torch.ones(4, dtype=torch.bool), 0)
+
+
+def test_compact_rows_packs_live_slots_in_order_into_shadow_rows():
+    gen = _gen(2)
+    rows, width, offset = 4, 40, 4
+    table = torch.full((2 * rows, width), 7, dtype=torch.int32)  # shadow rows start with junk
+    lens = torch.tensor([40, 13, 1, 29])
+    for r in range(rows):
+        table[r] = _row_with_holes(width, gen)
+    idx = torch.tensor([2, 0, 3, 1])
+    kept = compact_rows(table, idx, lens, int(lens.max()), offset)
+    for b, r in enumerate(idx.tolist()):
+        logical = table[r, : lens[b]]
+        live = logical[logical != HOLE]
+        assert kept[b] == live.numel()
+        assert torch.equal(table[r + offset, : live.numel()], live)
+
+
+def _forward_batch(table, idx, lens, extend_lens=None):
+    mode = SimpleNamespace(is_extend=lambda: extend_lens is not None)
+    return SimpleNamespace(
+        batch_size=len(idx), forward_mode=mode, req_pool_indices=torch.tensor(idx), seq_lens=torch.tensor(lens),
+        seq_lens_cpu=torch.tensor(lens), seq_lens_sum=sum(lens),
+        extend_seq_lens=None if extend_lens is None else torch.tensor(extend_lens, dtype=torch.int32),
+        extend_seq_lens_cpu=extend_lens,
+        extend_prefix_lens=None if extend_lens is None else torch.tensor(lens) - torch.tensor(extend_lens),
+        extend_prefix_lens_cpu=None if extend_lens is None else [n - e for n, e in zip(lens, extend_lens)])
+
+
+@pytest.mark.parametrize("extend", [False, True])
+def test_forward_batch_sees_kept_lengths_and_gets_its_logical_fields_back(extend):
+    table = torch.zeros(6, 10, dtype=torch.int32)
+    table[1, :8] = torch.tensor([5, HOLE, 6, HOLE, HOLE, 7, 8, 9], dtype=torch.int32)
+    table[2, :3] = torch.tensor([11, 12, 13], dtype=torch.int32)
+    fb = _forward_batch(table, [1, 2], [8, 3], [2, 3] if extend else None)
+    logical = dict(vars(fb))
+    saved = enter_compacted(fb, table, 3)
+    assert fb.req_pool_indices.tolist() == [4, 5]
+    assert fb.seq_lens.tolist() == [5, 3] and fb.seq_lens_cpu.tolist() == [5, 3] and fb.seq_lens_sum == 8
+    assert table[4, :5].tolist() == [5, 6, 7, 8, 9] and table[5, :3].tolist() == [11, 12, 13]
+    if extend:
+        assert fb.extend_prefix_lens.tolist() == [3, 0] and fb.extend_prefix_lens_cpu == [3, 0]
+    leave_compacted(fb, saved)
+    for name, value in logical.items():
+        assert getattr(fb, name) is value
+
+
+def _pool(seq_len, kv_heads, dim, gen):
+    slots = torch.randperm(seq_len + 10, generator=gen)[:seq_len] + 1
+    pool = torch.randn(seq_len + 11, kv_heads, dim, generator=gen)
+    return pool, slots.to(torch.int32)
+
+
+def test_window_scores_equal_the_harness_snapkv_policy():
+    gen = _gen(3)
+    seq_len, kv_heads, group, dim, window = 45, 2, 2, 16, 6
+    pools, queries, scaling = {}, {}, {0: 0.3, 1: 0.2}
+    pool0, row = _pool(seq_len, kv_heads, dim, gen)
+    pools[0], pools[1] = pool0, torch.randn_like(pool0)
+    for layer in (0, 1):
+        queries[layer] = torch.randn(kv_heads * group, window, dim, generator=gen)
+    got = window_scores(queries, scaling, pools.__getitem__, row, 5, attention_mass_paged)
+    policy = make_policy("snapkv", pooling_kernel=5)
+    for layer in (0, 1):
+        keys = pools[layer][row.long()].transpose(0, 1)
+        obs = LayerObservation(keys=keys, scaling=scaling[layer], num_q_heads=kv_heads * group,
+                               window_queries=queries[layer])
+        assert torch.allclose(got[layer], policy.score(obs), rtol=1e-4, atol=1e-6)
+
+
+def test_window_scores_ignore_holes():
+    gen = _gen(4)
+    seq_len, kv_heads, dim, window = 40, 2, 16, 4
+    pool, row = _pool(seq_len, kv_heads, dim, gen)
+    q = {0: torch.randn(kv_heads, window, dim, generator=gen)}
+    holed = row.clone()
+    holed[[3, 4, 5, 17]] = HOLE
+    got = window_scores(q, {0: 0.3}, lambda _: pool, holed, 1, attention_mass_paged)[0]
+    live = holed != HOLE
+    keys = pool[holed[live].long()].transpose(0, 1)
+    obs = LayerObservation(keys=keys, scaling=0.3, num_q_heads=kv_heads, window_queries=q[0])
+    # the window queries keep their logical positions; with no pooling only causality depends on them
+    ref = make_policy("snapkv", pooling_kernel=1).score(obs)
+    assert torch.all(got[:, ~live] == 0)
+    assert torch.allclose(got[:, live], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_mask_equals_uniform_select_keep():
+    scores = torch.rand(3, 2, 60, generator=_gen(5))
+    config = EvictionConfig(policy="snapkv", budget=Budget.parse("0.2"), window=5, sinks=2)
+    expected = select_keep(scores, config.budget, 2, 5, "uniform").mask(0)[0]
+    assert torch.equal(keep_mask(combined_scores(scores), config), expected)
+
+
+def test_streaming_keeps_sinks_and_latest_live_tokens():
+    row = torch.arange(1, 31, dtype=torch.int32)
+    row[25] = HOLE
+    config = EvictionConfig(policy="streaming", budget=Budget(tokens=10), window=3, sinks=2)
+    keep = keep_mask(combined_scores(position_scores("streaming", row)), config)
+    # the old hole at 25 scores 0, so the budget goes to live tokens
+    assert keep.nonzero().flatten().tolist() == [0, 1, 21, 22, 23, 24, 26, 27, 28, 29]
+
+
+def _batch_for_eviction(table, reqs, seq_lens):
+    return SimpleNamespace(reqs=reqs, decoding_reqs=None, seq_lens_cpu=torch.tensor(seq_lens))
+
+
+def _req(rid, pool_idx, protected=0, inflight=0, custom=None):
+    return SimpleNamespace(rid=rid, req_pool_idx=pool_idx, cache_protected_len=protected,
+                           inflight_middle_chunks=inflight, is_retracted=False, finished=lambda: False,
+                           sampling_params=SimpleNamespace(custom_params=custom))
+
+
+def test_evict_after_prefill_keeps_the_budget_and_frees_owned_slots():
+    gen = _gen(6)
+    kv_heads, dim, window = 2, 16, 4
+    lens = [50, 30, 20]
+    pool = torch.randn(200, kv_heads, dim, generator=gen)
+    table = torch.zeros(4, 64, dtype=torch.int32)
+    perm = torch.randperm(199, generator=gen) + 1
+    table[1, :50], table[2, :30], table[3, :20] = perm[:50], perm[50:80], perm[80:100]
+    before = table.clone()
+    state = EngineState()
+    state.configure(EvictionConfig(policy="snapkv", budget=Budget(tokens=12), window=window, sinks=2))
+    state.forward_id = 7
+    state.capture.begin(7, [50, 30, 20], "cpu")
+    q = torch.randn(100, kv_heads * dim, generator=gen)
+    state.capture.record(0, q, kv_heads, dim, 0.25)
+    state.capture.end()
+    reqs = [_req("a", 1, protected=10), _req("b", 2, inflight=1),  # b: a middle chunk, not done
+            _req("c", 3, custom={"kv_evict": {"policy": "none"}})]  # c: turned off by the request
+    freed = []
+    n = evict_after_prefill(_batch_for_eviction(table, reqs, lens), state, table, lambda _: pool, freed.append,
+                            attention_mass_paged)
+    row = table[1, :50]
+    assert int((row != HOLE).sum()) == 12
+    dropped = (row == HOLE)
+    assert torch.equal(freed[0], before[1, :50][dropped & (torch.arange(50) >= 10)].long())
+    assert n == freed[0].numel() == state.freed_slots
+    assert state.hidden_tokens == int(dropped[:10].sum())
+    assert torch.equal(table[2:], before[2:])  # the others untouched
+    assert row[:2].ne(HOLE).all() and row[-window:].ne(HOLE).all()  # sinks and window kept
+
+
+def test_evict_after_prefill_ignores_queries_of_another_forward():
+    state = EngineState()
+    state.configure(EvictionConfig(policy="snapkv", budget=Budget(tokens=2)))
+    state.capture.begin(1, [10], "cpu")
+    state.forward_id = 2  # a later forward ran: these queries are not this batch's
+    table = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
+    assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, None,
+                               attention_mass_paged) == 0
+    assert (table != HOLE).all()
