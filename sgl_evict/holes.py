@@ -34,3 +34,16 @@ def count_live(indices: torch.Tensor) -> int:
 def has_holes(indices: torch.Tensor) -> bool:
     """Whether any entry of ``indices`` [n] int is a hole."""
     return bool((indices == HOLE).any().item())
+
+
+def namespaced_extra_key(extra_key: str | None, config) -> str | None:
+    """SGLang's ``RadixKey.extra_key`` (``Req.extra_key``: cache salt, LoRA id) with the eviction namespace folded in.
+
+    ``config`` is the request's :class:`sgl_evict.config.EvictionConfig`. Without eviction (fingerprint None) the
+    key is unchanged, so uncompressed requests keep sharing SGLang's ordinary namespace; with eviction, two requests
+    share cached KV only when their extra keys and their fingerprints (which decide the holes) are equal.
+    """
+    fingerprint = config.fingerprint()
+    if fingerprint is None:
+        return extra_key
+    return fingerprint if extra_key is None else f"{extra_key}|{fingerprint}"

@@ -14,6 +14,19 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from sgl_evict.patches import server_args
+    from sgl_evict.patches import radix_cache
 
     HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", server_args.add_cli_args_after, HookType.AFTER)
     HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", server_args.from_cli_args_around, HookType.AROUND)
+    # radix cache and allocators with holes (patches/radix_cache.py says why each)
+    HookRegistry.register(f"{radix_cache.TOKEN_ALLOCATOR}.free", radix_cache.token_free_before, HookType.BEFORE)
+    HookRegistry.register(f"{radix_cache.PAGED_ALLOCATOR}._release_page_ids", radix_cache.paged_release_before,
+                          HookType.BEFORE)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}._insert_helper", radix_cache.insert_helper_around,
+                          HookType.AROUND)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.inc_lock_ref", radix_cache.inc_lock_ref_around, HookType.AROUND)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.dec_lock_ref", radix_cache.dec_lock_ref_around, HookType.AROUND)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}._delete_leaf", radix_cache.delete_leaf_around, HookType.AROUND)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.evict", radix_cache.evict_around, HookType.AROUND)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.total_size", radix_cache.live_total_size, HookType.REPLACE)
+    HookRegistry.register(f"{radix_cache.REQ}.__init__", radix_cache.req_init_after, HookType.AFTER)

@@ -1,0 +1,173 @@
+"""SGLang 0.5.17's radix (prefix) cache and token allocators with holes in KV index rows.
+
+A request's ``req_to_token`` row stays logical; an evicted token's entry is :data:`sgl_evict.holes.HOLE` (-1) and
+its slot goes back to the allocator. Tree values (``TreeNode.value``, copies of such rows) keep the holes, so
+``match_prefix`` still returns one entry per matched token (the scheduler's prefix length stays logical) and
+``_split_node`` keeps every hole at its position. What SGLang gets wrong with holes, and the hook that fixes it
+(registered through HookRegistry by :mod:`sgl_evict.plugin`; targets are the ``*_TARGET`` names below):
+
+Freeing (every free path of the two allocators ends in one place each, so one hook per allocator):
+
+- ``TokenToKVPoolAllocator.free`` (BEFORE, :func:`token_free_before`): page_size 1. ``free_segment``,
+  ``free_segments`` and ``free_group_end`` all end here; a hole would be appended to ``free_pages`` and later
+  handed out as slot -1 (the pool's last slot, already in use).
+- ``PagedTokenToKVPoolAllocator._release_page_ids`` (BEFORE, :func:`paged_release_before`): page_size > 1.
+  ``free`` (unique page ids), ``free_segment`` (page representatives ``free_index[::page_size]``) and
+  ``free_group_end`` all end here. Holes are whole pages, so a hole page's representative is HOLE and its page
+  id is ``HOLE // page_size == HOLE``: dropping that id frees exactly the live pages.
+
+Counting (SGLang counts a node's tokens as ``len(node.key)``; the scheduler admits requests against
+``available_size() + evictable_size()``, so counting holes as memory would over-admit, i.e. run out of KV):
+
+- ``RadixCache._insert_helper`` (AROUND): a new leaf adds its live slots to ``evictable_size_``.
+- ``RadixCache.inc_lock_ref`` / ``dec_lock_ref`` (AROUND): a node whose lock goes 0 -> 1 (1 -> 0) moves its live
+  slots between ``evictable_size_`` and ``protected_size_``, and the returned delta says so.
+- ``RadixCache._delete_leaf`` (AROUND): a deleted leaf takes its live slots out of ``evictable_size_``.
+- ``RadixCache.evict`` (AROUND): SGLang stops once it has deleted ``num_tokens`` logical tokens, which with holes
+  can free fewer slots than asked; the hook repeats it until that many live slots are freed or nothing is
+  evictable, and reports the live slots freed.
+- ``RadixCache.total_size`` (REPLACE): live slots in the tree.
+
+Namespacing:
+
+- ``Req.__init__`` (AFTER, :func:`req_init_after`): folds the request's eviction fingerprint (server config from
+  the scheduler's published ServerArgs, with the request's ``custom_params["kv_evict"]`` applied) into
+  ``Req.extra_key``, the radix key's namespace, so compressed KV is only matched by requests that would have
+  compressed it the same way. A bad ``kv_evict`` aborts that request (400) instead of raising in the scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sgl_evict.config import EvictionConfig
+from sgl_evict.holes import count_live, live, namespaced_extra_key
+
+TOKEN_ALLOCATOR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
+PAGED_ALLOCATOR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
+RADIX_CACHE = "sglang.srt.mem_cache.radix_cache.RadixCache"
+REQ = "sglang.srt.managers.schedule_batch.Req"
+
+
+# ---- freeing ----------------------------------------------------------------------------------------------------
+
+def token_free_before(allocator, free_index):
+    """BEFORE hook on ``TokenToKVPoolAllocator.free(free_index [n])``: frees only the live slots."""
+    return (allocator, live(free_index)), {}
+
+
+def paged_release_before(allocator, *page_ids):
+    """BEFORE hook on ``PagedTokenToKVPoolAllocator._release_page_ids(*page_ids [n_i])``: drops hole pages.
+
+    A hole page's id arrives as ``HOLE // page_size``, which is HOLE for every page_size >= 1.
+    """
+    return (allocator, *(live(ids) for ids in page_ids)), {}
+
+
+# ---- counting ---------------------------------------------------------------------------------------------------
+
+def holes_of(node) -> int:
+    """Logical tokens of a tree node that hold no slot (SGLang counts ``len(node.key)``)."""
+    return len(node.key) - count_live(node.value)
+
+
+def _path_to_root(cache, node):
+    """The nodes from ``node`` up to (not including) the root: what lock-ref changes walk."""
+    while node is not cache.root_node:
+        yield node
+        node = node.parent
+
+
+def insert_helper_around(original, cache, node, key, value, *args, **kwargs):
+    """AROUND hook on ``RadixCache._insert_helper``: the new leaf counts its live slots as evictable."""
+    before = cache.evictable_size_
+    prefix_len, last_node = original(cache, node, key, value, *args, **kwargs)
+    # evictable_size_ changes in _insert_helper only when it adds a leaf, and then that leaf is the returned node
+    if cache.evictable_size_ != before:
+        cache.evictable_size_ -= holes_of(last_node)
+    return prefix_len, last_node
+
+
+def inc_lock_ref_around(original, cache, node):
+    """AROUND hook on ``RadixCache.inc_lock_ref(node)``: nodes locked now move live slots to protected."""
+    if cache.disable:
+        return original(cache, node)
+    newly_locked = sum(holes_of(n) for n in _path_to_root(cache, node) if n.lock_ref == 0)
+    result = original(cache, node)
+    cache.evictable_size_ += newly_locked
+    cache.protected_size_ -= newly_locked
+    if result.delta is not None:
+        result.delta += newly_locked
+    return result
+
+
+def dec_lock_ref_around(original, cache, node, *args, **kwargs):
+    """AROUND hook on ``RadixCache.dec_lock_ref(node, params=None)``: nodes unlocked now move live slots back."""
+    if cache.disable:
+        return original(cache, node, *args, **kwargs)
+    newly_unlocked = sum(holes_of(n) for n in _path_to_root(cache, node) if n.lock_ref == 1)
+    result = original(cache, node, *args, **kwargs)
+    cache.evictable_size_ -= newly_unlocked
+    cache.protected_size_ += newly_unlocked
+    if result.delta is not None:
+        result.delta -= newly_unlocked
+    return result
+
+
+def delete_leaf_around(original, cache, node):
+    """AROUND hook on ``RadixCache._delete_leaf(node)``: only the leaf's live slots leave ``evictable_size_``."""
+    original(cache, node)
+    cache.evictable_size_ += holes_of(node)
+
+
+def evict_around(original, cache, params):
+    """AROUND hook on ``RadixCache.evict(params)``: frees ``params.num_tokens`` live slots, not logical tokens.
+
+    Each pass of SGLang's evict deletes at least one leaf while one is evictable, so the loop ends.
+    """
+    if cache.disable:
+        return original(cache, params)
+    start = cache.evictable_size_
+    result = original(cache, params)
+    # _delete_leaf (hooked) lowers evictable_size_ by exactly the live slots freed
+    while start - cache.evictable_size_ < params.num_tokens and result.num_tokens_evicted > 0:
+        missing = params.num_tokens - (start - cache.evictable_size_)
+        result = original(cache, dataclasses.replace(params, num_tokens=missing))
+    return dataclasses.replace(result, num_tokens_evicted=start - cache.evictable_size_)
+
+
+def live_total_size(cache) -> int:
+    """REPLACE of ``RadixCache.total_size()``: live slots held by the tree."""
+    total = 0
+    stack = list(cache.root_node.children.values())
+    while stack:
+        node = stack.pop()
+        if node.evicted:
+            continue
+        total += count_live(node.value)
+        stack.extend(node.children.values())
+    return total
+
+
+# ---- namespacing ------------------------------------------------------------------------------------------------
+
+def server_eviction_config() -> EvictionConfig:
+    """The EvictionConfig of the ServerArgs this process published (the scheduler publishes before any Req)."""
+    from sglang.srt.runtime_context import get_context
+
+    from sgl_evict.patches.server_args import eviction_config
+
+    # read the slot, not the property: the property raises when nothing is published (a Req built outside a
+    # scheduler), and then no server-level eviction is configured
+    return eviction_config(get_context()._server_args)
+
+
+def req_init_after(result, req, *args, **kwargs):
+    """AFTER hook on ``Req.__init__``: ``req.extra_key`` gets the request's eviction namespace."""
+    custom_params = req.sampling_params.custom_params
+    try:
+        config = server_eviction_config().override(custom_params if isinstance(custom_params, dict) else None)
+    except ValueError as err:
+        req.set_finish_with_abort(f"kv_evict: {err}")
+        return
+    req.extra_key = namespaced_extra_key(req.extra_key, config)
