@@ -49,13 +49,13 @@ last_compiled: dict = {}
 
 
 @triton.jit
-def _dot(q, k, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """``q [rows, d] @ k[n, d]^T`` in float32 accumulation; float32 keys stay float32 (no TF32 rounding)."""
+def _dot(a, b, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``a [m, d] @ b[n, d]^T`` in float32 accumulation; float32 keys stay float32 (no TF32 rounding)."""
     if DOT_FP32:
-        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)))
     if IEEE:
-        return tl.dot(q, tl.trans(k), input_precision="ieee")
-    return tl.dot(q, tl.trans(k)).to(tl.float32)
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
+    return tl.dot(a, tl.trans(b)).to(tl.float32)
 
 
 @triton.jit
@@ -71,18 +71,25 @@ def _load_queries(Q, req, kvh, s_qr, s_qh, s_qn, NUM_Q: tl.constexpr, GROUP: tl.
 @triton.jit
 def _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-            IEEE: tl.constexpr):
+            IEEE: tl.constexpr, TRANS: tl.constexpr):
     """Scaled logits of a block of keys (positions ``n``) and the mask of those that count: inside the request,
-    not a hole (negative slot), not after the query (causal)."""
+    not a hole (negative slot), not after the query (causal). ``[rows, BLOCK_N]``, or ``[BLOCK_N, rows]`` if
+    ``TRANS`` (keys as the matrix product's M: large tiles with few rows, and reductions over rows in a thread)."""
     d = tl.arange(0, BLOCK_D)
     slot = tl.load(ReqToTok + req * s_rr + n, mask=n < seq_len, other=-1).to(tl.int64)
     live = slot >= 0  # holes (HOLE = -1, sgl_evict.holes) and positions past the end
     k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=live[:, None] & (d[None, :] < HEAD_DIM),
                 other=0.0)
-    logits = _dot(q, k, DOT_FP32, IEEE) * scale  # scale includes log2(e): everything is in base 2
-    ok = live[None, :] & row_ok[:, None]
-    if CAUSAL:
-        ok = ok & (n[None, :] <= qpos[:, None])
+    if TRANS:
+        logits = _dot(k, q, DOT_FP32, IEEE) * scale
+        ok = live[:, None] & row_ok[None, :]
+        if CAUSAL:
+            ok = ok & (n[:, None] <= qpos[None, :])
+    else:
+        logits = _dot(q, k, DOT_FP32, IEEE) * scale  # scale includes log2(e): everything is in base 2
+        ok = live[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (n[None, :] <= qpos[:, None])
     return logits, ok
 
 
@@ -91,7 +98,7 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms, s_cr, s_ch, s_tr,
                NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-               IEEE: tl.constexpr):
+               IEEE: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     req = tl.program_id(0)
     kvh = kvh0 + tl.program_id(1)
     split = tl.program_id(2)
@@ -109,7 +116,7 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
     for n0 in range(split * chunk, tl.minimum(seq_len, (split + 1) * chunk), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         logits, ok = _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
-                             HEAD_DIM, BLOCK_D, CAUSAL, DOT_FP32, IEEE)
+                             HEAD_DIM, BLOCK_D, CAUSAL, DOT_FP32, IEEE, False)
         logits = tl.where(ok, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -122,14 +129,19 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
     tl.debug_barrier()  # every thread's partial stores precede the release below
     ticket = tl.atomic_add(Ticket + req * s_tr + kvh, 1, sem="acq_rel", scope="gpu")
     if ticket == num_splits - 1:
+        sb = tl.arange(0, SPLIT_BLOCK)
         m_all = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
-        for sp in range(0, num_splits):
-            m_all = tl.maximum(m_all, tl.load(PartM + base + sp * s_ms, cache_modifier=".cg"))
-        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
         s_all = tl.zeros([GROUP * NQ_P], tl.float32)
-        for sp in range(0, num_splits):
-            s_all += (tl.load(PartL + base + sp * s_ms, cache_modifier=".cg")
-                      * tl.exp2(tl.load(PartM + base + sp * s_ms, cache_modifier=".cg") - m_safe))
+        for sp0 in range(0, num_splits, SPLIT_BLOCK):  # online softmax over blocks of chunks' statistics
+            sp = sp0 + sb
+            ptr = base[None, :] + sp[:, None] * s_ms
+            pm = tl.load(PartM + ptr, mask=(sp < num_splits)[:, None], other=float("-inf"), cache_modifier=".cg")
+            pl = tl.load(PartL + ptr, mask=(sp < num_splits)[:, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_all, tl.max(pm, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_all = s_all * tl.exp2(m_all - m_safe) + tl.sum(pl * tl.exp2(pm - m_safe[None, :]), axis=0)
+            m_all = m_new
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
         # rows with no key at all get +inf: exp2(logit - inf) = 0 (and pass 2 masks them anyway)
         c = tl.where(s_all > 0, m_safe + tl.log2(tl.where(s_all > 0, s_all, 1.0)) + log2_nq, float("inf"))
         tl.store(RowC + req * s_cr + kvh * s_ch + rows, c)
@@ -140,7 +152,7 @@ def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, Out, scale, chunk, max_len,
                 s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_cr, s_ch, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, TRANS: tl.constexpr):
     # rev = 1: programs run in the reverse order of pass 1's, so the keys pass 1 read last (still in L2) come first
     p0, p1, p2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     req = p0 + rev * (tl.num_programs(0) - 1 - 2 * p0)
@@ -161,11 +173,15 @@ def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, Out, scale, chunk, max_len,
         n = n0 + tl.arange(0, BLOCK_N)
         out_ptr = Out + req * s_or + (kvh * GROUP + gs)[:, None] * s_oh + n[None, :]
         out_ok = (n < max_len)[None, :] & (gs < GROUP)[:, None]
-        if n0 >= seq_len:  # block past this request's end: zeros, so every output element is written
-            tl.store(out_ptr, tl.zeros([GROUP, BLOCK_N], tl.float32), mask=out_ok)
+        # no branch for blocks past the request's end (their keys are masked, p = 0, zeros are written): a branch
+        # around the loads keeps Triton from software-pipelining them
+        logits, ok = _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
+                             HEAD_DIM, BLOCK_D, CAUSAL, DOT_FP32, IEEE, TRANS)
+        if TRANS:
+            p = tl.where(ok, tl.exp2(logits - c[None, :]), 0.0)
+            per_head = tl.sum(tl.reshape(p, [BLOCK_N, GROUP, NQ_P]), axis=2)  # mean over a head's queries
+            tl.store(out_ptr, tl.trans(per_head), mask=out_ok)
         else:
-            logits, ok = _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_kh, s_rr,
-                                 HEAD_DIM, BLOCK_D, CAUSAL, DOT_FP32, IEEE)
             p = tl.where(ok, tl.exp2(logits - c[:, None]), 0.0)
             per_head = tl.sum(tl.reshape(p, [GROUP, NQ_P, BLOCK_N]), axis=1)  # mean over a head's queries
             tl.store(out_ptr, per_head, mask=out_ok)
@@ -190,6 +206,7 @@ def attention_mass_paged(
     heads_per_launch: int | None = None,
     reverse_pass2: bool = True,
     num_programs: int = 512,
+    transpose_pass2: bool = False,
 ) -> torch.Tensor:
     """Mean attention each query head's observation queries pay to each key, from a paged pool.
 
@@ -211,6 +228,8 @@ def attention_mass_paged(
             keys are in L2); ``None``: all heads in one launch per pass.
         reverse_pass2: pass 2 visits its programs in the reverse order of pass 1.
         num_programs: programs per launch to aim for (a long request is split into that many chunks).
+        transpose_pass2: pass 2 computes ``keys @ queries^T`` (keys as the product's M dimension) instead of
+            ``queries @ keys^T``.
 
     Returns:
         ``[num_reqs, num_q_heads, max_len]`` float32; zero past each request's length and at holes.
@@ -263,10 +282,12 @@ def attention_mass_paged(
             last_compiled["row_stats"] = _row_stats[grid](
                 queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, ticket, row_c, scale,
                 math.log2(num_queries), chunk, splits, kvh0, *strides, part_max.stride(0), part_max.stride(1),
-                part_max.stride(2), row_c.stride(0), row_c.stride(1), ticket.stride(0), **common)
+                part_max.stride(2), row_c.stride(0), row_c.stride(1), ticket.stride(0),
+                SPLIT_BLOCK=min(_next_pow2(splits), max(1, 4096 // rows)), **common)
         last_compiled["accumulate"] = _accumulate[grid](
             queries, k_buffer, req_to_token, seq_lens, qpos, row_c, out, scale, chunk, max_len, kvh0,
-            int(reverse_pass2), *strides, row_c.stride(0), row_c.stride(1), out.stride(0), out.stride(1), **common)
+            int(reverse_pass2), *strides, row_c.stride(0), row_c.stride(1), out.stride(0), out.stride(1),
+            TRANS=transpose_pass2, **common)
     return out
 
 

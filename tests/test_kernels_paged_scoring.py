@@ -139,7 +139,7 @@ def _reference(q, pool, table, seq_lens, scaling, qpos):
 
 
 MODES = {"two_pass": {}, "grouped": {"heads_per_launch": 1, "num_programs": 7}, "forward": {"reverse_pass2": False},
-         "lse": "lse"}
+         "transposed": {"transpose_pass2": True}, "lse": "lse"}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -165,17 +165,20 @@ def test_holes_and_modes_match_reference(device, mode, page_size, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["two_pass", "grouped", "lse"])
+@pytest.mark.parametrize("mode", ["two_pass", "grouped", "transposed", "lse"])
 def test_holes_bf16_long_many_chunks(device, mode):
-    """bf16 keys, thousands of tokens in many chunks (many programs meet at the atomic ticket), 30% holes."""
+    """bf16 keys, 30% holes, a thousand (CPU) or thousands (GPU) of tokens in many chunks: many programs meet at the
+    atomic ticket, and the last one combines their statistics in several blocks of chunks."""
     gen = torch.Generator().manual_seed(5)
-    seq_lens = [3001, 4096]
-    pool, table = _paged_pool(seq_lens, 2, 64, torch.bfloat16, device, gen, page_size=16)
+    seq_lens, head_dim, block_n, programs = ([700, 1030], 32, 16, 512) if device == "cpu" else \
+        ([3001, 4096], 64, 16, 2048)
+    pool, table = _paged_pool(seq_lens, 2, head_dim, torch.bfloat16, device, gen, page_size=16)
     table = _punch_holes(table.cpu(), seq_lens, 16, gen).to(device)
-    q = torch.randn(2, 8, 8, 64, generator=gen).to(torch.bfloat16).to(device)
-    ref, lse = _reference(q, pool, table, seq_lens, 0.125, None)
+    q = torch.randn(2, 8, 16, head_dim, generator=gen).to(torch.bfloat16).to(device)  # 64 rows per KV head
+    ref, lse = _reference(q, pool, table, seq_lens, head_dim**-0.5, None)
     opts = {"row_lse": lse.float().to(device)} if mode == "lse" else MODES[mode]
-    out = attention_mass_paged(q, pool, table, torch.tensor(seq_lens, device=device), 0.125, block_n=64, **opts)
+    out = attention_mass_paged(q, pool, table, torch.tensor(seq_lens, device=device), head_dim**-0.5,
+                               block_n=block_n, **{"num_programs": programs, **opts})
     assert _rel_err(out.cpu().double(), ref) < RTOL[torch.bfloat16]
     assert torch.all(out.cpu().transpose(1, 2)[table.cpu() < 0] == 0)
 
