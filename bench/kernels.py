@@ -1,6 +1,7 @@
 """Paged scoring kernel on the GPU: correctness at benchmark shapes, time per layer against the bytes floor.
 
-    PYTHONPATH=<sgl-evict install> python bench/kernels.py [--out DIR] [--variants all|final] [--ncu-probe]
+    PYTHONPATH=<sgl-evict install> python bench/kernels.py [--out DIR] [--v3-file OLD.py] [--ncu-probe]
+    python bench/kernels.py --plot bench/results/kernels_<date>.json docs/img/kernels_floor_h100.png
 
 Shapes (one request, one layer): 8 KV heads, head_dim 128, bf16 keys in a paged pool (page size 1, slots shuffled),
 seq_len 4K / 32K / 128K, GQA 4 (32 query heads). Two readings of "32 observation queries per KV group":
@@ -163,6 +164,50 @@ def ncu_probe():
             torch.cuda.synchronize()
 
 
+def plot(results_json: str, out_png: str) -> None:
+    """% of the bytes floor per shape and schedule (best config of each), from a results JSON of this script."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.load(open(results_json))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, shape in zip(axes, ("rows32", "rows128")):
+        rows = [r for r in d["rows"] if r["shape"] == shape]
+        x = [r["seq_len"] // 1024 for r in rows]
+        def best(r, pred):
+            c = {k: v for k, v in r["cases"].items() if "error" not in v and pred(k)}
+            k = max(c, key=lambda k: c[k]["fraction_of_floor_graph"])
+            return 100 * c[k]["fraction_of_floor_graph"], k
+        series = [("v3 (2026-11-22 code), same harness", lambda k: k.startswith("v3code"), "o--", "grey"),
+                  ("two passes, best config (general case)", lambda k: k.startswith("flat"), "s-", "C0"),
+                  ("L2 schedule (heads_per_launch), best", lambda k: k.startswith("grouped"), "^:", "C2"),
+                  ("row_lse given: one pass (needs the LSE)", lambda k: k.startswith("lse"), "D-", "C3")]
+        for label, pred, style, color in series:
+            ys = [best(r, pred) for r in rows]
+            ax.plot(x, [y for y, _ in ys], style, color=color, label=label)
+            for xi, (y, k) in zip(x, ys):
+                if xi >= 32:
+                    ax.annotate(f"{y:.0f}%", (xi, y), textcoords="offset points", xytext=(6, -3), fontsize=8,
+                                color=color)
+        ax.axhline(70, color="k", lw=0.8, ls="--")
+        ax.text(4.2, 71.5, "target 70%", fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{v}K" for v in x])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"{rows[0]['rows_per_kv_head']} query rows per KV head" +
+                     (" (literal reading)" if shape == "rows32" else " (32 per query head x GQA 4)"), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% of bytes floor (keys read once at copy bandwidth)")
+    axes[0].set_ylim(0, 100)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
+    fig.suptitle(f"Paged scoring kernel, one layer, 8 KV heads x 128, bf16 keys: {d['device']}, {d['date'][:10]}, "
+                 "CUDA-graph replays", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(out_png, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -170,8 +215,12 @@ def main() -> int:
     parser.add_argument("--shapes", default="rows32,rows128")
     parser.add_argument("--variants", default="all", choices=["all", "final"])
     parser.add_argument("--ncu-probe", action="store_true")
+    parser.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the figure and exit (CPU)")
     parser.add_argument("--v3-file", help="kernels/paged_scoring.py of commit 991ca4a (v3), timed in the same harness")
     args = parser.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return 0
     v3_fn = None
     if args.v3_file:
         import importlib.util
