@@ -169,3 +169,17 @@ def test_on_gpu_full_cache_equals_generate_and_full_budget_is_exact(build):
         assert harness.generate(state, make_policy(policy), Budget(fraction=1.0), max_new_tokens=8).tokens == full
     half = harness.generate(state, make_policy("laq"), Budget(fraction=0.5), max_new_tokens=8)
     assert half.kept_tokens == [Budget(fraction=0.5).num_tokens(ids.shape[1])] * len(harness.layers)
+
+
+def test_token_logprobs_score_the_greedy_answer_under_the_compressed_cache(setup):
+    _, _, _, harness, state = setup
+    budget = Budget(fraction=0.3)
+    answer = harness.generate(state, make_policy("snapkv"), budget, max_new_tokens=6).tokens
+    logp = harness.token_logprobs(state, make_policy("snapkv"), budget, "uniform", answer)
+    assert len(logp) == len(answer) and all(lp <= 0 for lp in logp)
+    # causal: scoring a prefix of the answer gives the same numbers
+    step = harness.token_logprobs(state, make_policy("snapkv"), budget, "uniform", answer[:3])
+    assert step == pytest.approx(logp[:3], abs=1e-5)
+    full = harness.token_logprobs(state, make_policy("none"), Budget(fraction=1.0), "uniform", answer)
+    assert full[0] == pytest.approx(logp[0])  # the first token comes before eviction
+    assert full[1:] != pytest.approx(logp[1:], abs=1e-3)  # later ones see the compressed cache

@@ -253,6 +253,26 @@ class EvictionHarness:
         return GenerationResult(tokens, kept, state.seq_len, keep)
 
     @torch.inference_mode()
+    def token_logprobs(self, state: PrefillState, policy: EvictionPolicy, budget: Budget, granularity: str,
+                       tokens: list[int]) -> list[float]:
+        """Log-probabilities of a continuation ``tokens`` (e.g. a server's answer) under ``policy``'s cache.
+
+        ``tokens[0]`` is scored by the prompt's last logits (full cache: eviction happens after them), each later
+        token by the compressed cache extended with the tokens before it, at logical positions.
+        """
+        if not tokens:
+            raise ValueError("tokens must not be empty")
+        first = torch.log_softmax(state.last_logits, dim=-1)[tokens[0]].item()
+        if len(tokens) == 1:
+            return [first]
+        cache, _, _ = self._run_cache(state, policy, budget, granularity)
+        ids = torch.tensor([tokens[:-1]], device=self.device)
+        positions = torch.arange(state.seq_len, state.seq_len + ids.shape[1])
+        logp = torch.log_softmax(self._extend(cache, positions, input_ids=ids), dim=-1)
+        later = logp[torch.arange(ids.shape[1]), torch.tensor(tokens[1:], device=logp.device)]
+        return [first, *later.tolist()]
+
+    @torch.inference_mode()
     def fidelity(self, state: PrefillState, policy: EvictionPolicy, budget: Budget, granularity: str,
                  continuation_ids: torch.Tensor, keep: KeepSet | None = None) -> FidelityResult:
         """Compares next-token distributions with and without eviction, teacher-forced on ``continuation_ids [1, n]``.
