@@ -85,21 +85,37 @@ def add_cli_args_after(result, parser: argparse.ArgumentParser):
     add_eviction_args(parser)
 
 
+def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> None:
+    """ValueError (message starting with the flag) for settings the engine cannot evict with yet."""
+    from sgl_evict.engine.keep import SERVER_POLICIES
+
+    if config.policy not in SERVER_POLICIES:
+        raise ValueError(f"argument --kv-evict-policy: {config.policy!r} runs in the HF harness (sgl-evict eval) but "
+                         f"not inside the server yet; the server runs {', '.join(SERVER_POLICIES)}")
+    if config.enabled and getattr(args, "page_size", None) not in (None, 1):
+        raise ValueError(f"argument --page-size: eviction inside the server needs --page-size 1 for now, got "
+                         f"{args.page_size}")
+
+
 def from_cli_args_around(original, cls, args: argparse.Namespace):
     """AROUND hook on the classmethod ``ServerArgs.from_cli_args(args)``."""
     try:
         config = config_from_namespace(args)
+        check_server_support(config, args)
     except ValueError as err:
         # argparse's own error format and exit status, no traceback.
         raise SystemExit(f"sglang serve: error: {err}") from None
+    if config.enabled:
+        # Eviction runs between a prefill's forward and the processing of its result; the overlap scheduler
+        # launches the next forward before that processing, and a prefill CUDA graph would skip the Python hook
+        # that captures the window queries. Both are turned off before SGLang resolves its arguments.
+        args.disable_overlap_schedule = True
+        args.cuda_graph_backend_prefill = "disabled"
+        logging.getLogger("sgl_evict").info(
+            "kv eviction %s (budget %s): overlap scheduling and prefill CUDA graphs are turned off",
+            config.policy, config.budget)
     server_args = original(cls, args)
     server_args._kv_evict = config
-    if config.enabled:
-        # the engine-side hooks (capture, scoring, freeing) are not in this version: say so rather than let a user
-        # believe memory is being saved
-        logging.getLogger("sgl_evict").warning(
-            "--kv-evict-policy %s is parsed and validated, but this sgl-evict version does not evict inside the "
-            "server yet: the KV cache is kept in full (see docs/plugin.md)", config.policy)
     return server_args
 
 

@@ -30,3 +30,19 @@ def register() -> None:
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}.evict", radix_cache.evict_around, HookType.AROUND)
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}.total_size", radix_cache.live_total_size, HookType.REPLACE)
     HookRegistry.register(f"{radix_cache.REQ}.__init__", radix_cache.req_init_after, HookType.AFTER)
+    _register_engine_hooks(HookRegistry, HookType)
+
+
+def _register_engine_hooks(registry, hook_type) -> None:
+    """Eviction in the engine: query capture, eviction after prefill, compacted attention (``patches/``)."""
+    from sgl_evict.patches import attention, model_runner, req_to_token_pool, scheduler
+
+    registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
+    registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+                      ".process_batch_result_prefill", scheduler.process_batch_result_prefill_around, hook_type.AROUND)
+    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.__init__", req_to_token_pool.init_after,
+                      hook_type.AFTER)
+    registry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", model_runner.forward_around,
+                      hook_type.AROUND)
+    registry.register("sglang.srt.layers.radix_attention.RadixAttention.forward", attention.forward_around,
+                      hook_type.AROUND)

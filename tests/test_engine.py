@@ -225,3 +225,15 @@ def test_evict_after_prefill_ignores_queries_of_another_forward():
     assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, None,
                                attention_mass_paged) == 0
     assert (table != HOLE).all()
+
+
+def test_evict_after_prefill_skips_prompts_the_protected_tokens_cover():
+    state = EngineState()
+    state.configure(EvictionConfig(policy="streaming", budget=Budget(tokens=2), window=8, sinks=4))
+    state.capture.begin(3, [10], "cpu")
+    state.forward_id = 3
+    table = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
+    freed = []
+    assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, freed.append,
+                               attention_mass_paged) == 0
+    assert freed == [] and (table != HOLE).all()

@@ -25,7 +25,7 @@ class WindowQueryCapture:
         """Starts a forward whose requests extend by ``extend_seq_lens`` tokens (packed in that order)."""
         self.forward_id = forward_id
         self.num_queries = [min(self.window, n) for n in extend_seq_lens]
-        starts, rows, offset = [], [], 0
+        rows, offset = [], 0
         for n, w in zip(extend_seq_lens, self.num_queries):
             # a request with fewer than `window` new tokens repeats its first captured row; those padding rows
             # are dropped again by `queries_of` (num_queries says how many are real)

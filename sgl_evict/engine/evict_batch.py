@@ -51,7 +51,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         row = req_to_token[req.req_pool_idx, :seq_len]
         if not config.enabled or seq_len < config.min_prompt_len:
             continue
-        if config.budget.num_tokens(seq_len) >= count_live(row):
+        # what the selector keeps at least: the budget, and the sinks and window it always protects
+        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
             continue
         if config.policy == "snapkv":
             scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row,
@@ -66,6 +67,6 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         freed += slots.numel()
         state.freed_slots += slots.numel()
         state.hidden_tokens += hidden
-        logger.debug("request %s: %d of %d tokens kept, %d slots freed, %d hidden", req.rid, count_live(row),
-                     seq_len, slots.numel(), hidden)
+        logger.info("sgl-evict: request %s kept %d of %d tokens, freed %d slots, hid %d", req.rid, count_live(row),
+                    seq_len, slots.numel(), hidden)
     return freed

@@ -1,0 +1,31 @@
+"""Per-forward eviction bookkeeping around ``sglang.srt.model_executor.model_runner.ModelRunner.forward`` (AROUND).
+
+Every forward of the scheduler's model goes through ``ModelRunner.forward(forward_batch)`` after SGLang built the
+batch (positions included, from the logical lengths). With eviction on, the hook
+
+- starts the window-query capture for extend forwards (the attention hook fills it), numbering the forward so
+  eviction uses its own batch's queries only;
+- points the batch at compacted shadow rows with kept lengths
+  (:mod:`sgl_evict.engine.compact_view`), so FlashInfer and Triton attention, eager or in CUDA graphs, read only
+  kept slots, and puts the logical fields back afterwards.
+"""
+
+from __future__ import annotations
+
+from sgl_evict.engine.compact_view import enter_compacted, leave_compacted
+from sgl_evict.engine.runtime import STATE
+
+
+def forward_around(original, self, forward_batch, *args, **kwargs):
+    if not STATE.enabled:
+        return original(self, forward_batch, *args, **kwargs)
+    STATE.forward_id += 1
+    capture = STATE.capture
+    if forward_batch.forward_mode.is_extend() and forward_batch.extend_seq_lens_cpu is not None:
+        capture.begin(STATE.forward_id, list(forward_batch.extend_seq_lens_cpu), forward_batch.seq_lens.device)
+    saved = enter_compacted(forward_batch, self.req_to_token_pool.req_to_token, STATE.shadow_offset)
+    try:
+        return original(self, forward_batch, *args, **kwargs)
+    finally:
+        leave_compacted(forward_batch, saved)
+        capture.end()

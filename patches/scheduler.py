@@ -1,0 +1,40 @@
+"""Eviction in the scheduler process.
+
+- ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AROUND): sets the process's eviction config from ``server_args`` before SGLang builds
+  the pools (the pool hook reads it), then refuses models the engine cannot evict from yet (sliding-window
+  layers), with a message instead of wrong answers.
+- ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
+  .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
+  token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
+  (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`). Before the tree insert, so the dropped slots the
+  request owns are freed now and the tree stores the holes.
+"""
+
+from __future__ import annotations
+
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches.server_args import eviction_config
+
+
+def init_around(original, self, server_args, *args, **kwargs):
+    STATE.configure(eviction_config(server_args))
+    result = original(self, server_args, *args, **kwargs)
+    if STATE.enabled and self.tp_worker.sliding_window_size is not None:
+        raise RuntimeError(
+            "sgl-evict: this model has sliding-window attention layers, which eviction inside the server does "
+            "not support yet; launch without --kv-evict-policy (or use the HF harness, sgl-evict eval)")
+    return result
+
+
+def process_batch_result_prefill_around(original, self, batch, result, *args, **kwargs):
+    if STATE.enabled:
+        from sgl_evict.kernels.paged_scoring import attention_mass_paged
+
+        all_reduce = None
+        if self.server_args.tp_size > 1:
+            from sglang.srt.distributed import tensor_model_parallel_all_reduce as all_reduce
+        kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
+        evict_after_prefill(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
+                            self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce)
+    return original(self, batch, result, *args, **kwargs)
