@@ -45,15 +45,17 @@ def write_llama_8b_config(path: Path) -> Path:
     return path
 
 
-def write_tiny_llama(path: Path) -> Path:
-    """A 4-layer random-weight Llama (hidden 512, GQA 8:4) saved in bf16."""
+def write_tiny_llama(path: Path, initializer_range: float = 0.02) -> Path:
+    """A 4-layer random-weight Llama (hidden 512, GQA 8:4) saved in bf16 (``initializer_range``: weight std)."""
     if (path / "config.json").exists():
         return path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=16384)
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=16384,
+                      initializer_range=initializer_range)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return path
 

@@ -1,0 +1,208 @@
+"""End-to-end check of eviction inside a real SGLang server (GPU host, offline install of bench/gpu/).
+
+    cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/evict_e2e.py [--out DIR]   (sgl-evict installed in /tmp/site)
+
+Run it from outside the repository: ``python -m sglang.launch_server`` puts the working directory first on
+``sys.path``, and the repository's ``sgl_evict/`` folder (without ``kernels/`` and ``patches/`` mapped into it)
+would shadow the installed package.
+
+Serves a 4-layer random-weight Llama (bench/gpu/smoke.py's, weight std 0.06 so attention and logits are not flat),
+one server per setting, side by side. Each caps its KV pool with ``--max-total-tokens`` and passes SGLang's start
+check with a large ``--mem-fraction-static`` (which must exceed the share of memory already in use, by the
+servers started before it too), so the six fit on one GPU:
+
+| server | what |
+| --- | --- |
+| ``plain`` | SGLang without the plugin (``SGLANG_PLUGINS`` names another plugin), FlashInfer |
+| ``none`` | with the plugin, no eviction flags, FlashInfer |
+| ``full`` | snapkv at budget 1.0: compacted views on every forward, nothing evicted |
+| ``snapkv-fi`` / ``snapkv-tr`` | snapkv at 10% on FlashInfer / Triton |
+| ``streaming`` | streaming at 10% (a keep-set known in advance), FlashInfer |
+
+Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget; a
+second turn hits the compressed first turn; per-request overrides (no eviction, another budget) take other
+namespaces; after the servers sit idle (SGLang checks available + evictable == total) no leak is reported.
+Then, with the servers stopped, the HF harness scores each server's answer (token log-probabilities, teacher
+forced) under the same policy and under the full cache: an evicting server must be much closer to the former.
+Writes evict_e2e.json and the server logs to --out; exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smoke import Server, _version, write_tiny_llama  # noqa: E402
+
+BUDGET = 0.1
+WINDOW, SINKS = 16, 4
+PROMPT_LENS = (700, 1100, 1500, 900)
+NEW_TOKENS = 24
+STAGGER_S = 8
+POOL_TOKENS = 40000
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 31000) for _ in range(n)] for n in PROMPT_LENS]
+
+
+def greedy(server: Server, ids: list[int], custom: dict | None = None) -> dict:
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    if custom is not None:
+        params["custom_params"] = custom
+    _, body = server.generate({"input_ids": ids, "sampling_params": params, "return_logprob": True})
+    return body
+
+
+def eviction_lines(log: Path) -> list[tuple[int, int]]:
+    """(kept, prompt length) of each eviction the server logged."""
+    text = log.read_text()
+    return [(int(k), int(n)) for k, n in re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens", text)]
+
+
+def launch(model: Path, out: Path) -> dict[str, Server]:
+    common = ["--model-path", str(model), "--skip-tokenizer-init", "--cuda-graph-max-bs", "8",
+              "--max-running-requests", "8", "--max-total-tokens", str(POOL_TOKENS), "--mem-fraction-static", "0.88"]
+    evict = ["--kv-evict-window", str(WINDOW), "--kv-evict-sinks", str(SINKS)]
+    specs = {
+        "plain": (["--attention-backend", "flashinfer"], {"SGLANG_PLUGINS": "not-sgl-evict"}),
+        "none": (["--attention-backend", "flashinfer"], {}),
+        "full": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0",
+                  *evict], {}),
+        "snapkv-fi": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                       str(BUDGET), *evict], {}),
+        "snapkv-tr": (["--attention-backend", "triton", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                       str(BUDGET), *evict], {}),
+        "streaming": (["--attention-backend", "flashinfer", "--kv-evict-policy", "streaming", "--kv-evict-budget",
+                       str(BUDGET), *evict], {}),
+    }
+    servers = {}
+    for i, (name, (extra, env)) in enumerate(specs.items()):
+        if i:
+            time.sleep(STAGGER_S)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        servers[name] = Server(name, 31100 + i, [*common, *extra], out)
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+    return servers
+
+
+def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, checks: dict) -> None:
+    log = server.log_path
+    lines = [(k, n) for k, n in eviction_lines(log) if n in PROMPT_LENS]
+    checks[f"{name}: evicted each prompt to the budget"] = {
+        "ok": len(lines) == len(ps) and all(k == math.ceil(BUDGET * n) for k, n in lines), "logged": lines}
+    turn2 = ps[0] + answers[name][0]["output_ids"] + prompts(seed=1)[0][:40]
+    cached = greedy(server, turn2)["meta_info"].get("cached_tokens")
+    checks[f"{name}: second turn hits the compressed prefix"] = {
+        "ok": cached is not None and cached >= len(ps[0]), "cached_tokens": cached, "turn2_len": len(turn2)}
+    before = len(eviction_lines(log))
+    off = greedy(server, ps[1], {"kv_evict": {"policy": "none"}})
+    half = greedy(server, ps[2], {"kv_evict": {"budget": 0.5}})
+    after = eviction_lines(log)[before:]
+    checks[f"{name}: per-request overrides take their own namespaces"] = {
+        "ok": len(after) == 1 and after[0][0] == math.ceil(0.5 * PROMPT_LENS[2])
+        and off["meta_info"].get("cached_tokens") == 0 and half["meta_info"].get("cached_tokens") == 0,
+        "logged_after": after, "none_cached_tokens": off["meta_info"].get("cached_tokens"),
+        "half_cached_tokens": half["meta_info"].get("cached_tokens")}
+
+
+def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks: dict, report: dict) -> None:
+    """Mean |server log-prob - harness log-prob| of each server's answer, same policy vs full cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sgl_evict import Budget, make_policy
+    from sgl_evict.harness import EvictionHarness
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda")
+    policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "streaming": "streaming"}
+    gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
+    for i, ids in enumerate(ps):
+        state = harness.prefill(torch.tensor([ids]))
+        for name in gaps:
+            body = answers[name][i]
+            served = [lp for lp, _, _ in body["meta_info"]["output_token_logprobs"]]
+            tokens = body["output_ids"]
+            for key, policy, budget in (("same_policy", policies[name], BUDGET), ("full_cache", "none", 1.0)):
+                ours = harness.token_logprobs(state, make_policy(policy), Budget(fraction=budget), "uniform", tokens)
+                gaps[name][key].append(sum(abs(a - b) for a, b in zip(served, ours)) / len(ours))
+    summary = {name: {k: sum(v) / len(v) for k, v in g.items()} for name, g in gaps.items()}
+    report["harness_logprob_gap"] = summary
+    for name, gap in summary.items():
+        if name == "plain":
+            continue
+        checks[f"{name}: answer scored by the harness closer under its own policy than under the full cache"] = {
+            "ok": gap["same_policy"] < 0.5 * gap["full_cache"], **gap}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--timeout", type=float, default=420)
+    args = parser.parse_args()
+    out = Path(args.out)
+    model = write_tiny_llama(Path("/tmp/tiny-llama-sharp"), initializer_range=0.06)
+    servers = launch(model, out)
+    report = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "transformers")},
+              "servers": {n: s.cmd for n, s in servers.items()}, "checks": {}}
+    import torch
+
+    report["device"] = torch.cuda.get_device_name(0)
+    deadline = time.time() + args.timeout
+    while time.time() < deadline and not all(s.poll_health() or s.proc.poll() is not None for s in servers.values()):
+        time.sleep(3)
+    report["healthy_after_s"] = {n: s.healthy_after for n, s in servers.items()}
+    checks = report["checks"]
+    ps = prompts()
+    answers: dict[str, list[dict]] = {}
+    try:
+        up = {n: s for n, s in servers.items() if s.healthy_after is not None}
+        checks["all servers healthy"] = {"ok": len(up) == len(servers), "up": sorted(up)}
+        answers = {n: [greedy(s, p) for p in ps] for n, s in up.items()}
+        ids = {n: [a["output_ids"] for a in outs] for n, outs in answers.items()}
+        report["output_ids"] = ids
+        for name in ("none", "full"):
+            if "plain" in ids and name in ids:
+                checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
+        for name in ("snapkv-fi", "snapkv-tr", "streaming"):
+            if name in up:
+                check_server(name, up[name], ps, answers, checks)
+        time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
+        for name, server in up.items():
+            text = server.log_path.read_text()
+            checks[f"{name}: alive after idle, no leak or traceback"] = {
+                "ok": server.proc.poll() is None and "leak" not in text and "Traceback" not in text}
+    except Exception as err:
+        checks["driver"] = {"ok": False, "error": repr(err)}
+    finally:
+        for s in servers.values():
+            s.stop()
+    try:
+        compare_with_harness(model, ps, answers, checks, report)
+    except Exception as err:
+        checks["harness comparison"] = {"ok": False, "error": repr(err)}
+    (out / "evict_e2e.json").write_text(json.dumps(report, indent=1))
+    for name, check in checks.items():
+        print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}  {({k: v for k, v in check.items() if k != 'ok'})}")
+    return 0 if checks and all(c["ok"] for c in checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
