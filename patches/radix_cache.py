@@ -164,9 +164,10 @@ def server_eviction_config() -> EvictionConfig:
 
 def req_init_after(result, req, *args, **kwargs):
     """AFTER hook on ``Req.__init__``: ``req.extra_key`` gets the request's eviction namespace."""
-    custom_params = req.sampling_params.custom_params
+    from sgl_evict.engine.runtime import request_config
+
     try:
-        config = server_eviction_config().override(custom_params if isinstance(custom_params, dict) else None)
+        config = request_config(server_eviction_config(), req.sampling_params.custom_params)
     except ValueError as err:
         req.set_finish_with_abort(f"kv_evict: {err}")
         return

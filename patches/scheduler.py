@@ -8,9 +8,16 @@
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
   (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`). Before the tree insert, so the dropped slots the
   request owns are freed now and the tree stores the holes.
+- ``sglang.srt.managers.scheduler.Scheduler.stash_chunked_request`` (AROUND): between the chunks of a long prompt
+  SGLang inserts the chunks done so far into the radix tree, which then owns their slots, so eviction after the
+  last chunk could only hide them. For a request that will be evicted, the hook keeps the chunks with the request
+  instead, as SGLang's ``ChunkCache`` does (``prefix_indices`` = its own row), and the final insert happens after
+  eviction.
 """
 
 from __future__ import annotations
+
+import torch
 
 from sgl_evict.engine.evict_batch import evict_after_prefill
 from sgl_evict.engine.runtime import STATE
@@ -38,3 +45,10 @@ def process_batch_result_prefill_around(original, self, batch, result, *args, **
         evict_after_prefill(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
                             self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce)
     return original(self, batch, result, *args, **kwargs)
+
+
+def stash_chunked_request_around(original, self, req, *args, **kwargs):
+    if not STATE.enabled or self.tree_cache.is_chunk_cache() or not STATE.config_of(req).enabled:
+        return original(self, req, *args, **kwargs)
+    row = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.extend_range.end]
+    req.prefix_indices = row.to(dtype=torch.int64, copy=True)

@@ -40,6 +40,8 @@ def _register_engine_hooks(registry, hook_type) -> None:
     registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
                       ".process_batch_result_prefill", scheduler.process_batch_result_prefill_around, hook_type.AROUND)
+    registry.register("sglang.srt.managers.scheduler.Scheduler.stash_chunked_request",
+                      scheduler.stash_chunked_request_around, hook_type.AROUND)
     registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.__init__", req_to_token_pool.init_after,
                       hook_type.AFTER)
     registry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", model_runner.forward_around,

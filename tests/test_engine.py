@@ -237,3 +237,18 @@ def test_evict_after_prefill_skips_prompts_the_protected_tokens_cover():
     assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, freed.append,
                                attention_mass_paged) == 0
     assert freed == [] and (table != HOLE).all()
+
+
+def test_request_config_refuses_what_the_server_cannot_do():
+    from sgl_evict.engine.runtime import request_config
+
+    server = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
+    assert request_config(server, {"kv_evict": {"budget": 0.5}}).budget == Budget.parse("0.5")
+    assert not request_config(server, {"kv_evict": {"policy": "none"}}).enabled
+    assert request_config(server, None) is server
+    with pytest.raises(ValueError, match="policy: 'laq' runs in the HF harness"):
+        request_config(server, {"kv_evict": {"policy": "laq"}})
+    with pytest.raises(ValueError, match="started without --kv-evict-policy"):
+        request_config(EvictionConfig(), {"kv_evict": {"policy": "snapkv", "budget": 0.1}})
+    with pytest.raises(ValueError, match="budget: invalid budget"):
+        request_config(server, {"kv_evict": {"budget": "lots"}})

@@ -18,8 +18,11 @@ servers started before it too), so the six fit on one GPU:
 | ``full`` | snapkv at budget 1.0: compacted views on every forward, nothing evicted |
 | ``snapkv-fi`` / ``snapkv-tr`` | snapkv at 10% on FlashInfer / Triton |
 | ``streaming`` | streaming at 10% (a keep-set known in advance), FlashInfer |
+| ``snapkv-chunked`` | snapkv at 10%, prompts prefilled in chunks of 256 tokens |
+| ``snapkv-eager`` | snapkv at 10%, decode without CUDA graphs |
 
-Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget; a
+Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
+dropped slot is freed (none only hidden: also across chunks); a
 second turn hits the compressed first turn; per-request overrides (no eviction, another budget) take other
 namespaces; after the servers sit idle (SGLang checks available + evictable == total) no leak is reported.
 Then, with the servers stopped, the HF harness scores each server's answer (token log-probabilities, teacher
@@ -64,10 +67,11 @@ def greedy(server: Server, ids: list[int], custom: dict | None = None) -> dict:
     return body
 
 
-def eviction_lines(log: Path) -> list[tuple[int, int]]:
-    """(kept, prompt length) of each eviction the server logged."""
-    text = log.read_text()
-    return [(int(k), int(n)) for k, n in re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens", text)]
+def eviction_lines(log: Path) -> list[tuple[int, ...]]:
+    """(kept, prompt length, slots freed, tokens only hidden) of each eviction the server logged."""
+    found = re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens, freed (\d+) slots, hid (\d+)",
+                       log.read_text())
+    return [tuple(map(int, line)) for line in found]
 
 
 def launch(model: Path, out: Path) -> dict[str, Server]:
@@ -80,9 +84,13 @@ def launch(model: Path, out: Path) -> dict[str, Server]:
         "full": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0",
                   *evict], {}),
         "snapkv-fi": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                       str(BUDGET), *evict], {}),
+                       str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "snapkv-tr": (["--attention-backend", "triton", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                        str(BUDGET), *evict], {}),
+        "snapkv-chunked": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                            str(BUDGET), "--chunked-prefill-size", "256", *evict], {}),
+        "snapkv-eager": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                          str(BUDGET), "--disable-decode-cuda-graph", *evict], {}),
         "streaming": (["--attention-backend", "flashinfer", "--kv-evict-policy", "streaming", "--kv-evict-budget",
                        str(BUDGET), *evict], {}),
     }
@@ -103,9 +111,10 @@ def launch(model: Path, out: Path) -> dict[str, Server]:
 
 def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, checks: dict) -> None:
     log = server.log_path
-    lines = [(k, n) for k, n in eviction_lines(log) if n in PROMPT_LENS]
-    checks[f"{name}: evicted each prompt to the budget"] = {
-        "ok": len(lines) == len(ps) and all(k == math.ceil(BUDGET * n) for k, n in lines), "logged": lines}
+    lines = [line for line in eviction_lines(log) if line[1] in PROMPT_LENS]
+    checks[f"{name}: evicted each prompt to the budget, every dropped slot freed"] = {
+        "ok": len(lines) == len(ps) and all(k == math.ceil(BUDGET * n) and freed == n - k and hid == 0
+                                            for k, n, freed, hid in lines), "logged": lines}
     turn2 = ps[0] + answers[name][0]["output_ids"] + prompts(seed=1)[0][:40]
     cached = greedy(server, turn2)["meta_info"].get("cached_tokens")
     checks[f"{name}: second turn hits the compressed prefix"] = {
@@ -121,7 +130,14 @@ def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, 
         "half_cached_tokens": half["meta_info"].get("cached_tokens")}
 
 
-def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks: dict, report: dict) -> None:
+def logged_keep_sets(log: Path) -> list[list[int]]:
+    """Kept positions of each eviction, in order, from a server run with ``SGL_EVICT_LOG_KEEP=1``."""
+    return [json.loads(found) for found in re.findall(r"sgl-evict: request \S+ keeps positions (\[[\d, ]*\])",
+                                                       log.read_text())]
+
+
+def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks: dict, report: dict,
+                         keep_sets: list[list[int]]) -> None:
     """Mean |server log-prob - harness log-prob| of each server's answer, same policy vs full cache."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -131,10 +147,15 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda")
-    policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "streaming": "streaming"}
+    policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
+                "snapkv-eager": "snapkv", "streaming": "streaming"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
+    overlaps = []
     for i, ids in enumerate(ps):
         state = harness.prefill(torch.tensor([ids]))
+        if i < len(keep_sets):
+            ours = harness.select(state, make_policy("snapkv"), Budget(fraction=BUDGET), "uniform").indices[0][0]
+            overlaps.append(len(set(ours.tolist()) & set(keep_sets[i])) / len(ours))
         for name in gaps:
             body = answers[name][i]
             served = [lp for lp, _, _ in body["meta_info"]["output_token_logprobs"]]
@@ -144,6 +165,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
                 gaps[name][key].append(sum(abs(a - b) for a, b in zip(served, ours)) / len(ours))
     summary = {name: {k: sum(v) / len(v) for k, v in g.items()} for name, g in gaps.items()}
     report["harness_logprob_gap"] = summary
+    report["snapkv_keep_set_overlap_with_harness"] = overlaps
     for name, gap in summary.items():
         if name == "plain":
             continue
@@ -181,7 +203,7 @@ def main() -> int:
         for name in ("none", "full"):
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
-        for name in ("snapkv-fi", "snapkv-tr", "streaming"):
+        for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
         time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
@@ -195,7 +217,8 @@ def main() -> int:
         for s in servers.values():
             s.stop()
     try:
-        compare_with_harness(model, ps, answers, checks, report)
+        keep_sets = logged_keep_sets(servers["snapkv-fi"].log_path)[: len(ps)]
+        compare_with_harness(model, ps, answers, checks, report, keep_sets)
     except Exception as err:
         checks["harness comparison"] = {"ok": False, "error": repr(err)}
     (out / "evict_e2e.json").write_text(json.dumps(report, indent=1))

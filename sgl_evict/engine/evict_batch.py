@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -62,7 +63,10 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         combined = combined_scores(scores)
         if all_reduce is not None:
             combined = all_reduce(combined)
-        slots, hidden = evict_from_row(row, keep_mask(combined, config), owned_from=req.cache_protected_len)
+        keep = keep_mask(combined, config)
+        if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
+            logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
+        slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
         free(slots)
         freed += slots.numel()
         state.freed_slots += slots.numel()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import WindowQueryCapture
+from sgl_evict.engine.keep import SERVER_POLICIES
 
 logger = logging.getLogger("sgl_evict")
 
@@ -44,15 +45,31 @@ class EngineState:
     def config_of(self, req) -> EvictionConfig:
         """The config of one SGLang ``Req``: the server's, with the request's ``custom_params["kv_evict"]``.
 
-        Requests are validated on arrival (``patches/scheduler.py``), so an override that fails here was never
-        admitted; it falls back to the server's config rather than stop the scheduler.
+        Requests are validated when they are built (``patches/radix_cache.py`` aborts a bad one with its message),
+        so an override that fails here was never admitted; it falls back to the server's config rather than stop
+        the scheduler.
         """
-        params = getattr(req.sampling_params, "custom_params", None)
         try:
-            return self.config.override(params)
+            return request_config(self.config, req.sampling_params.custom_params)
         except ValueError as err:
             logger.warning("request %s: ignoring invalid kv_evict override (%s)", req.rid, err)
             return self.config
+
+
+def request_config(server: EvictionConfig, custom_params) -> EvictionConfig:
+    """One request's config: ``server`` with ``custom_params["kv_evict"]`` applied (SGLang's sampling params).
+
+    ValueError, its message naming the field, for an invalid override, for a policy the engine cannot run, and
+    for eviction asked of a server started without it (that server built no shadow rows and captures nothing).
+    """
+    config = server.override(custom_params if isinstance(custom_params, dict) else None)
+    if config.policy not in SERVER_POLICIES:
+        raise ValueError(f"policy: {config.policy!r} runs in the HF harness but not inside the server yet; "
+                         f"the server runs {', '.join(SERVER_POLICIES)}")
+    if config.enabled and not server.enabled:
+        raise ValueError("policy: this server was started without --kv-evict-policy, so it cannot evict per "
+                         "request; start it with a policy (requests can still turn eviction off)")
+    return config
 
 
 STATE = EngineState()
