@@ -273,7 +273,8 @@ def summarize(records: list[RequestRecord], duration_s: float, samples: list[dic
 
 
 class _Progress:
-    """tqdm on stderr when installed, else a line every 10 s."""
+    """tqdm on a terminal when installed, else a line on stderr every 10 s (a log, e.g. the device's output tail,
+    would fill with tqdm's carriage-return updates)."""
 
     def __init__(self, enabled: bool):
         self.bar, self.last, self.count = None, time.monotonic(), 0
@@ -281,6 +282,8 @@ class _Progress:
             self.enabled = False
             return
         self.enabled = True
+        if not sys.stderr.isatty():
+            return
         try:
             from tqdm import tqdm
 

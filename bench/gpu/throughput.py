@@ -172,7 +172,8 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, ou
     server = ServerProcess(name, port, server_args, env, out)
     result = {"server_command": server.cmd, "env": env}
     try:
-        healthy = server.wait_healthy(args.start_timeout)
+        # never wait past the deadline: a late second server is reported as not healthy, the JSON still written
+        healthy = server.wait_healthy(min(args.start_timeout, args.deadline - (time.monotonic() - t_start) - 15))
         result["healthy_after_s"] = healthy
         if healthy is None:
             result["error"] = "not healthy"
