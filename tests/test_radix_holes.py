@@ -1,0 +1,521 @@
+"""SGLang 0.5.17's real RadixCache and token allocators with holes (HOLE) in KV index rows, through the plugin.
+
+Everything here is SGLang's own code over a real CPU KV pool (MHATokenToKVPool on device "cpu"), with the hooks of
+patches/radix_cache.py applied the way a server applies them (load_plugins). A simulated request goes through the
+scheduler's steps: match_prefix, inc_lock_ref, evict-then-alloc, holes punched in its own part of the row (its slots
+freed, as the engine does), then cache_unfinished_req / cache_finished_req.
+"""
+
+import dataclasses
+import os
+from array import array
+
+import pytest
+
+try:
+    import torch
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.runtime_context import get_context, get_parallel
+    from sglang.srt.sampling.sampling_params import SamplingParams
+except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
+    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
+        raise
+    pytest.skip(f"sglang's radix cache does not import here: {exc}", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sgl_evict.config import EvictionConfig  # noqa: E402
+from sgl_evict.holes import HOLE, count_live, live, namespaced_extra_key  # noqa: E402
+from sgl_evict.patches import radix_cache as hooks  # noqa: E402
+from sgl_evict.selection import Budget  # noqa: E402
+
+load_plugins()  # what launch_server and every scheduler process do
+
+COMPRESSED = EvictionConfig(policy="snapkv", budget=Budget.parse("0.5"))
+OTHER_BUDGET = EvictionConfig(policy="snapkv", budget=Budget.parse("0.25"))
+NS_COMPRESSED = namespaced_extra_key(None, COMPRESSED)
+NAMESPACES = (None, NS_COMPRESSED)  # eviction off (never holes), eviction on (holes)
+
+
+# ---- a real cache over a real CPU pool ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SimReq:
+    """The fields of SGLang's Req that ReqToTokenPool and RadixCache.cache_{un,}finished_req read and write."""
+
+    origin_input_ids: array
+    extra_key: str | None
+    output_ids: array = dataclasses.field(default_factory=lambda: array("q"))
+    req_pool_idx: int | None = None
+    cache_protected_len: int = 0
+    last_node: object = None
+    prefix_indices: torch.Tensor = None
+    priority: int = 0
+    inflight_middle_chunks: int = 0
+    kv_committed_len: int = 0
+
+    def get_fill_ids(self) -> array:
+        return self.origin_input_ids + self.output_ids
+
+
+class Pool:
+    """RadixCache + allocator + req_to_token pool; ``slots`` real KV slots in pages of ``page_size``."""
+
+    def __init__(self, page_size: int, slots: int, max_reqs: int = 4, max_len: int = 128):
+        self.page_size = page_size
+        self.slots = slots
+        kv = MHATokenToKVPool(size=slots, page_size=page_size, dtype=torch.bfloat16, head_num=1, head_dim=4,
+                              layer_num=1, device="cpu", enable_memory_saver=False)
+        if page_size == 1:
+            self.allocator = TokenToKVPoolAllocator(size=slots, dtype=torch.bfloat16, device="cpu", kvcache=kv,
+                                                    need_sort=False)
+        else:
+            self.allocator = PagedTokenToKVPoolAllocator(size=slots, page_size=page_size, dtype=torch.bfloat16,
+                                                         device="cpu", kvcache=kv, need_sort=False)
+        self.req_to_token = ReqToTokenPool(size=max_reqs, max_context_len=max_len, device="cpu",
+                                           enable_memory_saver=False)
+        self.cache = RadixCache(CacheInitParams(disable=False, req_to_token_pool=self.req_to_token,
+                                                token_to_kv_pool_allocator=self.allocator, page_size=page_size))
+
+    # -- what the allocator and the tree hold --
+
+    def free_list(self) -> list[int]:
+        """Free slots as the allocator would hand them out (pages expanded), duplicates kept."""
+        pages = torch.cat((self.allocator.free_pages, self.allocator.release_pages)).tolist()
+        if self.page_size == 1:
+            return pages
+        return [p * self.page_size + j for p in pages for j in range(self.page_size)]
+
+    def all_slots(self) -> set[int]:
+        # slot 0 (page 0) is SGLang's padding slot, never handed out
+        return set(range(self.page_size, self.slots + self.page_size))
+
+    def nodes(self):
+        stack = list(self.cache.root_node.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def tree_live_slots(self) -> list[int]:
+        return [s for node in self.nodes() for s in live(node.value).tolist()]
+
+    def tree_content(self) -> dict:
+        """{(extra_key, token prefix): tree value at the prefix's last position} for every token in the tree."""
+        content = {}
+
+        def walk(node, tokens):
+            for child in node.children.values():
+                path = tokens + tuple(child.key.token_ids)
+                for i, value in enumerate(child.value.tolist()):
+                    content[(child.key.extra_key, path[:len(tokens) + i + 1])] = value
+                walk(child, path)
+
+        walk(self.cache.root_node, ())
+        return content
+
+    def page_slots(self, slots: list[int]) -> set[int]:
+        """Every slot of the pages the given slots lie in."""
+        ps = self.page_size
+        return {s // ps * ps + j for s in slots for j in range(ps)}
+
+    # -- the scheduler's steps for one request --
+
+    def match(self, tokens, extra_key):
+        return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key)))
+
+    def admit(self, tokens, extra_key, hole_units=()):
+        """Matches, locks, evicts-then-allocates, writes the row and punches holes in the request's own part.
+
+        ``hole_units``: indices of page-sized units after the matched prefix to evict (whole pages; only full
+        units inside the prompt). Returns the request, or None when the pool cannot hold it (lock released).
+        """
+        req = SimReq(array("q", tokens), extra_key)
+        match = self.match(tokens, extra_key)
+        prefix = match.device_indices
+        self.cache.inc_lock_ref(match.last_device_node)
+        need = len(tokens) - len(prefix)
+        need_slots = -(-need // self.page_size) * self.page_size
+        self.evict_for(need_slots)
+        new = self.allocator.alloc(need_slots) if need_slots else prefix[:0]
+        if new is None:
+            self.cache.dec_lock_ref(match.last_device_node)
+            return None
+        self.req_to_token.alloc([req])
+        row = torch.cat((prefix, new[:need])).to(torch.int64)
+        for unit in hole_units:
+            start = len(prefix) + unit * self.page_size
+            if start + self.page_size <= len(tokens):
+                self.allocator.free(row[start:start + self.page_size].clone())  # the engine frees owned slots
+                row[start:start + self.page_size] = HOLE
+        self.req_to_token.write((req.req_pool_idx, slice(0, len(row))), row.to(torch.int32))
+        req.cache_protected_len, req.last_node, req.prefix_indices = len(prefix), match.last_device_node, prefix
+        return req
+
+    def evict_for(self, need_slots: int):
+        """SGLang's evict_from_tree_cache: evict the shortfall; free + evictable must be real memory."""
+        available, evictable = self.allocator.available_size(), self.cache.evictable_size()
+        if available >= need_slots:
+            return
+        self.cache.evict(EvictParams(num_tokens=need_slots - available))
+        if available + evictable >= need_slots:
+            assert self.allocator.available_size() >= need_slots, \
+                f"admitted on {available} free + {evictable} evictable, but eviction left " \
+                f"{self.allocator.available_size()} < {need_slots}"
+
+    def row(self, req) -> torch.Tensor:
+        return self.req_to_token.req_to_token[req.req_pool_idx, :len(req.origin_input_ids)].to(torch.int64)
+
+    def owned_slots(self, req) -> set[int]:
+        """Slots the request owns: its live entries from cache_protected_len on, with their whole pages."""
+        return self.page_slots(live(self.row(req)[req.cache_protected_len:]).tolist())
+
+    def finish(self, req):
+        self.cache.cache_finished_req(req, kv_len_to_handle=len(req.origin_input_ids))
+        self.req_to_token.free(req)
+
+
+# ---- invariants --------------------------------------------------------------------------------------------------
+
+def check_slots(pool: Pool, active_reqs):
+    """Every slot is exactly one of: free, live in the tree, owned by a running request. No hole is free."""
+    free = pool.free_list()
+    assert all(s >= 0 for s in free), "a hole reached the allocator's free list"
+    assert len(free) == len(set(free)), "a slot was freed twice"
+    tree = pool.tree_live_slots()
+    assert len(tree) == len(set(tree)), "a slot is in the tree twice"
+    held = [s for req in active_reqs for s in pool.owned_slots(req)]
+    assert len(held) == len(set(held)), "two requests own one slot"
+    owners = [set(free), set(tree), set(held)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not owners[i] & owners[j], f"slots both {('free', 'tree', 'held')[i]} and {('free', 'tree', 'held')[j]}"
+    assert set(free) | set(tree) | set(held) == pool.all_slots(), "slots leaked"
+
+
+def check_counters(pool: Pool):
+    """SGLang's memory counters count live slots, split by lock state."""
+    live_tree = len(pool.tree_live_slots())
+    locked = sum(count_live(node.value) for node in pool.nodes() if node.lock_ref > 0)
+    assert pool.cache.evictable_size() + pool.cache.protected_size() == live_tree
+    assert pool.cache.protected_size() == locked
+    assert pool.cache.total_size() == live_tree
+
+
+def check_prefixes_of_running_reqs_stay(pool: Pool, active_reqs):
+    """Locked prefixes are never evicted: each running request's matched prefix still matches with its values."""
+    for req in active_reqs:
+        protected = req.cache_protected_len
+        values = pool.match(list(req.origin_input_ids[:protected]), req.extra_key).device_indices
+        assert torch.equal(values, pool.row(req)[:protected])
+
+
+# ---- property-based: random request sequences in two namespaces ------------------------------------------------
+
+PAGE_CASES = {1: dict(slots=24, max_units=10), 16: dict(slots=128, max_units=4)}
+
+
+def tokens_of(units, tail, page_size):
+    """Token ids of a sequence built from page-sized units (0..2) so that sequences share prefixes."""
+    tokens = [u * page_size + j + 1 for u in units for j in range(page_size)]
+    return tokens + [3 * page_size + j + 1 for j in range(tail)]
+
+
+def operations(page_size):
+    max_units = PAGE_CASES[page_size]["max_units"]
+    sequence = st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=max_units),
+                         st.integers(0, page_size - 1))
+    return st.lists(st.one_of(
+        st.tuples(st.just("start"), st.sampled_from(NAMESPACES), sequence,
+                  st.sets(st.integers(0, max_units - 1), max_size=max_units)),
+        st.tuples(st.just("chunk"), st.integers(0, 2)),
+        st.tuples(st.just("finish"), st.integers(0, 2)),
+        st.tuples(st.just("match"), st.sampled_from(NAMESPACES), sequence),
+        st.tuples(st.just("evict"), st.integers(1, PAGE_CASES[page_size]["slots"] // 2)),
+    ), min_size=4, max_size=30)
+
+
+def run_operations(page_size, ops):
+    pool = Pool(page_size, PAGE_CASES[page_size]["slots"])
+    active = []
+    expected = {}  # {(extra_key, token prefix): value}: what the tree must return, holes included
+
+    def remember(req):
+        """The tree keeps the first value inserted for a prefix; the request's row gives the rest."""
+        key_len = len(req.origin_input_ids) // page_size * page_size
+        tokens = tuple(req.origin_input_ids)
+        for i, value in enumerate(pool.row(req)[:key_len].tolist()):
+            expected.setdefault((req.extra_key, tokens[:i + 1]), value)
+
+    for op in ops:
+        may_evict = op[0] in ("start", "evict")
+        if op[0] == "start" and len(active) < 3:
+            _, ns, (units, tail), hole_units = op
+            req = pool.admit(tokens_of(units, tail, page_size), ns, sorted(hole_units) if ns else ())
+            if req is not None:
+                active.append(req)
+        elif op[0] == "chunk" and active:
+            req = active[op[1] % len(active)]
+            remember(req)
+            pool.cache.cache_unfinished_req(req)
+        elif op[0] == "finish" and active:
+            req = active.pop(op[1] % len(active))
+            remember(req)
+            pool.finish(req)
+        elif op[0] == "match":
+            _, ns, (units, tail) = op
+            tokens = tuple(tokens_of(units, tail, page_size))
+            values = pool.match(list(tokens), ns).device_indices.tolist()
+            assert len(values) % page_size == 0
+            assert values == [expected[(ns, tokens[:i + 1])] for i in range(len(values))]
+            longest = max([i + 1 for i in range(len(tokens)) if (ns, tokens[:i + 1]) in expected], default=0)
+            assert len(values) == longest // page_size * page_size
+            if ns is None:
+                assert HOLE not in values, "an uncompressed request matched compressed KV"
+        elif op[0] == "evict":
+            before = pool.allocator.available_size()
+            evictable = pool.cache.evictable_size()
+            result = pool.cache.evict(EvictParams(num_tokens=op[1]))
+            freed = pool.allocator.available_size() - before
+            assert result.num_tokens_evicted == freed
+            assert freed >= min(op[1], evictable)
+
+        content = pool.tree_content()
+        gone = expected.keys() - content.keys()
+        assert may_evict or not gone, f"{op[0]} removed cached prefixes"
+        for key in gone:
+            del expected[key]
+        assert content == expected
+        check_slots(pool, active)
+        check_counters(pool)
+        check_prefixes_of_running_reqs_stay(pool, active)
+
+
+# derandomize: CI sees the same examples every run (a failure found once is found again)
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(operations(1))
+def test_random_request_sequences_keep_every_slot_accounted_for_page_size_1(ops):
+    run_operations(1, ops)
+
+
+@PROPERTY_SETTINGS
+@given(operations(16))
+def test_random_request_sequences_keep_every_slot_accounted_for_page_size_16(ops):
+    run_operations(16, ops)
+
+
+# ---- targeted: one per hook --------------------------------------------------------------------------------------
+
+def test_plugin_applies_the_radix_hooks():
+    for method in ("_insert_helper", "inc_lock_ref", "dec_lock_ref", "_delete_leaf", "evict", "total_size"):
+        assert f"{hooks.RADIX_CACHE}.{method}" in HookRegistry._patched
+    assert f"{hooks.TOKEN_ALLOCATOR}.free" in HookRegistry._patched
+    assert f"{hooks.PAGED_ALLOCATOR}._release_page_ids" in HookRegistry._patched
+    assert f"{hooks.REQ}.__init__" in HookRegistry._patched
+
+
+def row_with_hole_pages(pool, pages, hole_pages):
+    """A freshly allocated row of ``pages`` pages whose ``hole_pages`` are holes (their slots kept aside)."""
+    ps = pool.page_size
+    row = pool.allocator.alloc(pages * ps).clone()
+    for p in hole_pages:
+        row[p * ps:(p + 1) * ps] = HOLE
+    return row
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("free_path", ["free", "free_segment", "free_segments", "free_group"])
+def test_every_free_path_skips_holes(page_size, free_path):
+    pool = Pool(page_size, slots=8 * page_size)
+    row = row_with_hole_pages(pool, pages=6, hole_pages=[0, 2, 5])
+    available = pool.allocator.available_size()
+    ps = page_size
+    if free_path == "free":
+        pool.allocator.free(row)
+    elif free_path == "free_segment":  # a segment starting inside a hole page (start_pos not page aligned)
+        pool.allocator.free_segment(row[ps - 1:] if ps > 1 else row, start_pos=ps - 1 if ps > 1 else 0)
+        pool.allocator.free_segment(row[:ps - 1], start_pos=0)
+    elif free_path == "free_segments":
+        pool.allocator.free_segments([(row[:3 * ps], 0), (row[3 * ps:], 3 * ps)])
+    else:
+        pool.allocator.free_group_begin()
+        pool.allocator.free(row[:2 * ps])
+        pool.allocator.free_segment(row[2 * ps:], start_pos=2 * ps)
+        pool.allocator.free_group_end()
+    assert pool.allocator.available_size() == available + count_live(row)
+    assert sorted(pool.free_list()) == sorted(set(pool.free_list())) and min(pool.free_list()) >= 0
+    assert set(live(row).tolist()) <= set(pool.free_list())
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_tree_counters_count_live_slots_through_insert_lock_unlock_evict(page_size):
+    pool = Pool(page_size, slots=8 * page_size)
+    row = row_with_hole_pages(pool, pages=4, hole_pages=[1, 2])
+    tokens = list(range(1, 4 * page_size + 1))
+    pool.cache.insert(InsertParams(key=RadixKey(array("q", tokens), NS_COMPRESSED), value=row))
+    n_live = count_live(row)
+    assert pool.cache.evictable_size() == n_live and pool.cache.total_size() == n_live
+
+    # lock the first two pages only (a split keeps the holes in place): one live page protected
+    match = pool.match(tokens[:2 * page_size], NS_COMPRESSED)
+    assert torch.equal(match.device_indices, row[:2 * page_size])
+    result = pool.cache.inc_lock_ref(match.last_device_node)
+    assert result.delta == -page_size
+    assert (pool.cache.evictable_size(), pool.cache.protected_size()) == (n_live - page_size, page_size)
+    assert torch.equal(pool.match(tokens, NS_COMPRESSED).device_indices, row)
+
+    # evict everything evictable: only the unlocked live page can go, and it is reported as live slots
+    available = pool.allocator.available_size()
+    assert pool.cache.evict(EvictParams(num_tokens=8 * page_size)).num_tokens_evicted == n_live - page_size
+    assert pool.allocator.available_size() == available + n_live - page_size
+    assert (pool.cache.evictable_size(), pool.cache.protected_size()) == (0, page_size)
+
+    result = pool.cache.dec_lock_ref(match.last_device_node)
+    assert result.delta == page_size
+    assert (pool.cache.evictable_size(), pool.cache.protected_size()) == (page_size, 0)
+    assert pool.cache.total_size() == page_size
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_evict_frees_the_asked_live_slots_past_leaves_of_holes(page_size):
+    pool = Pool(page_size, slots=8 * page_size)
+    hole_prefix = row_with_hole_pages(pool, pages=3, hole_pages=[0, 1, 2])  # all holes: frees nothing
+    live_tail = row_with_hole_pages(pool, pages=2, hole_pages=[])
+    ps = page_size
+    for i, row in enumerate((hole_prefix, live_tail)):
+        tokens = [100 * (i + 1) + j for j in range(len(row))]
+        pool.cache.insert(InsertParams(key=RadixKey(array("q", tokens), NS_COMPRESSED), value=row))
+    for node in pool.nodes():  # the hole-only leaf is the least recently used
+        if count_live(node.value) == 0:
+            node.last_access_time = 0.0
+    # SGLang alone would count the hole-only leaf's 3 pages as evicted and stop, having freed nothing
+    available = pool.allocator.available_size()
+    result = pool.cache.evict(EvictParams(num_tokens=ps))
+    assert pool.allocator.available_size() - available == result.num_tokens_evicted >= ps
+
+
+# ---- multi-turn and namespaces -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_second_turn_matches_first_turn_with_its_holes_only_in_its_namespace(page_size):
+    pool = Pool(page_size, slots=16 * page_size)
+    turn1 = list(range(1, 5 * page_size + 1))
+    req = pool.admit(turn1, NS_COMPRESSED, hole_units=[1, 3])
+    row1 = pool.row(req).clone()
+    assert count_live(row1) == 3 * page_size
+    pool.finish(req)
+
+    turn2 = turn1 + list(range(1000, 1000 + 3 * page_size))
+    match = pool.match(turn2, NS_COMPRESSED)
+    assert torch.equal(match.device_indices, row1)  # full logical length of turn 1, same holes
+    for other in (None, namespaced_extra_key(None, OTHER_BUDGET), namespaced_extra_key("salt", COMPRESSED)):
+        assert len(pool.match(turn2, other).device_indices) == 0
+
+    req2 = pool.admit(turn2, NS_COMPRESSED, hole_units=[0])
+    assert req2.cache_protected_len == len(turn1)
+    assert torch.equal(pool.row(req2)[:len(turn1)], row1)
+    pool.finish(req2)
+    check_slots(pool, [])
+    check_counters(pool)
+
+
+# ---- cache_finished_req / cache_unfinished_req with holes in the request's row -----------------------------------
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_finished_duplicate_frees_exactly_its_own_live_slots(page_size):
+    pool = Pool(page_size, slots=16 * page_size)
+    tokens = list(range(1, 4 * page_size + 1)) + list(range(500, 500 + page_size // 2))  # unaligned tail
+    first = pool.admit(tokens, NS_COMPRESSED, hole_units=[1])
+    second = pool.admit(tokens, NS_COMPRESSED, hole_units=[0, 2])  # same prompt, running at the same time
+    pool.finish(first)
+    own = pool.owned_slots(second)
+    available = pool.allocator.available_size()
+    tree = pool.tree_content()
+    pool.finish(second)  # its whole aligned prefix is now a duplicate of the tree's, the tail is unaligned
+    assert pool.allocator.available_size() == available + len(own)
+    assert own <= set(pool.free_list())
+    assert pool.tree_content() == tree
+    check_slots(pool, [])
+    check_counters(pool)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_unfinished_req_frees_duplicates_and_takes_the_trees_holes(page_size):
+    pool = Pool(page_size, slots=16 * page_size)
+    tokens = list(range(1, 4 * page_size + 1))
+    first = pool.admit(tokens, NS_COMPRESSED, hole_units=[1])
+    second = pool.admit(tokens, NS_COMPRESSED, hole_units=[0, 2])
+    pool.finish(first)
+    own = pool.owned_slots(second)
+    available = pool.allocator.available_size()
+    pool.cache.cache_unfinished_req(second)  # a chunked prefill step caches what it has
+    assert pool.allocator.available_size() == available + len(own)
+    assert torch.equal(pool.row(second), pool.match(tokens, NS_COMPRESSED).device_indices)
+    assert second.cache_protected_len == len(tokens) and pool.owned_slots(second) == set()
+    check_slots(pool, [second])
+    check_counters(pool)
+    available = pool.allocator.available_size()
+    pool.finish(second)  # nothing of its own is left to free
+    assert pool.allocator.available_size() == available
+    check_slots(pool, [])
+    check_counters(pool)
+
+
+# ---- Req.extra_key: the namespace of a request --------------------------------------------------------------------
+
+@pytest.fixture
+def server_config(monkeypatch):
+    """Publishes a ServerArgs stand-in carrying the plugin's config, as the scheduler publishes its ServerArgs."""
+    def publish(config):
+        monkeypatch.setattr(get_context(), "_server_args", type("Args", (), {"_kv_evict": config})())
+    return publish
+
+
+def make_req(custom_params=None, extra_key=None):
+    params = SamplingParams(max_new_tokens=4, custom_params=custom_params)
+    return Req("rid", "", array("q", range(1, 33)), params, extra_key=extra_key)
+
+
+def test_request_namespace_follows_server_config_and_override(server_config):
+    server_config(COMPRESSED)
+    assert make_req().extra_key == NS_COMPRESSED
+    assert make_req(extra_key="salt").extra_key == namespaced_extra_key("salt", COMPRESSED) != NS_COMPRESSED
+    assert make_req({"kv_evict": {"policy": "none"}}).extra_key is None
+    assert make_req({"kv_evict": {"budget": 0.25}}).extra_key == namespaced_extra_key(None, OTHER_BUDGET)
+    server_config(EvictionConfig())
+    assert make_req().extra_key is None and make_req(extra_key="salt").extra_key == "salt"
+    # a server started without eviction built no shadow rows and captures nothing: asking it to evict is refused
+    with get_parallel().override(tp_rank=0):
+        req = make_req({"kv_evict": {"policy": "snapkv", "budget": 0.5}})
+    assert req.to_finish is not None and "started without --kv-evict-policy" in req.to_finish.message
+
+
+def test_request_without_eviction_or_with_another_budget_does_not_match_compressed_prefix(server_config):
+    server_config(COMPRESSED)
+    pool = Pool(1, slots=64)
+    compressed, same = make_req(), make_req()
+    others = [make_req({"kv_evict": {"policy": "none"}}), make_req({"kv_evict": {"budget": 0.25}})]
+    tokens = list(compressed.origin_input_ids)
+    pool.finish(pool.admit(tokens, compressed.extra_key, hole_units=[3, 7, 20]))
+    assert len(pool.match(tokens, same.extra_key).device_indices) == len(tokens)
+    for other in others:
+        assert len(pool.match(tokens, other.extra_key).device_indices) == 0
+
+
+def test_bad_request_override_aborts_the_request_instead_of_the_scheduler(server_config):
+    server_config(COMPRESSED)
+    with get_parallel().override(tp_rank=0):
+        req = make_req({"kv_evict": {"policy": "h2o"}})
+    assert req.to_finish is not None and "kv_evict: policy: 'h2o'" in req.to_finish.message
