@@ -105,7 +105,7 @@ def test_runs_plain_then_evict_against_a_fake_server(tmp_path):
         assert c["summary"]["requests_completed"] > 0 and c["summary"]["errors"] == 0
         assert c["summary"]["duration_s"] == pytest.approx(3, abs=0.3)
         assert "--max-total-tokens 5000" in c["server_command"] and "--load-format dummy" in c["server_command"]
-        assert c["samples"]
+        assert c["samples"] and c["alive_at_end"] and c["log_tracebacks"] == 0 and "log_tail" not in c
     assert "--kv-evict-policy snapkv --kv-evict-budget 0.1" in evict["server_command"]
     assert "--kv-evict" not in plain["server_command"]
     assert plain["env"] == {"SGLANG_PLUGINS": "not-sgl-evict"}

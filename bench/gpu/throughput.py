@@ -194,9 +194,14 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, ou
     except Exception as err:  # the JSON must say what failed, and the other config still runs
         result["error"] = repr(err)
     finally:
+        result["alive_at_end"] = server.proc.poll() is None
         server.stop()
         wait_gpu_released()
         result["evictions"] = evictions_logged(server.log_path)
+        log = server.log_path.read_text(errors="replace")
+        result["log_tracebacks"] = log.count("Traceback")
+        if result["log_tracebacks"] or not result["alive_at_end"] or result.get("summary", {}).get("errors"):
+            result.setdefault("log_tail", log[-4000:])
     return result
 
 
@@ -222,6 +227,7 @@ def main() -> int:
     parser.add_argument("--policy", default="snapkv")
     parser.add_argument("--budget", default="0.1")
     parser.add_argument("--plain-extra", default="", help="extra server flags for plain SGLang only")
+    parser.add_argument("--server-extra", default="", help="extra server flags for both (e.g. --enable-metrics)")
     parser.add_argument("--only", choices=("plain", "evict"), help="run one config (debugging)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -233,7 +239,8 @@ def main() -> int:
     common = ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
               "--attention-backend", args.attention_backend, "--mem-fraction-static", str(args.mem_fraction_static),
               "--max-total-tokens", str(args.max_total_tokens), "--max-running-requests",
-              str(args.max_running_requests), "--cuda-graph-max-bs", str(args.max_running_requests)]
+              str(args.max_running_requests), "--cuda-graph-max-bs", str(args.max_running_requests),
+              *args.server_extra.split()]
     configs = {
         "plain": ([*common, *args.plain_extra.split()], {"SGLANG_PLUGINS": "not-sgl-evict"}),
         "evict": ([*common, "--kv-evict-policy", args.policy, "--kv-evict-budget", args.budget], {}),
