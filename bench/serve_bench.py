@@ -141,7 +141,7 @@ def _read_events(conn: http.client.HTTPConnection, payload: dict, record: Reques
     if resp.status != 200:
         record.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
         return
-    while not record.finished:
+    while True:  # to the end of the stream: closing it early would look like a client abort to the server
         line = resp.readline()
         if not line:
             return
@@ -151,6 +151,8 @@ def _read_events(conn: http.client.HTTPConnection, payload: dict, record: Reques
         data = line[5:].strip()
         if data == b"[DONE]":
             return
+        if record.finished:
+            continue
         event = json.loads(data)
         now = time.monotonic()
         if "error" in event:

@@ -62,6 +62,7 @@ def main() -> None:
                 kept = max(1, int(budget * len(prompt)))
                 print(f"[fake] sgl-evict: request r{rid} kept {kept} of {len(prompt)} tokens, freed "
                       f"{len(prompt) - kept} slots, hid 0", flush=True)
+            self.close_connection = True  # one request per connection, as the client uses them
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -75,7 +76,8 @@ def main() -> None:
                             "finish_reason": {"type": "length"} if k == n else None}
                     data = b"data: " + json.dumps({"output_ids": out, "meta_info": meta}).encode() + b"\n\n"
                     self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.write(b"0\r\n\r\n")
+                done = b"data: [DONE]\n\n"
+                self.wfile.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
             except OSError:
                 pass
             finally:
