@@ -28,6 +28,16 @@ def test_llama_32_1b_config_has_the_model_card_numbers():
     assert throughput.LLAMA_32_1B["rope_theta"] == 500000.0
 
 
+def test_shared_duration_fits_two_servers_in_the_deadline():
+    m = throughput.STOP_MARGIN_S
+    # fast start: the requested duration fits
+    assert throughput.shared_duration(110, 450, 90, 90) == 110
+    # slow start: both get the equal share that ends at the deadline
+    d = throughput.shared_duration(110, 450, 150, 150)
+    assert 150 + d + m + 150 + d + m == pytest.approx(450)
+    assert throughput.shared_duration(110, 450, 300, 300) == 10  # never below 10 s
+
+
 def test_evictions_logged_totals(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("noise\n[x] sgl-evict: request a1 kept 10 of 100 tokens, freed 90 slots, hid 0\n"

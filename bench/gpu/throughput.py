@@ -166,6 +166,14 @@ def make_workload(args):
     return long_context_requests(args.sessions, args.seed, vocab=vocab)
 
 
+def shared_duration(requested_s: float, deadline_s: float, spent_s: float, start_s: float) -> float:
+    """Workload seconds for each of two servers, decided when the first is ready (``spent_s`` into the script):
+    ``requested_s`` if, with the second server starting as slowly as the first (``start_s``, launch to warm),
+    both runs and both stops fit the deadline; else the equal share that fits, 10 s at least."""
+    fits = (deadline_s - spent_s - start_s - 2 * STOP_MARGIN_S) / 2
+    return min(requested_s, max(10.0, fits))
+
+
 def run_config(name: str, port: int, server_args: list[str], env: dict, args, out: Path, t_start: float,
                plan: dict) -> dict:
     """Launch, warm up, benchmark for ``plan["duration_s"]`` (shrunk to fit ``args.deadline``), stop."""
@@ -182,9 +190,8 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, ou
         result["warmup_s"] = warm_up(port, (args.vocab_lo, args.vocab_hi))
         if "first_start_s" not in plan:  # the first server sets the pace: both get the same duration if it fits
             plan["first_start_s"] = time.monotonic() - server.start
-            spent = time.monotonic() - t_start
-            fits = (args.deadline - spent - plan["first_start_s"] - 2 * STOP_MARGIN_S) / 2
-            plan["duration_s"] = min(args.duration, max(10.0, fits))  # 10 s at least, however late
+            plan["duration_s"] = shared_duration(args.duration, args.deadline, time.monotonic() - t_start,
+                                                 plan["first_start_s"])
         left = args.deadline - (time.monotonic() - t_start) - STOP_MARGIN_S
         duration = min(plan["duration_s"], max(5.0, left))
         result["duration_planned_s"] = duration
