@@ -127,14 +127,17 @@ def stream_generate(port: int, record: RequestRecord, prompt: list[int], deadlin
         streams.discard(conn)
         conn.close()
     record.cut = streams.closed and not record.finished and record.error is None
+    if not streams.closed and not record.finished and record.error is None:
+        record.error = "stream ended without a finish_reason"
     record.output_tokens = len(record.output_ids)
     return record
 
 
 def _read_events(conn: http.client.HTTPConnection, payload: dict, record: RequestRecord, deadline: float,
                  streams: OpenStreams) -> None:
+    body = json.dumps(payload)  # before the clock starts: a 50K-token prompt takes milliseconds to encode
     sent = time.monotonic()
-    conn.request("POST", "/generate", json.dumps(payload), {"Content-Type": "application/json"})
+    conn.request("POST", "/generate", body, {"Content-Type": "application/json"})
     if streams.closed:  # the deadline passed while connecting: close_all may have missed this socket
         return
     resp = conn.getresponse()
@@ -178,8 +181,11 @@ def _apply_event(record: RequestRecord, event: dict) -> None:
         record.cached_tokens = meta["cached_tokens"]
     if meta.get("num_retractions") is not None:
         record.retractions = meta["num_retractions"]
-    if meta.get("finish_reason") is not None:
+    reason = meta.get("finish_reason")
+    if reason is not None:
         record.finished = True
+        if isinstance(reason, dict) and reason.get("type") == "abort":  # e.g. the scheduler could not fit it
+            record.error = f"aborted: {reason.get('message')}"
 
 
 _PROM_LINE = re.compile(r"^(sglang:[a-z_]+)(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")

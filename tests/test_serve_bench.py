@@ -17,6 +17,8 @@ from serve_bench import RequestRecord, parse_prometheus, percentiles, run_benchm
 from workloads import Session, Turn  # noqa: E402
 
 ERROR_MARKER = 77777
+ABORT_MARKER = 88888
+HANGUP_MARKER = 99999
 
 
 class StubSGLang:
@@ -97,11 +99,16 @@ class StubSGLang:
                     send(b'data: {"error": {"message": "boom", "code": 400}}\n\n')
                     break
                 ids = out[k - 1:k] if self.incremental else out[:k]
+                reason = {"type": "length", "length": n} if k == n else None
+                if ABORT_MARKER in prompt:
+                    reason = {"type": "abort", "message": "too long", "status_code": 400, "err_type": None}
                 meta = {"prompt_tokens": len(prompt), "cached_tokens": cached, "completion_tokens": k,
-                        "num_retractions": 0,
-                        "finish_reason": {"type": "length", "length": n} if k == n else None}
+                        "num_retractions": 0, "finish_reason": reason}
                 send(b"data: " + json.dumps({"output_ids": ids, "meta_info": meta}).encode() + b"\n\n")
-            send(b"data: [DONE]\n\n")
+                if reason is not None or HANGUP_MARKER in prompt:
+                    break
+            if HANGUP_MARKER not in prompt:
+                send(b"data: [DONE]\n\n")
             send(b"")
         except OSError:
             pass  # the client closed the stream (deadline)
@@ -198,6 +205,22 @@ def test_error_event_is_recorded_and_ends_the_session(stub_factory):
     bad_reqs = [r for r in result["requests"] if r["session_id"] == 9]
     assert len(bad_reqs) == 1 and "boom" in bad_reqs[0]["error"]
     assert result["summary"]["errors"] == 1 and result["summary"]["requests_completed"] == 2
+
+
+def test_abort_finish_reason_is_an_error(stub_factory):
+    stub = stub_factory(ttft_s=0.01, token_s=0.001)
+    aborted = Session(5, [Turn([ABORT_MARKER, 1], 3), Turn([4, 5], 3)])
+    result = asyncio.run(run_benchmark(stub.port, [aborted], concurrency=1, duration_s=10, progress=False))
+    (r,) = result["requests"]
+    assert r["error"] == "aborted: too long" and result["summary"]["requests_completed"] == 0
+
+
+def test_stream_ending_without_finish_is_an_error(stub_factory):
+    stub = stub_factory(ttft_s=0.01, token_s=0.001)
+    result = asyncio.run(run_benchmark(stub.port, [Session(3, [Turn([HANGUP_MARKER], 5)])], concurrency=1,
+                                       duration_s=10, progress=False))
+    (r,) = result["requests"]
+    assert r["error"] == "stream ended without a finish_reason" and not r["cut"] and r["output_tokens"] == 1
 
 
 def test_max_requests_bounds_the_run(stub_factory):
