@@ -76,6 +76,7 @@ class StubSGLang:
     def handle(self, h, req):
         prompt = req["input_ids"]
         n = req["sampling_params"]["max_new_tokens"]
+        every = req["sampling_params"].get("stream_interval", 1)
         assert req["stream"] is True and req["sampling_params"]["ignore_eos"] is True
         t_start = time.monotonic()
         with self.lock:
@@ -93,12 +94,16 @@ class StubSGLang:
             h.wfile.flush()
 
         try:
+            sent = 0
             for k in range(1, n + 1):
                 time.sleep(self.ttft_s if k == 1 else self.token_s)
+                if not (k == n or k % every == 1 or every == 1):  # SGLang: first token, then every `every`
+                    continue
                 if ERROR_MARKER in prompt:
                     send(b'data: {"error": {"message": "boom", "code": 400}}\n\n')
                     break
-                ids = out[k - 1:k] if self.incremental else out[:k]
+                ids = out[sent:k] if self.incremental else out[:k]
+                sent = k
                 reason = {"type": "length", "length": n} if k == n else None
                 if ABORT_MARKER in prompt:
                     reason = {"type": "abort", "message": "too long", "status_code": 400, "err_type": None}
@@ -140,12 +145,12 @@ def _sessions(n, turns, new=20, reply=5, first=0):
                                 for t in range(turns)]) for s in range(n)]
 
 
-@pytest.mark.parametrize("incremental", [False, True])
-def test_sessions_sequential_inside_concurrent_across_and_accounting(stub_factory, incremental):
+@pytest.mark.parametrize("incremental,stream_interval", [(False, 1), (True, 1), (False, 3), (True, 3)])
+def test_sessions_sequential_inside_concurrent_across_and_accounting(stub_factory, incremental, stream_interval):
     stub = stub_factory(ttft_s=0.05, token_s=0.01, incremental=incremental)
     sessions = _sessions(4, 3)
     result = asyncio.run(run_benchmark(stub.port, sessions, concurrency=2, duration_s=30, progress=False,
-                                       sample_interval_s=0.05))
+                                       sample_interval_s=0.05, stream_interval=stream_interval))
     reqs = result["requests"]
     assert len(reqs) == 12 and all(r["finished"] and r["error"] is None and not r["cut"] for r in reqs)
     assert all(r["output_tokens"] == 5 for r in reqs)

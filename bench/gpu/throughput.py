@@ -196,7 +196,8 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, ou
         duration = min(plan["duration_s"], max(5.0, left))
         result["duration_planned_s"] = duration
         bench = asyncio.run(serve_bench.run_benchmark(port, make_workload(args), args.concurrency, duration,
-                                                      args.max_requests, progress=not args.no_progress))
+                                                      args.max_requests, progress=not args.no_progress,
+                                                      stream_interval=args.stream_interval))
         result.update(bench)
     except Exception as err:  # the JSON must say what failed, and the other config still runs
         result["error"] = repr(err)
@@ -224,6 +225,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=2000, help="sessions available (started while time lasts)")
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-requests", type=int, default=100_000)
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed event (SGLang: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-lo", type=int, default=DEFAULT_VOCAB[0])
     parser.add_argument("--vocab-hi", type=int, default=DEFAULT_VOCAB[1])
