@@ -160,6 +160,7 @@ def warm_up(port: int, vocab: tuple[int, int]) -> float:
 
 
 def make_workload(args):
+    """The seeded sessions (lazy): each server gets a fresh iterator over exactly the same ones."""
     vocab = (args.vocab_lo, args.vocab_hi)
     if args.workload == "agent":
         return agent_sessions(args.sessions, args.turns, args.seed, vocab=vocab)
