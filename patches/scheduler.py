@@ -22,15 +22,18 @@ import torch
 from sgl_evict.engine.evict_batch import evict_after_prefill
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.patches.server_args import eviction_config
+from sgl_evict.rope import RopeSpec
 
 
 def init_around(original, self, server_args, *args, **kwargs):
     STATE.configure(eviction_config(server_args))
     result = original(self, server_args, *args, **kwargs)
-    if STATE.enabled and self.tp_worker.sliding_window_size is not None:
-        raise RuntimeError(
-            "sgl-evict: this model has sliding-window attention layers, which eviction inside the server does "
-            "not support yet; launch without --kv-evict-policy (or use the HF harness, sgl-evict eval)")
+    if STATE.enabled:
+        if self.tp_worker.sliding_window_size is not None:
+            raise RuntimeError(
+                "sgl-evict: this model has sliding-window attention layers, which eviction inside the server does "
+                "not support yet; launch without --kv-evict-policy (or use the HF harness, sgl-evict eval)")
+        STATE.rope = RopeSpec.from_config(self.model_config.hf_text_config)
     return result
 
 
@@ -43,7 +46,8 @@ def process_batch_result_prefill_around(original, self, batch, result, *args, **
             from sglang.srt.distributed import tensor_model_parallel_all_reduce as all_reduce
         kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
         evict_after_prefill(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
-                            self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce)
+                            self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce,
+                            self.token_to_kv_pool_allocator.page_size)
     return original(self, batch, result, *args, **kwargs)
 
 

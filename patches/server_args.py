@@ -15,7 +15,9 @@ Wraps two SGLang functions (registered through HookRegistry by :mod:`sgl_evict.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 
 from sgl_evict.config import POLICY_NAMES, EvictionConfig
 from sgl_evict.selection import Budget
@@ -86,15 +88,16 @@ def add_cli_args_after(result, parser: argparse.ArgumentParser):
 
 
 def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> None:
-    """ValueError (message starting with the flag) for settings the engine cannot evict with yet."""
+    """ValueError (message starting with the flag) for settings the engine cannot evict with (yet)."""
     from sgl_evict.engine.keep import SERVER_POLICIES
 
     if config.policy not in SERVER_POLICIES:
         raise ValueError(f"argument --kv-evict-policy: {config.policy!r} runs in the HF harness (sgl-evict eval) but "
                          f"not inside the server yet; the server runs {', '.join(SERVER_POLICIES)}")
-    if config.enabled and getattr(args, "page_size", None) not in (None, 1):
-        raise ValueError(f"argument --page-size: eviction inside the server needs --page-size 1 for now, got "
-                         f"{args.page_size}")
+    page_size = getattr(args, "page_size", None) or 1
+    if config.enabled and page_size > 1 and os.environ.get("SGL_EVICT_EXPERIMENTAL_PAGES") != "1":
+        raise ValueError(f"argument --page-size: page-granular eviction (--page-size {page_size}) is built but not yet "
+                         "verified on a GPU; use --page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try it")
 
 
 def from_cli_args_around(original, cls, args: argparse.Namespace):
@@ -105,6 +108,10 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
     except ValueError as err:
         # argparse's own error format and exit status, no traceback.
         raise SystemExit(f"sglang serve: error: {err}") from None
+    if config.enabled and (getattr(args, "page_size", None) or 1) > 1 and not config.page_granular:
+        # a page whose tokens are only partly dropped cannot be freed: with pages, eviction is page-granular
+        config = dataclasses.replace(config, page_granular=True)
+        logging.getLogger("sgl_evict").info("kv eviction with --page-size %d: whole pages are evicted", args.page_size)
     if config.enabled:
         # Eviction runs between a prefill's forward and the processing of its result; the overlap scheduler
         # launches the next forward before that processing, and a prefill CUDA graph would skip the Python hook

@@ -142,6 +142,21 @@ def test_window_scores_equal_the_harness_snapkv_policy():
         assert torch.allclose(got[layer], policy.score(obs), rtol=1e-4, atol=1e-6)
 
 
+def test_dapq_window_scores_equal_the_harness_dapq_policy():
+    from sgl_evict.rope import RopeSpec
+
+    gen = _gen(7)
+    seq_len, kv_heads, group, dim, window = 50, 2, 2, 16, 5
+    pool, row = _pool(seq_len, kv_heads, dim, gen)
+    q = {3: torch.randn(kv_heads * group, window, dim, generator=gen)}
+    rope = RopeSpec.from_config({"head_dim": dim, "rope_theta": 10000.0, "hidden_size": 64,
+                                 "num_attention_heads": 4})
+    got = window_scores(q, {3: 0.25}, lambda _: pool, row, 7, attention_mass_paged, rope)[0]
+    keys = pool[row.long()].transpose(0, 1)
+    obs = LayerObservation(keys=keys, scaling=0.25, num_q_heads=kv_heads * group, window_queries=q[3], rope=rope)
+    assert torch.allclose(got, make_policy("dapq").score(obs), rtol=1e-4, atol=1e-6)
+
+
 def test_window_scores_ignore_holes():
     gen = _gen(4)
     seq_len, kv_heads, dim, window = 40, 2, 16, 4
@@ -163,14 +178,28 @@ def test_keep_mask_equals_uniform_select_keep():
     scores = torch.rand(3, 2, 60, generator=_gen(5))
     config = EvictionConfig(policy="snapkv", budget=Budget.parse("0.2"), window=5, sinks=2)
     expected = select_keep(scores, config.budget, 2, 5, "uniform").mask(0)[0]
-    assert torch.equal(keep_mask(combined_scores(scores), config), expected)
+    assert torch.equal(keep_mask(combined_scores(scores), config, torch.ones(60, dtype=torch.int32)), expected)
+
+
+def test_page_granular_keep_mask_keeps_whole_pages_within_the_budget():
+    page, seq_len = 4, 61  # the last page is partial
+    combined = torch.rand(seq_len, generator=_gen(8))
+    row = torch.arange(1, seq_len + 1, dtype=torch.int32)
+    config = EvictionConfig(policy="snapkv", budget=Budget(tokens=14), window=3, sinks=2)
+    keep = keep_mask(combined, config, row, page)
+    pages = torch.nn.functional.pad(keep, (0, -seq_len % page)).view(-1, page)
+    whole = pages.all(1) | ~pages.any(1)
+    assert whole[:-1].all() and (keep[-(seq_len % page):].all() or not keep[-(seq_len % page):].any())
+    assert keep[:2].all() and keep[-3:].all()  # sinks and window
+    # 14 tokens round up to 4 pages; the sink page and the two pages holding the window are among them
+    assert int(pages[:-1].all(1).sum()) + int(keep[-(seq_len % page):].any()) == 4
 
 
 def test_streaming_keeps_sinks_and_latest_live_tokens():
     row = torch.arange(1, 31, dtype=torch.int32)
     row[25] = HOLE
     config = EvictionConfig(policy="streaming", budget=Budget(tokens=10), window=3, sinks=2)
-    keep = keep_mask(combined_scores(position_scores("streaming", row)), config)
+    keep = keep_mask(combined_scores(position_scores("streaming", row)), config, row)
     # the old hole at 25 scores 0, so the budget goes to live tokens
     assert keep.nonzero().flatten().tolist() == [0, 1, 21, 22, 23, 24, 26, 27, 28, 29]
 

@@ -25,7 +25,7 @@ def finishes_prefill(req, batch) -> bool:
 
 def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
                         free: Callable[[torch.Tensor], None], attention_mass: Callable,
-                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1) -> int:
     """Evicts from every request of ``batch`` (SGLang's ``ScheduleBatch``) whose prefill it finished.
 
     Args:
@@ -36,6 +36,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         attention_mass: :func:`sgl_evict.kernels.paged_scoring.attention_mass_paged` (or its signature).
         all_reduce: returns a tensor summed over tensor-parallel ranks (each rank scores its own KV heads, and
             all must keep the same tokens), or None with one rank.
+        page_size: the pool's page size; above 1 whole pages are kept or freed.
 
     Returns:
         slots freed.
@@ -55,15 +56,15 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         # what the selector keeps at least: the budget, and the sinks and window it always protects
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
             continue
-        if config.policy == "snapkv":
-            scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row,
-                                   config.pooling_kernel, attention_mass)
+        if config.policy in ("snapkv", "dapq"):
+            scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row, config.pooling_kernel,
+                                   attention_mass, state.rope if config.policy == "dapq" else None)
         else:
             scores = position_scores(config.policy, row)
         combined = combined_scores(scores)
         if all_reduce is not None:
             combined = all_reduce(combined)
-        keep = keep_mask(combined, config)
+        keep = keep_mask(combined, config, row, page_size)
         if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
             logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
         slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)

@@ -8,11 +8,14 @@ import torch
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.holes import is_live
+from sgl_evict.kernels.rope_rerotate import rerotate_triton
+from sgl_evict.kernels.selection import select_pages
+from sgl_evict.rope import RopeSpec
 from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import select_keep
 
 #: policies the engine can run today; the others need inputs the server does not capture yet
-SERVER_POLICIES = ("none", "snapkv", "streaming", "random")
+SERVER_POLICIES = ("none", "snapkv", "dapq", "streaming", "random")
 
 MassFn = Callable[..., torch.Tensor]
 """``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
@@ -25,8 +28,9 @@ def window_scores(
     row: torch.Tensor,
     pooling_kernel: int,
     attention_mass: MassFn,
+    rope: RopeSpec | None = None,
 ) -> torch.Tensor:
-    """SnapKV scores of one request from its window queries, layer by layer, keys read from the pool.
+    """SnapKV (or, with ``rope``, DAPQ) scores of one request from its window queries, keys read from the pool.
 
     Args:
         window_queries: layer id -> ``[num_q_heads, window, head_dim]`` post-RoPE queries of the prompt's last
@@ -37,6 +41,9 @@ def window_scores(
         pooling_kernel: odd max-pooling width over neighbouring tokens.
         attention_mass: :func:`sgl_evict.kernels.paged_scoring.attention_mass_paged` or a stand-in with its
             signature (holes must get zero mass and stay out of the softmax).
+        rope: DAPQ: the model's RoPE; each window query is re-rotated to the position the answer's ``i``-th token
+            will take (``seq_len + i``) and sees every prompt key (``sgl_evict.policies.dapq``). None: SnapKV,
+            queries at their own positions, causal.
 
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
@@ -48,7 +55,12 @@ def window_scores(
     for layer in sorted(window_queries):
         q = window_queries[layer]
         keys = key_buffer(layer)
-        positions = torch.arange(seq_len - q.shape[1], seq_len, device=row.device).view(1, -1)
+        positions = torch.arange(seq_len - q.shape[1], seq_len, device=row.device)
+        if rope is not None:
+            q = rerotate_triton(q, positions, torch.arange(q.shape[1], device=row.device) + seq_len, rope)
+            positions = None
+        else:
+            positions = positions.view(1, -1)
         mass = attention_mass(q.unsqueeze(0), keys, table, lens, scaling[layer], positions)[0, :, :seq_len]
         per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max", "mean"))
     scores = torch.stack(per_layer)
@@ -82,10 +94,21 @@ def combined_scores(scores: torch.Tensor) -> torch.Tensor:
     return (scores / torch.where(total > 0, total, torch.ones_like(total))).sum(dim=(0, 1))
 
 
-def keep_mask(combined: torch.Tensor, config: EvictionConfig) -> torch.Tensor:
+def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int = 1) -> torch.Tensor:
     """``[seq_len]`` bool keep mask of one request from its :func:`combined_scores`: one keep-set for all layers
     and heads (``uniform``). The budget counts the request's logical tokens; the first ``sinks`` and last
     ``window`` tokens are always kept, as in the HF harness.
+
+    With ``page_size > 1`` whole pages are kept or dropped (a page's score is the sum of its tokens', the budget
+    is rounded up to pages; ``kernels/selection.py``), so every dropped page can be freed. ``row`` is the
+    request's ``[seq_len]`` slot row (its pages).
     """
-    kept = select_keep(combined.view(1, 1, -1), config.budget, config.sinks, config.window, "uniform")
-    return kept.mask(0)[0]
+    seq_len = combined.shape[0]
+    if page_size == 1:
+        kept = select_keep(combined.view(1, 1, -1), config.budget, config.sinks, config.window, "uniform")
+        return kept.mask(0)[0]
+    budget = torch.tensor([config.budget.num_tokens(seq_len)], device=row.device)
+    lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
+    selection = select_pages(combined.view(1, -1), row.view(1, -1), lens, budget, page_size, config.sinks,
+                             config.window)
+    return selection.keep_mask[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import WindowQueryCapture
 from sgl_evict.engine.keep import SERVER_POLICIES
+from sgl_evict.rope import RopeSpec
 
 logger = logging.getLogger("sgl_evict")
 
@@ -23,6 +24,7 @@ class EngineState:
         capture: window queries of the forward being run (None when no policy needs queries).
         shadow_offset: row offset of the compacted shadow rows in ``req_to_token`` (None before the pool is
             built, or when eviction is off).
+        rope: the model's RoPE (dapq re-rotates window queries with it), read from its config at start.
         forward_id: counts forwards, so eviction uses the queries of its own batch only.
         freed_slots, hidden_tokens: totals since start, for logs and tests.
     """
@@ -30,6 +32,7 @@ class EngineState:
     config: EvictionConfig = field(default_factory=EvictionConfig)
     capture: WindowQueryCapture | None = None
     shadow_offset: int | None = None
+    rope: RopeSpec | None = None
     forward_id: int = 0
     freed_slots: int = 0
     hidden_tokens: int = 0
