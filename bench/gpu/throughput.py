@@ -249,7 +249,7 @@ def main() -> int:
     common = ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
               "--attention-backend", args.attention_backend, "--mem-fraction-static", str(args.mem_fraction_static),
               "--max-total-tokens", str(args.max_total_tokens), "--max-running-requests",
-              str(args.max_running_requests), "--cuda-graph-max-bs", str(args.max_running_requests),
+              str(args.max_running_requests), "--cuda-graph-max-bs-decode", str(args.max_running_requests),
               *args.server_extra.split()]
     configs = {
         "plain": ([*common, *args.plain_extra.split()], {"SGLANG_PLUGINS": "not-sgl-evict"}),
