@@ -33,9 +33,13 @@ def test_shared_duration_fits_two_servers_in_the_deadline():
     # fast start: the requested duration fits
     assert throughput.shared_duration(110, 450, 90, 90) == 110
     # slow start: both get the equal share that ends at the deadline
-    d = throughput.shared_duration(110, 450, 150, 150)
-    assert 150 + d + m + 150 + d + m == pytest.approx(450)
-    assert throughput.shared_duration(110, 450, 300, 300) == 10  # never below 10 s
+    d = throughput.shared_duration(110, 450, 110, 110)
+    assert d < 110 and 110 + d + m + 110 + d + m == pytest.approx(450)
+    # a cold first start (JIT) is not expected again from the second server
+    cap = throughput.SECOND_START_CAP_S
+    d = throughput.shared_duration(110, 450, 200, 200)
+    assert 200 + d + m + cap + d + m == pytest.approx(450)
+    assert throughput.shared_duration(110, 450, 380, 380) == 10  # never below 10 s
 
 
 def test_evictions_logged_totals(tmp_path):
