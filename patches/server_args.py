@@ -87,6 +87,16 @@ def add_cli_args_after(result, parser: argparse.ArgumentParser):
     add_eviction_args(parser)
 
 
+#: SGLang settings the engine hooks do not handle yet: (flag, values that work, why); other values are refused
+_UNSUPPORTED_WITH_EVICTION = (
+    ("--speculative-algorithm", (None,), "draft and verify forwards would read the compacted rows untested"),
+    ("--enable-hierarchical-cache", (False,), "the host-memory radix cache does not know about holes"),
+    ("--enable-dp-attention", (False,), "not run with eviction"),
+    ("--pp-size", (1,), "not run with eviction"),
+    ("--kv-cache-dtype", ("auto", "bf16", "bfloat16", "fp16", "float16"), "the scoring kernel reads 16-bit keys"),
+)
+
+
 def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> None:
     """ValueError (message starting with the flag) for settings the engine cannot evict with (yet)."""
     from sgl_evict.engine.keep import SERVER_POLICIES
@@ -94,6 +104,11 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
     if config.policy not in SERVER_POLICIES:
         raise ValueError(f"argument --kv-evict-policy: {config.policy!r} runs in the HF harness (sgl-evict eval) but "
                          f"not inside the server yet; the server runs {', '.join(SERVER_POLICIES)}")
+    if config.enabled:
+        for flag, working, why in _UNSUPPORTED_WITH_EVICTION:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"), working[0])
+            if value not in working:
+                raise ValueError(f"argument {flag}: not supported together with --kv-evict-policy yet ({why})")
     page_size = getattr(args, "page_size", None) or 1
     if config.enabled and page_size > 1 and os.environ.get("SGL_EVICT_EXPERIMENTAL_PAGES") != "1":
         raise ValueError(f"argument --page-size: page-granular eviction (--page-size {page_size}) is built but not yet "

@@ -92,6 +92,10 @@ def test_no_flags_means_no_eviction(prepare):
      "argument --kv-evict-soft-tokens: file '/no/such/file' does not exist"),
     (["--kv-evict-policy", "laq", "--kv-evict-budget", "0.1"],
      "argument --kv-evict-policy: 'laq' runs in the HF harness (sgl-evict eval) but not inside the server yet"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--enable-hierarchical-cache"],
+     "argument --enable-hierarchical-cache: not supported together with --kv-evict-policy yet"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3"],
+     "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet"),
 ])
 def test_bad_values_fail_at_launch_naming_the_flag(prepare, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
