@@ -19,6 +19,9 @@ from sgl_evict.engine.runtime import STATE
 def forward_around(original, self, forward_batch, *args, **kwargs):
     if not STATE.enabled:
         return original(self, forward_batch, *args, **kwargs)
+    if STATE.shadow_offset is None:
+        raise RuntimeError("sgl-evict: this model runner's request-to-token pool was built without the shadow rows "
+                           "eviction needs (its pool class does not run ReqToTokenPool.__init__)")
     STATE.forward_id += 1
     capture = STATE.capture
     if forward_batch.forward_mode.is_extend() and forward_batch.extend_seq_lens_cpu is not None:
