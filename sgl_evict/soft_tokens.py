@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,15 +31,21 @@ def model_fingerprint(config: Any, embedding_weight: torch.Tensor | None = None)
 
 @dataclass
 class SoftTokens:
-    """``embeddings [k, hidden_size]`` appended after the prompt, and the model they were trained for."""
+    """``embeddings [k, hidden_size]`` appended after the prompt, and the model they were trained for.
+
+    ``metadata``: free-form strings stored in the file's header (e.g. ``"training"``: JSON of how the vectors
+    were trained); :meth:`load` reads them back.
+    """
 
     embeddings: torch.Tensor
     fingerprint: str
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
         from safetensors.torch import save_file
 
-        meta = {"fingerprint": self.fingerprint, "format": "sgl-evict-judgeq-v1", **(metadata or {})}
+        # fingerprint and format last: no metadata entry may overwrite them
+        meta = {**self.metadata, **(metadata or {}), "fingerprint": self.fingerprint, "format": "sgl-evict-judgeq-v1"}
         save_file({"soft_tokens": self.embeddings.detach().float().contiguous().cpu()}, str(path), metadata=meta)
 
     @classmethod
@@ -61,4 +67,5 @@ class SoftTokens:
                 f"{path} was trained for model fingerprint {fingerprint}, but the loaded model is "
                 f"{expect_fingerprint}; train soft tokens for this model with `sgl-evict train-judgeq`"
             )
-        return cls(embeddings, fingerprint)
+        extra = {k: v for k, v in meta.items() if k not in ("fingerprint", "format")}
+        return cls(embeddings, fingerprint, extra)
