@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sgl_evict.eval.tasks import TASKS, TaskSample, generate_sample
-from sgl_evict.harness import EvictionHarness
+from sgl_evict.harness import EvictionHarness, PrefillState
+from sgl_evict.policies import make_policy
 from sgl_evict.scoring import score_queries
 from sgl_evict.selection import Budget
 from sgl_evict.soft_tokens import SoftTokens
@@ -156,16 +157,15 @@ def _mean_attention(harness: EvictionHarness, queries: dict[int, torch.Tensor], 
     return torch.stack(rows)
 
 
-def build_example(harness: EvictionHarness, context_ids: torch.Tensor, answer_ids: list[int]) -> TrainingExample:
-    """Context KV and target attention for ``context_ids [1, n]`` answered by ``answer_ids`` (teacher-forced).
+def build_example(harness: EvictionHarness, state: PrefillState, answer_ids: list[int]) -> TrainingExample:
+    """Context KV and target attention for the prefilled context ``state`` answered by ``answer_ids``.
 
-    The target queries are those of the fed answer tokens at positions ``n .. n + m - 1``: in decoding, these are
-    the queries that read the (evicted) cache.
+    Teacher-forced: the target queries are those of the fed answer tokens at positions ``n .. n + m - 1``; in
+    decoding, these are the queries that read the (evicted) cache.
     """
     if not answer_ids:
         raise ValueError("the answer must have at least one token")
     with torch.inference_mode():
-        state = harness.prefill(context_ids)
         harness.ctx.queries = {}
         positions = torch.arange(state.seq_len, state.seq_len + len(answer_ids))
         ids = torch.tensor([answer_ids], device=harness.device)
@@ -257,16 +257,13 @@ def train_soft_tokens(harness: EvictionHarness, examples: list[TrainingExample],
     return TrainResult(soft.detach().cpu(), losses, initial, final)
 
 
-def answer_ids(harness: EvictionHarness, tokenizer, sample: TaskSample, context_ids: torch.Tensor,
-               source: str, max_tokens: int) -> list[int]:
+def answer_ids(harness: EvictionHarness, tokenizer, sample: TaskSample, state: PrefillState, source: str,
+               max_tokens: int) -> list[int]:
     """The answer that makes the target: the task's reference answer, or the model's greedy continuation."""
     if source == "greedy":
-        from sgl_evict.policies import make_policy
-
-        with torch.inference_mode():
-            state = harness.prefill(context_ids)
-            return harness.generate(state, make_policy("none"), Budget(fraction=1.0),
-                                    max_new_tokens=max_tokens).tokens
+        eos = (tokenizer.eos_token_id,) if isinstance(tokenizer.eos_token_id, int) else ()
+        return harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=max_tokens,
+                                eos_token_ids=eos).tokens
     # prompts end with the answer's lead-in; kv_retrieval's ends inside an opening quote, the others before a space
     text = ("" if sample.prompt.endswith('"') else " ") + ", ".join(sample.answers)
     return tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
@@ -282,9 +279,9 @@ def make_examples(harness: EvictionHarness, tokenizer, config: TrainConfig,
     for i, seed in enumerate(tqdm(config.sample_seeds(), desc="targets", unit="example", disable=not progress,
                                   file=sys.stderr, dynamic_ncols=True)):
         sample = generate_sample(config.tasks[i % len(config.tasks)], config.context_tokens, count, seed)
-        ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(harness.device)
-        examples.append(build_example(harness, ids, answer_ids(harness, tokenizer, sample, ids, config.answer,
-                                                               config.answer_tokens)))
+        state = harness.prefill(tokenizer(sample.prompt, return_tensors="pt").input_ids)
+        answer = answer_ids(harness, tokenizer, sample, state, config.answer, config.answer_tokens)
+        examples.append(build_example(harness, state, answer))
     return examples
 
 

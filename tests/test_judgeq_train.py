@@ -33,7 +33,7 @@ def trained():
     freeze(model)
     harness = EvictionHarness(model, window=8, sinks=2)
     gen = torch.Generator().manual_seed(1)
-    examples = [build_example(harness, torch.randint(0, 200, (1, 48), generator=gen),
+    examples = [build_example(harness, harness.prefill(torch.randint(0, 200, (1, 48), generator=gen)),
                               torch.randint(0, 200, (6,), generator=gen).tolist()) for _ in range(4)]
     init = initial_soft_tokens(model, 8, seed=0)
     result = train_soft_tokens(harness, examples, init, steps=20, lr=3e-2, seed=0)
@@ -142,7 +142,7 @@ def test_cli_trains_and_eval_runs_judgeq_with_the_file(checkpoint, tmp_path, cap
     out = tmp_path / "judgeq.safetensors"
     code = main(["train-judgeq", "--model", str(checkpoint), "--out", str(out), "--steps", "4", "--soft-tokens", "4",
                  "--context", "120", "--examples", "2", "--tasks", "niah_single,kv_retrieval", "--answer", "greedy",
-                 "--answer-tokens", "4", "--no-progress"])
+                 "--answer-tokens", "4", "--dtype", "bfloat16", "--no-progress"])
     assert code == 0
     assert "loss" in capsys.readouterr().out
     soft = SoftTokens.load(out)
@@ -151,6 +151,7 @@ def test_cli_trains_and_eval_runs_judgeq_with_the_file(checkpoint, tmp_path, cap
     assert training["steps"] == 4 and training["tasks"] == ["niah_single", "kv_retrieval"]
     assert training["sample_seeds"][0] >= TRAIN_SEED_BASE
     assert soft.metadata["command"].startswith("sgl-evict train-judgeq")
+    # eval loads the model in float32: the fingerprint must not depend on the training dtype
     code = main(["eval", "--model", str(checkpoint), "--tasks", "niah_single", "--context", "120", "--samples", "1",
                  "--policies", "judgeq", "--soft-tokens", str(out), "--budgets", "0.5", "--window", "8",
                  "--max-new-tokens", "2", "--fidelity-tokens", "2", "--out", str(tmp_path / "r.json"),
