@@ -289,7 +289,6 @@ def train_judgeq(model, tokenizer, config: TrainConfig, device: str = "cpu",
                  progress: bool = False) -> tuple[SoftTokens, TrainResult]:
     """Freezes ``model``, builds the examples, trains; returns the soft tokens (with training metadata)."""
     config.validate()
-    torch.manual_seed(config.seed)
     freeze(model)
     harness = EvictionHarness(model, device=device)
     # fingerprinted before the dtype cast: `sgl-evict eval` loads the model in float32, and bfloat16 rounding
