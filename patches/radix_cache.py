@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 
 from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.runtime import STATE
 from sgl_evict.holes import count_live, live, namespaced_extra_key
 
 TOKEN_ALLOCATOR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
@@ -51,8 +52,14 @@ REQ = "sglang.srt.managers.schedule_batch.Req"
 
 # ---- freeing ----------------------------------------------------------------------------------------------------
 
+# Holes exist only in a process whose server evicts (a request cannot turn eviction on elsewhere), so without
+# eviction every hook below hands straight over to SGLang: dropping holes costs a device-to-host sync per call,
+# which SGLang's own free paths avoid.
+
 def token_free_before(allocator, free_index):
     """BEFORE hook on ``TokenToKVPoolAllocator.free(free_index [n])``: frees only the live slots."""
+    if not STATE.enabled:
+        return None
     return (allocator, live(free_index)), {}
 
 
@@ -61,6 +68,8 @@ def paged_release_before(allocator, *page_ids):
 
     A hole page's id arrives as ``HOLE // page_size``, which is HOLE for every page_size >= 1.
     """
+    if not STATE.enabled:
+        return None
     return (allocator, *(live(ids) for ids in page_ids)), {}
 
 
@@ -80,6 +89,8 @@ def _path_to_root(cache, node):
 
 def insert_helper_around(original, cache, node, key, value, *args, **kwargs):
     """AROUND hook on ``RadixCache._insert_helper``: the new leaf counts its live slots as evictable."""
+    if not STATE.enabled:
+        return original(cache, node, key, value, *args, **kwargs)
     before = cache.evictable_size_
     prefix_len, last_node = original(cache, node, key, value, *args, **kwargs)
     # evictable_size_ changes in _insert_helper only when it adds a leaf, and then that leaf is the returned node
@@ -90,7 +101,7 @@ def insert_helper_around(original, cache, node, key, value, *args, **kwargs):
 
 def inc_lock_ref_around(original, cache, node):
     """AROUND hook on ``RadixCache.inc_lock_ref(node)``: nodes locked now move live slots to protected."""
-    if cache.disable:
+    if cache.disable or not STATE.enabled:
         return original(cache, node)
     newly_locked = sum(holes_of(n) for n in _path_to_root(cache, node) if n.lock_ref == 0)
     result = original(cache, node)
@@ -103,7 +114,7 @@ def inc_lock_ref_around(original, cache, node):
 
 def dec_lock_ref_around(original, cache, node, *args, **kwargs):
     """AROUND hook on ``RadixCache.dec_lock_ref(node, params=None)``: nodes unlocked now move live slots back."""
-    if cache.disable:
+    if cache.disable or not STATE.enabled:
         return original(cache, node, *args, **kwargs)
     newly_unlocked = sum(holes_of(n) for n in _path_to_root(cache, node) if n.lock_ref == 1)
     result = original(cache, node, *args, **kwargs)
@@ -117,7 +128,8 @@ def dec_lock_ref_around(original, cache, node, *args, **kwargs):
 def delete_leaf_around(original, cache, node):
     """AROUND hook on ``RadixCache._delete_leaf(node)``: only the leaf's live slots leave ``evictable_size_``."""
     original(cache, node)
-    cache.evictable_size_ += holes_of(node)
+    if STATE.enabled:
+        cache.evictable_size_ += holes_of(node)
 
 
 def evict_around(original, cache, params):
@@ -125,7 +137,7 @@ def evict_around(original, cache, params):
 
     Each pass of SGLang's evict deletes at least one leaf while one is evictable, so the loop ends.
     """
-    if cache.disable:
+    if cache.disable or not STATE.enabled:
         return original(cache, params)
     start = cache.evictable_size_
     result = original(cache, params)

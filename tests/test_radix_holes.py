@@ -47,6 +47,17 @@ NAMESPACES = (None, NS_COMPRESSED)  # eviction off (never holes), eviction on (h
 
 # ---- a real cache over a real CPU pool ---------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def evicting_process():
+    """The hooks act only in a process whose server evicts (without eviction no hole can exist): this one does."""
+    from sgl_evict.engine.runtime import STATE
+
+    saved = STATE.config
+    STATE.configure(COMPRESSED)
+    yield STATE
+    STATE.configure(saved)
+
+
 @dataclasses.dataclass
 class SimReq:
     """The fields of SGLang's Req that ReqToTokenPool and RadixCache.cache_{un,}finished_req read and write."""
@@ -519,3 +530,10 @@ def test_bad_request_override_aborts_the_request_instead_of_the_scheduler(server
     with get_parallel().override(tp_rank=0):
         req = make_req({"kv_evict": {"policy": "h2o"}})
     assert req.to_finish is not None and "kv_evict: policy: 'h2o'" in req.to_finish.message
+
+
+def test_without_eviction_the_allocator_and_tree_hooks_hand_straight_over(evicting_process):
+    # no hole can exist then, and dropping holes would cost SGLang's free paths a device sync
+    evicting_process.configure(EvictionConfig())
+    assert hooks.token_free_before(None, torch.tensor([3, HOLE])) is None
+    assert hooks.paged_release_before(None, torch.tensor([HOLE])) is None
