@@ -1,8 +1,9 @@
 """Eviction in the scheduler process.
 
-- ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AROUND): sets the process's eviction config from ``server_args`` before SGLang builds
-  the pools (the pool hook reads it), then refuses models the engine cannot evict from yet (sliding-window
-  layers), with a message instead of wrong answers.
+- ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AROUND): sets the process's eviction config from
+  ``server_args`` before SGLang builds the pools (the pool hook reads it), then refuses models the engine cannot
+  evict from yet (sliding-window layers), with a message instead of wrong answers, and reads the model's RoPE for
+  dapq.
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
@@ -16,6 +17,8 @@
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -33,8 +36,20 @@ def init_around(original, self, server_args, *args, **kwargs):
             raise RuntimeError(
                 "sgl-evict: this model has sliding-window attention layers, which eviction inside the server does "
                 "not support yet; launch without --kv-evict-policy (or use the HF harness, sgl-evict eval)")
-        STATE.rope = RopeSpec.from_config(self.model_config.hf_text_config)
+        STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
     return result
+
+
+def _model_rope(hf_config, required: bool) -> RopeSpec | None:
+    """The model's RoPE for dapq; None (dapq requests then keep their full cache, logged) if the config cannot
+    be read and the server's own policy does not need it."""
+    try:
+        return RopeSpec.from_config(hf_config)
+    except Exception as err:  # any config shape RopeSpec does not understand
+        if required:
+            raise RuntimeError(f"sgl-evict: cannot read this model's RoPE for --kv-evict-policy dapq: {err}") from err
+        logging.getLogger("sgl_evict").warning("cannot read this model's RoPE (%s): dapq requests will not evict", err)
+        return None
 
 
 def process_batch_result_prefill_around(original, self, batch, result, *args, **kwargs):

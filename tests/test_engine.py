@@ -281,3 +281,14 @@ def test_request_config_refuses_what_the_server_cannot_do():
         request_config(EvictionConfig(), {"kv_evict": {"policy": "snapkv", "budget": 0.1}})
     with pytest.raises(ValueError, match="budget: invalid budget"):
         request_config(server, {"kv_evict": {"budget": "lots"}})
+
+
+def test_dapq_without_the_models_rope_keeps_the_full_cache():
+    state = EngineState()
+    state.configure(EvictionConfig(policy="dapq", budget=Budget(tokens=2), window=2, sinks=1))
+    state.capture.begin(5, [10], "cpu")
+    state.forward_id = 5  # rope stays None: the model's RoPE could not be read at start
+    table = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
+    assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, None,
+                               attention_mass_paged) == 0
+    assert (table != HOLE).all()

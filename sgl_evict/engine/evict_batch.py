@@ -53,6 +53,10 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         row = req_to_token[req.req_pool_idx, :seq_len]
         if not config.enabled or seq_len < config.min_prompt_len:
             continue
+        if config.policy == "dapq" and state.rope is None:
+            logger.warning("sgl-evict: request %s asks for dapq, but this model's RoPE could not be read at start: "
+                           "its cache is kept in full", req.rid)
+            continue
         # what the selector keeps at least: the budget, and the sinks and window it always protects
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
             continue
