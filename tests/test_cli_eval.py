@@ -3,31 +3,11 @@
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 from sgl_evict import Budget  # noqa: E402
 from sgl_evict.cli import main  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    words = ["[UNK]", "</s>"] + "the grass is green sky blue sun yellow here we go there and back again . : ?".split()
-    words += [str(d) for d in range(10)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
 
 
 def test_eval_writes_json_plot_and_table(checkpoint, tmp_path, capsys):

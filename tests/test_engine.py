@@ -90,7 +90,7 @@ def test_compact_rows_packs_live_slots_in_order_into_shadow_rows():
         assert torch.equal(table[r + offset, : live.numel()], live)
 
 
-def _forward_batch(table, idx, lens, extend_lens=None):
+def _forward_batch(idx, lens, extend_lens=None):
     mode = SimpleNamespace(is_extend=lambda: extend_lens is not None)
     return SimpleNamespace(
         batch_size=len(idx), forward_mode=mode, req_pool_indices=torch.tensor(idx), seq_lens=torch.tensor(lens),
@@ -106,7 +106,7 @@ def test_forward_batch_sees_kept_lengths_and_gets_its_logical_fields_back(extend
     table = torch.zeros(6, 10, dtype=torch.int32)
     table[1, :8] = torch.tensor([5, HOLE, 6, HOLE, HOLE, 7, 8, 9], dtype=torch.int32)
     table[2, :3] = torch.tensor([11, 12, 13], dtype=torch.int32)
-    fb = _forward_batch(table, [1, 2], [8, 3], [2, 3] if extend else None)
+    fb = _forward_batch([1, 2], [8, 3], [2, 3] if extend else None)
     logical = dict(vars(fb))
     saved = enter_compacted(fb, table, 3)
     assert fb.req_pool_indices.tolist() == [4, 5]
@@ -204,7 +204,7 @@ def test_streaming_keeps_sinks_and_latest_live_tokens():
     assert keep.nonzero().flatten().tolist() == [0, 1, 21, 22, 23, 24, 26, 27, 28, 29]
 
 
-def _batch_for_eviction(table, reqs, seq_lens):
+def _batch_for_eviction(reqs, seq_lens):
     return SimpleNamespace(reqs=reqs, decoding_reqs=None, seq_lens_cpu=torch.tensor(seq_lens))
 
 
@@ -233,7 +233,7 @@ def test_evict_after_prefill_keeps_the_budget_and_frees_owned_slots():
     reqs = [_req("a", 1, protected=10), _req("b", 2, inflight=1),  # b: a middle chunk, not done
             _req("c", 3, custom={"kv_evict": {"policy": "none"}})]  # c: turned off by the request
     freed = []
-    n = evict_after_prefill(_batch_for_eviction(table, reqs, lens), state, table, lambda _: pool, freed.append,
+    n = evict_after_prefill(_batch_for_eviction(reqs, lens), state, table, lambda _: pool, freed.append,
                             attention_mass_paged)
     row = table[1, :50]
     assert int((row != HOLE).sum()) == 12
@@ -251,7 +251,7 @@ def test_evict_after_prefill_ignores_queries_of_another_forward():
     state.capture.begin(1, [10], "cpu")
     state.forward_id = 2  # a later forward ran: these queries are not this batch's
     table = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
-    assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, None,
+    assert evict_after_prefill(_batch_for_eviction([_req("a", 0)], [10]), state, table, None, None,
                                attention_mass_paged) == 0
     assert (table != HOLE).all()
 
@@ -263,7 +263,7 @@ def test_evict_after_prefill_skips_prompts_the_protected_tokens_cover():
     state.forward_id = 3
     table = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
     freed = []
-    assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, freed.append,
+    assert evict_after_prefill(_batch_for_eviction([_req("a", 0)], [10]), state, table, None, freed.append,
                                attention_mass_paged) == 0
     assert freed == [] and (table != HOLE).all()
 
@@ -289,6 +289,6 @@ def test_dapq_without_the_models_rope_keeps_the_full_cache():
     state.capture.begin(5, [10], "cpu")
     state.forward_id = 5  # rope stays None: the model's RoPE could not be read at start
     table = torch.arange(1, 11, dtype=torch.int32).view(1, 10)
-    assert evict_after_prefill(_batch_for_eviction(table, [_req("a", 0)], [10]), state, table, None, None,
+    assert evict_after_prefill(_batch_for_eviction([_req("a", 0)], [10]), state, table, None, None,
                                attention_mass_paged) == 0
     assert (table != HOLE).all()

@@ -119,25 +119,6 @@ def test_cli_bad_arguments_exit_with_a_message(args, message, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny Llama checkpoint with a word-level tokenizer, as `sgl-evict train-judgeq --model` reads it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    words = ["[UNK]", "</s>"] + "the grass is green sky blue sun yellow here we go there and back again . : ?".split()
-    words += [str(d) for d in range(10)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 def test_cli_trains_and_eval_runs_judgeq_with_the_file(checkpoint, tmp_path, capsys):
     out = tmp_path / "judgeq.safetensors"
     code = main(["train-judgeq", "--model", str(checkpoint), "--out", str(out), "--steps", "4", "--soft-tokens", "4",
