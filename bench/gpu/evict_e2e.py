@@ -22,6 +22,7 @@ servers started before it too), so the six fit on one GPU:
 | ``snapkv-eager`` | snapkv at 10%, decode without CUDA graphs |
 | ``dapq`` | dapq at 10% (window queries re-rotated to the answer's positions), FlashInfer |
 | ``snapkv-page16`` | snapkv at 10% with ``--page-size 16``: whole pages evicted, FlashInfer |
+| ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
 dropped slot is freed (none only hidden: also across chunks); a
@@ -99,7 +100,9 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "dapq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "dapq", "--kv-evict-budget",
                   str(BUDGET), *evict], {}),
         "snapkv-page16": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                           str(BUDGET), "--page-size", str(PAGE), *evict], {}),
+                           str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1"}),
+        "random": (["--attention-backend", "flashinfer", "--kv-evict-policy", "random", "--kv-evict-budget",
+                    str(BUDGET), *evict], {}),
     }
     specs = {name: spec for name, spec in specs.items() if not only or name in only}
     servers = {}
@@ -215,7 +218,7 @@ def main() -> int:
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
         for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming", "dapq",
-                     "snapkv-page16"):
+                     "snapkv-page16", "random"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
         time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
