@@ -124,6 +124,11 @@ def _yarn_spec(base, rotary_dim, theta, params, max_position_embeddings) -> Rope
     return RopeSpec(inv_freq.float(), float(attention_factor))
 
 
+def _inv_freq_on(spec: RopeSpec, device: torch.device) -> torch.Tensor:
+    """``spec.inv_freq`` in float64 on the positions' device (the spec is built on the CPU from the config)."""
+    return spec.inv_freq.to(device=device, dtype=torch.float64)
+
+
 def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotates the (first, second)-half pairs of ``x[..., :rotary_dim]`` by ``angles [..., rotary_dim/2]``."""
     half = angles.shape[-1]
@@ -134,7 +139,7 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     """RoPE of pre-RoPE vectors ``x [..., n, head_dim]`` at ``positions [n]`` (what the model does)."""
-    angles = positions.to(torch.float64)[:, None] * spec.inv_freq.to(torch.float64)[None, :]
+    angles = positions.to(torch.float64)[:, None] * _inv_freq_on(spec, positions.device)[None, :]
     out = _rotate(x.to(torch.float64), angles)
     half = spec.rotary_dim
     out[..., :half] *= spec.attention_factor
@@ -143,7 +148,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torc
 
 def undo_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     """Inverse of :func:`apply_rope`: the pre-RoPE form of post-RoPE vectors ``x [..., n, head_dim]``."""
-    angles = -positions.to(torch.float64)[:, None] * spec.inv_freq.to(torch.float64)[None, :]
+    angles = -positions.to(torch.float64)[:, None] * _inv_freq_on(spec, positions.device)[None, :]
     out = _rotate(x.to(torch.float64), angles)
     out[..., : spec.rotary_dim] /= spec.attention_factor
     return out.to(x.dtype)
@@ -156,5 +161,5 @@ def rerotate(x: torch.Tensor, from_positions: torch.Tensor, to_positions: torch.
     angles so large positions keep their precision.
     """
     delta = (to_positions.to(torch.float64) - from_positions.to(torch.float64))[:, None]
-    angles = delta * spec.inv_freq.to(torch.float64)[None, :]
+    angles = delta * _inv_freq_on(spec, delta.device)[None, :]
     return _rotate(x.to(torch.float64), angles).to(x.dtype)

@@ -94,3 +94,14 @@ def test_from_config_reads_legacy_rope_scaling():
 def test_unsupported_rope_type_is_a_clear_error():
     with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'"):
         rope_spec(64, 10000.0, "dynamic", {"factor": 2.0})
+
+
+def test_rope_math_runs_on_the_positions_device():
+    # the spec's inv_freq is built on the CPU from the config; positions and queries live on the GPU in a server
+    # (and in the harness on cuda). The meta device stands in for the GPU here: a CPU tensor mixed in fails.
+    spec = _spec("llama3")
+    x = torch.empty(2, 3, 8, 64, device="meta")
+    positions = torch.arange(8, device="meta")
+    assert rerotate(x, positions, positions + 5, spec).device.type == "meta"
+    assert apply_rope(x, positions, spec).device.type == "meta"
+    assert undo_rope(x, positions, spec).device.type == "meta"
