@@ -66,12 +66,14 @@ def test_evicting_server_turns_off_overlap_and_prefill_cuda_graphs(prepare):
 def test_pages_make_eviction_page_granular(prepare, monkeypatch, capsys):
     flags = ("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--page-size", "16",
              "--attention-backend", "triton")
-    with pytest.raises(SystemExit) as exit_info:  # not yet verified on a GPU: opt-in only
+    with pytest.raises(SystemExit) as exit_info:  # verified on FlashInfer only: other backends opt in
         prepare(*flags)
-    assert "argument --page-size: page-granular eviction (--page-size 16) is built but not yet verified" in (
-        capsys.readouterr().err + str(exit_info.value.code))
-    monkeypatch.setenv("SGL_EVICT_EXPERIMENTAL_PAGES", "1")
+    assert ("argument --page-size: page-granular eviction (--page-size 16) is verified with --attention-backend "
+            "flashinfer only (got triton)") in capsys.readouterr().err + str(exit_info.value.code)
     # a page whose tokens are only partly dropped cannot be freed
+    flashinfer = (*flags[:-1], "flashinfer")
+    assert eviction_config(prepare(*flashinfer)).page_granular
+    monkeypatch.setenv("SGL_EVICT_EXPERIMENTAL_PAGES", "1")
     assert eviction_config(prepare(*flags)).page_granular
     assert not eviction_config(prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")).page_granular
 
