@@ -203,6 +203,9 @@ def test_decode_capture_gathers_wanted_rows_eagerly_and_from_static_buffers():
     capture.record(7, q, Q_HEADS, DIM, capturing=True)
     taken = capture.take()[7]
     assert torch.equal(taken, rows[[4, 0]])
+    capture.begin([1], "cpu")  # a smaller batch: no position of the larger one is left in the static index
+    capture.record(7, q[:2], Q_HEADS, DIM, capturing=True)
+    assert torch.equal(capture.take()[7], rows[[1]])
     capture.begin([4, 0, 2], "cpu")  # more than a replay can gather: the batch must run eagerly
     assert capture.needs_eager
     capture.begin([], "cpu")

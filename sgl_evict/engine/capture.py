@@ -90,7 +90,9 @@ class DecodeQueryCapture:
         self._eager = {}
         self._positions = torch.tensor(positions, dtype=torch.long, device=device) if positions else None
         if positions and self._sel is not None and self.count <= self.capacity:
-            self._sel[: self.count].copy_(self._positions)
+            # every entry is rewritten: a stale position from a larger batch would index past a smaller graph's rows
+            padded = positions + [0] * (self.capacity - self.count)
+            self._sel.copy_(torch.tensor(padded, dtype=torch.long))
 
     @property
     def needs_eager(self) -> bool:
