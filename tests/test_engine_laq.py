@@ -239,3 +239,39 @@ def test_model_runner_hook_hides_records_and_counts_a_decode_step(monkeypatch):
     entry = STATE.pending["a"]
     assert entry.decoded == 1 and torch.equal(entry.queries()[0][:, 0], q[1].view(Q_HEADS, DIM))
     assert fb.seq_lens.tolist() == [31, 41] and fb.rids == ["b", "a"]  # logical fields back
+
+
+def test_decode_result_hook_evicts_before_sglang_processes_the_result(monkeypatch):
+    from sgl_evict.patches import lookahead as hooks
+
+    setup = Setup()
+    for name in ("config", "pending"):
+        monkeypatch.setattr(STATE, name, getattr(setup.state, name))
+    setup.prefill()
+    for step in range(STEPS):
+        setup.decode_step(step)
+    allocator = SimpleNamespace(get_kvcache=lambda: SimpleNamespace(get_key_buffer=setup.pools.__getitem__),
+                                free=setup.freed.append, page_size=1)
+    processor = SimpleNamespace(server_args=SimpleNamespace(tp_size=1), token_to_kv_pool_allocator=allocator,
+                                req_to_token_pool=SimpleNamespace(req_to_token=setup.table))
+    seen = {}
+
+    def process(self, batch, result):  # SGLang's: appends tokens, releases finished requests
+        seen["holes"] = int((setup.table[1, :40] == HOLE).sum())
+        return "processed"
+
+    assert hooks.process_batch_result_decode_around(process, processor, SimpleNamespace(reqs=setup.reqs), None) \
+        == "processed"
+    assert seen["holes"] == 40 - 10 and "a" not in STATE.pending
+
+
+def test_a_batch_with_more_pending_requests_than_a_replay_gathers_runs_eagerly(monkeypatch):
+    from sgl_evict.patches.lookahead import can_run_graph_around
+
+    capture = DecodeQueryCapture()
+    capture.allocate({0: (Q_HEADS, DIM)}, 1, torch.float32, "cpu")
+    monkeypatch.setattr(STATE, "decode_capture", capture)
+    capture.begin([0], "cpu")
+    assert can_run_graph_around(lambda *a: True, None, None)
+    capture.begin([0, 1], "cpu")
+    assert not can_run_graph_around(lambda *a: True, None, None)

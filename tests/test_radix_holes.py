@@ -561,6 +561,29 @@ def test_laq_request_ending_while_pending_is_released_with_its_full_cache(evicti
     assert total_slots_accounted(pool, 0) == 64
 
 
+def test_decode_capture_buffers_are_allocated_for_the_full_attention_layers_before_graph_capture(
+        evicting_process):
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from sgl_evict.patches.lookahead import GRAPH_CAPACITY, init_cuda_graphs_before
+
+    layers = torch.nn.ModuleList([RadixAttention(4, 16, 0.25, 2, layer_id=0),
+                                  RadixAttention(4, 16, 0.25, 2, layer_id=1, sliding_window_size=128),
+                                  RadixAttention(8, 32, 0.25, 2, layer_id=2)])
+    runner = dataclasses.make_dataclass("Runner", ["model", "req_to_token_pool", "dtype", "device"])(
+        layers, ReqToTokenPool(size=100, max_context_len=8, device="cpu", enable_memory_saver=False),
+        torch.bfloat16, "cpu")
+    assert init_cuda_graphs_before(runner) is None
+    capture = evicting_process.decode_capture
+    assert capture.capacity == GRAPH_CAPACITY
+    q = torch.randn(5, 8 * 32, dtype=torch.bfloat16)
+    capture.begin([4, 2], "cpu")
+    capture.record(2, q, 8, 32, capturing=True)  # what the captured graph of layer 2 replays
+    capture.record(1, q, 4, 16, capturing=True)  # a sliding-window layer has no buffer: nothing recorded
+    taken = capture.take()
+    assert set(taken) == {0, 2} and torch.equal(taken[2], q.view(5, 8, 32)[[4, 2]])
+
+
 def test_plugin_applies_the_laq_hooks():
     for target in ("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req",
                    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free",
