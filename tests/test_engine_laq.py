@@ -210,6 +210,11 @@ def test_decode_capture_gathers_wanted_rows_eagerly_and_from_static_buffers():
     assert capture.needs_eager
     capture.begin([], "cpu")
     assert not capture.needs_eager and capture.take() == {}
+    capture.begin([4], "cpu")
+    capture.take()
+    capture.begin([], "cpu")  # a batch wanting nothing still replays the gather: no stale position may remain
+    capture.record(7, q[:2], Q_HEADS, DIM, capturing=True)
+    assert capture.take() == {}
 
 
 def test_model_runner_hook_hides_records_and_counts_a_decode_step(monkeypatch):

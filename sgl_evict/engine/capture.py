@@ -71,6 +71,7 @@ class DecodeQueryCapture:
     def __init__(self):
         self.capacity = 0
         self._sel: torch.Tensor | None = None
+        self._sel_dirty = False  # _sel holds positions other than 0
         self._static: dict[int, torch.Tensor] = {}
         self._positions: torch.Tensor | None = None
         self._eager: dict[int, torch.Tensor] = {}
@@ -89,10 +90,12 @@ class DecodeQueryCapture:
         self.count = len(positions)
         self._eager = {}
         self._positions = torch.tensor(positions, dtype=torch.long, device=device) if positions else None
-        if positions and self._sel is not None and self.count <= self.capacity:
-            # every entry is rewritten: a stale position from a larger batch would index past a smaller graph's rows
+        # every replay gathers, also for batches that want nothing, so every entry is rewritten (to 0 when nothing
+        # is wanted): a stale position from a larger batch would index past a smaller graph's rows
+        if self._sel is not None and self.count <= self.capacity and (positions or self._sel_dirty):
             padded = positions + [0] * (self.capacity - self.count)
             self._sel.copy_(torch.tensor(padded, dtype=torch.long))
+            self._sel_dirty = bool(positions)
 
     @property
     def needs_eager(self) -> bool:
