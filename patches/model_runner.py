@@ -1,18 +1,23 @@
 """Per-forward eviction bookkeeping around ``sglang.srt.model_executor.model_runner.ModelRunner.forward`` (AROUND).
 
 Every forward of the scheduler's model goes through ``ModelRunner.forward(forward_batch)`` after SGLang built the
-batch (positions included, from the logical lengths). With eviction on, the hook
+batch (positions included, from the logical lengths); decode CUDA graphs are replayed from inside it. With eviction
+on, the hook
 
 - starts the window-query capture for extend forwards (the attention hook fills it), numbering the forward so
   eviction uses its own batch's queries only;
-- points the batch at compacted shadow rows with kept lengths
-  (:mod:`sgl_evict.engine.compact_view`), so FlashInfer and Triton attention, eager or in CUDA graphs, read only
-  kept slots, and puts the logical fields back afterwards.
+- for decode forwards, names the batch positions of laq requests still in their lookahead steps to the decode
+  query capture (before the graph replay reads its static index), and after the forward hands each of them its
+  queries (:mod:`sgl_evict.engine.lookahead`);
+- points the batch at compacted shadow rows with kept lengths (:mod:`sgl_evict.engine.compact_view`), the
+  positions a pending laq request hides left out, so FlashInfer and Triton attention, eager or in CUDA graphs,
+  read only kept slots, and puts the logical fields back afterwards.
 """
 
 from __future__ import annotations
 
 from sgl_evict.engine.compact_view import enter_compacted, leave_compacted
+from sgl_evict.engine.lookahead import pending_positions, record_step
 from sgl_evict.engine.runtime import STATE
 
 
@@ -26,9 +31,18 @@ def forward_around(original, self, forward_batch, *args, **kwargs):
     capture = STATE.capture
     if forward_batch.forward_mode.is_extend() and forward_batch.extend_seq_lens_cpu is not None:
         capture.begin(STATE.forward_id, list(forward_batch.extend_seq_lens_cpu), forward_batch.seq_lens.device)
-    saved = enter_compacted(forward_batch, self.req_to_token_pool.req_to_token, STATE.shadow_offset)
+    rids = getattr(forward_batch, "rids", None)
+    positions = pending_positions(rids, STATE.pending)
+    decode = forward_batch.forward_mode.is_decode()
+    if decode:
+        STATE.decode_capture.begin(positions, forward_batch.seq_lens.device)
+    views = [(i, STATE.pending[rids[i]].visible) for i in positions]
+    saved = enter_compacted(forward_batch, self.req_to_token_pool.req_to_token, STATE.shadow_offset, views)
     try:
-        return original(self, forward_batch, *args, **kwargs)
+        result = original(self, forward_batch, *args, **kwargs)
     finally:
         leave_compacted(forward_batch, saved)
         capture.end()
+    if decode and positions:
+        record_step(rids, positions, STATE.decode_capture.take(), STATE.pending)
+    return result

@@ -54,7 +54,7 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV eviction (sgl-evict)")
     group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
                        help="Token-level KV eviction policy applied after prefill (the server runs none, snapkv, "
-                            "dapq, streaming and random; the others run in the HF harness, sgl-evict eval).")
+                            "laq, dapq, streaming and random; the others run in the HF harness, sgl-evict eval).")
     group.add_argument("--kv-evict-budget", type=_budget, default=None,
                        help="KV kept per request: a fraction (0.1, 10%%) or a token count (1024).")
     group.add_argument("--kv-evict-window", type=_int_at_least(1), default=_DEFAULTS.window,
@@ -66,7 +66,8 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-evict-min-prompt-len", type=_int_at_least(0), default=_DEFAULTS.min_prompt_len,
                        help="Prompts shorter than this are not compressed.")
     group.add_argument("--kv-evict-lookahead-steps", type=_int_at_least(1), default=_DEFAULTS.lookahead_steps,
-                       help="laq: decode steps run on the snapkv view before re-scoring.")
+                       help="laq: decode steps run on the snapkv view before re-scoring (a request that ends "
+                            "sooner keeps its full cache).")
     group.add_argument("--kv-evict-soft-tokens", default=None, help="judgeq: soft-token file.")
     group.add_argument("--kv-evict-page-granular", action="store_true",
                        help="Evict whole pages so freed memory is real (implied by --page-size > 1).")

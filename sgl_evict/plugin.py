@@ -35,7 +35,7 @@ def register() -> None:
 
 def _register_engine_hooks(registry, hook_type) -> None:
     """Eviction in the engine: query capture, eviction after prefill, compacted attention (``patches/``)."""
-    from sgl_evict.patches import attention, model_runner, req_to_token_pool, scheduler
+    from sgl_evict.patches import attention, lookahead, model_runner, req_to_token_pool, scheduler
 
     registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
@@ -48,3 +48,18 @@ def _register_engine_hooks(registry, hook_type) -> None:
                       hook_type.AROUND)
     registry.register("sglang.srt.layers.radix_attention.RadixAttention.forward", attention.forward_around,
                       hook_type.AROUND)
+    _register_lookahead_hooks(registry, hook_type, lookahead)
+
+
+def _register_lookahead_hooks(registry, hook_type, lookahead) -> None:
+    """laq: pending requests from prefill through their lookahead steps to eviction (``patches/lookahead.py``)."""
+    registry.register("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req",
+                      lookahead.cache_unfinished_req_around, hook_type.AROUND)
+    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free", lookahead.req_row_free_before,
+                      hook_type.BEFORE)
+    registry.register("sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
+                      lookahead.init_cuda_graphs_before, hook_type.BEFORE)
+    registry.register("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+                      lookahead.can_run_graph_around, hook_type.AROUND)
+    registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+                      ".process_batch_result_decode", lookahead.process_batch_result_decode_around, hook_type.AROUND)

@@ -92,8 +92,9 @@ def test_no_flags_means_no_eviction(prepare):
     (["--kv-evict-pooling-kernel", "4"], "argument --kv-evict-pooling-kernel: must be odd, got 4"),
     (["--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", "/no/such/file"],
      "argument --kv-evict-soft-tokens: file '/no/such/file' does not exist"),
-    (["--kv-evict-policy", "laq", "--kv-evict-budget", "0.1"],
-     "argument --kv-evict-policy: 'laq' runs in the HF harness (sgl-evict eval) but not inside the server yet"),
+    (["--kv-evict-policy", "laprox", "--kv-evict-budget", "0.1"],
+     "argument --kv-evict-policy: 'laprox' runs in the HF harness (sgl-evict eval) but not inside the server yet; "
+     "the server runs none, snapkv, laq, dapq, streaming, random"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--enable-hierarchical-cache"],
      "argument --enable-hierarchical-cache: not supported together with --kv-evict-policy yet"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3"],
@@ -105,6 +106,24 @@ def test_bad_values_fail_at_launch_naming_the_flag(prepare, capsys, flags, messa
     printed = capsys.readouterr().err + str(exit_info.value.code)
     assert message in printed
     assert "Traceback" not in printed
+
+
+def test_laq_is_served_with_its_lookahead_steps(prepare):
+    # the README's headline command
+    args = prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-lookahead-steps", "4")
+    config = eviction_config(args)
+    assert config == EvictionConfig(policy="laq", budget=Budget.parse("0.1"), lookahead_steps=4)
+    assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
+    assert eviction_config(prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1")).lookahead_steps == 8
+
+
+def test_judgeq_is_refused_at_launch_after_its_soft_tokens_are_found(prepare, capsys, tmp_path):
+    soft = tmp_path / "soft.pt"
+    soft.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        prepare("--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", str(soft))
+    assert ("argument --kv-evict-policy: 'judgeq' runs in the HF harness (sgl-evict eval) but not inside the server "
+            "yet") in capsys.readouterr().err + str(exit_info.value.code)
 
 
 def test_request_override_is_validated_the_same_way():

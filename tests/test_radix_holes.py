@@ -64,6 +64,7 @@ class SimReq:
 
     origin_input_ids: array
     extra_key: str | None
+    rid: str = "req"
     output_ids: array = dataclasses.field(default_factory=lambda: array("q"))
     req_pool_idx: int | None = None
     cache_protected_len: int = 0
@@ -482,6 +483,115 @@ def test_unfinished_req_frees_duplicates_and_takes_the_trees_holes(page_size):
     assert pool.allocator.available_size() == available
     check_slots(pool, [])
     check_counters(pool)
+
+
+# ---- laq: a pending request keeps its prompt until it is evicted after its lookahead steps ----------------------
+
+LAQ = EvictionConfig(policy="laq", budget=Budget(tokens=10), window=4, sinks=2, lookahead_steps=2)
+NS_LAQ = namespaced_extra_key(None, LAQ)
+
+
+def pending_laq_request(pool, evicting_process):
+    """A laq request of 40 tokens after prefill, its first 8 matched from a finished request, marked pending."""
+    from types import SimpleNamespace
+
+    from sgl_evict.engine.lookahead import PendingLookahead
+
+    evicting_process.configure(LAQ)
+    tokens = list(range(1, 41))
+    pool.finish(pool.admit(tokens[:8], NS_LAQ))
+    req = pool.admit(tokens, NS_LAQ)
+    req.rid, req.sampling_params = "laq-req", SimpleNamespace(custom_params=None)
+    assert req.cache_protected_len == 8
+    visible = torch.ones(40, dtype=torch.bool)
+    visible[10:30] = False
+    window_scores = torch.rand(1, 1, 40, generator=torch.Generator().manual_seed(0))
+    evicting_process.pending[req.rid] = PendingLookahead(req, 40, window_scores, visible, {0: 0.5})
+    return req
+
+
+def total_slots_accounted(pool, held):
+    return pool.allocator.available_size() + pool.cache.evictable_size() + pool.cache.protected_size() + held
+
+
+def test_pending_laq_request_keeps_its_prompt_through_the_prefill_insert_then_frees_at_eviction(evicting_process):
+    from types import SimpleNamespace
+
+    from sgl_evict.engine.evict_batch import evict_after_lookahead
+    from sgl_evict.engine.lookahead import record_step
+
+    pool = Pool(1, slots=64)
+    req = pending_laq_request(pool, evicting_process)
+    tree, row, owned = pool.tree_content(), pool.row(req).clone(), pool.owned_slots(req)
+    pool.cache.cache_unfinished_req(req)  # SGLang's prefill-end insert
+    assert pool.tree_content() == tree and pool.owned_slots(req) == owned  # the prompt stays the request's
+    assert req.cache_protected_len == 8 and torch.equal(req.prefix_indices, row)
+    check_slots(pool, [req])
+    check_counters(pool)
+    for _ in range(LAQ.lookahead_steps):
+        record_step([req.rid], [0], {0: torch.randn(1, 2, 4)}, evicting_process.pending)
+    gen = torch.Generator().manual_seed(1)
+    mass = lambda q, keys, table, lens, scaling, positions: torch.rand(1, q.shape[1], table.shape[1], generator=gen)
+    available = pool.allocator.available_size()
+    freed = evict_after_lookahead(SimpleNamespace(reqs=[req]), evicting_process, pool.req_to_token.req_to_token,
+                                  lambda _: torch.zeros(66, 1, 4), pool.allocator.free, mass)
+    holes = pool.row(req) == HOLE
+    assert int((~holes).sum()) == 10 and req.rid not in evicting_process.pending
+    assert freed == int(holes[8:].sum()) == pool.allocator.available_size() - available  # owned part freed
+    check_slots(pool, [req])
+    check_counters(pool)
+    pool.finish(req)  # inserts the row, holes and all, frees nothing twice
+    values = pool.match(list(req.origin_input_ids), NS_LAQ).device_indices
+    assert torch.equal(values[8:] == HOLE, holes[8:])
+    check_slots(pool, [])
+    check_counters(pool)
+    assert total_slots_accounted(pool, 0) == 64
+
+
+def test_laq_request_ending_while_pending_is_released_with_its_full_cache(evicting_process):
+    pool = Pool(1, slots=64)
+    req = pending_laq_request(pool, evicting_process)
+    pool.cache.cache_unfinished_req(req)
+    row = pool.row(req).clone()
+    pool.finish(req)  # finished (or aborted) before its lookahead steps: SGLang frees its row
+    assert "laq-req" not in evicting_process.pending
+    assert torch.equal(pool.match(list(range(1, 41)), NS_LAQ).device_indices, row)  # cached in full
+    check_slots(pool, [])
+    check_counters(pool)
+    assert total_slots_accounted(pool, 0) == 64
+
+
+def test_decode_capture_buffers_are_allocated_for_the_full_attention_layers_before_graph_capture(
+        evicting_process):
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from sgl_evict.patches.lookahead import GRAPH_CAPACITY, init_cuda_graphs_before
+
+    layers = torch.nn.ModuleList([RadixAttention(4, 16, 0.25, 2, layer_id=0),
+                                  RadixAttention(4, 16, 0.25, 2, layer_id=1, sliding_window_size=128),
+                                  RadixAttention(8, 32, 0.25, 2, layer_id=2)])
+    runner = dataclasses.make_dataclass("Runner", ["model", "req_to_token_pool", "dtype", "device"])(
+        layers, ReqToTokenPool(size=100, max_context_len=8, device="cpu", enable_memory_saver=False),
+        torch.bfloat16, "cpu")
+    assert init_cuda_graphs_before(runner) is None
+    capture = evicting_process.decode_capture
+    assert capture.capacity == GRAPH_CAPACITY
+    q = torch.randn(5, 8 * 32, dtype=torch.bfloat16)
+    capture.begin([4, 2], "cpu")
+    capture.record(2, q, 8, 32, capturing=True)  # what the captured graph of layer 2 replays
+    capture.record(1, q, 4, 16, capturing=True)  # a sliding-window layer has no buffer: nothing recorded
+    taken = capture.take()
+    assert set(taken) == {0, 2} and torch.equal(taken[2], q.view(5, 8, 32)[[4, 2]])
+
+
+def test_plugin_applies_the_laq_hooks():
+    for target in ("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req",
+                   "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free",
+                   "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
+                   "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+                   "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+                   ".process_batch_result_decode"):
+        assert target in HookRegistry._patched
 
 
 # ---- Req.extra_key: the namespace of a request --------------------------------------------------------------------

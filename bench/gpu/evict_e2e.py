@@ -23,13 +23,19 @@ servers started before it too), so the six fit on one GPU:
 | ``dapq`` | dapq at 10% (window queries re-rotated to the answer's positions), FlashInfer |
 | ``snapkv-page16`` | snapkv at 10% with ``--page-size 16``: whole pages evicted, FlashInfer |
 | ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
+| ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
-dropped slot is freed (none only hidden: also across chunks); a
-second turn hits the compressed first turn; per-request overrides (no eviction, another budget) take other
-namespaces; after the servers sit idle (SGLang checks available + evictable == total) no leak is reported.
+dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
+per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking
+for laq is evicted after its lookahead steps; after the servers sit idle (SGLang checks available + evictable ==
+total) no leak is reported.
 Then, with the servers stopped, the HF harness scores each server's answer (token log-probabilities, teacher
 forced) under the same policy and under the full cache: an evicting server must be much closer to the former.
+For ``laq`` "the same policy" is what the server ran: its answer's tokens 2 .. 9 were decoded on the snapkv view
+(the lookahead steps), the later ones on the laq cache, and the harness's laq looks ahead greedily on that same
+snapkv view, so with greedy decoding its lookahead tokens are the server's answer tokens and both score the prompt
+with the same queries: the keep-sets should agree (reported, as for snapkv).
 Writes evict_e2e.json and the server logs to --out; exit status 1 when a check fails.
 """
 
@@ -56,6 +62,7 @@ NEW_TOKENS = 24
 STAGGER_S = 8
 PAGE = 16
 POOL_TOKENS = 40000
+LOOKAHEAD_STEPS = 8  # --kv-evict-lookahead-steps' default
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -103,6 +110,8 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                            str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1"}),
         "random": (["--attention-backend", "flashinfer", "--kv-evict-policy", "random", "--kv-evict-budget",
                     str(BUDGET), *evict], {}),
+        "laq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
+                 "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
     }
     specs = {name: spec for name, spec in specs.items() if not only or name in only}
     servers = {}
@@ -152,15 +161,43 @@ def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, 
         "half_cached_tokens": half["meta_info"].get("cached_tokens")}
 
 
+def check_laq_override(server: Server, ps: list[list[int]], checks: dict) -> None:
+    """A request asking a snapkv server for laq is evicted after its lookahead steps, in laq's own namespace."""
+    before = len(eviction_lines(server.log_path))
+    body = greedy(server, ps[3], {"kv_evict": {"policy": "laq"}})
+    after = eviction_lines(server.log_path)[before:]
+    pending = "lookahead steps on" in server.log_path.read_text()
+    checks["snapkv-fi: a request overriding the policy to laq is evicted to the budget after its lookahead"] = {
+        "ok": pending and len(after) == 1 and after[0][:2] == (math.ceil(BUDGET * PROMPT_LENS[3]), PROMPT_LENS[3])
+        and body["meta_info"].get("cached_tokens") == 0, "logged_after": after,
+        "cached_tokens": body["meta_info"].get("cached_tokens")}
+
+
 def logged_keep_sets(log: Path) -> list[list[int]]:
     """Kept positions of each eviction, in order, from a server run with ``SGL_EVICT_LOG_KEEP=1``."""
     return [json.loads(found) for found in re.findall(r"sgl-evict: request \S+ keeps positions (\[[\d, ]*\])",
                                                        log.read_text())]
 
 
+def served_logprobs(harness, state, name: str, policy: str, budget: float, tokens: list[int]) -> list[float]:
+    """The harness's log-probabilities of a server's answer under the caches that server decoded it with.
+
+    The laq server decodes its lookahead steps (answer tokens 2 .. LOOKAHEAD_STEPS + 1) on the snapkv view and the
+    rest on the laq cache; every other server uses one cache for the whole answer.
+    """
+    from sgl_evict import Budget, make_policy
+
+    ours = harness.token_logprobs(state, make_policy(policy), Budget(fraction=budget), "uniform", tokens)
+    if name != "laq" or budget >= 1.0:
+        return ours
+    view = harness.token_logprobs(state, make_policy("snapkv"), Budget(fraction=budget), "uniform", tokens)
+    return [ours[0], *view[1:LOOKAHEAD_STEPS + 1], *ours[LOOKAHEAD_STEPS + 1:]]
+
+
 def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks: dict, report: dict,
-                         keep_sets: list[list[int]]) -> None:
-    """Mean |server log-prob - harness log-prob| of each server's answer, same policy vs full cache."""
+                         keep_sets: dict[str, list[list[int]]]) -> None:
+    """Mean |server log-prob - harness log-prob| of each server's answer, same policy vs full cache; overlap of
+    the keep-sets logged by ``keep_sets``' servers with the harness's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -170,24 +207,27 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda")
     policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
-                "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq"}
+                "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
-    overlaps = []
+    overlaps = {name: [] for name in keep_sets}
     for i, ids in enumerate(ps):
         state = harness.prefill(torch.tensor([ids]))
-        if i < len(keep_sets):
-            ours = harness.select(state, make_policy("snapkv"), Budget(fraction=BUDGET), "uniform").indices[0][0]
-            overlaps.append(len(set(ours.tolist()) & set(keep_sets[i])) / len(ours))
+        for name, logged in keep_sets.items():
+            if i < len(logged):
+                policy = make_policy(policies[name], **({"lookahead_steps": LOOKAHEAD_STEPS} if name == "laq" else {}))
+                ours = harness.select(state, policy, Budget(fraction=BUDGET), "uniform").indices[0][0]
+                overlaps[name].append(len(set(ours.tolist()) & set(logged[i])) / len(ours))
         for name in gaps:
             body = answers[name][i]
             served = [lp for lp, _, _ in body["meta_info"]["output_token_logprobs"]]
             tokens = body["output_ids"]
             for key, policy, budget in (("same_policy", policies[name], BUDGET), ("full_cache", "none", 1.0)):
-                ours = harness.token_logprobs(state, make_policy(policy), Budget(fraction=budget), "uniform", tokens)
+                ours = served_logprobs(harness, state, name, policy, budget, tokens)
                 gaps[name][key].append(sum(abs(a - b) for a, b in zip(served, ours)) / len(ours))
     summary = {name: {k: sum(v) / len(v) for k, v in g.items()} for name, g in gaps.items()}
     report["harness_logprob_gap"] = summary
-    report["snapkv_keep_set_overlap_with_harness"] = overlaps
+    report["snapkv_keep_set_overlap_with_harness"] = overlaps.get("snapkv-fi", [])
+    report["laq_keep_set_overlap_with_harness"] = overlaps.get("laq", [])
     for name, gap in summary.items():
         if name == "plain":
             continue
@@ -227,9 +267,11 @@ def main() -> int:
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
         for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming", "dapq",
-                     "snapkv-page16", "random"):
+                     "snapkv-page16", "random", "laq"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
+        if "snapkv-fi" in up:
+            check_laq_override(up["snapkv-fi"], ps, checks)
         time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
         for name, server in up.items():
             text = server.log_path.read_text()
@@ -241,7 +283,8 @@ def main() -> int:
         for s in servers.values():
             s.stop()
     try:
-        keep_sets = logged_keep_sets(servers["snapkv-fi"].log_path)[: len(ps)] if "snapkv-fi" in servers else []
+        keep_sets = {name: logged_keep_sets(servers[name].log_path)[: len(ps)] for name in ("snapkv-fi", "laq")
+                     if name in servers}
         compare_with_harness(model, ps, answers, checks, report, keep_sets)
     except Exception as err:
         checks["harness comparison"] = {"ok": False, "error": repr(err)}

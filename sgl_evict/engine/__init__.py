@@ -3,8 +3,9 @@
 | module | job |
 | --- | --- |
 | ``runtime`` | the scheduler process's eviction state (config, query capture, compacted view) |
-| ``capture`` | post-RoPE queries of each request's last prompt window, per layer, during prefill |
+| ``capture`` | post-RoPE queries: each request's last prompt window during prefill; laq's decode steps |
 | ``keep`` | a request's keep mask from its captured queries and the paged key pool (scores + selection) |
 | ``apply`` | turns a keep mask into holes in the request's logical ``req_to_token`` row and freed slots |
 | ``compact_view`` | attention's view of a batch without holes: compacted shadow rows and kept lengths |
+| ``lookahead`` | laq: a request pending between prefill and eviction, its lookahead queries, its final scores |
 """

@@ -53,3 +53,80 @@ class WindowQueryCapture:
         """Layer id -> ``[num_heads, n, head_dim]`` window queries of the batch's ``req_index``-th request."""
         n = self.num_queries[req_index]
         return {layer: q[req_index, :, self.window - n:] for layer, q in self.queries.items()}
+
+
+class DecodeQueryCapture:
+    """Post-RoPE queries of chosen requests of a decode forward (laq's lookahead steps), eager or in a CUDA graph.
+
+    Decode forwards mostly replay CUDA graphs, where Python hooks do not run: only the tensor operations recorded
+    at capture replay, on the tensors captured then. So the attention hook records, at capture, a gather from the
+    layer's packed queries by a static index tensor (``_sel``) into a static per-layer buffer (``_static``), both
+    allocated before the graphs are captured (:meth:`allocate`). Before every decode forward, :meth:`begin` writes
+    the batch positions of the requests whose queries are wanted into ``_sel``; a replay then gathers them. A
+    forward that runs eagerly (no graph for its batch size, or graphs off) records straight from the queries.
+    At most ``capacity`` requests per forward can be gathered in a graph; a batch with more must run eagerly
+    (:attr:`needs_eager`).
+    """
+
+    def __init__(self):
+        self.capacity = 0
+        self._sel: torch.Tensor | None = None
+        self._sel_dirty = False  # _sel holds positions other than 0
+        self._static: dict[int, torch.Tensor] = {}
+        self._positions: torch.Tensor | None = None
+        self._eager: dict[int, torch.Tensor] = {}
+        self.count = 0
+
+    def allocate(self, layers: dict[int, tuple[int, int]], capacity: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        """Static buffers for graph capture: ``layers`` maps layer id -> ``(num_q_heads, head_dim)``."""
+        self.capacity = capacity
+        self._sel = torch.zeros(capacity, dtype=torch.long, device=device)
+        self._static = {layer: torch.zeros(capacity, heads, dim, dtype=dtype, device=device)
+                        for layer, (heads, dim) in layers.items()}
+
+    def begin(self, positions: list[int], device: torch.device | str) -> None:
+        """Starts a decode forward whose batch positions ``positions`` are wanted (empty: none)."""
+        self.count = len(positions)
+        self._eager = {}
+        self._positions = torch.tensor(positions, dtype=torch.long, device=device) if positions else None
+        # every replay gathers, also for batches that want nothing, so every entry is rewritten (to 0 when nothing
+        # is wanted): a stale position from a larger batch would index past a smaller graph's rows
+        if self._sel is not None and self.count <= self.capacity and (positions or self._sel_dirty):
+            padded = positions + [0] * (self.capacity - self.count)
+            self._sel.copy_(torch.tensor(padded, dtype=torch.long))
+            self._sel_dirty = bool(positions)
+
+    @property
+    def needs_eager(self) -> bool:
+        """Whether this forward wants more requests than a graph replay can gather."""
+        return self.count > self.capacity
+
+    def record(self, layer_id: int, q: torch.Tensor, num_heads: int, head_dim: int, capturing: bool) -> None:
+        """Records layer ``layer_id``'s queries ``q [bs, num_heads * head_dim]`` of a decode forward.
+
+        ``capturing``: this call is being recorded into a CUDA graph (``torch.cuda.is_current_stream_capturing``).
+        """
+        if capturing:
+            out = self._static.get(layer_id)
+            if out is not None:
+                out.copy_(q.reshape(q.shape[0], num_heads, head_dim).index_select(0, self._sel))
+        elif self._positions is not None:
+            self._eager[layer_id] = q.reshape(q.shape[0], num_heads, head_dim).index_select(0, self._positions)
+
+    def take(self) -> dict[int, torch.Tensor]:
+        """Layer id -> ``[count, num_q_heads, head_dim]`` queries of the wanted requests, in ``begin``'s order.
+
+        After an eager forward, what it recorded; after a graph replay, copies of the static buffers (the next
+        replay overwrites them). Empty when nothing was wanted or nothing was recorded.
+        """
+        if self.count == 0:
+            return {}
+        if self._eager:
+            taken = self._eager
+        elif self.needs_eager:
+            taken = {}
+        else:
+            taken = {layer: out[: self.count].clone() for layer, out in self._static.items()}
+        self.count, self._eager, self._positions = 0, {}, None
+        return taken

@@ -6,6 +6,9 @@ its bookkeeping and the RoPE positions do not change. Before each forward, :func
 request's live slots, in order, into its *shadow row* (``req_pool_idx + shadow_offset``, rows the pool was
 enlarged by), and :func:`enter_compacted` points the forward batch at those rows with the kept lengths. The
 positions of the batch were already computed from the logical lengths.
+
+A laq request between prefill and eviction has no holes yet, only positions its first decode steps must not see
+(:mod:`sgl_evict.engine.lookahead`): those are left out of its shadow row the same way, the logical row untouched.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from sgl_evict.holes import HOLE
 
 
 def compact_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                 max_len: int, shadow_offset: int) -> torch.Tensor:
-    """Copies each request's live slots, in order, to the front of its shadow row.
+                 max_len: int, shadow_offset: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Copies each request's live, not hidden slots, in order, to the front of its shadow row.
 
     Args:
         req_to_token: ``[2 * rows, max_context_len]`` int32 pool table, logical rows then their shadows.
@@ -25,6 +28,7 @@ def compact_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq
         seq_lens: ``[bs]`` logical lengths.
         max_len: at least ``max(seq_lens)``.
         shadow_offset: shadow row of row ``r`` is ``r + shadow_offset``.
+        hidden: ``[bs, max_len]`` bool, positions left out although live; None: none.
 
     Returns:
         ``[bs]`` kept lengths (live entries among the first ``seq_lens`` of each row), same dtype as ``seq_lens``.
@@ -32,6 +36,8 @@ def compact_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq
     rows = req_to_token[req_pool_indices, :max_len]
     inside = torch.arange(max_len, device=rows.device) < seq_lens.view(-1, 1)
     live = (rows != HOLE) & inside
+    if hidden is not None:
+        live &= ~hidden
     # live entry j goes to column (number of live entries before it); the rest go to a spare column
     dest = torch.where(live, torch.cumsum(live, dim=1) - 1, max_len)
     packed = torch.zeros(rows.shape[0], max_len + 1, dtype=rows.dtype, device=rows.device)
@@ -45,8 +51,12 @@ _FIELDS = ("req_pool_indices", "seq_lens", "seq_lens_cpu", "seq_lens_sum", "exte
            "extend_prefix_lens_cpu")
 
 
-def enter_compacted(forward_batch, req_to_token: torch.Tensor, shadow_offset: int) -> dict | None:
+def enter_compacted(forward_batch, req_to_token: torch.Tensor, shadow_offset: int,
+                    views: list[tuple[int, torch.Tensor]] = ()) -> dict | None:
     """Points ``forward_batch`` (SGLang's ``ForwardBatch``) at compacted shadow rows.
+
+    ``views``: ``(batch position, [n] bool visible mask)`` of requests that see only part of their first ``n``
+    positions (laq's lookahead steps); later positions stay visible.
 
     Returns the replaced logical fields (for :func:`leave_compacted`), or None for an empty batch.
     """
@@ -55,8 +65,14 @@ def enter_compacted(forward_batch, req_to_token: torch.Tensor, shadow_offset: in
     saved = {name: getattr(forward_batch, name, None) for name in _FIELDS}
     seq_lens_cpu = forward_batch.seq_lens_cpu
     max_len = int(seq_lens_cpu.max()) if seq_lens_cpu is not None else int(forward_batch.seq_lens.max())
+    hidden = None
+    if views:
+        hidden = torch.zeros(forward_batch.batch_size, max_len, dtype=torch.bool, device=req_to_token.device)
+        for position, visible in views:
+            n = min(visible.shape[0], max_len)
+            hidden[position, :n] = ~visible[:n]
     kept = compact_rows(req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens, max_len,
-                        shadow_offset)
+                        shadow_offset, hidden)
     kept_cpu = kept.cpu()
     forward_batch.req_pool_indices = forward_batch.req_pool_indices + shadow_offset
     forward_batch.seq_lens = kept

@@ -1,4 +1,8 @@
-"""Eviction of the requests whose prefill a batch finished: score, select, punch holes, free slots."""
+"""Eviction of the requests whose prefill a batch finished: score, select, punch holes, free slots.
+
+laq requests are only marked pending after prefill (their snapkv keep-set hidden, nothing freed) and evicted
+after their lookahead decode steps by :func:`evict_after_lookahead`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 
 from sgl_evict.engine.apply import evict_from_row
 from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores
+from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.holes import count_live
 
@@ -60,7 +65,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         # what the selector keeps at least: the budget, and the sinks and window it always protects
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
             continue
-        if config.policy in ("snapkv", "dapq"):
+        if config.policy in ("snapkv", "dapq", "laq"):
             scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row, config.pooling_kernel,
                                    attention_mass, state.rope if config.policy == "dapq" else None)
         else:
@@ -69,13 +74,53 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         if all_reduce is not None:
             combined = all_reduce(combined)
         keep = keep_mask(combined, config, row, page_size)
-        if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
-            logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
-        slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
-        free(slots)
-        freed += slots.numel()
-        state.freed_slots += slots.numel()
-        state.hidden_tokens += hidden
-        logger.info("sgl-evict: request %s kept %d of %d tokens, freed %d slots, hid %d", req.rid, count_live(row),
-                    seq_len, slots.numel(), hidden)
+        if config.policy == "laq":
+            # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
+            state.pending[req.rid] = PendingLookahead(req, seq_len, scores, keep, dict(capture.scaling))
+            logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
+                        config.lookahead_steps, int(keep.sum()), seq_len)
+            continue
+        freed += _evict(req, row, keep, state, free)
     return freed
+
+
+def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
+                          free: Callable[[torch.Tensor], None], attention_mass: Callable,
+                          all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1) -> int:
+    """Evicts from every pending laq request of the decode ``batch`` whose lookahead steps have all run.
+
+    Called after the decode forward and before SGLang processes its result (so a request that finishes in this
+    step is released with its holes). Arguments as :func:`evict_after_prefill`. Returns slots freed.
+    """
+    freed = 0
+    for req in batch.reqs:
+        entry = state.pending_of(req)
+        if entry is None:
+            continue
+        config = state.config_of(req)
+        if entry.decoded < config.lookahead_steps:
+            continue
+        if len(entry.steps) < entry.decoded:
+            logger.warning("sgl-evict: request %s: %d of %d lookahead steps recorded no queries", req.rid,
+                           entry.decoded - len(entry.steps), entry.decoded)
+        del state.pending[req.rid]
+        row = req_to_token[req.req_pool_idx, :entry.prompt_len]
+        combined = combined_scores(lookahead_keep_scores(entry, key_buffer, row, config.pooling_kernel,
+                                                         attention_mass))
+        if all_reduce is not None:
+            combined = all_reduce(combined)
+        freed += _evict(req, row, keep_mask(combined, config, row, page_size), state, free)
+    return freed
+
+
+def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None]) -> int:
+    """Punches ``req``'s dropped tokens into its prompt ``row``, frees the slots it owns, logs; returns slots freed."""
+    if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
+        logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
+    slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
+    free(slots)
+    state.freed_slots += slots.numel()
+    state.hidden_tokens += hidden
+    logger.info("sgl-evict: request %s kept %d of %d tokens, freed %d slots, hid %d", req.rid, count_live(row),
+                row.shape[0], slots.numel(), hidden)
+    return slots.numel()

@@ -15,7 +15,7 @@ from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import select_keep
 
 #: policies the engine can run today; the others need inputs the server does not capture yet
-SERVER_POLICIES = ("none", "snapkv", "dapq", "streaming", "random")
+SERVER_POLICIES = ("none", "snapkv", "laq", "dapq", "streaming", "random")
 
 MassFn = Callable[..., torch.Tensor]
 """``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
@@ -49,18 +49,55 @@ def window_scores(
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
     """
     seq_len = row.shape[0]
+    per_layer = {}
+    for layer, q in window_queries.items():
+        positions = torch.arange(seq_len - q.shape[1], seq_len, device=row.device)
+        if rope is not None:
+            per_layer[layer] = (rerotate_triton(q, positions, torch.arange(q.shape[1], device=row.device) + seq_len,
+                                                rope), None)
+        else:
+            per_layer[layer] = (q, positions.view(1, -1))
+    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass)
+
+
+def lookahead_scores(
+    lookahead_queries: Mapping[int, torch.Tensor],
+    scaling: Mapping[int, float],
+    key_buffer: Callable[[int], torch.Tensor],
+    row: torch.Tensor,
+    pooling_kernel: int,
+    attention_mass: MassFn,
+) -> torch.Tensor:
+    """LAQ's lookahead scores of one request: its first decode steps' queries against its whole prompt.
+
+    Args:
+        lookahead_queries: layer id -> ``[num_q_heads, steps, head_dim]`` post-RoPE queries of the decode steps
+            (positions ``seq_len ..``, after the prompt: each sees every prompt key, as in
+            ``sgl_evict.policies.laq``).
+        row: ``[seq_len]`` int32 logical slot row of the prompt only (the softmax runs over the prompt's keys, as
+            the harness scores the prompt cache).
+        scaling, key_buffer, pooling_kernel, attention_mass: as in :func:`window_scores`.
+
+    Returns:
+        ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
+    """
+    return _query_scores({layer: (q, None) for layer, q in lookahead_queries.items()}, scaling, key_buffer, row,
+                         pooling_kernel, attention_mass)
+
+
+def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]], scaling: Mapping[int, float],
+                  key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor, pooling_kernel: int,
+                  attention_mass: MassFn) -> torch.Tensor:
+    """Mean attention of each layer's ``(queries [num_q_heads, n, head_dim], positions [1, n] or None)`` over the
+    keys of ``row``, pooled and GQA-reduced; ``[num_layers, num_kv_heads, seq_len]`` in layer order, zero at holes.
+    ``positions`` None: every query sees every key."""
+    seq_len = row.shape[0]
     table = row.view(1, seq_len)
     lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
     per_layer = []
-    for layer in sorted(window_queries):
-        q = window_queries[layer]
+    for layer in sorted(queries):
+        q, positions = queries[layer]
         keys = key_buffer(layer)
-        positions = torch.arange(seq_len - q.shape[1], seq_len, device=row.device)
-        if rope is not None:
-            q = rerotate_triton(q, positions, torch.arange(q.shape[1], device=row.device) + seq_len, rope)
-            positions = None
-        else:
-            positions = positions.view(1, -1)
         mass = attention_mass(q.unsqueeze(0), keys, table, lens, scaling[layer], positions)[0, :, :seq_len]
         per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max", "mean"))
     scores = torch.stack(per_layer)

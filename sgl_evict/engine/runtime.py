@@ -10,8 +10,9 @@ import logging
 from dataclasses import dataclass, field
 
 from sgl_evict.config import EvictionConfig
-from sgl_evict.engine.capture import WindowQueryCapture
+from sgl_evict.engine.capture import DecodeQueryCapture, WindowQueryCapture
 from sgl_evict.engine.keep import SERVER_POLICIES
+from sgl_evict.engine.lookahead import PendingLookahead
 from sgl_evict.rope import RopeSpec
 
 logger = logging.getLogger("sgl_evict")
@@ -26,6 +27,8 @@ class EngineState:
             built, or when eviction is off).
         rope: the model's RoPE (dapq re-rotates window queries with it), read from its config at start.
         forward_id: counts forwards, so eviction uses the queries of its own batch only.
+        decode_capture: laq's lookahead queries of decode forwards (graph-safe; None when eviction is off).
+        pending: laq requests between prefill and eviction, by request id (:mod:`sgl_evict.engine.lookahead`).
         freed_slots, hidden_tokens: totals since start, for logs and tests.
     """
 
@@ -34,12 +37,22 @@ class EngineState:
     shadow_offset: int | None = None
     rope: RopeSpec | None = None
     forward_id: int = 0
+    decode_capture: DecodeQueryCapture | None = None
+    pending: dict[str, PendingLookahead] = field(default_factory=dict)
     freed_slots: int = 0
     hidden_tokens: int = 0
 
     def configure(self, config: EvictionConfig) -> None:
         self.config = config
         self.capture = WindowQueryCapture(config.window) if config.enabled else None
+        # any request of an evicting server may ask for laq, so every evicting server can capture decode queries
+        self.decode_capture = DecodeQueryCapture() if config.enabled else None
+        self.pending = {}
+
+    def pending_of(self, req) -> PendingLookahead | None:
+        """The pending laq entry of SGLang's ``req`` (None when it has none)."""
+        entry = self.pending.get(req.rid)
+        return entry if entry is not None and entry.req is req else None
 
     @property
     def enabled(self) -> bool:

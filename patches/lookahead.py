@@ -1,0 +1,87 @@
+"""laq inside the server: the hooks that carry a request from prefill through its lookahead steps to eviction.
+
+After prefill a laq request is *pending* (:mod:`sgl_evict.engine.lookahead`): the snapkv keep-set is only hidden
+from its first ``lookahead_steps`` decode forwards, its row keeps every slot. Registered by :mod:`sgl_evict.plugin`:
+
+- ``sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req`` (AROUND, :func:`cache_unfinished_req_around`):
+  at prefill end SGLang inserts the prompt into the radix tree, which then owns its slots, so the eviction after
+  the lookahead could only hide them. A pending request keeps its prompt instead, as SGLang's ``ChunkCache`` does
+  (``prefix_indices`` = its own row; ``cache_protected_len`` and ``last_node`` stay those of its matched prefix):
+  its final ``cache_finished_req`` inserts the row, holes and all, and frees what it owns, as for any request.
+- ``sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free`` (BEFORE, :func:`req_row_free_before`): every way a
+  request leaves (finished, aborted, retracted) ends by freeing its row there. A request that leaves while pending
+  drops its entry, so its row can be handed to another request; it kept its full cache, which SGLang releases
+  (and caches) as usual.
+- ``sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs`` (BEFORE, :func:`init_cuda_graphs_before`):
+  allocates the decode query capture's static buffers before the decode graphs are captured (a graph records the
+  tensors it writes; see :class:`sgl_evict.engine.capture.DecodeQueryCapture`).
+- ``sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph`` (AROUND,
+  :func:`can_run_graph_around`): a decode batch with more pending requests than a replay can gather runs eagerly.
+- ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
+  .process_batch_result_decode`` (AROUND, :func:`process_batch_result_decode_around`): after the decode forward
+  and before SGLang appends its tokens and releases finished requests, evicts from the pending requests whose
+  lookahead steps have all run (:func:`sgl_evict.engine.evict_batch.evict_after_lookahead`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sgl_evict.engine.evict_batch import evict_after_lookahead
+from sgl_evict.engine.runtime import STATE
+
+logger = logging.getLogger("sgl_evict")
+
+#: pending laq requests one decode graph replay can gather queries for; more in one batch run eagerly
+GRAPH_CAPACITY = 32
+
+
+def cache_unfinished_req_around(original, cache, req, *args, **kwargs):
+    if not STATE.enabled or STATE.pending_of(req) is None:
+        return original(cache, req, *args, **kwargs)
+    row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(req.get_fill_ids())]
+    req.prefix_indices = row.to(dtype=torch.int64, copy=True)
+
+
+def req_row_free_before(pool, req, *args, **kwargs):
+    entry = STATE.pending_of(req) if STATE.enabled else None
+    if entry is not None:
+        del STATE.pending[req.rid]
+        logger.info("sgl-evict: request %s ended after %d of its laq lookahead steps: its cache was kept in full",
+                    req.rid, entry.decoded)
+    return None
+
+
+def init_cuda_graphs_before(runner, *args, **kwargs):
+    if not STATE.enabled or STATE.decode_capture is None:
+        return None
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    layers = {m.layer_id: (m.tp_q_head_num, m.qk_head_dim) for m in runner.model.modules()
+              if isinstance(m, RadixAttention) and m.sliding_window_size == -1}
+    STATE.decode_capture.allocate(layers, min(GRAPH_CAPACITY, runner.req_to_token_pool.size), runner.dtype,
+                                  runner.device)
+    return None
+
+
+def can_run_graph_around(original, graph_runner, forward_batch, *args, **kwargs):
+    decode = STATE.decode_capture
+    if decode is not None and decode.needs_eager:
+        return False
+    return original(graph_runner, forward_batch, *args, **kwargs)
+
+
+def process_batch_result_decode_around(original, self, batch, result, *args, **kwargs):
+    if STATE.enabled and STATE.pending:
+        from sgl_evict.kernels.paged_scoring import attention_mass_paged
+
+        all_reduce = None
+        if self.server_args.tp_size > 1:
+            from sglang.srt.distributed import tensor_model_parallel_all_reduce as all_reduce
+        kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
+        evict_after_lookahead(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
+                              self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce,
+                              self.token_to_kv_pool_allocator.page_size)
+    return original(self, batch, result, *args, **kwargs)

@@ -1,0 +1,84 @@
+"""laq inside the server: a request decodes its first steps on the snapkv view, then is re-scored and evicted.
+
+After prefill, a laq request's snapkv keep mask only *hides* the dropped prompt tokens (its logical row stays
+whole, every slot stays owned): :class:`PendingLookahead` holds the mask, the prompt's window scores and the
+decode queries captured so far. Its first ``lookahead_steps`` decode forwards attend over the snapkv view (the
+compacted view leaves the hidden positions out) and their queries are recorded. After the last of
+them, :func:`lookahead_keep_scores` scores the full prompt with window and lookahead queries (0.5 / 0.5, as
+``sgl_evict.policies.laq``) and the request is evicted for real. No forward beyond the request's own decode steps.
+
+A request that ends before (finished, aborted, retracted) simply keeps its full cache: its row was never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from sgl_evict.engine.keep import MassFn, lookahead_scores
+
+
+@dataclass
+class PendingLookahead:
+    """One laq request between its prefill and its eviction.
+
+    Attributes:
+        req: SGLang's ``Req``.
+        prompt_len: logical tokens at prefill end; eviction decides over these, later (answer) tokens are kept.
+        window_scores: ``[num_layers, num_kv_heads, prompt_len]`` float32 per-(layer, head) scores of the prompt
+            window's queries (what snapkv would combine), zero at holes.
+        visible: ``[prompt_len]`` bool snapkv keep mask: what the lookahead steps attend to.
+        scaling: layer id -> attention logit scale.
+        decoded: decode forwards run so far on the snapkv view.
+        steps: decode steps whose queries were recorded, each ``(layer id -> [n, num_q_heads, head_dim], row)``:
+            the forward's captured queries and this request's row in them.
+    """
+
+    req: object
+    prompt_len: int
+    window_scores: torch.Tensor
+    visible: torch.Tensor
+    scaling: Mapping[int, float]
+    decoded: int = 0
+    steps: list[tuple[dict[int, torch.Tensor], int]] = field(default_factory=list)
+
+    def queries(self) -> dict[int, torch.Tensor]:
+        """Layer id -> ``[num_q_heads, steps, head_dim]`` lookahead queries (empty if none were recorded)."""
+        if not self.steps:
+            return {}
+        layers = self.steps[0][0].keys()
+        return {layer: torch.stack([taken[layer][row] for taken, row in self.steps], dim=1) for layer in layers}
+
+
+def pending_positions(rids: list[str] | None, pending: Mapping[str, PendingLookahead]) -> list[int]:
+    """Batch positions (``ForwardBatch.rids`` order) of the requests that are pending."""
+    if not rids or not pending:
+        return []
+    return [i for i, rid in enumerate(rids) if rid in pending]
+
+
+def record_step(rids: list[str], positions: list[int], taken: dict[int, torch.Tensor],
+                pending: Mapping[str, PendingLookahead]) -> None:
+    """Counts one decode forward for the pending requests at ``positions`` and appends its queries ``taken``
+    (rows in ``positions`` order; empty when the forward recorded none)."""
+    for row, position in enumerate(positions):
+        entry = pending[rids[position]]
+        entry.decoded += 1
+        if taken:
+            entry.steps.append((taken, row))
+
+
+def lookahead_keep_scores(entry: PendingLookahead, key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor,
+                          pooling_kernel: int, attention_mass: MassFn) -> torch.Tensor:
+    """laq's ``[num_layers, num_kv_heads, prompt_len]`` scores: mean of lookahead and window scores per layer.
+
+    ``row`` is the ``[prompt_len]`` logical slot row of the prompt. Without recorded queries (a decode forward
+    that captured nothing), the window scores alone: the snapkv keep-set the request already decoded with.
+    """
+    queries = entry.queries()
+    if not queries:
+        return entry.window_scores
+    ahead = lookahead_scores(queries, entry.scaling, key_buffer, row, pooling_kernel, attention_mass)
+    return 0.5 * (ahead + entry.window_scores)
