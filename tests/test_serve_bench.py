@@ -93,6 +93,7 @@ class StubSGLang:
             h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             h.wfile.flush()
 
+        t_end = None
         try:
             sent = 0
             for k in range(1, n + 1):
@@ -109,6 +110,10 @@ class StubSGLang:
                     reason = {"type": "abort", "message": "too long", "status_code": 400, "err_type": None}
                 meta = {"prompt_tokens": len(prompt), "cached_tokens": cached, "completion_tokens": k,
                         "num_retractions": 0, "finish_reason": reason}
+                if reason is not None:
+                    # before the event that lets the client send the session's next turn (the finally below
+                    # may run after that next turn arrived)
+                    t_end = time.monotonic()
                 send(b"data: " + json.dumps({"output_ids": ids, "meta_info": meta}).encode() + b"\n\n")
                 if reason is not None or HANGUP_MARKER in prompt:
                     break
@@ -120,7 +125,7 @@ class StubSGLang:
         finally:
             with self.lock:
                 self.active -= 1
-                self.calls.append((prompt, out, t_start, time.monotonic()))
+                self.calls.append((prompt, out, t_start, t_end if t_end is not None else time.monotonic()))
                 self.stored.append(prompt + out)
 
     def close(self):
@@ -154,9 +159,9 @@ def test_sessions_sequential_inside_concurrent_across_and_accounting(stub_factor
     reqs = result["requests"]
     assert len(reqs) == 12 and all(r["finished"] and r["error"] is None and not r["cut"] for r in reqs)
     assert all(r["output_tokens"] == 5 for r in reqs)
-    for r in reqs:
-        assert 0.045 <= r["ttft_s"] < 0.5
-        assert 0.008 <= r["tpot_s"] < 0.06
+    for r in reqs:  # lower bounds only: the stub sleeps at least this long, a loaded machine adds any amount
+        assert r["ttft_s"] >= 0.045
+        assert r["tpot_s"] >= 0.008
         assert r["latency_s"] >= r["ttft_s"] + 4 * 0.009
 
     by_prompt = {tuple(p): (out, t0, t1) for p, out, t0, t1 in stub.calls}
