@@ -116,6 +116,23 @@ def test_laq_scores_with_lookahead_queries(setup):
     assert harness.select(state, policy, Budget(fraction=0.3), "uniform").indices[0].shape[1] == 19
 
 
+def test_laq_with_its_own_greedy_tokens_forced_keeps_the_same_set(setup):
+    """Teacher-forcing the lookahead (one causal extend) equals decoding it step by step; other tokens change it."""
+    _, _, _, harness, state = setup
+    budget = Budget(fraction=0.3)
+    greedy = make_policy("laq", lookahead_steps=4)
+    own = harness.generate(state, make_policy("snapkv"), budget, max_new_tokens=4).tokens  # the steps' tokens
+    forced = make_policy("laq", lookahead_steps=4, lookahead_tokens=tuple(own))
+    other = make_policy("laq", lookahead_steps=4, lookahead_tokens=tuple((t + 97) % 200 for t in own))
+    keep = harness.select(state, greedy, budget, "uniform").indices
+    assert all(torch.equal(a, b) for a, b in zip(keep, harness.select(state, forced, budget, "uniform").indices))
+    obs_greedy = harness.observations(state, greedy, budget, "uniform")
+    obs_other = harness.observations(state, other, budget, "uniform")
+    assert not torch.allclose(obs_greedy[0].lookahead_queries, obs_other[0].lookahead_queries)
+    with pytest.raises(ValueError, match="at least lookahead_steps=4 lookahead_tokens"):
+        make_policy("laq", lookahead_steps=4, lookahead_tokens=(1, 2))
+
+
 def test_judgeq_soft_tokens(setup, tmp_path):
     _, model, _, harness, state = setup
     path = tmp_path / "soft.safetensors"

@@ -179,6 +179,17 @@ def logged_keep_sets(log: Path) -> list[list[int]]:
                                                        log.read_text())]
 
 
+def harness_policy(policy: str, answer: list[int]):
+    """The harness's policy for a server's answer: laq's lookahead decodes the server's own first answer tokens
+    (teacher-forced): on this random-weight model greedy choices are near-ties, and the harness's own greedy
+    lookahead tokens differ from the server's after a step or two, and with them the queries."""
+    from sgl_evict import make_policy
+
+    if policy != "laq":
+        return make_policy(policy)
+    return make_policy("laq", lookahead_steps=LOOKAHEAD_STEPS, lookahead_tokens=tuple(answer[:LOOKAHEAD_STEPS]))
+
+
 def served_logprobs(harness, state, name: str, policy: str, budget: float, tokens: list[int]) -> list[float]:
     """The harness's log-probabilities of a server's answer under the caches that server decoded it with.
 
@@ -187,7 +198,7 @@ def served_logprobs(harness, state, name: str, policy: str, budget: float, token
     """
     from sgl_evict import Budget, make_policy
 
-    ours = harness.token_logprobs(state, make_policy(policy), Budget(fraction=budget), "uniform", tokens)
+    ours = harness.token_logprobs(state, harness_policy(policy, tokens), Budget(fraction=budget), "uniform", tokens)
     if name != "laq" or budget >= 1.0:
         return ours
     view = harness.token_logprobs(state, make_policy("snapkv"), Budget(fraction=budget), "uniform", tokens)
@@ -195,17 +206,17 @@ def served_logprobs(harness, state, name: str, policy: str, budget: float, token
 
 
 def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks: dict, report: dict,
-                         keep_sets: dict[str, list[list[int]]]) -> None:
+                         keep_sets: dict[str, list[list[int]]], device: str = "cuda") -> None:
     """Mean |server log-prob - harness log-prob| of each server's answer, same policy vs full cache; overlap of
     the keep-sets logged by ``keep_sets``' servers with the harness's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sgl_evict import Budget, make_policy
+    from sgl_evict import Budget
     from sgl_evict.harness import EvictionHarness
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda")
+    harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device=device)
     policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
                 "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
@@ -214,7 +225,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
         state = harness.prefill(torch.tensor([ids]))
         for name, logged in keep_sets.items():
             if i < len(logged):
-                policy = make_policy(policies[name], **({"lookahead_steps": LOOKAHEAD_STEPS} if name == "laq" else {}))
+                policy = harness_policy(policies[name], answers[name][i]["output_ids"] if name in answers else [])
                 ours = harness.select(state, policy, Budget(fraction=BUDGET), "uniform").indices[0][0]
                 overlaps[name].append(len(set(ours.tolist()) & set(logged[i])) / len(ours))
         for name in gaps:

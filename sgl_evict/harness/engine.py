@@ -199,9 +199,15 @@ class EvictionHarness:
                              gqa_reduce=policy.gqa_reduce)
         cache = self._compressed_cache(state, self._select(state, provisional, budget, granularity, obs))
         self.ctx.queries = {}
-        first = int(state.last_logits.argmax())
-        # each decode step's query is recorded as it runs; the last token needs one more step for its query
-        self._greedy(cache, first, state.seq_len, policy.lookahead_steps + 1, record=True)
+        if policy.lookahead_tokens is not None:
+            # teacher-forced: one causal extend gives the queries the steps would have, one by one
+            fed = torch.tensor([list(policy.lookahead_tokens[: policy.lookahead_steps])], device=self.device)
+            positions = torch.arange(state.seq_len, state.seq_len + policy.lookahead_steps)
+            self._extend(cache, positions, input_ids=fed, record=True)
+        else:
+            first = int(state.last_logits.argmax())
+            # each decode step's query is recorded as it runs; the last token needs one more step for its query
+            self._greedy(cache, first, state.seq_len, policy.lookahead_steps + 1, record=True)
         recorded = self.ctx.take()
         for o, layer in zip(obs, self.layers):
             o.lookahead_queries = recorded[layer]

@@ -27,16 +27,24 @@ class LookaheadQCache(QueryScoringPolicy):
         lookahead_steps: decode steps whose queries are captured (the engine runs them).
         include_window: also average in the window queries' scores (both are mean attention, so
             one scale).
+        lookahead_tokens: the tokens the lookahead steps decode, teacher-forced, instead of the
+            greedy ones (at least ``lookahead_steps``; the first is the answer's first token). To
+            compare with a server that decoded its own tokens: on a model whose greedy choices are
+            near-ties, a few differing tokens change the lookahead queries.
     """
 
     name = "laq"
     needs = ("lookahead_queries", "window_queries")
     lookahead_steps: int = 8
     include_window: bool = True
+    lookahead_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.lookahead_steps < 1:
             raise ValueError(f"laq needs lookahead_steps >= 1, got {self.lookahead_steps}")
+        if self.lookahead_tokens is not None and len(self.lookahead_tokens) < self.lookahead_steps:
+            raise ValueError(f"laq needs at least lookahead_steps={self.lookahead_steps} lookahead_tokens, "
+                             f"got {len(self.lookahead_tokens)}")
 
     def check(self, obs: LayerObservation) -> None:
         obs.require("lookahead_queries", *(("window_queries",) if self.include_window else ()))
