@@ -76,7 +76,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         keep = keep_mask(combined, config, row, page_size)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
-            state.pending[req.rid] = PendingLookahead(req, seq_len, scores, keep, dict(capture.scaling))
+            window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}  # a view would keep the whole batch's queries alive
+            state.pending[req.rid] = PendingLookahead(req, seq_len, window, keep, dict(capture.scaling))
             logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
                         config.lookahead_steps, int(keep.sum()), seq_len)
             continue

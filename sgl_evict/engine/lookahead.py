@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgl_evict.engine.keep import MassFn, lookahead_scores
+from sgl_evict.engine.keep import MassFn, lookahead_scores, window_scores
 
 
 @dataclass
@@ -27,8 +27,10 @@ class PendingLookahead:
     Attributes:
         req: SGLang's ``Req``.
         prompt_len: logical tokens at prefill end; eviction decides over these, later (answer) tokens are kept.
-        window_scores: ``[num_layers, num_kv_heads, prompt_len]`` float32 per-(layer, head) scores of the prompt
-            window's queries (what snapkv would combine), zero at holes.
+        window_queries: layer id -> ``[num_q_heads, n, head_dim]`` post-RoPE window queries of the prompt (copies).
+            Kept instead of their scores, ``[num_layers, num_kv_heads, prompt_len]`` float32 (33 MB for a 32K prompt
+            on Llama-3.1-8B shapes, per pending request): the prompt's keys do not change while it is pending, so
+            eviction recomputes the scores from O(window) memory.
         visible: ``[prompt_len]`` bool snapkv keep mask: what the lookahead steps attend to.
         scaling: layer id -> attention logit scale.
         decoded: decode forwards run so far on the snapkv view.
@@ -38,7 +40,7 @@ class PendingLookahead:
 
     req: object
     prompt_len: int
-    window_scores: torch.Tensor
+    window_queries: dict[int, torch.Tensor]
     visible: torch.Tensor
     scaling: Mapping[int, float]
     decoded: int = 0
@@ -77,8 +79,9 @@ def lookahead_keep_scores(entry: PendingLookahead, key_buffer: Callable[[int], t
     ``row`` is the ``[prompt_len]`` logical slot row of the prompt. Without recorded queries (a decode forward
     that captured nothing), the window scores alone: the snapkv keep-set the request already decoded with.
     """
+    window = window_scores(entry.window_queries, entry.scaling, key_buffer, row, pooling_kernel, attention_mass)
     queries = entry.queries()
     if not queries:
-        return entry.window_scores
+        return window
     ahead = lookahead_scores(queries, entry.scaling, key_buffer, row, pooling_kernel, attention_mass)
-    return 0.5 * (ahead + entry.window_scores)
+    return 0.5 * (ahead + window)
