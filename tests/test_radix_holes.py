@@ -505,8 +505,8 @@ def pending_laq_request(pool, evicting_process):
     assert req.cache_protected_len == 8
     visible = torch.ones(40, dtype=torch.bool)
     visible[10:30] = False
-    window_scores = torch.rand(1, 1, 40, generator=torch.Generator().manual_seed(0))
-    evicting_process.pending[req.rid] = PendingLookahead(req, 40, window_scores, visible, {0: 0.5})
+    window_queries = {0: torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))}  # [q_heads, window, dim]
+    evicting_process.pending[req.rid] = PendingLookahead(req, 40, window_queries, visible, {0: 0.5})
     return req
 
 
