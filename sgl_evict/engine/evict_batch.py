@@ -61,7 +61,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         row = req_to_token[req.req_pool_idx, :seq_len]
         if not config.enabled or seq_len < config.min_prompt_len:
             continue
-        missing = _missing_model_input(config.policy, state, value_buffer)
+        missing = _missing_model_input(config.policy, state)
         if missing:
             logger.warning("sgl-evict: request %s asks for %s, but %s: its cache is kept in full", req.rid,
                            config.policy, missing)
@@ -85,11 +85,11 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     return freed
 
 
-def _missing_model_input(policy: str, state: EngineState, value_buffer: Callable | None) -> str | None:
+def _missing_model_input(policy: str, state: EngineState) -> str | None:
     """Why ``policy`` cannot run on this model (a fact read at start failed), or None when it can."""
     if policy == "dapq" and state.rope is None:
         return "this model's RoPE could not be read at start"
-    if policy == "laprox" and (state.value_norm_factors is None or value_buffer is None):
+    if policy == "laprox" and state.value_norm_factors is None:
         return "this model's output projections could not be read at start"
     return None
 

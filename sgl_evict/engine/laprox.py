@@ -80,9 +80,12 @@ def norm_factors(o_proj_weight: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return torch.linalg.qr(blocks, mode="r").R.contiguous()
 
 
-def model_norm_factors(projections: Mapping[int, tuple[torch.Tensor, int]]) -> dict[int, torch.Tensor]:
-    """Layer id -> :func:`norm_factors` of each layer of :func:`find_output_projections`."""
-    return {layer: norm_factors(weight, heads) for layer, (weight, heads) in projections.items()}
+def model_norm_factors(projections: Mapping[int, tuple[torch.Tensor, int]],
+                       device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+    """Layer id -> :func:`norm_factors` of each layer of :func:`find_output_projections`, on ``device`` (where the
+    KV pool is: a weight offloaded to the host is factored there too), or on each weight's own device."""
+    return {layer: norm_factors(weight.to(device) if device is not None else weight, heads)
+            for layer, (weight, heads) in projections.items()}
 
 
 def projected_norms(value_buffer: torch.Tensor, row: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
