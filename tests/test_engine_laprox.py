@@ -71,6 +71,13 @@ def test_output_projections_are_found_by_layer_id_skipping_sliding_window_layers
     assert found[2][0] is attentions[2].o_proj.weight and found[2][1] == Q_HEADS
 
 
+def test_an_attention_module_without_o_proj_is_named_in_the_error():
+    attention = FakeAttention(0)
+    del attention.o_proj
+    with pytest.raises(ValueError, match=r"layers.0.self_attn has no 'o_proj' beside its 'attn'"):
+        find_output_projections(_model(attention), FakeRadixAttention)
+
+
 def test_an_attention_layer_outside_the_llama_layout_is_named_in_the_error():
     odd = torch.nn.Module()
     odd.attn_mqa = FakeRadixAttention(1)  # e.g. an MLA module: its RadixAttention is not called attn

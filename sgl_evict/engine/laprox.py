@@ -57,6 +57,8 @@ def find_output_projections(model: torch.nn.Module, attention_cls: type) -> dict
 
 def _plain_weight(name: str, attn, o_proj) -> torch.Tensor:
     """``o_proj.weight`` of the module ``name`` if it is a plain float ``[hidden, heads * v_head_dim]`` matrix."""
+    if o_proj is None:
+        raise ValueError(f"{name or 'the model'} has no 'o_proj' beside its 'attn'")
     weight = getattr(o_proj, "weight", None)
     where = f"{name or 'the model'}.o_proj"
     if not isinstance(weight, torch.Tensor):
