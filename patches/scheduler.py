@@ -7,8 +7,8 @@
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
-  (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`). Before the tree insert, so the dropped slots the
-  request owns are freed now and the tree stores the holes.
+  (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`; keys and, for laprox, values read from the pool).
+  Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes.
 - ``sglang.srt.managers.scheduler.Scheduler.stash_chunked_request`` (AROUND): between the chunks of a long prompt
   SGLang inserts the chunks done so far into the radix tree, which then owns their slots, so eviction after the
   last chunk could only hide them. For a request that will be evicted, the hook keeps the chunks with the request
@@ -62,7 +62,7 @@ def process_batch_result_prefill_around(original, self, batch, result, *args, **
         kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
         evict_after_prefill(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
                             self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce,
-                            self.token_to_kv_pool_allocator.page_size)
+                            self.token_to_kv_pool_allocator.page_size, kv_pool.get_value_buffer)
     return original(self, batch, result, *args, **kwargs)
 
 

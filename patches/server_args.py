@@ -54,7 +54,8 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV eviction (sgl-evict)")
     group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
                        help="Token-level KV eviction policy applied after prefill (the server runs none, snapkv, "
-                            "laq, dapq, streaming and random; the others run in the HF harness, sgl-evict eval).")
+                            "laq, dapq, laprox, streaming and random, one keep-set for all layers and heads; "
+                            "judgeq runs in the HF harness, sgl-evict eval).")
     group.add_argument("--kv-evict-budget", type=_budget, default=None,
                        help="KV kept per request: a fraction (0.1, 10%%) or a token count (1024).")
     group.add_argument("--kv-evict-window", type=_int_at_least(1), default=_DEFAULTS.window,

@@ -35,7 +35,7 @@ def register() -> None:
 
 def _register_engine_hooks(registry, hook_type) -> None:
     """Eviction in the engine: query capture, eviction after prefill, compacted attention (``patches/``)."""
-    from sgl_evict.patches import attention, lookahead, model_runner, req_to_token_pool, scheduler
+    from sgl_evict.patches import attention, laprox, lookahead, model_runner, req_to_token_pool, scheduler
 
     registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
@@ -48,6 +48,8 @@ def _register_engine_hooks(registry, hook_type) -> None:
                       hook_type.AROUND)
     registry.register("sglang.srt.layers.radix_attention.RadixAttention.forward", attention.forward_around,
                       hook_type.AROUND)
+    registry.register("sglang.srt.model_executor.model_runner.ModelRunner.initialize", laprox.initialize_after,
+                      hook_type.AFTER)
     _register_lookahead_hooks(registry, hook_type, lookahead)
 
 

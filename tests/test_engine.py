@@ -276,8 +276,9 @@ def test_request_config_refuses_what_the_server_cannot_do():
     assert not request_config(server, {"kv_evict": {"policy": "none"}}).enabled
     assert request_config(server, None) is server
     assert request_config(server, {"kv_evict": {"policy": "laq"}}).policy == "laq"
-    with pytest.raises(ValueError, match="policy: 'laprox' runs in the HF harness"):
-        request_config(server, {"kv_evict": {"policy": "laprox"}})
+    assert request_config(server, {"kv_evict": {"policy": "laprox"}}).policy == "laprox"
+    with pytest.raises(ValueError, match="policy: 'judgeq' runs in the HF harness"):
+        request_config(server, {"kv_evict": {"policy": "judgeq", "soft_tokens": __file__}})
     with pytest.raises(ValueError, match="started without --kv-evict-policy"):
         request_config(EvictionConfig(), {"kv_evict": {"policy": "snapkv", "budget": 0.1}})
     with pytest.raises(ValueError, match="budget: invalid budget"):

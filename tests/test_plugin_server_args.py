@@ -92,9 +92,6 @@ def test_no_flags_means_no_eviction(prepare):
     (["--kv-evict-pooling-kernel", "4"], "argument --kv-evict-pooling-kernel: must be odd, got 4"),
     (["--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", "/no/such/file"],
      "argument --kv-evict-soft-tokens: file '/no/such/file' does not exist"),
-    (["--kv-evict-policy", "laprox", "--kv-evict-budget", "0.1"],
-     "argument --kv-evict-policy: 'laprox' runs in the HF harness (sgl-evict eval) but not inside the server yet; "
-     "the server runs none, snapkv, laq, dapq, streaming, random"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--enable-hierarchical-cache"],
      "argument --enable-hierarchical-cache: not supported together with --kv-evict-policy yet"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3"],
@@ -117,13 +114,27 @@ def test_laq_is_served_with_its_lookahead_steps(prepare):
     assert eviction_config(prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1")).lookahead_steps == 8
 
 
+def test_laprox_is_served(prepare):
+    args = prepare("--kv-evict-policy", "laprox", "--kv-evict-budget", "0.1", "--kv-evict-pooling-kernel", "5")
+    assert eviction_config(args) == EvictionConfig(policy="laprox", budget=Budget.parse("0.1"), pooling_kernel=5)
+    assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
+
+
 def test_judgeq_is_refused_at_launch_after_its_soft_tokens_are_found(prepare, capsys, tmp_path):
     soft = tmp_path / "soft.pt"
     soft.write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
         prepare("--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", str(soft))
     assert ("argument --kv-evict-policy: 'judgeq' runs in the HF harness (sgl-evict eval) but not inside the server "
-            "yet") in capsys.readouterr().err + str(exit_info.value.code)
+            "yet; the server runs none, snapkv, laq, dapq, laprox, streaming, random"
+            ) in capsys.readouterr().err + str(exit_info.value.code)
+
+
+def test_help_names_the_policies_the_server_runs(prepare, capsys):
+    with pytest.raises(SystemExit):
+        prepare("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the server runs none, snapkv, laq, dapq, laprox, streaming and random" in text
 
 
 def test_request_override_is_validated_the_same_way():

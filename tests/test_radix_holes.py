@@ -8,6 +8,7 @@ freed, as the engine does), then cache_unfinished_req / cache_finished_req.
 
 import dataclasses
 import os
+from types import SimpleNamespace
 from array import array
 
 import pytest
@@ -594,6 +595,68 @@ def test_plugin_applies_the_laq_hooks():
         assert target in HookRegistry._patched
 
 
+# ---- laprox: the output projections read at start --------------------------------------------------------------
+
+def llama_style_model(o_proj_columns=None, tp_size=1):
+    """Layers laid out as SGLang's LlamaAttention on tensor-parallel rank 0 of ``tp_size``: a module with the
+    RadixAttention ``attn`` (this rank's query heads) and its RowParallelLinear ``o_proj`` (this rank's columns)."""
+    from sglang.srt.layers.linear import RowParallelLinear
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    gen = torch.Generator().manual_seed(0)
+
+    def attention(layer_id, heads, head_dim, **options):
+        module = torch.nn.Module()
+        module.attn = RadixAttention(heads // tp_size, head_dim, head_dim ** -0.5, 2, layer_id=layer_id, **options)
+        with get_parallel().override(tp_rank=0, tp_size=tp_size):
+            module.o_proj = RowParallelLinear(o_proj_columns or heads * head_dim, 64, bias=False,
+                                              params_dtype=torch.bfloat16)
+        with torch.no_grad():  # SGLang allocates the weight empty; the loader fills it
+            module.o_proj.weight.copy_(torch.randn(module.o_proj.weight.shape, generator=gen))
+        return module
+
+    return torch.nn.ModuleList([attention(0, 4, 16), attention(1, 4, 16, sliding_window_size=128),
+                                attention(2, 8, 16)])
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_output_projections_are_factored_when_the_model_is_loaded(evicting_process, monkeypatch, tp_size):
+    from sgl_evict.patches.laprox import initialize_after
+    from sgl_evict.scoring import projected_value_norms
+
+    monkeypatch.setattr(evicting_process, "value_norm_factors", None)
+    model = llama_style_model(tp_size=tp_size)
+    assert model[2].o_proj.weight.shape == (64, 8 // tp_size * 16)  # this rank's heads' columns of W_o
+    assert initialize_after(None, SimpleNamespace(model=model, is_draft_worker=False, device="cpu")) is None
+    factors = evicting_process.value_norm_factors
+    heads = 8 // tp_size
+    assert sorted(factors) == [0, 2] and factors[2].shape == (heads, 16, 16)  # sliding-window layers: not scored
+    v = torch.randn(2, 5, 16)
+    expected = projected_value_norms(v, model[2].o_proj.weight, heads)
+    got = torch.linalg.vector_norm(torch.einsum("hij,hlj->hli", factors[2], v.repeat_interleave(heads // 2, 0)),
+                                   dim=-1)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unreadable_output_projections_fail_a_laprox_launch_and_only_warn_otherwise(evicting_process, monkeypatch,
+                                                                                    caplog):
+    from sgl_evict.patches.laprox import initialize_after
+
+    monkeypatch.setattr(evicting_process, "value_norm_factors", None)
+    runner = SimpleNamespace(model=llama_style_model(o_proj_columns=100), is_draft_worker=False, device="cpu")
+    with caplog.at_level("WARNING", logger="sgl_evict"):
+        initialize_after(None, runner)  # the server runs snapkv: only laprox requests lose eviction
+    assert evicting_process.value_norm_factors is None
+    assert "cannot read this model's output projections" in caplog.text and "expected [hidden, 64]" in caplog.text
+    evicting_process.configure(EvictionConfig(policy="laprox", budget=Budget.parse("0.1")))
+    with pytest.raises(RuntimeError, match="--kv-evict-policy laprox cannot read this model's output projections"):
+        initialize_after(None, runner)
+
+
+def test_plugin_applies_the_laprox_hook():
+    assert "sglang.srt.model_executor.model_runner.ModelRunner.initialize" in HookRegistry._patched
+
+
 # ---- Req.extra_key: the namespace of a request --------------------------------------------------------------------
 
 @pytest.fixture
@@ -640,6 +703,19 @@ def test_bad_request_override_aborts_the_request_instead_of_the_scheduler(server
     with get_parallel().override(tp_rank=0):
         req = make_req({"kv_evict": {"policy": "h2o"}})
     assert req.to_finish is not None and "kv_evict: policy: 'h2o'" in req.to_finish.message
+
+
+def test_laprox_override_is_admitted_in_its_own_namespace_and_judgeq_is_aborted(server_config, tmp_path):
+    server_config(COMPRESSED)
+    req = make_req({"kv_evict": {"policy": "laprox"}})
+    assert req.to_finish is None
+    assert req.extra_key == namespaced_extra_key(None, dataclasses.replace(COMPRESSED, policy="laprox"))
+    assert req.extra_key != NS_COMPRESSED
+    soft = tmp_path / "soft.pt"
+    soft.write_bytes(b"")
+    with get_parallel().override(tp_rank=0):
+        refused = make_req({"kv_evict": {"policy": "judgeq", "soft_tokens": str(soft)}})
+    assert refused.to_finish is not None and "policy: 'judgeq' runs in the HF harness" in refused.to_finish.message
 
 
 def test_without_eviction_the_allocator_and_tree_hooks_hand_straight_over(evicting_process):

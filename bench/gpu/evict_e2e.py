@@ -24,18 +24,19 @@ servers started before it too), so the six fit on one GPU:
 | ``snapkv-page16`` | snapkv at 10% with ``--page-size 16``: whole pages evicted, FlashInfer |
 | ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
+| ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
 dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
-per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking
-for laq is evicted after its lookahead steps; after the servers sit idle (SGLang checks available + evictable ==
-total) no leak is reported.
+per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking for
+laq is evicted after its lookahead steps and one asking for laprox is evicted to the budget; after the servers sit
+idle (SGLang checks available + evictable == total) no leak is reported.
 Then, with the servers stopped, the HF harness scores each server's answer (token log-probabilities, teacher
 forced) under the same policy and under the full cache: an evicting server must be much closer to the former.
 For ``laq`` "the same policy" is what the server ran: its answer's tokens 2 .. 9 were decoded on the snapkv view
 (the lookahead steps), the later ones on the laq cache, and the harness's laq looks ahead greedily on that same
 snapkv view, so with greedy decoding its lookahead tokens are the server's answer tokens and both score the prompt
-with the same queries: the keep-sets should agree (reported, as for snapkv).
+with the same queries: the keep-sets should agree (reported, as for snapkv and laprox).
 Writes evict_e2e.json and the server logs to --out; exit status 1 when a check fails.
 """
 
@@ -112,6 +113,8 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                     str(BUDGET), *evict], {}),
         "laq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
                  "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
+        "laprox": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laprox", "--kv-evict-budget",
+                    str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
     }
     specs = {name: spec for name, spec in specs.items() if not only or name in only}
     servers = {}
@@ -173,6 +176,18 @@ def check_laq_override(server: Server, ps: list[list[int]], checks: dict) -> Non
         "cached_tokens": body["meta_info"].get("cached_tokens")}
 
 
+def check_laprox_override(server: Server, ps: list[list[int]], checks: dict) -> None:
+    """A request asking a snapkv server for laprox is evicted to the budget at prefill, in laprox's own namespace."""
+    before = len(eviction_lines(server.log_path))
+    body = greedy(server, ps[3], {"kv_evict": {"policy": "laprox"}})
+    after = eviction_lines(server.log_path)[before:]
+    checks["snapkv-fi: a request overriding the policy to laprox is evicted to the budget"] = {
+        "ok": len(after) == 1 and after[0] == (math.ceil(BUDGET * PROMPT_LENS[3]), PROMPT_LENS[3],
+                                               PROMPT_LENS[3] - math.ceil(BUDGET * PROMPT_LENS[3]), 0)
+        and body["meta_info"].get("cached_tokens") == 0, "logged_after": after,
+        "cached_tokens": body["meta_info"].get("cached_tokens")}
+
+
 def logged_keep_sets(log: Path) -> list[list[int]]:
     """Kept positions of each eviction, in order, from a server run with ``SGL_EVICT_LOG_KEEP=1``."""
     return [json.loads(found) for found in re.findall(r"sgl-evict: request \S+ keeps positions (\[[\d, ]*\])",
@@ -218,7 +233,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device=device)
     policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
-                "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq"}
+                "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq", "laprox": "laprox"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
     overlaps = {name: [] for name in keep_sets}
     for i, ids in enumerate(ps):
@@ -239,6 +254,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     report["harness_logprob_gap"] = summary
     report["snapkv_keep_set_overlap_with_harness"] = overlaps.get("snapkv-fi", [])
     report["laq_keep_set_overlap_with_harness"] = overlaps.get("laq", [])
+    report["laprox_keep_set_overlap_with_harness"] = overlaps.get("laprox", [])
     for name, gap in summary.items():
         if name == "plain":
             continue
@@ -278,11 +294,12 @@ def main() -> int:
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
         for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming", "dapq",
-                     "snapkv-page16", "random", "laq"):
+                     "snapkv-page16", "random", "laq", "laprox"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
         if "snapkv-fi" in up:
             check_laq_override(up["snapkv-fi"], ps, checks)
+            check_laprox_override(up["snapkv-fi"], ps, checks)
         time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
         for name, server in up.items():
             text = server.log_path.read_text()
@@ -294,8 +311,8 @@ def main() -> int:
         for s in servers.values():
             s.stop()
     try:
-        keep_sets = {name: logged_keep_sets(servers[name].log_path)[: len(ps)] for name in ("snapkv-fi", "laq")
-                     if name in servers}
+        keep_sets = {name: logged_keep_sets(servers[name].log_path)[: len(ps)]
+                     for name in ("snapkv-fi", "laq", "laprox") if name in servers}
         compare_with_harness(model, ps, answers, checks, report, keep_sets)
     except Exception as err:
         checks["harness comparison"] = {"ok": False, "error": repr(err)}

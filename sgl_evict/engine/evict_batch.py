@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 
 from sgl_evict.engine.apply import evict_from_row
-from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores
+from sgl_evict.engine.keep import combined_scores, keep_mask, laprox_scores, position_scores, window_scores
+from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.holes import count_live
@@ -30,7 +31,8 @@ def finishes_prefill(req, batch) -> bool:
 
 def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
                         free: Callable[[torch.Tensor], None], attention_mass: Callable,
-                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1) -> int:
+                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1,
+                        value_buffer: Callable | None = None) -> int:
     """Evicts from every request of ``batch`` (SGLang's ``ScheduleBatch``) whose prefill it finished.
 
     Args:
@@ -42,6 +44,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         all_reduce: returns a tensor summed over tensor-parallel ranks (each rank scores its own KV heads, and
             all must keep the same tokens), or None with one rank.
         page_size: the pool's page size; above 1 whole pages are kept or freed.
+        value_buffer: layer id -> ``[pool_slots, num_kv_heads, head_dim]`` values (laprox reads them).
 
     Returns:
         slots freed.
@@ -58,18 +61,16 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         row = req_to_token[req.req_pool_idx, :seq_len]
         if not config.enabled or seq_len < config.min_prompt_len:
             continue
-        if config.policy == "dapq" and state.rope is None:
-            logger.warning("sgl-evict: request %s asks for dapq, but this model's RoPE could not be read at start: "
-                           "its cache is kept in full", req.rid)
+        missing = _missing_model_input(config.policy, state)
+        if missing:
+            logger.warning("sgl-evict: request %s asks for %s, but %s: its cache is kept in full", req.rid,
+                           config.policy, missing)
             continue
         # what the selector keeps at least: the budget, and the sinks and window it always protects
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
             continue
-        if config.policy in ("snapkv", "dapq", "laq"):
-            scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row, config.pooling_kernel,
-                                   attention_mass, state.rope if config.policy == "dapq" else None)
-        else:
-            scores = position_scores(config.policy, row)
+        scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
+                                 value_buffer, attention_mass)
         combined = combined_scores(scores)
         if all_reduce is not None:
             combined = all_reduce(combined)
@@ -83,6 +84,29 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             continue
         freed += _evict(req, row, keep, state, free)
     return freed
+
+
+def _missing_model_input(policy: str, state: EngineState) -> str | None:
+    """Why ``policy`` cannot run on this model (a fact read at start failed), or None when it can."""
+    if policy == "dapq" and state.rope is None:
+        return "this model's RoPE could not be read at start"
+    if policy == "laprox" and state.value_norm_factors is None:
+        return "this model's output projections could not be read at start"
+    return None
+
+
+def _prefill_scores(config, queries: dict, scaling: dict, state: EngineState, row: torch.Tensor,
+                    key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable) -> torch.Tensor:
+    """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of one request's prompt under ``config.policy``
+    (laq: its provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``)."""
+    if config.policy in ("snapkv", "dapq", "laq"):
+        return window_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
+                             state.rope if config.policy == "dapq" else None)
+    if config.policy == "laprox":
+        factors = state.value_norm_factors
+        return laprox_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
+                             lambda layer: projected_norms(value_buffer(layer), row, factors[layer]))
+    return position_scores(config.policy, row)
 
 
 def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,

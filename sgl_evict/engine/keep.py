@@ -15,7 +15,7 @@ from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import select_keep
 
 #: policies the engine can run today; the others need inputs the server does not capture yet
-SERVER_POLICIES = ("none", "snapkv", "laq", "dapq", "streaming", "random")
+SERVER_POLICIES = ("none", "snapkv", "laq", "dapq", "laprox", "streaming", "random")
 
 MassFn = Callable[..., torch.Tensor]
 """``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
@@ -85,12 +85,39 @@ def lookahead_scores(
                          pooling_kernel, attention_mass)
 
 
+def laprox_scores(
+    window_queries: Mapping[int, torch.Tensor],
+    scaling: Mapping[int, float],
+    key_buffer: Callable[[int], torch.Tensor],
+    row: torch.Tensor,
+    pooling_kernel: int,
+    attention_mass: MassFn,
+    value_norms: Callable[[int], torch.Tensor],
+) -> torch.Tensor:
+    """laprox scores of one request (``sgl_evict.policies.laprox``): each query head's causal window attention
+    times ``|| W_o^h v_t ||``, pooled, summed over each GQA group (the policy's ``gqa_reduce``).
+
+    Args:
+        value_norms: layer id -> ``[num_q_heads, seq_len]`` projected value norms of the request's prompt
+            (:func:`sgl_evict.engine.laprox.projected_norms`).
+        window_queries, scaling, key_buffer, row, pooling_kernel, attention_mass: as in :func:`window_scores`.
+
+    Returns:
+        ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
+    """
+    seq_len = row.shape[0]
+    per_layer = {layer: (q, torch.arange(seq_len - q.shape[1], seq_len, device=row.device).view(1, -1))
+                 for layer, q in window_queries.items()}
+    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, value_norms)
+
+
 def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]], scaling: Mapping[int, float],
                   key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor, pooling_kernel: int,
-                  attention_mass: MassFn) -> torch.Tensor:
+                  attention_mass: MassFn, value_norms: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean attention of each layer's ``(queries [num_q_heads, n, head_dim], positions [1, n] or None)`` over the
     keys of ``row``, pooled and GQA-reduced; ``[num_layers, num_kv_heads, seq_len]`` in layer order, zero at holes.
-    ``positions`` None: every query sees every key."""
+    ``positions`` None: every query sees every key. With ``value_norms`` (laprox) each head's attention is
+    weighted by them before pooling and a GQA group is summed, as the harness's laprox does; otherwise averaged."""
     seq_len = row.shape[0]
     table = row.view(1, seq_len)
     lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
@@ -99,7 +126,9 @@ def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]
         q, positions = queries[layer]
         keys = key_buffer(layer)
         mass = attention_mass(q.unsqueeze(0), keys, table, lens, scaling[layer], positions)[0, :, :seq_len]
-        per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max", "mean"))
+        weights = None if value_norms is None else value_norms(layer)
+        per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max",
+                                       "mean" if weights is None else "sum", weights))
     scores = torch.stack(per_layer)
     # pooling spreads a neighbour's score onto a hole; a hole has no KV to keep
     return scores * is_live(row).to(scores.dtype)
@@ -125,7 +154,11 @@ def combined_scores(scores: torch.Tensor) -> torch.Tensor:
     """``[num_layers, num_kv_heads, seq_len]`` -> ``[seq_len]``: each (layer, head) row normalised, then summed.
 
     The ``uniform`` combination of ``sgl_evict.selection.select_keep`` (a sum where it takes a mean: the same
-    ranking), written as a sum so that tensor-parallel ranks, each holding some KV heads, can all-reduce it.
+    ranking), written as a sum so that tensor-parallel ranks, each holding some KV heads, can all-reduce it: a
+    row depends only on its own KV head's query heads (for laprox also on their own columns of ``W_o``, which the
+    rank holds), so the sum over ranks of these sums is the sum over all rows. This holds while every rank holds
+    whole KV heads with their whole query groups (``tp_size <= num_kv_heads``); with replicated KV heads each rank
+    would normalise a part of a group.
     """
     total = scores.sum(dim=-1, keepdim=True)
     return (scores / torch.where(total > 0, total, torch.ones_like(total))).sum(dim=(0, 1))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import DecodeQueryCapture, WindowQueryCapture
 from sgl_evict.engine.keep import SERVER_POLICIES
@@ -26,6 +28,9 @@ class EngineState:
         shadow_offset: row offset of the compacted shadow rows in ``req_to_token`` (None before the pool is
             built, or when eviction is off).
         rope: the model's RoPE (dapq re-rotates window queries with it), read from its config at start.
+        value_norm_factors: laprox: layer id -> ``[num_q_heads, head_dim, head_dim]`` factors of the layer's output
+            projection (:mod:`sgl_evict.engine.laprox`), computed at start; None when the model's layout could not
+            be read (laprox requests then keep their full cache).
         forward_id: counts forwards, so eviction uses the queries of its own batch only.
         decode_capture: laq's lookahead queries of decode forwards (graph-safe; None when eviction is off).
         pending: laq requests between prefill and eviction, by request id (:mod:`sgl_evict.engine.lookahead`).
@@ -36,6 +41,7 @@ class EngineState:
     capture: WindowQueryCapture | None = None
     shadow_offset: int | None = None
     rope: RopeSpec | None = None
+    value_norm_factors: dict[int, torch.Tensor] | None = None
     forward_id: int = 0
     decode_capture: DecodeQueryCapture | None = None
     pending: dict[str, PendingLookahead] = field(default_factory=dict)
