@@ -31,6 +31,7 @@ import torch
 
 from sgl_evict.engine.evict_batch import evict_after_lookahead
 from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches.scheduler import pool_arguments
 
 logger = logging.getLogger("sgl_evict")
 
@@ -75,13 +76,5 @@ def can_run_graph_around(original, graph_runner, forward_batch, *args, **kwargs)
 
 def process_batch_result_decode_around(original, self, batch, result, *args, **kwargs):
     if STATE.enabled and STATE.pending:
-        from sgl_evict.kernels.paged_scoring import attention_mass_paged
-
-        all_reduce = None
-        if self.server_args.tp_size > 1:
-            from sglang.srt.distributed import tensor_model_parallel_all_reduce as all_reduce
-        kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
-        evict_after_lookahead(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
-                              self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce,
-                              self.token_to_kv_pool_allocator.page_size)
+        evict_after_lookahead(batch, STATE, **pool_arguments(self))
     return original(self, batch, result, *args, **kwargs)

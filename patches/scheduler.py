@@ -52,17 +52,25 @@ def _model_rope(hf_config, required: bool) -> RopeSpec | None:
         return None
 
 
+def pool_arguments(scheduler) -> dict:
+    """What eviction reads, frees and reduces with in this scheduler process (SGLang's ``Scheduler``): the keyword
+    arguments ``req_to_token, key_buffer, free, attention_mass, all_reduce, page_size`` of
+    :func:`~sgl_evict.engine.evict_batch.evict_after_prefill` and ``evict_after_lookahead``."""
+    from sgl_evict.kernels.paged_scoring import attention_mass_paged
+
+    all_reduce = None
+    if scheduler.server_args.tp_size > 1:
+        from sglang.srt.distributed import tensor_model_parallel_all_reduce as all_reduce
+    allocator = scheduler.token_to_kv_pool_allocator
+    return {"req_to_token": scheduler.req_to_token_pool.req_to_token,
+            "key_buffer": allocator.get_kvcache().get_key_buffer, "free": allocator.free,
+            "attention_mass": attention_mass_paged, "all_reduce": all_reduce, "page_size": allocator.page_size}
+
+
 def process_batch_result_prefill_around(original, self, batch, result, *args, **kwargs):
     if STATE.enabled:
-        from sgl_evict.kernels.paged_scoring import attention_mass_paged
-
-        all_reduce = None
-        if self.server_args.tp_size > 1:
-            from sglang.srt.distributed import tensor_model_parallel_all_reduce as all_reduce
-        kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
-        evict_after_prefill(batch, STATE, self.req_to_token_pool.req_to_token, kv_pool.get_key_buffer,
-                            self.token_to_kv_pool_allocator.free, attention_mass_paged, all_reduce,
-                            self.token_to_kv_pool_allocator.page_size, kv_pool.get_value_buffer)
+        value_buffer = self.token_to_kv_pool_allocator.get_kvcache().get_value_buffer
+        evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer)
     return original(self, batch, result, *args, **kwargs)
 
 
