@@ -93,7 +93,18 @@ class StubSGLang:
             h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             h.wfile.flush()
 
-        t_end = None
+        finished = []
+
+        def finish():
+            # the stub's bookkeeping for this request, done before the event that ends it for the client (which
+            # may send the session's next turn at once), or when the stream breaks off
+            if not finished:
+                finished.append(True)
+                with self.lock:
+                    self.active -= 1
+                    self.calls.append((prompt, out, t_start, time.monotonic()))
+                    self.stored.append(prompt + out)
+
         try:
             sent = 0
             for k in range(1, n + 1):
@@ -101,6 +112,7 @@ class StubSGLang:
                 if not (k == n or k % every == 1 or every == 1):  # SGLang: first token, then every `every`
                     continue
                 if ERROR_MARKER in prompt:
+                    finish()
                     send(b'data: {"error": {"message": "boom", "code": 400}}\n\n')
                     break
                 ids = out[sent:k] if self.incremental else out[:k]
@@ -111,22 +123,18 @@ class StubSGLang:
                 meta = {"prompt_tokens": len(prompt), "cached_tokens": cached, "completion_tokens": k,
                         "num_retractions": 0, "finish_reason": reason}
                 if reason is not None:
-                    # before the event that lets the client send the session's next turn (the finally below
-                    # may run after that next turn arrived)
-                    t_end = time.monotonic()
+                    finish()
                 send(b"data: " + json.dumps({"output_ids": ids, "meta_info": meta}).encode() + b"\n\n")
                 if reason is not None or HANGUP_MARKER in prompt:
                     break
             if HANGUP_MARKER not in prompt:
                 send(b"data: [DONE]\n\n")
+            finish()
             send(b"")
         except OSError:
             pass  # the client closed the stream (deadline)
         finally:
-            with self.lock:
-                self.active -= 1
-                self.calls.append((prompt, out, t_start, t_end if t_end is not None else time.monotonic()))
-                self.stored.append(prompt + out)
+            finish()
 
     def close(self):
         self.server.shutdown()
