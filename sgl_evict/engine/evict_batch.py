@@ -62,8 +62,9 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             logger.warning("sgl-evict: request %s asks for dapq, but this model's RoPE could not be read at start: "
                            "its cache is kept in full", req.rid)
             continue
-        # what the selector keeps at least: the budget, and the sinks and window it always protects
-        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
+        # what the selector keeps at least: the budget, and the sinks and recent tokens it always protects
+        recent = max(config.window, state.protected_recent)
+        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= count_live(row):
             continue
         if config.policy in ("snapkv", "dapq", "laq"):
             scores = window_scores(capture.queries_of(i), capture.scaling, key_buffer, row, config.pooling_kernel,
@@ -73,7 +74,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         combined = combined_scores(scores)
         if all_reduce is not None:
             combined = all_reduce(combined)
-        keep = keep_mask(combined, config, row, page_size)
+        keep = keep_mask(combined, config, row, page_size, state.protected_recent)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
             state.pending[req.rid] = PendingLookahead(req, seq_len, scores, keep, dict(capture.scaling))
@@ -109,7 +110,7 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
                                                          attention_mass))
         if all_reduce is not None:
             combined = all_reduce(combined)
-        freed += _evict(req, row, keep_mask(combined, config, row, page_size), state, free)
+        freed += _evict(req, row, keep_mask(combined, config, row, page_size, state.protected_recent), state, free)
     return freed
 
 

@@ -29,6 +29,9 @@ class EngineState:
         forward_id: counts forwards, so eviction uses the queries of its own batch only.
         decode_capture: laq's lookahead queries of decode forwards (graph-safe; None when eviction is off).
         pending: laq requests between prefill and eviction, by request id (:mod:`sgl_evict.engine.lookahead`).
+        protected_recent: trailing prompt tokens every keep-set keeps: the model's sliding window (0 without
+            sliding-window layers), so those layers, which read the last window entries of a compacted row, see
+            exactly the tokens they would without eviction.
         freed_slots, hidden_tokens: totals since start, for logs and tests.
     """
 
@@ -39,6 +42,7 @@ class EngineState:
     forward_id: int = 0
     decode_capture: DecodeQueryCapture | None = None
     pending: dict[str, PendingLookahead] = field(default_factory=dict)
+    protected_recent: int = 0
     freed_slots: int = 0
     hidden_tokens: int = 0
 
