@@ -52,6 +52,7 @@ class EngineState:
         # any request of an evicting server may ask for laq, so every evicting server can capture decode queries
         self.decode_capture = DecodeQueryCapture() if config.enabled else None
         self.pending = {}
+        self.protected_recent = 0  # the scheduler sets it once the model is known
 
     def pending_of(self, req) -> PendingLookahead | None:
         """The pending laq entry of SGLang's ``req`` (None when it has none)."""
