@@ -19,7 +19,7 @@ from sgl_evict.engine.compact_view import compact_rows  # noqa: E402
 from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
 from sgl_evict.engine.keep import combined_scores, keep_mask  # noqa: E402
 from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
+from sgl_evict.holes import HOLE, whole_tail_prefix  # noqa: E402
 from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
 from sgl_evict.selection import Budget  # noqa: E402
 
@@ -28,7 +28,8 @@ WINDOW = 24  # a model's sliding window (Gemma 3 270M: 512)
 
 def _req(rid, pool_idx):
     return SimpleNamespace(rid=rid, req_pool_idx=pool_idx, cache_protected_len=0, inflight_middle_chunks=0,
-                           is_retracted=False, finished=lambda: False, sampling_params=SimpleNamespace(custom_params=None))
+                           is_retracted=False, finished=lambda: False,
+                           sampling_params=SimpleNamespace(custom_params=None))
 
 
 def _evicting_state(policy, budget, protected_recent, lens, kv_heads=1, dim=16, seed=0):
@@ -150,3 +151,13 @@ def test_harness_protected_recent_keeps_the_sliding_window(policy):
         assert mask[-16:].all() and mask[:2].all() and int(mask.sum()) == 2 + 16  # tail above the budget
     with pytest.raises(ValueError, match="protected_recent"):
         EvictionHarness(model, protected_recent=-1)
+
+
+def test_whole_tail_prefix_ends_before_the_last_hole_run_its_tail_clears():
+    row = torch.arange(1, 41)
+    assert whole_tail_prefix(row, 8) == 40
+    row[[5, 20, 21, 22]] = HOLE
+    assert whole_tail_prefix(row, 8) == 40  # the last hole (22) lies before 40 - 8
+    assert whole_tail_prefix(row[:30], 8) == 20  # 22 is within 8 of 30: end at the run 20..22 (5 is 15 back)
+    assert whole_tail_prefix(row[:30], 15) == 5  # too close to 5 as well: end before the first hole
+    assert whole_tail_prefix(row[:4], 8) == 4
