@@ -12,8 +12,8 @@ One server (Triton attention: FlashInfer's ragged prefill rejects Gemma 3's slid
 full-cache reference with policy ``none``). Gemma 3 has sliding-window layers (window 512), so the server keeps
 every prompt's last 512 tokens (patches/scheduler.py ``sliding_window_tail``), and the harness runs with
 ``protected_recent=512`` to select the same keep-sets. Each request carries its own ``extra_key``: a request must
-not start from another's evicted prefix in the radix cache (a prefix ending in holes gives sliding-window layers
-a different window, docs/plugin.md), and the harness never does.
+not start from another's evicted prefix in the radix cache (it would inherit that request's holes), as the
+harness never does.
 
 For every task of sgl_evict/eval/tasks.py, context length and sample (seeded), the prompt's token ids go to the
 server and to the harness (bf16, same device after the server stopped); each policy x budget and the full cache
