@@ -8,6 +8,8 @@ from its first ``lookahead_steps`` decode forwards, its row keeps every slot. Re
   the lookahead could only hide them. A pending request keeps its prompt instead, as SGLang's ``ChunkCache`` does
   (``prefix_indices`` = its own row; ``cache_protected_len`` and ``last_node`` stay those of its matched prefix):
   its final ``cache_finished_req`` inserts the row, holes and all, and frees what it owns, as for any request.
+  A request of a sliding-window model whose insert would bring the tree's holes into its protected tail
+  (:func:`sgl_evict.patches.radix_cache.tree_holes_in_tail`) keeps its prompt the same way.
 - ``sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free`` (BEFORE, :func:`req_row_free_before`): every way a
   request leaves (finished, aborted, retracted) ends by freeing its row there. A request that leaves while pending
   drops its entry, so its row can be handed to another request; it kept its full cache, which SGLang releases
@@ -31,6 +33,7 @@ import torch
 
 from sgl_evict.engine.evict_batch import evict_after_lookahead
 from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches.radix_cache import tree_holes_in_tail
 from sgl_evict.patches.scheduler import pool_arguments
 
 logger = logging.getLogger("sgl_evict")
@@ -40,7 +43,7 @@ GRAPH_CAPACITY = 32
 
 
 def cache_unfinished_req_around(original, cache, req, *args, **kwargs):
-    if not STATE.enabled or STATE.pending_of(req) is None:
+    if not STATE.enabled or (STATE.pending_of(req) is None and not tree_holes_in_tail(cache, req)):
         return original(cache, req, *args, **kwargs)
     row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(req.get_fill_ids())]
     req.prefix_indices = row.to(dtype=torch.int64, copy=True)

@@ -28,6 +28,18 @@ Counting (SGLang counts a node's tokens as ``len(node.key)``; the scheduler admi
   evictable, and reports the live slots freed.
 - ``RadixCache.total_size`` (REPLACE): live slots in the tree.
 
+Sliding-window models (the engine keeps every evicted prompt's last ``STATE.protected_recent`` tokens, so those
+layers, which read a row's last entries, see what they would unevicted; docs/plugin.md):
+
+- ``RadixCache.match_prefix`` (AROUND, :func:`match_prefix_around`): a request's match (``params.req`` set, as
+  ``Req.init_next_round_input`` passes it) may end inside another request's evicted region, with holes among its
+  last ``protected_recent`` entries; it is cut to the longest prefix whose tail is whole (``RadixKey.limit``) and
+  the request computes the rest itself. SGLang's own re-matches (``cache_unfinished_req``, no ``req``) are left
+  alone: they must return the whole inserted key.
+- ``RadixCache.cache_unfinished_req``: at prefill end SGLang would write the tree's values, holes and all, over
+  the request's own KV of the part it recomputed; :func:`tree_holes_in_tail` tells the hook of
+  :mod:`sgl_evict.patches.lookahead` to keep the request's prompt instead, as for a pending laq request.
+
 Namespacing:
 
 - ``Req.__init__`` (AFTER, :func:`req_init_after`): folds the request's eviction fingerprint (server config from
@@ -42,7 +54,7 @@ import dataclasses
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.runtime import STATE
-from sgl_evict.holes import count_live, live, namespaced_extra_key
+from sgl_evict.holes import HOLE, count_live, live, namespaced_extra_key, whole_tail_prefix
 
 TOKEN_ALLOCATOR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
 PAGED_ALLOCATOR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
@@ -159,6 +171,42 @@ def live_total_size(cache) -> int:
         total += count_live(node.value)
         stack.extend(node.children.values())
     return total
+
+
+# ---- sliding-window models -------------------------------------------------------------------------------------
+
+def match_prefix_around(original, cache, params):
+    """AROUND hook on ``RadixCache.match_prefix(params)``: a request's match ends where its last
+    ``STATE.protected_recent`` entries hold no hole."""
+    result = original(cache, params)
+    tail = STATE.protected_recent
+    if not STATE.enabled or not tail or params.req is None:
+        return result
+    usable = whole_tail_prefix(result.device_indices, tail)
+    if usable == len(result.device_indices):
+        return result
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    key = params.key
+    # holes are whole pages, so a prefix ending at a hole is page aligned
+    limited = RadixKey(key.token_ids, key.extra_key, is_bigram=key.is_bigram, limit=usable)
+    return original(cache, dataclasses.replace(params, key=limited))
+
+
+def tree_holes_in_tail(cache, req) -> bool:
+    """Whether inserting ``req`` (SGLang's ``Req``) would put the tree's holes into its last
+    ``STATE.protected_recent`` positions: the tree holds another request's evicted tokens where ``req``, its match
+    cut by :func:`match_prefix_around`, computed its own."""
+    tail = STATE.protected_recent
+    if not STATE.enabled or not tail:
+        return False
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    fill = req.get_fill_ids()
+    values = cache.match_prefix(MatchPrefixParams(key=RadixKey(fill, req.extra_key))).device_indices
+    start = max(req.cache_protected_len, len(fill) - tail)
+    return bool((values[start:] == HOLE).any())
 
 
 # ---- namespacing ------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Eviction in the scheduler process.
 
 - ``sglang.srt.managers.scheduler.Scheduler.__init__`` (AROUND): sets the process's eviction config from
-  ``server_args`` before SGLang builds the pools (the pool hook reads it), then refuses models the engine cannot
-  evict from yet (sliding-window layers), with a message instead of wrong answers, and reads the model's RoPE for
-  dapq.
+  ``server_args`` before SGLang builds the pools (the pool hook reads it); once the model runner exists, refuses
+  models the engine cannot evict from correctly (hybrid SWA pool, chunked attention, capped attention logits), with
+  a message instead of wrong answers, makes every keep-set keep the model's sliding window
+  (:func:`sliding_window_tail`), and reads the model's RoPE for dapq.
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
@@ -32,12 +33,57 @@ def init_around(original, self, server_args, *args, **kwargs):
     STATE.configure(eviction_config(server_args))
     result = original(self, server_args, *args, **kwargs)
     if STATE.enabled:
-        if self.tp_worker.sliding_window_size is not None:
-            raise RuntimeError(
-                "sgl-evict: this model has sliding-window attention layers, which eviction inside the server does "
-                "not support yet; launch without --kv-evict-policy (or use the HF harness, sgl-evict eval)")
+        layers = _attention_layers(self.tp_worker.model_runner.model)
+        check_model_support(self.tp_worker, layers)
+        STATE.protected_recent = sliding_window_tail(layers)
+        if STATE.protected_recent:
+            logging.getLogger("sgl_evict").info(
+                "sgl-evict: this model has sliding-window layers: every request keeps its last %d prompt tokens "
+                "(within its budget, above it for short prompts)", STATE.protected_recent)
         STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
     return result
+
+
+def _attention_layers(model) -> list:
+    """The model's SGLang ``RadixAttention`` modules."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    return [m for m in model.modules() if isinstance(m, RadixAttention)]
+
+
+def check_model_support(tp_worker, layers) -> None:
+    """RuntimeError for models whose attention would read the compacted rows wrongly, or be scored wrongly.
+
+    ``tp_worker``: SGLang's ``TpModelWorker`` (``is_hybrid_swa``, ``model_runner.model_config``); ``layers``: the
+    model's ``RadixAttention`` modules.
+    """
+    if tp_worker.is_hybrid_swa:
+        # SWAKVPool gives sliding-window layers a slot space of their own (full_to_swa_index_mapping), which
+        # neither the holes nor the compacted rows cover; --kv-evict-policy turns it off at launch
+        raise RuntimeError("sgl-evict: this server uses SGLang's hybrid SWA memory pool, which eviction does not "
+                           "handle; launch with --disable-hybrid-swa-memory")
+    if getattr(tp_worker.model_runner.model_config, "attention_chunk_size", None) is not None:
+        # chunked attention (Llama 4) cuts the KV at absolute chunk boundaries, which a compacted row moves
+        raise RuntimeError("sgl-evict: this model uses chunked attention (attention_chunk_size), which eviction "
+                           "inside the server does not support; launch without --kv-evict-policy")
+    capped = sorted(m.layer_id for m in layers if m.sliding_window_size == -1 and m.logit_cap > 0)
+    if capped:
+        # the scoring kernel computes plain softmax(q k * scaling): capped logits would rank keys differently
+        raise RuntimeError(f"sgl-evict: this model caps its attention logits (logit_cap, layers {capped}), which the "
+                           "eviction scores do not apply; launch without --kv-evict-policy")
+
+
+def sliding_window_tail(layers) -> int:
+    """Trailing prompt tokens every keep-set must keep so sliding-window layers see what they would unevicted.
+
+    SGLang's backends give a sliding-window layer the last ``sliding_window_size + 1`` entries of a request's row
+    (FlashInfer: ``kv_start_idx = seq_len - min(seq_len, sliding_window_size + 1)``; Triton: the last
+    ``sliding_window_size``, masked by row-index distance), never positions. A compacted row whose logical tail is
+    whole ends in exactly the logical row's last entries (decode tokens are never evicted), so those layers read
+    the same tokens. Gemma 3: ``sliding_window_size`` 511 (HF ``sliding_window`` 512, current token included),
+    tail 512. 0 when the model has no sliding-window layer.
+    """
+    return max((m.sliding_window_size + 1 for m in layers if m.sliding_window_size >= 0), default=0)
 
 
 def _model_rope(hf_config, required: bool) -> RopeSpec | None:

@@ -138,12 +138,16 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
     if config.enabled:
         # Eviction runs between a prefill's forward and the processing of its result; the overlap scheduler
         # launches the next forward before that processing, and a prefill CUDA graph would skip the Python hook
-        # that captures the window queries. Both are turned off before SGLang resolves its arguments.
+        # that captures the window queries. SGLang's hybrid SWA pool (SWAKVPool, chosen for models such as gpt-oss
+        # and Llama 4; SGLang turns it off for Gemma 2/3 itself) gives sliding-window layers slots of their own,
+        # which the holes and compacted rows do not cover: eviction runs on the one pool all layers share. All
+        # three are turned off before SGLang resolves its arguments.
         args.disable_overlap_schedule = True
         args.cuda_graph_backend_prefill = "disabled"
+        args.disable_hybrid_swa_memory = True
         logging.getLogger("sgl_evict").info(
-            "kv eviction %s (budget %s): overlap scheduling and prefill CUDA graphs are turned off",
-            config.policy, config.budget)
+            "kv eviction %s (budget %s): overlap scheduling, prefill CUDA graphs and the hybrid SWA memory pool are "
+            "turned off", config.policy, config.budget)
     server_args = original(cls, args)
     server_args._kv_evict = config
     return server_args

@@ -42,6 +42,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity)
     p.add_argument("--window", type=int, default=d.window, help="observation window (also always-kept recent tokens)")
     p.add_argument("--sinks", type=int, default=d.sinks, help="leading tokens always kept")
+    p.add_argument("--protect-recent", type=int, default=d.protected_recent,
+                   help="trailing tokens always kept (the larger of this and --window): the model's sliding window "
+                        "reproduces the keep-sets of an evicting SGLang server")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="greedy answer length")
     p.add_argument("--fidelity-tokens", type=int, default=d.fidelity_tokens,
                    help="teacher-forced continuation length for top-1 agreement and KL")
@@ -83,8 +86,9 @@ def cmd_eval(args) -> int:
 
     config = EvalConfig(tasks=args.tasks, context_tokens=args.context, samples_per_task=args.samples,
                         policies=args.policies, budgets=args.budgets, granularity=args.granularity,
-                        window=args.window, sinks=args.sinks, max_new_tokens=args.max_new_tokens,
-                        fidelity_tokens=args.fidelity_tokens, seed=args.seed, soft_tokens=args.soft_tokens)
+                        window=args.window, sinks=args.sinks, protected_recent=args.protect_recent,
+                        max_new_tokens=args.max_new_tokens, fidelity_tokens=args.fidelity_tokens, seed=args.seed,
+                        soft_tokens=args.soft_tokens)
     config.validate()  # before the model loads: a typo should not cost a minute
     print(f"loading model {args.model} ...", file=sys.stderr)
     model, tokenizer = _load_model(args.model, args.device)

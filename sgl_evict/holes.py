@@ -36,6 +36,24 @@ def has_holes(indices: torch.Tensor) -> bool:
     return bool((indices == HOLE).any().item())
 
 
+def whole_tail_prefix(indices: torch.Tensor, tail: int) -> int:
+    """Length of the longest prefix of ``indices`` [n] int whose last ``tail`` entries hold no hole.
+
+    A prefix ends right before a hole, or at ``n``; it qualifies when no hole lies within ``tail`` entries before
+    its end (a prefix shorter than ``tail`` must have no hole at all). Used for radix matches on models with
+    sliding-window layers, which read a row's last ``tail`` entries.
+    """
+    n = indices.shape[0]
+    holes = (indices == HOLE).nonzero().flatten().tolist()
+    if not holes or holes[-1] < n - tail:
+        return n
+    best = holes[0]
+    for before, hole in zip(holes, holes[1:]):
+        if hole - before > tail:
+            best = hole
+    return best
+
+
 def namespaced_extra_key(extra_key: str | None, config) -> str | None:
     """SGLang's ``RadixKey.extra_key`` (``Req.extra_key``: cache salt, LoRA id) with the eviction namespace folded in.
 

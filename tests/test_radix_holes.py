@@ -142,8 +142,10 @@ class Pool:
 
     # -- the scheduler's steps for one request --
 
-    def match(self, tokens, extra_key):
-        return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key)))
+    def match(self, tokens, extra_key, req=None):
+        """``req``: the request being admitted (``Req.init_next_round_input`` passes it); None as SGLang's own
+        re-matches do."""
+        return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
 
     def admit(self, tokens, extra_key, hole_units=()):
         """Matches, locks, evicts-then-allocates, writes the row and punches holes in the request's own part.
@@ -152,7 +154,7 @@ class Pool:
         units inside the prompt). Returns the request, or None when the pool cannot hold it (lock released).
         """
         req = SimReq(array("q", tokens), extra_key)
-        match = self.match(tokens, extra_key)
+        match = self.match(tokens, extra_key, req)
         prefix = match.device_indices
         self.cache.inc_lock_ref(match.last_device_node)
         need = len(tokens) - len(prefix)
@@ -332,7 +334,8 @@ def test_random_request_sequences_keep_every_slot_accounted_for_page_size_16(ops
 # ---- targeted: one per hook --------------------------------------------------------------------------------------
 
 def test_plugin_applies_the_radix_hooks():
-    for method in ("_insert_helper", "inc_lock_ref", "dec_lock_ref", "_delete_leaf", "evict", "total_size"):
+    for method in ("_insert_helper", "inc_lock_ref", "dec_lock_ref", "_delete_leaf", "evict", "total_size",
+                   "match_prefix"):
         assert f"{hooks.RADIX_CACHE}.{method}" in HookRegistry._patched
     assert f"{hooks.TOKEN_ALLOCATOR}.free" in HookRegistry._patched
     assert f"{hooks.PAGED_ALLOCATOR}._release_page_ids" in HookRegistry._patched
@@ -655,6 +658,76 @@ def test_unreadable_output_projections_fail_a_laprox_launch_and_only_warn_otherw
 
 def test_plugin_applies_the_laprox_hook():
     assert "sglang.srt.model_executor.model_runner.ModelRunner.initialize" in HookRegistry._patched
+
+# ---- sliding-window models: a request's match ends where its protected tail is whole ----------------------------
+
+TAIL = 8  # the model's sliding window (Gemma 3: 512)
+
+
+@pytest.fixture
+def sliding_window(evicting_process):
+    evicting_process.protected_recent = TAIL
+    yield evicting_process
+    evicting_process.protected_recent = 0
+
+
+def first_turn_with_holes(pool):
+    """Request A (tokens 1..40) evicted positions 20..27 and finished: the tree holds them as holes."""
+    a = pool.admit(list(range(1, 41)), NS_COMPRESSED, hole_units=range(20 // pool.page_size, 28 // pool.page_size))
+    pool.finish(a)
+    return a
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_request_match_inside_an_evicted_region_ends_where_its_tail_is_whole(sliding_window, page_size):
+    pool = Pool(page_size, slots=128)
+    first_turn_with_holes(pool)
+    # B shares A's first 30 tokens, 20..27 evicted there, and adds 2: its last TAIL positions reach into the holes
+    tokens = list(range(1, 31)) + [101, 102]
+    matched = pool.match(tokens, NS_COMPRESSED).device_indices  # SGLang's own re-match: untouched
+    assert len(matched) == 30 // page_size * page_size and (matched[20:28] == HOLE).all()
+    b = pool.admit(tokens, NS_COMPRESSED)
+    assert b.cache_protected_len == 20 and len(b.prefix_indices) == 20  # recomputes 20.. itself
+    assert (pool.row(b) != HOLE).all()
+    # at prefill end SGLang would write the tree's holes over the KV it recomputed: the request keeps its prompt
+    pool.cache.cache_unfinished_req(b)
+    assert (pool.row(b) != HOLE).all() and b.cache_protected_len == 20
+    check_slots(pool, [b])
+    check_counters(pool)
+    pool.finish(b)  # its duplicates of A's positions 20..29 are freed, its own tail cached
+    check_slots(pool, [])
+    check_counters(pool)
+
+
+def test_holes_before_the_tail_are_inserted_as_usual(sliding_window):
+    pool = Pool(1, slots=128)
+    first_turn_with_holes(pool)
+    b = pool.admit(list(range(1, 31)) + list(range(101, 111)), NS_COMPRESSED)  # tail 32..39: past the holes
+    assert b.cache_protected_len == 20
+    pool.cache.cache_unfinished_req(b)  # an ordinary insert: the tree's holes at 20..27 are outside the tail
+    assert b.cache_protected_len == 40 and (pool.row(b)[20:28] == HOLE).all() and (pool.row(b)[28:] != HOLE).all()
+    pool.finish(b)
+    check_slots(pool, [])
+    check_counters(pool)
+
+
+def test_a_second_turn_matches_the_whole_first_turn(sliding_window):
+    pool = Pool(1, slots=128)
+    first_turn_with_holes(pool)
+    c = pool.admit(list(range(1, 41)) + list(range(201, 211)), NS_COMPRESSED)
+    assert c.cache_protected_len == 40  # the first turn's tail is whole: nothing recomputed
+    pool.cache.cache_unfinished_req(c)  # an ordinary insert
+    assert c.cache_protected_len == 50 and torch.equal(pool.row(c)[20:28], torch.full((8,), HOLE))
+    pool.finish(c)
+    check_slots(pool, [])
+    check_counters(pool)
+
+
+def test_without_sliding_window_layers_a_match_keeps_its_holes(evicting_process):
+    pool = Pool(1, slots=128)
+    first_turn_with_holes(pool)
+    b = pool.admit(list(range(1, 31)) + list(range(101, 111)), NS_COMPRESSED)
+    assert b.cache_protected_len == 30 and (b.prefix_indices[20:28] == HOLE).all()
 
 
 # ---- Req.extra_key: the namespace of a request --------------------------------------------------------------------

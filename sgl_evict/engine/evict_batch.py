@@ -66,15 +66,16 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             logger.warning("sgl-evict: request %s asks for %s, but %s: its cache is kept in full", req.rid,
                            config.policy, missing)
             continue
-        # what the selector keeps at least: the budget, and the sinks and window it always protects
-        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + config.window)) >= count_live(row):
+        # what the selector keeps at least: the budget, and the sinks and recent tokens it always protects
+        recent = max(config.window, state.protected_recent)
+        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= count_live(row):
             continue
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass)
         combined = combined_scores(scores)
         if all_reduce is not None:
             combined = all_reduce(combined)
-        keep = keep_mask(combined, config, row, page_size)
+        keep = keep_mask(combined, config, row, page_size, state.protected_recent)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
             window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}  # a view would keep the whole batch's queries alive
@@ -134,7 +135,7 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
                                                          attention_mass))
         if all_reduce is not None:
             combined = all_reduce(combined)
-        freed += _evict(req, row, keep_mask(combined, config, row, page_size), state, free)
+        freed += _evict(req, row, keep_mask(combined, config, row, page_size, state.protected_recent), state, free)
     return freed
 
 

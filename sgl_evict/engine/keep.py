@@ -164,21 +164,23 @@ def combined_scores(scores: torch.Tensor) -> torch.Tensor:
     return (scores / torch.where(total > 0, total, torch.ones_like(total))).sum(dim=(0, 1))
 
 
-def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int = 1) -> torch.Tensor:
+def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int = 1,
+              protected_recent: int = 0) -> torch.Tensor:
     """``[seq_len]`` bool keep mask of one request from its :func:`combined_scores`: one keep-set for all layers
     and heads (``uniform``). The budget counts the request's logical tokens; the first ``sinks`` and last
-    ``window`` tokens are always kept, as in the HF harness.
+    ``max(window, protected_recent)`` tokens are always kept, as in the HF harness (its ``protected_recent``).
+    ``protected_recent``: the model's sliding window (:attr:`EngineState.protected_recent`).
 
     With ``page_size > 1`` whole pages are kept or dropped (a page's score is the sum of its tokens', the budget
     is rounded up to pages; ``kernels/selection.py``), so every dropped page can be freed. ``row`` is the
     request's ``[seq_len]`` slot row (its pages).
     """
     seq_len = combined.shape[0]
+    recent = max(config.window, protected_recent)
     if page_size == 1:
-        kept = select_keep(combined.view(1, 1, -1), config.budget, config.sinks, config.window, "uniform")
+        kept = select_keep(combined.view(1, 1, -1), config.budget, config.sinks, recent, "uniform")
         return kept.mask(0)[0]
     budget = torch.tensor([config.budget.num_tokens(seq_len)], device=row.device)
     lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
-    selection = select_pages(combined.view(1, -1), row.view(1, -1), lens, budget, page_size, config.sinks,
-                             config.window)
+    selection = select_pages(combined.view(1, -1), row.view(1, -1), lens, budget, page_size, config.sinks, recent)
     return selection.keep_mask[0]

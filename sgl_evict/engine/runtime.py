@@ -34,6 +34,9 @@ class EngineState:
         forward_id: counts forwards, so eviction uses the queries of its own batch only.
         decode_capture: laq's lookahead queries of decode forwards (graph-safe; None when eviction is off).
         pending: laq requests between prefill and eviction, by request id (:mod:`sgl_evict.engine.lookahead`).
+        protected_recent: trailing prompt tokens every keep-set keeps: the model's sliding window (0 without
+            sliding-window layers), so those layers, which read the last window entries of a compacted row, see
+            exactly the tokens they would without eviction.
         freed_slots, hidden_tokens: totals since start, for logs and tests.
     """
 
@@ -45,6 +48,7 @@ class EngineState:
     forward_id: int = 0
     decode_capture: DecodeQueryCapture | None = None
     pending: dict[str, PendingLookahead] = field(default_factory=dict)
+    protected_recent: int = 0
     freed_slots: int = 0
     hidden_tokens: int = 0
 
@@ -54,6 +58,7 @@ class EngineState:
         # any request of an evicting server may ask for laq, so every evicting server can capture decode queries
         self.decode_capture = DecodeQueryCapture() if config.enabled else None
         self.pending = {}
+        self.protected_recent = 0  # the scheduler sets it once the model is known
 
     def pending_of(self, req) -> PendingLookahead | None:
         """The pending laq entry of SGLang's ``req`` (None when it has none)."""

@@ -26,6 +26,8 @@ class EvalConfig:
     granularity: str = "uniform"
     window: int = 32
     sinks: int = 4
+    #: trailing tokens every keep-set keeps (the larger of this and ``window``); the server's sliding window
+    protected_recent: int = 0
     max_new_tokens: int = 16
     fidelity_tokens: int = 16
     seed: int = 0
@@ -46,8 +48,8 @@ class EvalConfig:
                             ("max new tokens", self.max_new_tokens), ("window", self.window)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.fidelity_tokens < 1 or self.sinks < 0:
-            raise ValueError("fidelity tokens must be >= 1 and sinks >= 0")
+        if self.fidelity_tokens < 1 or self.sinks < 0 or self.protected_recent < 0:
+            raise ValueError("fidelity tokens must be >= 1, sinks and protected recent tokens >= 0")
         self.build_policies()
 
     def build_policies(self) -> dict[str, EvictionPolicy]:
@@ -88,7 +90,8 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
 
     config.validate()
     policies = config.build_policies()
-    harness = EvictionHarness(model, window=config.window, sinks=config.sinks)
+    harness = EvictionHarness(model, window=config.window, sinks=config.sinks,
+                              protected_recent=config.protected_recent)
     none = make_policy("none")
     full_budget = Budget(fraction=1.0)
     eos = tuple(sorted({t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None))

@@ -82,16 +82,22 @@ class EvictionHarness:
         window: observation window, also the always-kept recent tokens.
         sinks: leading tokens always kept.
         device: where to run (``"cpu"``, ``"cuda"``, ...); the model is moved there. ``None`` keeps it where it is.
+        protected_recent: trailing tokens every keep-set keeps besides the window (the larger of the two counts),
+            within the budget. The SGLang plugin protects the model's sliding window this way (its sliding-window
+            layers read the last window entries of a compacted row), so ``protected_recent=sliding_window``
+            reproduces a server's keep-set; 0 (default): only the window.
     """
 
-    def __init__(self, model, window: int = 32, sinks: int = 4, device: str | torch.device | None = None):
-        if window < 1 or sinks < 0:
-            raise ValueError(f"window must be >= 1 and sinks >= 0, got {window} and {sinks}")
+    def __init__(self, model, window: int = 32, sinks: int = 4, device: str | torch.device | None = None,
+                 protected_recent: int = 0):
+        if window < 1 or sinks < 0 or protected_recent < 0:
+            raise ValueError(f"window must be >= 1, sinks and protected_recent >= 0, got {window}, {sinks} and "
+                             f"{protected_recent}")
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.window, self.sinks = window, sinks
+        self.window, self.sinks, self.protected_recent = window, sinks, protected_recent
         layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.config.num_hidden_layers
         # sliding-window layers already bound their KV: only full-attention layers are compressed
         self.layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
@@ -234,7 +240,8 @@ class EvictionHarness:
     def _select(self, state, policy: EvictionPolicy, budget: Budget, granularity: str, obs) -> KeepSet:
         scores = torch.stack([policy.score(o) for o in obs])  # [layers, kv_heads, seq_len]
         global_budget = granularity == "per_layer" and policy.comparable_across_layers
-        return select_keep(scores, budget, self.sinks, self.window, granularity, global_budget)
+        recent = max(self.window, self.protected_recent)
+        return select_keep(scores, budget, self.sinks, recent, granularity, global_budget)
 
     @torch.inference_mode()
     def select(self, state: PrefillState, policy: EvictionPolicy, budget: Budget, granularity: str) -> KeepSet:

@@ -1,0 +1,128 @@
+"""bench/gpu/gemma_quality.py's CPU parts: requests, answers, eviction log check, comparison, laq as served."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu"))
+import gemma_quality as gq  # noqa: E402
+
+EOS = (1, 106)
+
+
+def test_plan_runs_puts_each_samples_full_cache_first_with_evals_seeds():
+    runs = gq.plan_runs(["niah_single", "kv_retrieval"], [1024, 2048], 2, 3, ["snapkv", "laq"], ["0.1", "0.5"])
+    assert len(runs) == 2 * 2 * 2 * (1 + 2 * 2)
+    assert runs[0] == gq.Run("niah_single", 1024, 3 * 100_003, gq.FULL, gq.FULL)
+    assert [r.policy for r in runs[:5]] == [gq.FULL, "snapkv", "snapkv", "laq", "laq"]
+    assert runs[5].seed == 3 * 100_003 + 1 and len({r.key for r in runs}) == len(runs)
+
+
+def test_payload_asks_for_the_runs_policy_in_its_own_namespace():
+    run = gq.Run("niah_single", 1024, 7, "dapq", "0.05")
+    body = gq.payload(run, [2, 5, 6], 16)
+    params = body["sampling_params"]
+    assert body["input_ids"] == [2, 5, 6] and params["temperature"] == 0 and params["max_new_tokens"] == 16
+    assert params["custom_params"] == {"kv_evict": {"policy": "dapq", "budget": 0.05}}
+    assert params["ignore_eos"]  # cut at EOS afterwards, as the harness stops
+    full = gq.payload(gq.Run("niah_single", 1024, 7, gq.FULL, gq.FULL), [2], 16)
+    assert full["sampling_params"]["custom_params"] == {"kv_evict": {"policy": "none"}}
+    assert body["extra_key"] != full["extra_key"]  # no request starts from another's evicted prefix
+
+
+def test_answers_are_cut_at_eos_and_compared_token_by_token():
+    assert gq.answer_tokens([5, 6, 106, 7], 16, EOS) == [5, 6]
+    assert gq.answer_tokens([5, 6, 7, 8], 3, EOS) == [5, 6, 7]
+    assert gq.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert gq.first_divergence([1, 2, 3], [1, 9, 3]) == 1
+    assert gq.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_expected_kept_is_the_budget_or_the_protected_tokens():
+    assert gq.expected_kept(4000, "0.5", 4, 512) == 2000
+    assert gq.expected_kept(4000, "0.05", 4, 512) == 516  # the sliding window above the budget
+    assert gq.expected_kept(500, "0.1", 4, 512) == 500  # covered: not evicted
+
+
+def test_check_kept_matches_the_logged_evictions_in_order():
+    runs = gq.plan_runs(["niah_single"], [1024], 1, 0, ["snapkv"], ["0.05", "0.5", "1.0"])
+    key = ("niah_single", 1024, 0)
+    lens = {key: 2000}
+    logged = [(516, 2000), (1000, 2000)]  # full cache and 1.0 log nothing
+    assert gq.check_kept(runs, lens, logged, 512)["ok"]
+    assert not gq.check_kept(runs, lens, [(100, 2000), (1000, 2000)], 512)["ok"]
+    assert not gq.check_kept(runs, lens, logged[:1], 512)["ok"]
+    text = "x sgl-evict: request ab12 kept 516 of 2000 tokens, freed 1484 slots, hid 0\n"
+    assert gq.eviction_log(text) == [(516, 2000)]
+
+
+class FakeServer:
+    """Answers with the budget's digits, so each run's answer is recognisable; records the payloads."""
+
+    def __init__(self):
+        self.payloads = []
+
+    def generate(self, payload):
+        self.payloads.append(payload)
+        kv = payload["sampling_params"]["custom_params"]["kv_evict"]
+        tokens = [7, 8, 9] if kv["policy"] == "none" else [7, int(kv["budget"] * 100), 1, 5]
+        return 0.01, {"output_ids": tokens}
+
+
+def test_query_server_sends_every_run_in_order_and_cuts_answers():
+    runs = gq.plan_runs(["niah_single"], [1024], 1, 0, ["snapkv"], ["0.05", "0.5"])
+    server = FakeServer()
+    answers = gq.query_server(server, runs, {("niah_single", 1024, 0): [2, 3]}, 16, EOS, progress=lambda _: None)
+    assert [p["extra_key"] for p in server.payloads] == [f"gemma-quality:{r.key}" for r in runs]
+    assert answers == {runs[0].key: [7, 8, 9], runs[1].key: [7, 5], runs[2].key: [7, 50]}
+
+
+def test_summary_and_agreement_checks():
+    runs = gq.plan_runs(["niah_single"], [1024, 2048], 1, 0, ["snapkv"], ["0.1"])
+    server = {r.key: [1, 2] for r in runs}
+    harness = {r.key: [1, 2] if r.policy == gq.FULL or r.context == 1024 else [1, 3] for r in runs}
+    scores = {(side, r.key): 1.0 if side == "server" else 0.5 for r in runs for side in ("server", "harness")}
+    summary = gq.summarize(runs, server, harness, scores)
+    assert summary["full@full"] == {"n": 2, "server_accuracy": 1.0, "harness_accuracy": 0.5, "token_agreement": 1.0}
+    assert summary["snapkv@0.1"]["token_agreement"] == 0.5 and summary["snapkv@0.1/1024"]["token_agreement"] == 1.0
+    checks = gq.agreement_checks(summary, ["snapkv"], ["0.1"], slack=0.2)
+    assert [c["ok"] for c in checks.values()] == [False]
+    assert all(c["ok"] for c in gq.agreement_checks(summary, ["snapkv"], ["0.1"], slack=0.5).values())
+
+
+@pytest.fixture(scope="module")
+def gemma_harness():
+    pytest.importorskip("transformers")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from sgl_evict.harness import EvictionHarness
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=1024, initializer_range=0.2)
+    harness = EvictionHarness(Gemma3ForCausalLM(cfg).eval(), window=4, sinks=2, protected_recent=16)
+    ids = torch.randint(2, 200, (1, 90), generator=torch.Generator().manual_seed(1))
+    return harness, harness.prefill(ids)
+
+
+def test_laq_as_served_at_full_budget_is_the_full_cache_answer(gemma_harness):
+    from sgl_evict import Budget, make_policy
+
+    harness, state = gemma_harness
+    full = harness.generate(state, make_policy("none"), Budget(fraction=1.0), max_new_tokens=14).tokens
+    assert gq.laq_as_served(harness, state, Budget(fraction=1.0), 14, ()) == full
+
+
+def test_laq_as_served_decodes_its_lookahead_on_the_snapkv_view(gemma_harness):
+    from sgl_evict import Budget, make_policy
+
+    harness, state = gemma_harness
+    budget = Budget(tokens=24)
+    snap = harness.generate(state, make_policy("snapkv"), budget, max_new_tokens=14).tokens
+    served = gq.laq_as_served(harness, state, budget, 14, ())
+    assert len(served) == 14 and served[:gq.LOOKAHEAD_STEPS + 1] == snap[:gq.LOOKAHEAD_STEPS + 1]
+    assert gq.laq_as_served(harness, state, budget, 5, ()) == snap[:5]  # ends within the lookahead
