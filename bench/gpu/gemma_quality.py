@@ -42,6 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smoke import SITE, Server, _version, convert_gemma  # noqa: E402
 
+# server answers are cut exactly as the harness cuts its own
+from sgl_evict.eval.runner import answer_tokens  # noqa: E402
+
 POLICIES = ("snapkv", "dapq", "streaming", "random", "laq")
 BUDGETS = ("0.05", "0.1", "0.2", "0.5")
 CONTEXTS = (1024, 2048, 4096, 8192, 16384)
@@ -91,16 +94,6 @@ def payload(run: Run, ids: list[int], max_new_tokens: int) -> dict:
     return {"input_ids": ids, "extra_key": f"gemma-quality:{run.key}",
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True,
                                 "custom_params": {"kv_evict": run.kv_evict}}}
-
-
-def answer_tokens(tokens: list[int], max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
-    """The first ``max_new_tokens`` tokens, cut before the first end-of-sequence token."""
-    out = []
-    for t in tokens[:max_new_tokens]:
-        if t in eos:
-            break
-        out.append(t)
-    return out
 
 
 def expected_kept(n: int, budget: str, sinks: int, tail: int) -> int:

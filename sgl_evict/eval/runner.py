@@ -110,7 +110,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
                 state = harness.prefill(ids)
                 reference = harness.generate(state, none, full_budget, config.granularity,
                                              max_new_tokens=max(config.max_new_tokens, config.fidelity_tokens))
-                answer = _answer(reference.tokens, config.max_new_tokens, eos)
+                answer = answer_tokens(reference.tokens, config.max_new_tokens, eos)
                 text = _decode(tokenizer, answer)
                 records.append(RunRecord(task, seed, FULL, FULL, score_answer(sample, text), 1.0, 0.0,
                                          reference.seq_len, [reference.seq_len], text))
@@ -132,7 +132,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
     return records
 
 
-def _answer(tokens: list[int], max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
+def answer_tokens(tokens: list[int], max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
     """The first ``max_new_tokens`` tokens, cut at the first end-of-sequence token."""
     out = []
     for t in tokens[:max_new_tokens]:
