@@ -95,16 +95,11 @@ def test_summary_and_agreement_checks():
 @pytest.fixture(scope="module")
 def gemma_harness():
     pytest.importorskip("transformers")
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from tiny_models import tiny_gemma3
 
     from sgl_evict.harness import EvictionHarness
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-                           max_position_embeddings=1024, initializer_range=0.2)
-    harness = EvictionHarness(Gemma3ForCausalLM(cfg).eval(), window=4, sinks=2, protected_recent=16)
+    harness = EvictionHarness(tiny_gemma3(), window=4, sinks=2, protected_recent=16)
     ids = torch.randint(2, 200, (1, 90), generator=torch.Generator().manual_seed(1))
     return harness, harness.prefill(ids)
 

@@ -8,35 +8,14 @@ transformers = pytest.importorskip("transformers")
 from sgl_evict import Budget, make_policy  # noqa: E402
 from sgl_evict.harness import EvictionHarness  # noqa: E402
 from sgl_evict.soft_tokens import SoftTokens  # noqa: E402
+from tiny_models import tiny_gemma3, tiny_llama  # noqa: E402
 
 POLICIES = ["snapkv", "laq", "dapq", "laprox", "streaming", "random"]
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    # a large init spreads the logits, so greedy choices are not near-ties decided by rounding
-    cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-                           max_position_embeddings=1024, initializer_range=0.2)
-    return Gemma3ForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def setup(request):
-    model = _llama() if request.param == "llama" else _gemma3()
+    model = tiny_llama() if request.param == "llama" else tiny_gemma3()
     ids = torch.randint(0, 200, (1, 61), generator=torch.Generator().manual_seed(1))
     # the reference runs on the model's own sdpa attention, before the harness swaps in its attention function
     model.hf_greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
@@ -173,7 +152,7 @@ def test_bad_input_is_a_clear_error(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("build", [_llama, _gemma3])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_on_gpu_full_cache_equals_generate_and_full_budget_is_exact(build):
     model = build().cuda()
     ids = torch.randint(0, 200, (1, 61), generator=torch.Generator().manual_seed(1)).cuda()

@@ -13,22 +13,13 @@ from sgl_evict.harness import EvictionHarness  # noqa: E402
 from sgl_evict.judgeq_train import (TRAIN_SEED_BASE, TrainConfig, attention_kl, build_example, freeze,  # noqa: E402
                                     initial_soft_tokens, soft_token_attention, train_soft_tokens)
 from sgl_evict.soft_tokens import SoftTokens  # noqa: E402
-
-
-def _llama(hidden_size=64, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=200, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
+from tiny_models import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A tiny Llama, 4 examples, and 20 training steps of 8 soft tokens."""
-    model = _llama()
+    model = tiny_llama()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     freeze(model)
     harness = EvictionHarness(model, window=8, sinks=2)
@@ -89,7 +80,7 @@ def test_loading_into_another_model_is_a_clear_error(trained, tmp_path):
     _, harness, _, _, result, _ = trained
     path = tmp_path / "soft.safetensors"
     SoftTokens(result.embeddings, harness.fingerprint()).save(path)
-    other = EvictionHarness(_llama(hidden_size=32, seed=3), window=8, sinks=2)
+    other = EvictionHarness(tiny_llama(hidden_size=32, seed=3), window=8, sinks=2)
     assert other.fingerprint() != harness.fingerprint()
     with pytest.raises(ValueError, match="trained for model fingerprint"):
         SoftTokens.load(path, expect_fingerprint=other.fingerprint())

@@ -128,17 +128,12 @@ def test_a_compacted_rows_tail_is_the_logical_rows_last_window(decoded):
 @pytest.mark.parametrize("policy", ["snapkv", "streaming", "random"])
 def test_harness_protected_recent_keeps_the_sliding_window(policy):
     pytest.importorskip("transformers")
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from tiny_models import tiny_gemma3
 
     from sgl_evict import make_policy
     from sgl_evict.harness import EvictionHarness
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-                           max_position_embeddings=1024, initializer_range=0.2)
-    model = Gemma3ForCausalLM(cfg).eval()
+    model = tiny_gemma3()
     ids = torch.randint(0, 200, (1, 80), generator=torch.Generator().manual_seed(1))
     budget = Budget(tokens=12)
     plain = EvictionHarness(model, window=4, sinks=2)
