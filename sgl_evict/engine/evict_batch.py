@@ -78,7 +78,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         keep = keep_mask(combined, config, row, page_size, state.protected_recent)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
-            window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}  # a view would keep the whole batch's queries alive
+            # copies: a view would keep the whole batch's window queries alive
+            window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}
             state.pending[req.rid] = PendingLookahead(req, seq_len, window, keep, dict(capture.scaling))
             logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
                         config.lookahead_steps, int(keep.sum()), seq_len)
