@@ -121,3 +121,12 @@ def test_laq_as_served_decodes_its_lookahead_on_the_snapkv_view(gemma_harness):
     served = gq.laq_as_served(harness, state, budget, 14, ())
     assert len(served) == 14 and served[:gq.LOOKAHEAD_STEPS + 1] == snap[:gq.LOOKAHEAD_STEPS + 1]
     assert gq.laq_as_served(harness, state, budget, 5, ()) == snap[:5]  # ends within the lookahead
+
+
+def test_harness_answers_stop_at_a_sample_boundary_after_the_deadline(gemma_harness):
+    harness, _ = gemma_harness
+    runs = gq.plan_runs(["t"], [90, 91], 1, 0, ["snapkv"], ["0.5"])
+    ids = {(r.task, r.context, r.seed): list(range(2, r.context + 2)) for r in runs}
+    everything = gq.harness_answers(harness, runs, ids, 3, EOS, "cpu", progress=lambda _: None)
+    assert list(everything) == [r.key for r in runs]
+    assert gq.harness_answers(harness, runs, ids, 3, EOS, "cpu", progress=lambda _: None, stop_at=0.0) == {}

@@ -170,8 +170,9 @@ def agreement_checks(summary: dict, policies, budgets, slack: float) -> dict:
 
 
 def harness_answers(harness, runs: list[Run], prompt_ids: dict, max_new_tokens: int, eos: tuple[int, ...],
-                    device: str, progress=print) -> dict[str, list[int]]:
-    """The harness's answer to every run, one prefill per sample (runs are grouped by sample)."""
+                    device: str, progress=print, stop_at: float = math.inf) -> dict[str, list[int]]:
+    """The harness's answer to every run, one prefill per sample (runs are grouped by sample); stops at the first
+    new sample after ``stop_at`` (a ``time.time()``), so the answers cover whole samples."""
     import torch
 
     from sgl_evict import Budget, make_policy
@@ -179,6 +180,9 @@ def harness_answers(harness, runs: list[Run], prompt_ids: dict, max_new_tokens: 
     answers, state, sample = {}, None, None
     for i, run in enumerate(runs):
         if (run.task, run.context, run.seed) != sample:
+            if time.time() > stop_at:
+                progress(f"[gemma_quality] harness: deadline reached after {i}/{len(runs)} runs")
+                break
             sample = (run.task, run.context, run.seed)
             state = harness.prefill(torch.tensor([prompt_ids[sample]], device=device))
         if run.policy == FULL:
@@ -245,8 +249,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slack", type=float, default=0.2, help="agreement allowed below the full cache's")
     parser.add_argument("--timeout", type=float, default=420, help="seconds to wait for the server")
+    parser.add_argument("--deadline", type=float, default=math.inf,
+                        help="seconds for the whole script: the harness stops at the first sample after it and the "
+                             "comparison covers the samples it answered")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = parser.parse_args()
+    started_at = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -302,6 +310,9 @@ def main() -> int:
         checks["driver"] = {"ok": False, "error": repr(err)}
     finally:
         server.stop()
+    # written now and again at the end: a run cut by the device's time limit keeps the server's side
+    report["server_answers"] = served
+    (out / "gemma_quality.json").write_text(json.dumps(report, indent=1))
     if served:
         try:
             from sgl_evict.harness import EvictionHarness
@@ -309,8 +320,14 @@ def main() -> int:
             hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
             harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda", protected_recent=tail)
             started = time.time()
-            ours = harness_answers(harness, runs, prompt_ids, args.max_new_tokens, eos, "cuda")
+            ours = harness_answers(harness, runs, prompt_ids, args.max_new_tokens, eos, "cuda",
+                                   stop_at=started_at + args.deadline)
             report["harness_s"] = time.time() - started
+            compared = [run for run in runs if run.key in ours]
+            report["compared_runs"] = len(compared)
+            checks["harness answered every run before the deadline"] = {"ok": len(compared) == len(runs),
+                                                                        "answered": len(compared)}
+            runs = compared
             scores = {}
             for run in runs:
                 sample = samples[(run.task, run.context, run.seed)]
