@@ -49,6 +49,21 @@ def test_capture_keeps_each_requests_last_window_rows():
     assert capture.scaling == {5: 0.25}
 
 
+def test_capture_reads_gemma3s_batched_non_contiguous_queries():
+    # SGLang's Gemma 3 passes q as [1, num_tokens, heads, dim], permuted from [1, heads, num_tokens, dim]
+    heads, dim, window, lens = 2, 8, 3, [5, 4]
+    packed = torch.randn(sum(lens), heads * dim, generator=_gen(4))
+    gemma = packed.view(1, sum(lens), heads, dim).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert not gemma.is_contiguous()
+    expected, got = WindowQueryCapture(window), WindowQueryCapture(window)
+    for capture, q in ((expected, packed), (got, gemma)):
+        capture.begin(1, lens, "cpu")
+        capture.record(0, q, heads, dim, 1.0)
+        capture.end()
+    for i in range(len(lens)):
+        assert torch.equal(got.queries_of(i)[0], expected.queries_of(i)[0])
+
+
 def _row_with_holes(seq_len, gen):
     slots = torch.randperm(1000, generator=gen)[:seq_len].to(torch.int32) + 1
     holes = torch.rand(seq_len, generator=gen) < 0.3

@@ -190,6 +190,18 @@ def test_request_ending_during_its_lookahead_keeps_its_full_cache_and_frees_noth
     assert setup.finish_lookahead() == 0 and torch.equal(setup.table, before) and len(setup.freed) == 1
 
 
+def test_decode_capture_reads_gemma3s_batched_non_contiguous_queries():
+    q = torch.randn(1, Q_HEADS, 4, DIM, generator=_gen(5)).permute(0, 2, 1, 3)  # Gemma 3: [1, bs, heads, dim]
+    capture = DecodeQueryCapture()
+    capture.allocate({2: (Q_HEADS, DIM)}, 2, q.dtype, "cpu")
+    capture.begin([2, 0], "cpu")
+    capture.record(2, q, Q_HEADS, DIM, capturing=True)
+    assert torch.equal(capture.take()[2], q[0, [2, 0]])
+    capture.begin([3], "cpu")
+    capture.record(2, q, Q_HEADS, DIM, capturing=False)
+    assert torch.equal(capture.take()[2], q[0, [3]])
+
+
 def test_decode_capture_gathers_wanted_rows_eagerly_and_from_static_buffers():
     q = torch.randn(5, Q_HEADS * DIM, generator=_gen(3))
     rows = q.view(5, Q_HEADS, DIM)

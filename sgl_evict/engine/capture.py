@@ -43,8 +43,9 @@ class WindowQueryCapture:
         return self._rows is not None
 
     def record(self, layer_id: int, q: torch.Tensor, num_heads: int, head_dim: int, scaling: float) -> None:
-        """Stores layer ``layer_id``'s window queries from its packed ``q [num_tokens, num_heads * head_dim]``."""
-        picked = q.reshape(q.shape[0], num_heads, head_dim).index_select(0, self._rows)
+        """Stores layer ``layer_id``'s window queries from ``q``: ``[num_tokens, num_heads * head_dim]``, or any layout
+        holding the tokens in order (Gemma 3 passes ``[1, num_tokens, num_heads, head_dim]``, non-contiguous)."""
+        picked = q.reshape(-1, num_heads, head_dim).index_select(0, self._rows)
         # [num_reqs * window, heads, dim] -> [num_reqs, heads, window, dim]
         self.queries[layer_id] = picked.view(-1, self.window, num_heads, head_dim).transpose(1, 2)
         self.scaling[layer_id] = scaling
@@ -103,16 +104,17 @@ class DecodeQueryCapture:
         return self.count > self.capacity
 
     def record(self, layer_id: int, q: torch.Tensor, num_heads: int, head_dim: int, capturing: bool) -> None:
-        """Records layer ``layer_id``'s queries ``q [bs, num_heads * head_dim]`` of a decode forward.
+        """Records layer ``layer_id``'s queries ``q [bs, num_heads * head_dim]`` (or ``[1, bs, num_heads, head_dim]``) of a
+        decode forward.
 
         ``capturing``: this call is being recorded into a CUDA graph (``torch.cuda.is_current_stream_capturing``).
         """
         if capturing:
             out = self._static.get(layer_id)
             if out is not None:
-                out.copy_(q.reshape(q.shape[0], num_heads, head_dim).index_select(0, self._sel))
+                out.copy_(q.reshape(-1, num_heads, head_dim).index_select(0, self._sel))
         elif self._positions is not None:
-            self._eager[layer_id] = q.reshape(q.shape[0], num_heads, head_dim).index_select(0, self._positions)
+            self._eager[layer_id] = q.reshape(-1, num_heads, head_dim).index_select(0, self._positions)
 
     def take(self) -> dict[int, torch.Tensor]:
         """Layer id -> ``[count, num_q_heads, head_dim]`` queries of the wanted requests, in ``begin``'s order.
