@@ -130,3 +130,20 @@ def test_harness_answers_stop_at_a_sample_boundary_after_the_deadline(gemma_harn
     everything = gq.harness_answers(harness, runs, ids, 3, EOS, "cpu", progress=lambda _: None)
     assert list(everything) == [r.key for r in runs]
     assert gq.harness_answers(harness, runs, ids, 3, EOS, "cpu", progress=lambda _: None, stop_at=0.0) == {}
+
+
+def test_plot_and_table_from_the_summary(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import plot_gemma_quality as pg
+
+    row = lambda s, h, a: {"n": 2, "server_accuracy": s, "harness_accuracy": h, "token_agreement": a}  # noqa: E731
+    doc = {"device": "test", "summary": {"full@full": row(0.6, 0.5, 0.9), "snapkv@0.1": row(0.25, 0.5, 0.5),
+                                        "snapkv@0.1/1024": row(0.0, 0.0, 1.0), "laq@0.2": row(0.4, 0.4, 1.0)}}
+    table = pg.markdown_table(doc).splitlines()
+    assert table[2].startswith("| full cache | 0.60 / 0.50 (0.90)")
+    assert table[3] == "| laq | - | 0.40 / 0.40 (1.00) |" and table[4] == "| snapkv | 0.25 / 0.50 (0.50) | - |"
+    path = tmp_path / "q.json"
+    path.write_text(__import__("json").dumps(doc))
+    assert pg.main([str(path), "--png", str(tmp_path / "q.png")]) == 0 and (tmp_path / "q.png").stat().st_size > 0
+    path.write_text("{}")
+    assert pg.main([str(path)]) == 1

@@ -226,7 +226,8 @@ def main() -> int:
     parser.add_argument("--workload", choices=("agent", "long"), default="agent")
     parser.add_argument("--duration", type=float, default=110, help="seconds of workload per server")
     parser.add_argument("--deadline", type=float, default=450, help="seconds for the whole script")
-    parser.add_argument("--start-timeout", type=float, default=240, help="seconds to wait for /health")
+    # a cold machine compiles FlashInfer while plain SGLang captures its prefill CUDA graphs: 240 s was not enough
+    parser.add_argument("--start-timeout", type=float, default=360, help="seconds to wait for /health")
     parser.add_argument("--concurrency", type=int, default=48, help="sessions in flight")
     parser.add_argument("--sessions", type=int, default=2000, help="sessions available (started while time lasts)")
     parser.add_argument("--turns", type=int, default=6)
