@@ -58,6 +58,9 @@ def main() -> None:
                 rid = state["n"]
                 cached = max((k for k, seqs in stored.items() if k <= len(prompt) and tuple(prompt[:k]) in seqs),
                              default=0)
+            custom = req["sampling_params"].get("custom_params")
+            if custom is not None:
+                print(f"[fake] custom_params {json.dumps(custom)} prompt {len(prompt)}", flush=True)
             if evicting:
                 kept = max(1, int(budget * len(prompt)))
                 print(f"[fake] sgl-evict: request r{rid} kept {kept} of {len(prompt)} tokens, freed "

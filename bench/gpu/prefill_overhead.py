@@ -1,0 +1,199 @@
+"""Scoring overhead: prefill time of long prompts with and without eviction (issue 6), one device call.
+
+    cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/prefill_overhead.py --out $OUT
+        [--model llama-3.1-8b] [--lengths 4096,8192,16384,32768,65536] [--policies none,snapkv,dapq,laprox,laq]
+        [--new-tokens 2,10] [--repeats 3] [--no-plain]      (sgl-evict installed in /tmp/site)
+
+Run it from outside the repository (as bench/gpu/throughput.py). One evicting server (random weights with a public
+model shape, ``--kv-evict-policy snapkv``, FlashInfer) answers single requests, one at a time, whose policy is
+picked per request (``custom_params["kv_evict"]``): ``none`` on the same server is the baseline, so the difference
+is the capture, scoring, selection and freeing alone. Then (unless ``--no-plain``) plain SGLang (the plugin not
+loaded: overlap scheduling and prefill CUDA graphs on) answers the same prompts, for the plugin's whole cost.
+
+Every request has its own random prompt (no prefix-cache hit) and asks for ``N`` tokens for each ``N`` of
+``--new-tokens``: with 2, the latency is the prefill, the eviction after it and one decode step (the first token
+may be streamed before the eviction runs, so TTFT alone can miss it); with ``lookahead + 2`` (10 at the default 8
+steps), laq's lookahead steps and its second scoring are inside the latency too. Runs are interleaved (every
+policy at one length and repeat before the next), medians over ``--repeats``.
+
+Writes ``prefill_overhead.json`` (command, device, versions, date, settings, servers, every request) and prints
+the median latency per policy and length and its overhead over ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import serve_bench  # noqa: E402
+from smoke import _version  # noqa: E402
+from throughput import (MODELS, STOP_MARGIN_S, ServerProcess, check_setup, gpu_query, wait_gpu_released,  # noqa: E402
+                        warm_up, write_model_config)
+from workloads import DEFAULT_VOCAB  # noqa: E402
+
+PORT = 31500
+PLAIN = "plain"  # the config name of plain SGLang's requests (it has no per-request policy)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One request: ``policy`` (or ``PLAIN``) at a prompt of ``length`` tokens asking ``new_tokens`` tokens."""
+
+    length: int
+    new_tokens: int
+    policy: str
+    repeat: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy}/{self.length}/{self.new_tokens}/{self.repeat}"
+
+
+def plan_runs(lengths, new_tokens, policies, repeats: int) -> list[Run]:
+    """Interleaved: each policy once at a (length, new tokens, repeat) before the next, so drift hits all alike."""
+    return [Run(n, t, p, r) for n in lengths for t in new_tokens for r in range(repeats) for p in policies]
+
+
+def prompt_ids(run: Run, seed: int, vocab: tuple[int, int]) -> list[int]:
+    """A random prompt of ``run.length`` tokens, different for every run and server (no prefix-cache hits)."""
+    rng = random.Random(f"{seed}/{run.key}")
+    return [rng.randrange(*vocab) for _ in range(run.length)]
+
+
+def send(port: int, run: Run, prompt: list[int]) -> serve_bench.RequestRecord:
+    """One streamed request; the evicting server gets ``run.policy`` as its ``kv_evict`` override."""
+    record = serve_bench.RequestRecord(0, 0, 0.0, len(prompt), run.new_tokens)
+    custom = None if run.policy == PLAIN else {"kv_evict": {"policy": run.policy}}
+    return serve_bench.stream_generate(port, record, prompt, float("inf"), serve_bench.OpenStreams(),
+                                       timeout_s=300, custom_params=custom)
+
+
+def summarize(records: dict[str, dict], runs: list[Run]) -> dict:
+    """``"{policy}/{length}/{new_tokens}"`` -> median TTFT and latency (s) over the repeats, and the latency's
+    overhead over ``none`` at the same length and new tokens (a fraction), where ``none`` ran."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        rec = records.get(run.key)
+        if rec is not None and rec["error"] is None and rec["latency_s"] is not None:
+            groups.setdefault(f"{run.policy}/{run.length}/{run.new_tokens}", []).append(rec)
+    out = {name: {"n": len(recs), "ttft_s": statistics.median(r["ttft_s"] for r in recs),
+                  "latency_s": statistics.median(r["latency_s"] for r in recs)} for name, recs in groups.items()}
+    for name, row in out.items():
+        base = out.get("none/" + name.split("/", 1)[1])
+        row["overhead_vs_none"] = None if base is None else row["latency_s"] / base["latency_s"] - 1
+    return out
+
+
+def markdown_table(summary: dict, policies, lengths, new_tokens: int) -> str:
+    """Median latency (ms) per policy (rows) and prompt length (columns) at ``new_tokens``, overhead over none."""
+    lines = [f"| policy ({new_tokens} new tokens) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+             "|" + " --- |" * (len(lengths) + 1)]
+    for p in policies:
+        cells = []
+        for n in lengths:
+            row = summary.get(f"{p}/{n}/{new_tokens}")
+            if row is None:
+                cells.append("-")
+            elif row["overhead_vs_none"] is None or p == "none":
+                cells.append(f"{1000 * row['latency_s']:.0f}")
+            else:
+                cells.append(f"{1000 * row['latency_s']:.0f} ({100 * row['overhead_vs_none']:+.1f}%)")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def serve(name: str, args_list: list[str], env: dict, runs: list[Run], args, out: Path, progress=print) -> dict:
+    """Launches one server, warms it up, sends ``runs`` one at a time, stops it; its record in the JSON."""
+    server = ServerProcess(name, PORT, args_list, env, out)
+    entry = {"server_command": server.cmd, "env": env, "records": {}}
+    try:
+        entry["healthy_after_s"] = server.wait_healthy(args.start_timeout)
+        if entry["healthy_after_s"] is None:
+            entry["error"] = "not healthy"
+            return entry
+        entry["warmup_s"] = warm_up(PORT, DEFAULT_VOCAB)
+        for i, run in enumerate(runs):
+            rec = send(PORT, run, prompt_ids(run, args.seed, DEFAULT_VOCAB))
+            entry["records"][run.key] = rec.to_json()
+            if rec.error:
+                progress(f"[prefill_overhead] {name} {run.key}: {rec.error}")
+            if i % 10 == 0 or i == len(runs) - 1:
+                progress(f"[prefill_overhead] {name} {i + 1}/{len(runs)} {run.key} {rec.latency_s}")
+        entry["alive_at_end"] = server.proc.poll() is None
+    finally:
+        server.stop()
+        wait_gpu_released(STOP_MARGIN_S)
+    return entry
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-3.1-8b")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--lengths", default="4096,8192,16384,32768,65536")
+    parser.add_argument("--policies", default="none,snapkv,dapq,laprox,laq")
+    parser.add_argument("--new-tokens", default="2,10", help="comma-separated; 10 = laq's 8 lookahead steps + 2")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", default="0.1")
+    parser.add_argument("--attention-backend", default="flashinfer")
+    parser.add_argument("--mem-fraction-static", type=float, default=0.8)
+    parser.add_argument("--start-timeout", type=float, default=360)
+    parser.add_argument("--no-plain", action="store_true", help="skip plain SGLang")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+        new_tokens = [int(n) for n in args.new_tokens.split(",")]
+    except ValueError:
+        raise SystemExit("prefill_overhead: --lengths and --new-tokens take comma-separated integers")
+    policies = args.policies.split(",")
+    if "none" not in policies:
+        raise SystemExit("prefill_overhead: --policies must include none (the baseline)")
+    if args.repeats < 1 or min(lengths) < 1 or min(new_tokens) < 1:
+        raise SystemExit("prefill_overhead: --repeats, --lengths and --new-tokens must be positive")
+    check_setup()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = write_model_config(args.model)
+    common = ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
+              "--context-length", str(max(lengths) + max(new_tokens) + 64),
+              "--mem-fraction-static", str(args.mem_fraction_static), "--attention-backend", args.attention_backend,
+              "--max-running-requests", "4"]
+    evict_runs = plan_runs(lengths, new_tokens, policies, args.repeats)
+    plain_runs = [] if args.no_plain else plan_runs(lengths, new_tokens, [PLAIN], args.repeats)
+    report = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "device": gpu_query("name"), "driver": gpu_query("driver_version"),
+        "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "sgl_evict")},
+        "model": args.model, "settings": vars(args), "configs": {}}
+    started = time.monotonic()
+    report["configs"]["evict"] = serve("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                                                          args.budget], {}, evict_runs, args, out)
+    if plain_runs:
+        report["configs"][PLAIN] = serve(PLAIN, common, {"SGLANG_PLUGINS": "not-sgl-evict"}, plain_runs, args, out)
+    report["wall_s"] = time.monotonic() - started
+    records = {k: v for c in report["configs"].values() for k, v in c["records"].items()}
+    report["summary"] = summarize(records, evict_runs + plain_runs)
+    (out / "prefill_overhead.json").write_text(json.dumps(report, indent=1))
+    for t in new_tokens:
+        print(markdown_table(report["summary"], policies + ([PLAIN] if plain_runs else []), lengths, t) + "\n")
+    failed = [name for name, c in report["configs"].items() if "error" in c]
+    errors = sum(r["error"] is not None for r in records.values())
+    if failed or errors:
+        print(f"[prefill_overhead] failed servers: {failed}; request errors: {errors}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
