@@ -120,4 +120,5 @@ def soft_token_batch(prefill_batch, extend: SoftTokenExtend):
     batch.spec_info = None
     batch.global_num_tokens = batch.global_num_tokens_for_logprob = None
     batch.decoding_reqs = None
+    batch.is_prefill_only = False  # its logits are computed and discarded; no pooled or embedding outputs
     return batch
