@@ -104,11 +104,6 @@ _UNSUPPORTED_WITH_EVICTION = (
 
 def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> None:
     """ValueError (message starting with the flag) for settings the engine cannot evict with (yet)."""
-    from sgl_evict.engine.keep import SERVER_POLICIES
-
-    if config.policy not in SERVER_POLICIES:
-        raise ValueError(f"argument --kv-evict-policy: {config.policy!r} runs in the HF harness (sgl-evict eval) but "
-                         f"not inside the server yet; the server runs {', '.join(SERVER_POLICIES)}")
     if config.soft_tokens:
         _check_soft_token_file(config.soft_tokens)
     if config.policy == "judgeq" and (getattr(args, "page_size", None) or 1) > 1:

@@ -128,7 +128,8 @@ def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, 
 
 def _missing_model_input(policy: str, state: EngineState, page_size: int,
                          soft_token_forward: Callable | None) -> str | None:
-    """Why ``policy`` cannot run on this model (a fact read at start failed), or None when it can."""
+    """Why ``policy`` cannot run here (a fact read at start failed, or judgeq without its soft tokens or on a paged
+    pool), or None when it can."""
     if policy == "judgeq":
         if state.soft_tokens is None or soft_token_forward is None:
             return "this server loaded no soft-token file (--kv-evict-soft-tokens)"

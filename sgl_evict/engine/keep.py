@@ -14,9 +14,6 @@ from sgl_evict.rope import RopeSpec
 from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import select_keep
 
-#: policies the engine can run today; the others need inputs the server does not capture yet
-SERVER_POLICIES = ("none", "snapkv", "laq", "dapq", "laprox", "judgeq", "streaming", "random")
-
 MassFn = Callable[..., torch.Tensor]
 """``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
 

@@ -14,7 +14,6 @@ import torch
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import DecodeQueryCapture, WindowQueryCapture
 from sgl_evict.engine.judgeq import ServedSoftTokens
-from sgl_evict.engine.keep import SERVER_POLICIES
 from sgl_evict.engine.lookahead import PendingLookahead
 from sgl_evict.rope import RopeSpec
 
@@ -91,7 +90,7 @@ class EngineState:
 def request_config(server: EvictionConfig, custom_params) -> EvictionConfig:
     """One request's config: ``server`` with ``custom_params["kv_evict"]`` applied (SGLang's sampling params).
 
-    ValueError, its message naming the field, for an invalid override, for a policy the engine cannot run, for
+    ValueError, its message naming the field, for an invalid override, for
     eviction asked of a server started without it (that server built no shadow rows and captures nothing), and for
     judgeq asked of a server without a soft-token file or with a file of the request's own (the server loads one
     file, checked against its model, at start).
@@ -105,9 +104,6 @@ def request_config(server: EvictionConfig, custom_params) -> EvictionConfig:
             raise ValueError("policy: 'judgeq' needs a server started with --kv-evict-soft-tokens FILE (soft tokens "
                              "trained for its model); this one has none")
     config = server.override(params)
-    if config.policy not in SERVER_POLICIES:
-        raise ValueError(f"policy: {config.policy!r} runs in the HF harness but not inside the server yet; "
-                         f"the server runs {', '.join(SERVER_POLICIES)}")
     if config.enabled and not server.enabled:
         raise ValueError("policy: this server was started without --kv-evict-policy, so it cannot evict per "
                          "request; start it with a policy (requests can still turn eviction off)")
