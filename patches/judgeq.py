@@ -41,7 +41,8 @@ def load_soft_tokens(scheduler) -> ServedSoftTokens | None:
     """The server's soft tokens (None without ``--kv-evict-soft-tokens``), checked against ``scheduler``'s model.
 
     Raises:
-        RuntimeError naming the flag and the file when it was trained for another model, or does not fit it.
+        RuntimeError naming the flag and the file when it was trained for another model, or does not fit it, or
+        when the model is not bfloat16.
     """
     path = STATE.config.soft_tokens
     if not path:
@@ -52,6 +53,10 @@ def load_soft_tokens(scheduler) -> ServedSoftTokens | None:
         from sglang.srt.distributed import tensor_model_parallel_all_gather as gather
     hf_config = scheduler.model_config.hf_text_config
     weight = runner.model.get_input_embeddings().weight
+    if weight.dtype != torch.bfloat16:
+        # ModelRunner._extend_forward_kwargs casts input_embeds to bfloat16 whatever the model's dtype
+        raise RuntimeError(f"sgl-evict: --kv-evict-soft-tokens {path}: SGLang feeds input embeddings as bfloat16, "
+                           f"and this model is {weight.dtype}; serve judgeq with --dtype bfloat16")
     fingerprint = served_model_fingerprint(hf_config, weight, gather)
     try:
         return load_served_soft_tokens(path, fingerprint, hf_config.hidden_size, weight.dtype, weight.device)

@@ -47,7 +47,7 @@ class QueryModel(torch.nn.Module):
     def __init__(self, vocab=70):
         super().__init__()
         gen = torch.Generator().manual_seed(1)
-        self.embed = torch.nn.Embedding(vocab, HIDDEN)
+        self.embed = torch.nn.Embedding(vocab, HIDDEN, dtype=torch.bfloat16)
         self.proj = {layer: torch.randn(HIDDEN, HEADS * DIM, generator=gen) for layer in LAYERS}
         self.attn = {layer: RadixAttention(HEADS, DIM, 0.5, HEADS, layer_id=layer) for layer in LAYERS}
         self.seen = []
@@ -148,7 +148,12 @@ def test_scheduler_loads_the_soft_tokens_checked_against_the_model(state, tmp_pa
     SoftTokens(torch.randn(K, HIDDEN), "another-model").save(other)
     state.configure(EvictionConfig(policy="judgeq", budget=Budget(tokens=4), soft_tokens=str(good)))
     loaded = load_soft_tokens(sched)
-    assert loaded.count == K and loaded.embeddings.dtype == model.embed.weight.dtype
+    assert loaded.count == K and loaded.embeddings.dtype == torch.bfloat16
+    model.embed.float()
+    with pytest.raises(RuntimeError, match=r"--kv-evict-soft-tokens .*good\.safetensors: SGLang feeds input "
+                                           r"embeddings as bfloat16, and this model is torch\.float32"):
+        load_soft_tokens(sched)
+    model.embed.bfloat16()
     state.configure(EvictionConfig(policy="snapkv", budget=Budget(tokens=4), soft_tokens=str(other)))
     with pytest.raises(RuntimeError, match=r"--kv-evict-soft-tokens .*other\.safetensors: .*trained for model "
                                            r"fingerprint another-model"):
