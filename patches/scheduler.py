@@ -8,8 +8,10 @@
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
-  (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`; keys and, for laprox, values read from the pool).
-  Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes.
+  (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`; keys and, for laprox, values read from the pool;
+  for judgeq, one extra forward of the soft tokens, :class:`sgl_evict.patches.judgeq.SoftTokenForward`).
+  Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes; the
+  prefill's result (its logits and sampled tokens) is computed before and untouched.
 - ``sglang.srt.managers.scheduler.Scheduler.stash_chunked_request`` (AROUND): between the chunks of a long prompt
   SGLang inserts the chunks done so far into the radix tree, which then owns their slots, so eviction after the
   last chunk could only hide them. For a request that will be evicted, the hook keeps the chunks with the request
@@ -25,6 +27,7 @@ import torch
 
 from sgl_evict.engine.evict_batch import evict_after_prefill
 from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches.judgeq import SoftTokenForward, load_soft_tokens
 from sgl_evict.patches.server_args import eviction_config
 from sgl_evict.rope import RopeSpec
 
@@ -41,6 +44,7 @@ def init_around(original, self, server_args, *args, **kwargs):
                 "sgl-evict: this model has sliding-window layers: every request keeps its last %d prompt tokens "
                 "(within its budget, above it for short prompts)", STATE.protected_recent)
         STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
+        STATE.soft_tokens = load_soft_tokens(self)
     return result
 
 
@@ -116,7 +120,9 @@ def pool_arguments(scheduler) -> dict:
 def process_batch_result_prefill_around(original, self, batch, result, *args, **kwargs):
     if STATE.enabled:
         value_buffer = self.token_to_kv_pool_allocator.get_kvcache().get_value_buffer
-        evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer)
+        soft_token_forward = SoftTokenForward(self, batch) if STATE.soft_tokens is not None else None
+        evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer,
+                            soft_token_forward=soft_token_forward)
     return original(self, batch, result, *args, **kwargs)
 
 

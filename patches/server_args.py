@@ -54,8 +54,8 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV eviction (sgl-evict)")
     group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
                        help="Token-level KV eviction policy applied after prefill (the server runs none, snapkv, "
-                            "laq, dapq, laprox, streaming and random, one keep-set for all layers and heads; "
-                            "judgeq runs in the HF harness, sgl-evict eval).")
+                            "laq, dapq, laprox, judgeq, streaming and random, one keep-set for all layers and "
+                            "heads; judgeq needs --kv-evict-soft-tokens).")
     group.add_argument("--kv-evict-budget", type=_budget, default=None,
                        help="KV kept per request: a fraction (0.1, 10%%) or a token count (1024).")
     group.add_argument("--kv-evict-window", type=_int_at_least(1), default=_DEFAULTS.window,
@@ -69,7 +69,9 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-evict-lookahead-steps", type=_int_at_least(1), default=_DEFAULTS.lookahead_steps,
                        help="laq: decode steps run on the snapkv view before re-scoring (a request that ends "
                             "sooner keeps its full cache).")
-    group.add_argument("--kv-evict-soft-tokens", default=None, help="judgeq: soft-token file.")
+    group.add_argument("--kv-evict-soft-tokens", default=None,
+                       help="judgeq: soft-token file trained for the served model (sgl-evict train-judgeq); with it, "
+                            "requests of a server of another policy may also ask for judgeq.")
     group.add_argument("--kv-evict-page-granular", action="store_true",
                        help="Evict whole pages so freed memory is real (implied by --page-size > 1).")
 
@@ -102,11 +104,11 @@ _UNSUPPORTED_WITH_EVICTION = (
 
 def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> None:
     """ValueError (message starting with the flag) for settings the engine cannot evict with (yet)."""
-    from sgl_evict.engine.keep import SERVER_POLICIES
-
-    if config.policy not in SERVER_POLICIES:
-        raise ValueError(f"argument --kv-evict-policy: {config.policy!r} runs in the HF harness (sgl-evict eval) but "
-                         f"not inside the server yet; the server runs {', '.join(SERVER_POLICIES)}")
+    if config.soft_tokens:
+        _check_soft_token_file(config.soft_tokens)
+    if config.policy == "judgeq" and (getattr(args, "page_size", None) or 1) > 1:
+        # a paged pool frees whole pages, and the soft tokens' temporary slots share the prompt's last page
+        raise ValueError("argument --page-size: --kv-evict-policy judgeq runs with --page-size 1 only")
     if config.enabled:
         for flag, working, why in _UNSUPPORTED_WITH_EVICTION:
             value = getattr(args, flag.lstrip("-").replace("-", "_"), working[0])
@@ -121,6 +123,17 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
         raise ValueError(f"argument --page-size: page-granular eviction (--page-size {page_size}) is verified with "
                          f"--attention-backend flashinfer only (got {backend or 'the default'}); pass it, use "
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")
+
+
+def _check_soft_token_file(path: str) -> None:
+    """ValueError naming the flag unless ``path`` is a soft-token file (the model's fingerprint is checked by every
+    scheduler once the model is loaded)."""
+    from sgl_evict.soft_tokens import SoftTokens
+
+    try:
+        SoftTokens.load(path)
+    except Exception as err:  # a missing file, or any file safetensors cannot read
+        raise ValueError(f"argument --kv-evict-soft-tokens: {err}") from None
 
 
 def from_cli_args_around(original, cls, args: argparse.Namespace):

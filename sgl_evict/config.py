@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 
@@ -56,8 +57,10 @@ class EvictionConfig:
         """
         if not self.enabled:
             return None
+        # judgeq's keep-set depends on the soft tokens' content: a file rewritten in place is another namespace
+        soft = soft_token_file_id(self.soft_tokens) if self.policy == "judgeq" else ""
         parts = [self.policy, repr(self.budget), self.window, self.sinks, self.pooling_kernel,
-                 self.lookahead_steps if self.policy == "laq" else 0, self.soft_tokens or "", self.page_granular]
+                 self.lookahead_steps if self.policy == "laq" else 0, soft, self.page_granular]
         return "kv_evict:" + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
     def override(self, request_params: dict | None) -> "EvictionConfig":
@@ -78,3 +81,16 @@ class EvictionConfig:
             except ValueError as err:
                 raise ValueError(f"budget: {err}") from None
         return dataclasses.replace(self, **values)
+
+
+def soft_token_file_id(path: str) -> str:
+    """A digest of a soft-token file's bytes (read once per path, size and modification time: radix namespaces are
+    computed for every request)."""
+    stat = os.stat(path)
+    return _file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime_ns: part of the cache key only
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]

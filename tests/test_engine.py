@@ -292,7 +292,9 @@ def test_request_config_refuses_what_the_server_cannot_do():
     assert request_config(server, None) is server
     assert request_config(server, {"kv_evict": {"policy": "laq"}}).policy == "laq"
     assert request_config(server, {"kv_evict": {"policy": "laprox"}}).policy == "laprox"
-    with pytest.raises(ValueError, match="policy: 'judgeq' runs in the HF harness"):
+    with pytest.raises(ValueError, match="policy: 'judgeq' needs a server started with --kv-evict-soft-tokens"):
+        request_config(server, {"kv_evict": {"policy": "judgeq"}})
+    with pytest.raises(ValueError, match="soft_tokens: set by the server"):
         request_config(server, {"kv_evict": {"policy": "judgeq", "soft_tokens": __file__}})
     with pytest.raises(ValueError, match="started without --kv-evict-policy"):
         request_config(EvictionConfig(), {"kv_evict": {"policy": "snapkv", "budget": 0.1}})

@@ -120,21 +120,48 @@ def test_laprox_is_served(prepare):
     assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
 
 
-def test_judgeq_is_refused_at_launch_after_its_soft_tokens_are_found(prepare, capsys, tmp_path):
-    soft = tmp_path / "soft.pt"
-    soft.write_bytes(b"")
-    with pytest.raises(SystemExit) as exit_info:
-        prepare("--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", str(soft))
-    assert ("argument --kv-evict-policy: 'judgeq' runs in the HF harness (sgl-evict eval) but not inside the server "
-            "yet; the server runs none, snapkv, laq, dapq, laprox, streaming, random"
-            ) in capsys.readouterr().err + str(exit_info.value.code)
+def _soft_token_file(path):
+    import torch
+
+    from sgl_evict.soft_tokens import SoftTokens
+
+    SoftTokens(torch.randn(4, 64), "fingerprint-checked-by-the-scheduler").save(path)
+    return str(path)
+
+
+def test_judgeq_is_served_with_its_soft_token_file(prepare, tmp_path):
+    soft = _soft_token_file(tmp_path / "soft.safetensors")
+    args = prepare("--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", soft)
+    assert eviction_config(args) == EvictionConfig(policy="judgeq", budget=Budget.parse("0.1"), soft_tokens=soft)
+    assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
+    # another policy's server loads the file too, so that requests may ask for judgeq
+    assert eviction_config(prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1",
+                                   "--kv-evict-soft-tokens", soft)).soft_tokens == soft
+
+
+def test_judgeq_refuses_a_file_that_is_no_soft_token_file_and_pages(prepare, capsys, tmp_path):
+    junk = tmp_path / "soft.pt"
+    junk.write_bytes(b"")
+    for flags, message in [
+        (("--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", str(junk)),
+         "argument --kv-evict-soft-tokens: "),
+        (("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", str(junk)),
+         "argument --kv-evict-soft-tokens: "),
+        (("--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--page-size", "16",
+          "--attention-backend", "flashinfer", "--kv-evict-soft-tokens", _soft_token_file(tmp_path / "s.st")),
+         "argument --page-size: --kv-evict-policy judgeq runs with --page-size 1 only"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            prepare(*flags)
+        printed = capsys.readouterr().err + str(exit_info.value.code)
+        assert message in printed and "Traceback" not in printed, printed
 
 
 def test_help_names_the_policies_the_server_runs(prepare, capsys):
     with pytest.raises(SystemExit):
         prepare("--help")
     text = " ".join(capsys.readouterr().out.split())
-    assert "the server runs none, snapkv, laq, dapq, laprox, streaming and random" in text
+    assert "the server runs none, snapkv, laq, dapq, laprox, judgeq, streaming and random" in text
 
 
 def test_request_override_is_validated_the_same_way():

@@ -778,17 +778,32 @@ def test_bad_request_override_aborts_the_request_instead_of_the_scheduler(server
     assert req.to_finish is not None and "kv_evict: policy: 'h2o'" in req.to_finish.message
 
 
-def test_laprox_override_is_admitted_in_its_own_namespace_and_judgeq_is_aborted(server_config, tmp_path):
+def test_laprox_override_is_admitted_in_its_own_namespace(server_config):
     server_config(COMPRESSED)
     req = make_req({"kv_evict": {"policy": "laprox"}})
     assert req.to_finish is None
     assert req.extra_key == namespaced_extra_key(None, dataclasses.replace(COMPRESSED, policy="laprox"))
     assert req.extra_key != NS_COMPRESSED
-    soft = tmp_path / "soft.pt"
-    soft.write_bytes(b"")
+
+
+def test_judgeq_override_needs_the_servers_soft_token_file(server_config, tmp_path):
+    soft = tmp_path / "soft.safetensors"
+    soft.write_bytes(b"vectors")
+    server_config(COMPRESSED)  # no --kv-evict-soft-tokens
     with get_parallel().override(tp_rank=0):
-        refused = make_req({"kv_evict": {"policy": "judgeq", "soft_tokens": str(soft)}})
-    assert refused.to_finish is not None and "policy: 'judgeq' runs in the HF harness" in refused.to_finish.message
+        refused = make_req({"kv_evict": {"policy": "judgeq"}})
+        own_file = make_req({"kv_evict": {"policy": "judgeq", "soft_tokens": str(soft)}})
+    assert refused.to_finish is not None and "needs a server started with --kv-evict-soft-tokens" in \
+        refused.to_finish.message
+    assert own_file.to_finish is not None and "soft_tokens: set by the server" in own_file.to_finish.message
+    with_file = dataclasses.replace(COMPRESSED, soft_tokens=str(soft))
+    server_config(with_file)
+    req = make_req({"kv_evict": {"policy": "judgeq"}})
+    assert req.to_finish is None
+    assert req.extra_key == namespaced_extra_key(None, dataclasses.replace(with_file, policy="judgeq"))
+    assert req.extra_key not in (NS_COMPRESSED, namespaced_extra_key(None, with_file))
+    soft.write_bytes(b"other vectors")  # another file's content: another namespace
+    assert make_req({"kv_evict": {"policy": "judgeq"}}).extra_key != req.extra_key
 
 
 def test_without_eviction_the_allocator_and_tree_hooks_hand_straight_over(evicting_process):

@@ -1,7 +1,8 @@
 """Eviction of the requests whose prefill a batch finished: score, select, punch holes, free slots.
 
 laq requests are only marked pending after prefill (their snapkv keep-set hidden, nothing freed) and evicted
-after their lookahead decode steps by :func:`evict_after_lookahead`.
+after their lookahead decode steps by :func:`evict_after_lookahead`. judgeq requests are scored after the loop over
+the batch, all from one extra forward of their soft tokens (:mod:`sgl_evict.engine.judgeq`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Callable
 import torch
 
 from sgl_evict.engine.apply import evict_from_row
-from sgl_evict.engine.keep import combined_scores, keep_mask, laprox_scores, position_scores, window_scores
+from sgl_evict.engine.judgeq import SoftTokenQueries
+from sgl_evict.engine.keep import (combined_scores, keep_mask, laprox_scores, lookahead_scores, position_scores,
+                                   window_scores)
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
@@ -32,7 +35,8 @@ def finishes_prefill(req, batch) -> bool:
 def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
                         free: Callable[[torch.Tensor], None], attention_mass: Callable,
                         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1,
-                        value_buffer: Callable | None = None) -> int:
+                        value_buffer: Callable | None = None,
+                        soft_token_forward: Callable[[list], SoftTokenQueries | None] | None = None) -> int:
     """Evicts from every request of ``batch`` (SGLang's ``ScheduleBatch``) whose prefill it finished.
 
     Args:
@@ -45,6 +49,9 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             all must keep the same tokens), or None with one rank.
         page_size: the pool's page size; above 1 whole pages are kept or freed.
         value_buffer: layer id -> ``[pool_slots, num_kv_heads, head_dim]`` values (laprox reads them).
+        soft_token_forward: judgeq: ``[(batch index, req_to_token row, prompt length)]`` -> the soft tokens'
+            queries of those requests (:func:`sgl_evict.engine.judgeq.soft_token_queries` bound to the scheduler),
+            or None when the server has no soft-token forward.
 
     Returns:
         slots freed.
@@ -53,6 +60,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     if capture is None or capture.forward_id != state.forward_id or len(capture.num_queries) != len(batch.reqs):
         return 0
     freed = 0
+    judged = []
     for i, req in enumerate(batch.reqs):
         if not finishes_prefill(req, batch):
             continue
@@ -61,7 +69,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         row = req_to_token[req.req_pool_idx, :seq_len]
         if not config.enabled or seq_len < config.min_prompt_len:
             continue
-        missing = _missing_model_input(config.policy, state)
+        missing = _missing_model_input(config.policy, state, page_size, soft_token_forward)
         if missing:
             logger.warning("sgl-evict: request %s asks for %s, but %s: its cache is kept in full", req.rid,
                            config.policy, missing)
@@ -69,6 +77,13 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         # what the selector keeps at least: the budget, and the sinks and recent tokens it always protects
         recent = max(config.window, state.protected_recent)
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= count_live(row):
+            continue
+        if config.policy == "judgeq":
+            if seq_len + state.soft_tokens.count > req_to_token.shape[1]:
+                logger.warning("sgl-evict: request %s: no room after its prompt for %d soft tokens: its cache is "
+                               "kept in full", req.rid, state.soft_tokens.count)
+            else:
+                judged.append((i, req, config, seq_len))
             continue
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass)
@@ -85,11 +100,42 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                         config.lookahead_steps, int(keep.sum()), seq_len)
             continue
         freed += _evict(req, row, keep, state, free)
+    if judged:
+        freed += _evict_judged(judged, state, req_to_token, key_buffer, free, attention_mass, all_reduce, page_size,
+                               soft_token_forward)
     return freed
 
 
-def _missing_model_input(policy: str, state: EngineState) -> str | None:
-    """Why ``policy`` cannot run on this model (a fact read at start failed), or None when it can."""
+def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
+                  free: Callable, attention_mass: Callable, all_reduce: Callable | None, page_size: int,
+                  soft_token_forward: Callable) -> int:
+    """Evicts from the judgeq requests ``[(batch index, req, config, prompt length)]`` by their soft tokens'
+    queries, all run in one forward; returns slots freed."""
+    found = soft_token_forward([(i, req.req_pool_idx, seq_len) for i, req, _, seq_len in judged])
+    if found is None:
+        return 0
+    freed = 0
+    for (_, req, config, seq_len), queries in zip(judged, found.queries):
+        row = req_to_token[req.req_pool_idx, :seq_len]
+        # the soft tokens come after the prompt: each of their queries sees every prompt key, as laq's steps do
+        combined = combined_scores(lookahead_scores(queries, found.scaling, key_buffer, row, config.pooling_kernel,
+                                                    attention_mass))
+        if all_reduce is not None:
+            combined = all_reduce(combined)
+        freed += _evict(req, row, keep_mask(combined, config, row, page_size, state.protected_recent), state, free)
+    return freed
+
+
+def _missing_model_input(policy: str, state: EngineState, page_size: int,
+                         soft_token_forward: Callable | None) -> str | None:
+    """Why ``policy`` cannot run here (a fact read at start failed, or judgeq without its soft tokens or on a paged
+    pool), or None when it can."""
+    if policy == "judgeq":
+        if state.soft_tokens is None or soft_token_forward is None:
+            return "this server loaded no soft-token file (--kv-evict-soft-tokens)"
+        if page_size > 1:
+            # a paged pool frees whole pages: the temporary slots share the prompt's last page
+            return "judgeq runs with --page-size 1 only"
     if policy == "dapq" and state.rope is None:
         return "this model's RoPE could not be read at start"
     if policy == "laprox" and state.value_norm_factors is None:

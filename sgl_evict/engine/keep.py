@@ -14,9 +14,6 @@ from sgl_evict.rope import RopeSpec
 from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import select_keep
 
-#: policies the engine can run today; the others need inputs the server does not capture yet
-SERVER_POLICIES = ("none", "snapkv", "laq", "dapq", "laprox", "streaming", "random")
-
 MassFn = Callable[..., torch.Tensor]
 """``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
 
@@ -68,12 +65,13 @@ def lookahead_scores(
     pooling_kernel: int,
     attention_mass: MassFn,
 ) -> torch.Tensor:
-    """LAQ's lookahead scores of one request: its first decode steps' queries against its whole prompt.
+    """Scores of one request from queries that come after its prompt: LAQ's first decode steps, or Judge Q's soft
+    tokens (``sgl_evict.policies.judgeq``), against its whole prompt.
 
     Args:
-        lookahead_queries: layer id -> ``[num_q_heads, steps, head_dim]`` post-RoPE queries of the decode steps
-            (positions ``seq_len ..``, after the prompt: each sees every prompt key, as in
-            ``sgl_evict.policies.laq``).
+        lookahead_queries: layer id -> ``[num_q_heads, steps, head_dim]`` post-RoPE queries of the decode steps or
+            soft tokens (positions ``seq_len ..``, after the prompt: each sees every prompt key, as in
+            ``sgl_evict.policies.laq`` and ``sgl_evict.policies.judgeq``).
         row: ``[seq_len]`` int32 logical slot row of the prompt only (the softmax runs over the prompt's keys, as
             the harness scores the prompt cache).
         scaling, key_buffer, pooling_kernel, attention_mass: as in :func:`window_scores`.

@@ -13,7 +13,7 @@ import torch
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import DecodeQueryCapture, WindowQueryCapture
-from sgl_evict.engine.keep import SERVER_POLICIES
+from sgl_evict.engine.judgeq import ServedSoftTokens
 from sgl_evict.engine.lookahead import PendingLookahead
 from sgl_evict.rope import RopeSpec
 
@@ -37,6 +37,8 @@ class EngineState:
         protected_recent: trailing prompt tokens every keep-set keeps: the model's sliding window (0 without
             sliding-window layers), so those layers, which read the last window entries of a compacted row, see
             exactly the tokens they would without eviction.
+        soft_tokens: judgeq's soft tokens (``--kv-evict-soft-tokens``), loaded for the served model at start; None
+            without the flag (judgeq requests are then refused).
         freed_slots, hidden_tokens: totals since start, for logs and tests.
     """
 
@@ -49,6 +51,7 @@ class EngineState:
     decode_capture: DecodeQueryCapture | None = None
     pending: dict[str, PendingLookahead] = field(default_factory=dict)
     protected_recent: int = 0
+    soft_tokens: ServedSoftTokens | None = None
     freed_slots: int = 0
     hidden_tokens: int = 0
 
@@ -59,6 +62,7 @@ class EngineState:
         self.decode_capture = DecodeQueryCapture() if config.enabled else None
         self.pending = {}
         self.protected_recent = 0  # the scheduler sets it once the model is known
+        self.soft_tokens = None  # likewise
 
     def pending_of(self, req) -> PendingLookahead | None:
         """The pending laq entry of SGLang's ``req`` (None when it has none)."""
@@ -86,13 +90,20 @@ class EngineState:
 def request_config(server: EvictionConfig, custom_params) -> EvictionConfig:
     """One request's config: ``server`` with ``custom_params["kv_evict"]`` applied (SGLang's sampling params).
 
-    ValueError, its message naming the field, for an invalid override, for a policy the engine cannot run, and
-    for eviction asked of a server started without it (that server built no shadow rows and captures nothing).
+    ValueError, its message naming the field, for an invalid override, for
+    eviction asked of a server started without it (that server built no shadow rows and captures nothing), and for
+    judgeq asked of a server without a soft-token file or with a file of the request's own (the server loads one
+    file, checked against its model, at start).
     """
-    config = server.override(custom_params if isinstance(custom_params, dict) else None)
-    if config.policy not in SERVER_POLICIES:
-        raise ValueError(f"policy: {config.policy!r} runs in the HF harness but not inside the server yet; "
-                         f"the server runs {', '.join(SERVER_POLICIES)}")
+    params = custom_params if isinstance(custom_params, dict) else None
+    raw = params.get("kv_evict") if params else None
+    if isinstance(raw, dict):
+        if "soft_tokens" in raw and raw["soft_tokens"] != server.soft_tokens:
+            raise ValueError("soft_tokens: set by the server (--kv-evict-soft-tokens), not per request")
+        if raw.get("policy") == "judgeq" and not server.soft_tokens:
+            raise ValueError("policy: 'judgeq' needs a server started with --kv-evict-soft-tokens FILE (soft tokens "
+                             "trained for its model); this one has none")
+    config = server.override(params)
     if config.enabled and not server.enabled:
         raise ValueError("policy: this server was started without --kv-evict-policy, so it cannot evict per "
                          "request; start it with a policy (requests can still turn eviction off)")
