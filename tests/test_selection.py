@@ -110,7 +110,9 @@ def test_min_layer_fraction_floor_and_exact_total(num_layers, num_heads, seq_len
     assert keep.total_kept() == num_layers * num_heads * num_keep
     for layer, idx in enumerate(keep.indices):
         assert idx.shape[1] >= min(floor, num_keep)
-        best = select_keep(scores[layer:layer + 1], Budget(tokens=floor), sinks, recent, "per_layer").mask(0)[0]
+        # the split ranks a layer's raw scores summed over its heads
+        raw = scores[layer].sum(0).view(1, 1, -1)
+        best = select_keep(raw, Budget(tokens=floor), sinks, recent, "per_layer").mask(0)[0]
         assert bool(keep.mask(layer)[0][best].all()), "a layer lost one of its floor tokens"
     plain = select_keep(scores, budget, sinks, recent, "per_layer", global_budget=True)
     unfloored = select_keep(scores, budget, sinks, recent, "per_layer", global_budget=True, min_layer_fraction=0.0)
