@@ -28,6 +28,15 @@ Counting (SGLang counts a node's tokens as ``len(node.key)``; the scheduler admi
   evictable, and reports the live slots freed.
 - ``RadixCache.total_size`` (REPLACE): live slots in the tree.
 
+Layered pool (``sgl_evict.engine.layered_allocator``, issue 9; not built by the server yet): tree values stay
+logical slots, but a node's memory is its live group-slots (up to G per token). With such an allocator the
+counters above (``evictable_size_``, ``protected_size_``, lock deltas) count group-slots, ``evict(n)`` frees
+``n x G`` of them, and what the scheduler reads is in token-equivalents (``// G``); with a plain allocator every
+hook behaves as described above:
+
+- ``RadixCache.evictable_size`` / ``protected_size`` (REPLACE): the counters ``// G``.
+- ``RadixCache._split_node`` (AFTER, :func:`split_node_after`): both halves count their group-slots while live.
+
 Sliding-window models (the engine keeps every evicted prompt's last ``STATE.protected_recent`` tokens, so those
 layers, which read a row's last entries, see what they would unevicted; docs/plugin.md):
 
@@ -60,6 +69,8 @@ TOKEN_ALLOCATOR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
 PAGED_ALLOCATOR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
 RADIX_CACHE = "sglang.srt.mem_cache.radix_cache.RadixCache"
 REQ = "sglang.srt.managers.schedule_batch.Req"
+#: TreeNode attribute: the node's live group-slots under a layered allocator (:func:`slots_of`)
+LAYERED_SLOTS = "sgl_evict_group_slots"
 
 
 # ---- freeing ----------------------------------------------------------------------------------------------------
@@ -87,9 +98,29 @@ def paged_release_before(allocator, *page_ids):
 
 # ---- counting ---------------------------------------------------------------------------------------------------
 
-def holes_of(node) -> int:
-    """Logical tokens of a tree node that hold no slot (SGLang counts ``len(node.key)``)."""
-    return len(node.key) - count_live(node.value)
+def group_count(cache) -> int:
+    """KV units a new token takes: 1, or G with a layered allocator (``sgl_evict.engine.layered_allocator``)."""
+    return getattr(cache.token_to_kv_pool_allocator, "num_groups", 1)
+
+
+def slots_of(cache, node) -> int:
+    """KV units a tree node holds: its live slots, or with a layered allocator its live group-slots.
+
+    A node's group-slots are counted while they are live (insert, :func:`split_node_after`) and kept on the node:
+    SGLang's ``evict`` frees a leaf's slots before ``_delete_leaf``, when the table no longer shows them. The count
+    cannot change in between, because only the slots a request owns are dropped per group, never the tree's.
+    """
+    if not hasattr(cache.token_to_kv_pool_allocator, "group_slots_of"):
+        return count_live(node.value)
+    if not hasattr(node, LAYERED_SLOTS):
+        setattr(node, LAYERED_SLOTS, cache.token_to_kv_pool_allocator.group_slots_of(node.value))
+    return getattr(node, LAYERED_SLOTS)
+
+
+def holes_of(cache, node) -> int:
+    """What SGLang's count of a node (``len(node.key)``) exceeds its KV units by; negative with a layered
+    allocator, where a token live in every group holds G group-slots."""
+    return len(node.key) - slots_of(cache, node)
 
 
 def _path_to_root(cache, node):
@@ -107,7 +138,7 @@ def insert_helper_around(original, cache, node, key, value, *args, **kwargs):
     prefix_len, last_node = original(cache, node, key, value, *args, **kwargs)
     # evictable_size_ changes in _insert_helper only when it adds a leaf, and then that leaf is the returned node
     if cache.evictable_size_ != before:
-        cache.evictable_size_ -= holes_of(last_node)
+        cache.evictable_size_ -= holes_of(cache, last_node)
     return prefix_len, last_node
 
 
@@ -115,7 +146,7 @@ def inc_lock_ref_around(original, cache, node):
     """AROUND hook on ``RadixCache.inc_lock_ref(node)``: nodes locked now move live slots to protected."""
     if cache.disable or not STATE.enabled:
         return original(cache, node)
-    newly_locked = sum(holes_of(n) for n in _path_to_root(cache, node) if n.lock_ref == 0)
+    newly_locked = sum(holes_of(cache, n) for n in _path_to_root(cache, node) if n.lock_ref == 0)
     result = original(cache, node)
     cache.evictable_size_ += newly_locked
     cache.protected_size_ -= newly_locked
@@ -128,7 +159,7 @@ def dec_lock_ref_around(original, cache, node, *args, **kwargs):
     """AROUND hook on ``RadixCache.dec_lock_ref(node, params=None)``: nodes unlocked now move live slots back."""
     if cache.disable or not STATE.enabled:
         return original(cache, node, *args, **kwargs)
-    newly_unlocked = sum(holes_of(n) for n in _path_to_root(cache, node) if n.lock_ref == 1)
+    newly_unlocked = sum(holes_of(cache, n) for n in _path_to_root(cache, node) if n.lock_ref == 1)
     result = original(cache, node, *args, **kwargs)
     cache.evictable_size_ -= newly_unlocked
     cache.protected_size_ += newly_unlocked
@@ -141,36 +172,60 @@ def delete_leaf_around(original, cache, node):
     """AROUND hook on ``RadixCache._delete_leaf(node)``: only the leaf's live slots leave ``evictable_size_``."""
     original(cache, node)
     if STATE.enabled:
-        cache.evictable_size_ += holes_of(node)
+        cache.evictable_size_ += holes_of(cache, node)
 
 
 def evict_around(original, cache, params):
-    """AROUND hook on ``RadixCache.evict(params)``: frees ``params.num_tokens`` live slots, not logical tokens.
+    """AROUND hook on ``RadixCache.evict(params)``: frees ``params.num_tokens`` live slots, not logical tokens
+    (with a layered allocator: ``num_tokens x G`` group-slots, and reports the group-slots freed ``// G``).
 
     Each pass of SGLang's evict deletes at least one leaf while one is evictable, so the loop ends.
     """
     if cache.disable or not STATE.enabled:
         return original(cache, params)
+    groups = group_count(cache)
+    target = params.num_tokens * groups
     start = cache.evictable_size_
     result = original(cache, params)
-    # _delete_leaf (hooked) lowers evictable_size_ by exactly the live slots freed
-    while start - cache.evictable_size_ < params.num_tokens and result.num_tokens_evicted > 0:
-        missing = params.num_tokens - (start - cache.evictable_size_)
+    # _delete_leaf (hooked) lowers evictable_size_ by exactly the KV units freed
+    while start - cache.evictable_size_ < target and result.num_tokens_evicted > 0:
+        missing = -(-(target - (start - cache.evictable_size_)) // groups)
         result = original(cache, dataclasses.replace(params, num_tokens=missing))
-    return dataclasses.replace(result, num_tokens_evicted=start - cache.evictable_size_)
+    return dataclasses.replace(result, num_tokens_evicted=(start - cache.evictable_size_) // groups)
 
 
 def live_total_size(cache) -> int:
-    """REPLACE of ``RadixCache.total_size()``: live slots held by the tree."""
+    """REPLACE of ``RadixCache.total_size()``: live slots held by the tree (token-equivalents, ``// G``, with a
+    layered allocator)."""
     total = 0
     stack = list(cache.root_node.children.values())
     while stack:
         node = stack.pop()
         if node.evicted:
             continue
-        total += count_live(node.value)
+        total += slots_of(cache, node)
         stack.extend(node.children.values())
-    return total
+    return total // group_count(cache)
+
+
+def evictable_size_in_tokens(cache) -> int:
+    """REPLACE of ``RadixCache.evictable_size()``: ``evictable_size_`` counts KV units (group-slots with a layered
+    allocator); the scheduler adds it to ``available_size()``, which is in token-equivalents."""
+    return cache.evictable_size_ // group_count(cache)
+
+
+def protected_size_in_tokens(cache) -> int:
+    """REPLACE of ``RadixCache.protected_size()``: as :func:`evictable_size_in_tokens`."""
+    return cache.protected_size_ // group_count(cache)
+
+
+def split_node_after(new_node, cache, key, child, split_len):
+    """AFTER hook on ``RadixCache._split_node(key, child, split_len) -> new_node``: with a layered allocator both
+    halves count their group-slots now, while they are live (:func:`slots_of`)."""
+    if hasattr(child, LAYERED_SLOTS):
+        for node in (new_node, child):
+            setattr(node, LAYERED_SLOTS, cache.token_to_kv_pool_allocator.group_slots_of(node.value))
+    return new_node
 
 
 # ---- sliding-window models -------------------------------------------------------------------------------------

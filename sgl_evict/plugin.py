@@ -29,6 +29,11 @@ def register() -> None:
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}._delete_leaf", radix_cache.delete_leaf_around, HookType.AROUND)
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}.evict", radix_cache.evict_around, HookType.AROUND)
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}.total_size", radix_cache.live_total_size, HookType.REPLACE)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.evictable_size", radix_cache.evictable_size_in_tokens,
+                          HookType.REPLACE)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.protected_size", radix_cache.protected_size_in_tokens,
+                          HookType.REPLACE)
+    HookRegistry.register(f"{radix_cache.RADIX_CACHE}._split_node", radix_cache.split_node_after, HookType.AFTER)
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}.match_prefix", radix_cache.match_prefix_around, HookType.AROUND)
     HookRegistry.register(f"{radix_cache.REQ}.__init__", radix_cache.req_init_after, HookType.AFTER)
     _register_engine_hooks(HookRegistry, HookType)

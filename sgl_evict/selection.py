@@ -125,6 +125,7 @@ def select_keep(
     recent: int = 32,
     granularity: str = "uniform",
     global_budget: bool = False,
+    min_layer_fraction: float = 0.0,
 ) -> KeepSet:
     """Chooses the kept tokens of one request from its scores.
 
@@ -136,10 +137,14 @@ def select_keep(
         recent: trailing tokens always kept.
         granularity: one of :data:`GRANULARITIES`.
         global_budget: ``per_layer`` only: spread ``num_layers x budget`` over layers by raw scores.
+        min_layer_fraction: ``global_budget`` only, in ``[0, 1]``: every layer first keeps its best
+            ``ceil(min_layer_fraction x budget)`` tokens (protected first), so the split cannot leave a layer
+            with only its protected tokens; 0 is the plain global split, 1 is ``per_layer`` without it.
 
     Returns:
         The :class:`KeepSet`. Every layer keeps exactly ``max(budget, protected)`` tokens per KV head,
-        except with ``global_budget``, where the total over layers is exact.
+        except with ``global_budget``, where the total over layers is exact and each layer keeps at least
+        ``max(protected, ceil(min_layer_fraction x budget))``.
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [num_layers, num_kv_heads, seq_len], got shape {tuple(scores.shape)}")
@@ -147,6 +152,10 @@ def select_keep(
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if global_budget and granularity != "per_layer":
         raise ValueError("global_budget applies to granularity 'per_layer' only")
+    if min_layer_fraction and not global_budget:
+        raise ValueError("min_layer_fraction applies to global_budget only")
+    if not 0.0 <= min_layer_fraction <= 1.0:
+        raise ValueError(f"min_layer_fraction must be in [0, 1], got {min_layer_fraction}")
     if sinks < 0 or recent < 0:
         raise ValueError(f"sinks and recent must be >= 0, got {sinks} and {recent}")
     if torch.isnan(scores).any():
@@ -170,8 +179,12 @@ def select_keep(
         combined = _normalise(scores).mean(dim=1)  # [num_layers, seq_len]
         return KeepSet(per_layer_rows(_top_indices(combined, protected, num_keep)), seq_len)
 
-    # Global: protected tokens of every layer first, then the best remaining (layer, token) pairs.
-    combined = scores.sum(dim=1).masked_fill(protected, float("inf")).flatten()
+    # Global: every layer's floor first (its protected tokens, then its best tokens up to the floor), then the
+    # best remaining (layer, token) pairs by raw score.
+    raw = scores.sum(dim=1)  # [num_layers, seq_len]
+    floor = max(int(protected.sum()), math.ceil(min_layer_fraction * num_keep))
+    first = torch.zeros_like(raw, dtype=torch.bool).scatter_(1, _top_indices(raw, protected, floor), True)
+    combined = raw.masked_fill(first, float("inf")).flatten()
     order = torch.sort(combined, descending=True, stable=True).indices[: num_layers * num_keep]
     chosen = torch.zeros(num_layers * seq_len, dtype=torch.bool, device=scores.device)
     chosen[order] = True

@@ -335,7 +335,7 @@ def test_random_request_sequences_keep_every_slot_accounted_for_page_size_16(ops
 
 def test_plugin_applies_the_radix_hooks():
     for method in ("_insert_helper", "inc_lock_ref", "dec_lock_ref", "_delete_leaf", "evict", "total_size",
-                   "match_prefix"):
+                   "match_prefix", "evictable_size", "protected_size", "_split_node"):
         assert f"{hooks.RADIX_CACHE}.{method}" in HookRegistry._patched
     assert f"{hooks.TOKEN_ALLOCATOR}.free" in HookRegistry._patched
     assert f"{hooks.PAGED_ALLOCATOR}._release_page_ids" in HookRegistry._patched

@@ -1,5 +1,7 @@
 """Selector invariants: exact budgets, protected tokens, deterministic ties, granularities."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,6 +84,43 @@ def test_global_budget_moves_tokens_to_the_layer_with_larger_scores():
     assert keep.indices[1][0].tolist() == [0, 9]
 
 
+def test_min_layer_fraction_gives_every_layer_its_best_tokens_first():
+    scores = torch.zeros(2, 1, 10)
+    scores[0, 0, :] = torch.arange(10.0)
+    scores[1, 0, :] = 0.001 * torch.tensor([0.0, 1, 9, 2, 8, 3, 7, 4, 6, 5])
+    keep = select_keep(scores, Budget(tokens=4), sinks=1, recent=1, granularity="per_layer", global_budget=True,
+                       min_layer_fraction=0.75)
+    kept = [i[0].tolist() for i in keep.indices]
+    assert sum(map(len, kept)) == 8
+    # layer 1's floor is ceil(0.75 x 4) = 3: its protected 0 and 9, then its best other token, 2
+    assert kept[1] == [0, 2, 9]
+    assert kept[0] == [0, 6, 7, 8, 9]  # the rest of the total goes to the best remaining pairs
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(8, 60), st.sampled_from([0.1, 0.3, 0.5, 1.0]),
+       st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_min_layer_fraction_floor_and_exact_total(num_layers, num_heads, seq_len, fraction, floor_fraction, seed):
+    scores = torch.rand(num_layers, num_heads, seq_len, generator=torch.Generator().manual_seed(seed)) ** 4
+    budget, sinks, recent = Budget(fraction=fraction), 2, 3
+    keep = select_keep(scores, budget, sinks, recent, "per_layer", global_budget=True,
+                       min_layer_fraction=floor_fraction)
+    num_keep = max(budget.num_tokens(seq_len), int(protected_mask(seq_len, sinks, recent).sum()))
+    floor = max(int(protected_mask(seq_len, sinks, recent).sum()), math.ceil(floor_fraction * num_keep))
+    assert keep.total_kept() == num_layers * num_heads * num_keep
+    for layer, idx in enumerate(keep.indices):
+        assert idx.shape[1] >= min(floor, num_keep)
+        # the split ranks a layer's raw scores summed over its heads
+        raw = scores[layer].sum(0).view(1, 1, -1)
+        best = select_keep(raw, Budget(tokens=floor), sinks, recent, "per_layer").mask(0)[0]
+        assert bool(keep.mask(layer)[0][best].all()), "a layer lost one of its floor tokens"
+    plain = select_keep(scores, budget, sinks, recent, "per_layer", global_budget=True)
+    unfloored = select_keep(scores, budget, sinks, recent, "per_layer", global_budget=True, min_layer_fraction=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.indices, unfloored.indices))
+    full = select_keep(scores, budget, sinks, recent, "per_layer", global_budget=True, min_layer_fraction=1.0)
+    assert all(i.shape[1] == num_keep for i in full.indices)
+
+
 def test_budget_below_protected_keeps_exactly_protected():
     keep = select_keep(torch.rand(1, 1, 100), Budget(tokens=2), sinks=4, recent=8, granularity="uniform")
     assert keep.indices[0][0].tolist() == list(range(4)) + list(range(92, 100))
@@ -91,6 +130,8 @@ def test_budget_below_protected_keeps_exactly_protected():
     ({"granularity": "per_token"}, "granularity must be one of"),
     ({"granularity": "uniform", "global_budget": True}, "global_budget"),
     ({"sinks": -1}, "sinks and recent"),
+    ({"granularity": "per_layer", "min_layer_fraction": 0.5}, "min_layer_fraction applies"),
+    ({"granularity": "per_layer", "global_budget": True, "min_layer_fraction": 1.5}, r"in \[0, 1\]"),
 ])
 def test_bad_arguments_fail_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
