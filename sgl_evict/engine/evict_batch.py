@@ -87,10 +87,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             continue
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass)
-        combined = combined_scores(scores)
-        if all_reduce is not None:
-            combined = all_reduce(combined)
-        keep = keep_mask(combined, config, row, page_size, state.protected_recent)
+        keep = _keep_of(scores, config, row, page_size, state, all_reduce)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
             # copies: a view would keep the whole batch's window queries alive
@@ -118,11 +115,8 @@ def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, 
     for (_, req, config, seq_len), queries in zip(judged, found.queries):
         row = req_to_token[req.req_pool_idx, :seq_len]
         # the soft tokens come after the prompt: each of their queries sees every prompt key, as laq's steps do
-        combined = combined_scores(lookahead_scores(queries, found.scaling, key_buffer, row, config.pooling_kernel,
-                                                    attention_mass))
-        if all_reduce is not None:
-            combined = all_reduce(combined)
-        freed += _evict(req, row, keep_mask(combined, config, row, page_size, state.protected_recent), state, free)
+        scores = lookahead_scores(queries, found.scaling, key_buffer, row, config.pooling_kernel, attention_mass)
+        freed += _evict(req, row, _keep_of(scores, config, row, page_size, state, all_reduce), state, free)
     return freed
 
 
@@ -178,12 +172,19 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
                            entry.decoded - len(entry.steps), entry.decoded)
         del state.pending[req.rid]
         row = req_to_token[req.req_pool_idx, :entry.prompt_len]
-        combined = combined_scores(lookahead_keep_scores(entry, key_buffer, row, config.pooling_kernel,
-                                                         attention_mass))
-        if all_reduce is not None:
-            combined = all_reduce(combined)
-        freed += _evict(req, row, keep_mask(combined, config, row, page_size, state.protected_recent), state, free)
+        scores = lookahead_keep_scores(entry, key_buffer, row, config.pooling_kernel, attention_mass)
+        freed += _evict(req, row, _keep_of(scores, config, row, page_size, state, all_reduce), state, free)
     return freed
+
+
+def _keep_of(scores: torch.Tensor, config, row: torch.Tensor, page_size: int, state: EngineState,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``[seq_len]`` bool keep mask of one request from its ``scores [num_layers, num_kv_heads, seq_len]``, their
+    combination summed over tensor-parallel ranks first: every rank must keep the same tokens."""
+    combined = combined_scores(scores)
+    if all_reduce is not None:
+        combined = all_reduce(combined)
+    return keep_mask(combined, config, row, page_size, state.protected_recent)
 
 
 def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None]) -> int:
