@@ -132,6 +132,34 @@ def test_harness_answers_stop_at_a_sample_boundary_after_the_deadline(gemma_harn
     assert gq.harness_answers(harness, runs, ids, 3, EOS, "cpu", progress=lambda _: None, stop_at=0.0) == {}
 
 
+def test_harness_answers_run_judgeq_with_the_servers_soft_token_file(gemma_harness, tmp_path):
+    from sgl_evict import Budget, make_policy
+    from sgl_evict.soft_tokens import SoftTokens, model_fingerprint
+
+    harness, _ = gemma_harness
+    model = harness.model
+    path = tmp_path / "soft.safetensors"
+    hidden = model.config.get_text_config().hidden_size
+    SoftTokens(torch.randn(4, hidden, generator=torch.Generator().manual_seed(3)),
+               model_fingerprint(model.config.get_text_config(), model.get_input_embeddings().weight)).save(path)
+    runs = gq.plan_runs(["t"], [90], 1, 0, ["judgeq"], ["0.3"])
+    ids = {(r.task, r.context, r.seed): list(range(2, r.context + 2)) for r in runs}
+    got = gq.harness_answers(harness, runs, ids, 6, EOS, "cpu", progress=lambda _: None, soft_tokens=str(path))
+    state = harness.prefill(torch.tensor([ids[("t", 90, 0)]]))
+    want = harness.generate(state, make_policy("judgeq", soft_tokens_path=str(path)), Budget.parse("0.3"),
+                            max_new_tokens=6, eos_token_ids=EOS).tokens
+    assert got[runs[1].key] == gq.answer_tokens(want, 6, EOS)
+    with pytest.raises(Exception):  # judgeq without the server's file: the harness cannot pick vectors
+        gq.harness_answers(harness, runs, ids, 6, EOS, "cpu", progress=lambda _: None)
+
+
+def test_launch_passes_the_soft_token_file_to_the_server(monkeypatch, tmp_path):
+    monkeypatch.setattr(gq, "Server", lambda name, port, args, out: args)
+    args = gq.launch(tmp_path, tmp_path, 4096, "/x/soft.safetensors")
+    assert args[args.index("--kv-evict-soft-tokens") + 1] == "/x/soft.safetensors"
+    assert "--kv-evict-soft-tokens" not in gq.launch(tmp_path, tmp_path, 4096)
+
+
 def test_plot_and_table_from_the_summary(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import plot_gemma_quality as pg

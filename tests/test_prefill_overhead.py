@@ -64,3 +64,14 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "prefill_overhead.py"), "--policies",
                            "snapkv"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "must include none" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deadline_starts_no_server_and_still_writes_the_json(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "prefill_overhead.py"), "--out", str(out),
+                           "--deadline", "0", "--model", "llama-3.2-1b"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    doc = json.loads((out / "prefill_overhead.json").read_text())
+    assert {c["error"] for c in doc["configs"].values()} == {"not started: deadline reached"}
+    assert not list(out.glob("server-*.log"))

@@ -19,7 +19,9 @@ For every task of sgl_evict/eval/tasks.py, context length and sample (seeded), t
 server and to the harness (bf16, same device after the server stopped); each policy x budget and the full cache
 answer greedily, ``--max-new-tokens`` tokens cut at the first end-of-sequence token, scored by RULER string match.
 Reported: accuracy of server and harness per policy, budget and context; token-exact agreement of their answers;
-the kept tokens each eviction logged against the expected ``max(budget, sinks + 512)``. laq: the server decodes
+the kept tokens each eviction logged against the expected ``max(budget, sinks + 512)``. judgeq (``--soft-tokens
+FILE``, e.g. bench/results/judgeq_gpu_gemma3-270m_2k.safetensors): the server starts with
+``--kv-evict-soft-tokens FILE`` and the harness loads the same file. laq: the server decodes
 its lookahead steps on the snapkv view and the rest on the laq cache; the harness reproduces exactly that (the
 snapkv answer's first tokens, then laq with those tokens as its teacher-forced lookahead).
 Writes gemma_quality.json and the server log to --out; exit status 1 when a check fails.
@@ -170,9 +172,11 @@ def agreement_checks(summary: dict, policies, budgets, slack: float) -> dict:
 
 
 def harness_answers(harness, runs: list[Run], prompt_ids: dict, max_new_tokens: int, eos: tuple[int, ...],
-                    device: str, progress=print, stop_at: float = math.inf) -> dict[str, list[int]]:
+                    device: str, progress=print, stop_at: float = math.inf,
+                    soft_tokens: str = "") -> dict[str, list[int]]:
     """The harness's answer to every run, one prefill per sample (runs are grouped by sample); stops at the first
-    new sample after ``stop_at`` (a ``time.time()``), so the answers cover whole samples."""
+    new sample after ``stop_at`` (a ``time.time()``), so the answers cover whole samples. ``soft_tokens``: the
+    judgeq file the server was started with."""
     import torch
 
     from sgl_evict import Budget, make_policy
@@ -191,7 +195,8 @@ def harness_answers(harness, runs: list[Run], prompt_ids: dict, max_new_tokens: 
         elif run.policy == "laq":
             tokens = laq_as_served(harness, state, Budget.parse(run.budget), max_new_tokens, eos)
         else:
-            tokens = harness.generate(state, make_policy(run.policy), Budget.parse(run.budget),
+            options = {"soft_tokens_path": soft_tokens} if run.policy == "judgeq" else {}
+            tokens = harness.generate(state, make_policy(run.policy, **options), Budget.parse(run.budget),
                                       max_new_tokens=max_new_tokens, eos_token_ids=eos).tokens
         answers[run.key] = answer_tokens(tokens, max_new_tokens, eos)
         if i % 25 == 0 or i == len(runs) - 1:
@@ -229,11 +234,13 @@ def laq_as_served(harness, state, budget, max_new_tokens: int, eos: tuple[int, .
     return head[:-1] + rest
 
 
-def launch(model: Path, out: Path, context: int) -> Server:
+def launch(model: Path, out: Path, context: int, soft_tokens: str = "") -> Server:
     args = ["--model-path", str(model), "--skip-tokenizer-init", "--attention-backend", "triton",
             "--context-length", str(context), "--mem-fraction-static", "0.6", "--max-running-requests", "8",
             "--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-window", str(WINDOW),
             "--kv-evict-sinks", str(SINKS), "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS)]
+    if soft_tokens:
+        args += ["--kv-evict-soft-tokens", soft_tokens]
     return Server("gemma-evict", PORT, args, out)
 
 
@@ -245,6 +252,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=1, help="samples per task and context")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--budgets", default=",".join(BUDGETS))
+    parser.add_argument("--soft-tokens", default="",
+                        help="judgeq soft-token file for the server and the harness (needed for policy judgeq)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slack", type=float, default=0.2, help="agreement allowed below the full cache's")
@@ -271,6 +280,9 @@ def main() -> int:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     contexts = [int(c) for c in args.contexts.split(",")]
     policies, budgets = args.policies.split(","), args.budgets.split(",")
+    if "judgeq" in policies and not args.soft_tokens:
+        raise SystemExit("gemma_quality: policy judgeq needs --soft-tokens FILE")
+    soft_tokens = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
     runs = plan_runs(tasks, contexts, args.samples, args.seed, policies, budgets)
 
     count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
@@ -288,7 +300,7 @@ def main() -> int:
               "device": torch.cuda.get_device_name(0), "model": str(model), "protected_tail": tail,
               "window": WINDOW, "sinks": SINKS, "runs": [asdict(r) for r in runs], "checks": {}}
     checks = report["checks"]
-    server = launch(model, out, max(prompt_lens.values()) + args.max_new_tokens + 64)
+    server = launch(model, out, max(prompt_lens.values()) + args.max_new_tokens + 64, soft_tokens)
     report["server"] = server.cmd
     served: dict[str, list[int]] = {}
     try:
@@ -321,7 +333,7 @@ def main() -> int:
             harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda", protected_recent=tail)
             started = time.time()
             ours = harness_answers(harness, runs, prompt_ids, args.max_new_tokens, eos, "cuda",
-                                   stop_at=started_at + args.deadline)
+                                   stop_at=started_at + args.deadline, soft_tokens=soft_tokens)
             report["harness_s"] = time.time() - started
             compared = [run for run in runs if run.key in ours]
             report["compared_runs"] = len(compared)

@@ -113,8 +113,10 @@ def markdown_table(summary: dict, policies, lengths, new_tokens: int) -> str:
     return "\n".join(lines)
 
 
-def serve(name: str, args_list: list[str], env: dict, runs: list[Run], args, out: Path, progress=print) -> dict:
-    """Launches one server, warms it up, sends ``runs`` one at a time, stops it; its record in the JSON."""
+def serve(name: str, args_list: list[str], env: dict, runs: list[Run], args, out: Path, progress=print,
+          stop_at: float = float("inf")) -> dict:
+    """Launches one server, warms it up, sends ``runs`` one at a time until ``stop_at`` (``time.monotonic()``),
+    stops it; its record in the JSON."""
     server = ServerProcess(name, PORT, args_list, env, out)
     entry = {"server_command": server.cmd, "env": env, "records": {}}
     try:
@@ -124,6 +126,10 @@ def serve(name: str, args_list: list[str], env: dict, runs: list[Run], args, out
             return entry
         entry["warmup_s"] = warm_up(PORT, DEFAULT_VOCAB)
         for i, run in enumerate(runs):
+            if time.monotonic() > stop_at:
+                entry["stopped_at_deadline_after"] = i
+                progress(f"[prefill_overhead] {name}: deadline reached after {i}/{len(runs)} requests")
+                break
             rec = send(PORT, run, prompt_ids(run, args.seed, DEFAULT_VOCAB))
             entry["records"][run.key] = rec.to_json()
             if rec.error:
@@ -151,6 +157,8 @@ def main() -> int:
     parser.add_argument("--start-timeout", type=float, default=360)
     parser.add_argument("--no-plain", action="store_true", help="skip plain SGLang")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds for the whole script: no request starts after it (the JSON says how far it got)")
     args = parser.parse_args()
     try:
         lengths = [int(n) for n in args.lengths.split(",")]
@@ -177,13 +185,22 @@ def main() -> int:
         "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "sgl_evict")},
         "model": args.model, "settings": vars(args), "configs": {}}
     started = time.monotonic()
-    report["configs"]["evict"] = serve("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                                                          args.budget], {}, evict_runs, args, out)
+    stop_at = started + args.deadline
+    servers = [("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget", args.budget], {}, evict_runs)]
     if plain_runs:
-        report["configs"][PLAIN] = serve(PLAIN, common, {"SGLANG_PLUGINS": "not-sgl-evict"}, plain_runs, args, out)
-    report["wall_s"] = time.monotonic() - started
-    records = {k: v for c in report["configs"].values() for k, v in c["records"].items()}
-    report["summary"] = summarize(records, evict_runs + plain_runs)
+        servers.append((PLAIN, common, {"SGLANG_PLUGINS": "not-sgl-evict"}, plain_runs))
+    records: dict[str, dict] = {}
+    report["summary"] = {}
+    for name, server_args, env, runs in servers:
+        if time.monotonic() > stop_at:
+            report["configs"][name] = {"error": "not started: deadline reached", "records": {}}
+            continue
+        report["configs"][name] = serve(name, server_args, env, runs, args, out, stop_at=stop_at)
+        # written after each server: a call cut by the device's time limit keeps what finished
+        report["wall_s"] = time.monotonic() - started
+        records = {k: v for c in report["configs"].values() for k, v in c["records"].items()}
+        report["summary"] = summarize(records, evict_runs + plain_runs)
+        (out / "prefill_overhead.json").write_text(json.dumps(report, indent=1))
     (out / "prefill_overhead.json").write_text(json.dumps(report, indent=1))
     for t in new_tokens:
         print(markdown_table(report["summary"], policies + ([PLAIN] if plain_runs else []), lengths, t) + "\n")
