@@ -81,7 +81,10 @@ class SoftTokenForward:
         """One eager extend forward of ``extend`` (its logits discarded)."""
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 
-        runner = self.scheduler.tp_worker.model_runner
+        # the hook's owner is the Scheduler (``tp_worker``) or, in SGLang 0.5.17's prefill result path, its
+        # SchedulerBatchResultProcessor, which holds the same worker as ``model_worker``
+        worker = getattr(self.scheduler, "tp_worker", None) or self.scheduler.model_worker
+        runner = worker.model_runner
         forward_batch = ForwardBatch.init_new(soft_token_batch(self.batch, extend), runner,
                                               capture_hidden_mode=CaptureHiddenMode.NULL,
                                               return_hidden_states_before_norm=False)
