@@ -1,6 +1,7 @@
 """Paged scoring kernel on the GPU: correctness at benchmark shapes, time per layer against the bytes floor.
 
     PYTHONPATH=<sgl-evict install> python bench/kernels.py [--out DIR] [--v3-file OLD.py] [--ncu-probe]
+    PYTHONPATH=<sgl-evict install> python bench/kernels.py --quick [--out DIR]   # 32K and 128K, lse + best two-pass
     python bench/kernels.py --plot bench/results/kernels_<date>.json docs/img/kernels_floor_h100.png
 
 Shapes (one request, one layer): 8 KV heads, head_dim 128, bf16 keys in a paged pool (page size 1, slots shuffled),
@@ -13,7 +14,11 @@ Variants (``attention_mass_paged`` keyword arguments), config block_n:num_warps:
     flat:    same, pass 2 in reverse order (its first blocks are the ones pass 1 read last, still in L2)
     flatT:   flat, pass 2 computes keys @ queries^T (keys as the product's M dimension)
     grouped: pass 1 then pass 2 for heads_per_launch KV heads at a time (pass 2 re-reads from L2)
-    lse:     row_lse given (pass 2 only, keys read once); NOT the general case: needs each row's log-sum-exp
+    lse:     row_lse given (pass 2 only, keys read once); NOT the general case: needs each row's log-sum-exp.
+             Since 2026-11-24 pass 2 reads row_lse itself: the call is one kernel launch (before: 7 small
+             PyTorch kernels cast the lengths and turned the LSE into normalisers first)
+    lseT_p264: lseT with num_programs=264 (2 per SM of an H100) instead of 512: chunks twice as long
+--quick: 32K and 128K, both shapes, the lse configs and the best two-pass config of 2026-11-23 only (< 3 min).
 Times: ``graph`` replays a CUDA graph of one call (device time, launch gaps shrunk); ``eager`` calls the Python
 function (host launch cost included). Each is the median of 7 repetitions of 20 back-to-back calls rotating over
 input sets that together exceed L2 (no cache flush between calls, so nothing cached is reused across calls).
@@ -91,6 +96,15 @@ def variants(seq_len: int, rows: int, which: str):
     else:
         flat, trans, grp, grp_t = ["32:4:2", "64:4:2", "128:4:2", "64:4:3"], ["64:4:2", "128:4:2", "128:8:3"], \
             "64:4:2", "128:4:2"
+    if which == "quick":  # the 2026-11-23 winners: two passes, and lse (one launch now) plus its runner-up
+        if rows == 128:
+            return [("flatT", "128:8:2", {"transpose_pass2": True}),
+                    ("lseT", "128:8:2", {"row_lse": True, "transpose_pass2": True}),
+                    ("lseT_p264", "128:8:2", {"row_lse": True, "transpose_pass2": True, "num_programs": 264}),
+                    ("lseT", "64:8:2", {"row_lse": True, "transpose_pass2": True})]
+        return [("flat", "128:4:2", {}), ("lseT", "64:4:2", {"row_lse": True, "transpose_pass2": True}),
+                ("lseT_p264", "64:4:2", {"row_lse": True, "transpose_pass2": True, "num_programs": 264}),
+                ("lse", "64:4:2", {"row_lse": True})]
     if which == "final":  # filled in from the sweep's winners
         flat, trans = flat[:1], trans[:1]
     out = [("v3", "32:8:2" if rows == 128 else "32:4:2", {"reverse_pass2": False})]
@@ -104,6 +118,8 @@ def variants(seq_len: int, rows: int, which: str):
                                                   "num_programs": 264})]
     out += [("lse", c, {"row_lse": True}) for c in flat[:2]]
     out += [("lseT", c, {"row_lse": True, "transpose_pass2": True}) for c in trans]
+    out += [("lseT_p264", trans[-1] if rows == 128 else trans[0], {"row_lse": True, "transpose_pass2": True,
+                                                                    "num_programs": 264})]
     return out
 
 
@@ -213,7 +229,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--seq-lens", default="4096,32768,131072")
     parser.add_argument("--shapes", default="rows32,rows128")
-    parser.add_argument("--variants", default="all", choices=["all", "final"])
+    parser.add_argument("--variants", default="all", choices=["all", "final", "quick"])
+    parser.add_argument("--quick", action="store_true",
+                        help="--seq-lens 32768,131072 --variants quick: lse configs and the best two-pass ones")
     parser.add_argument("--ncu-probe", action="store_true")
     parser.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the figure and exit (CPU)")
     parser.add_argument("--v3-file", help="kernels/paged_scoring.py of commit 991ca4a (v3), timed in the same harness")
@@ -231,11 +249,14 @@ def main() -> int:
     if args.ncu_probe:
         ncu_probe()
         return 0
+    if args.quick:
+        args.seq_lens, args.variants = "32768,131072", "quick"
     bw = copy_bandwidth()
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/kernels.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": bw / 1e9,
            "timing": "median of 7 x 20 back-to-back calls rotating input sets (> L2 together), CUDA events",
+           "lse_mode": "row_lse float32 [1, 32, queries] read by pass 2 itself: one kernel launch per call",
            "shapes": {"num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM, "gqa_group": GROUP, "dtype": "bfloat16",
                       "page_size": 1, "rows_per_kv_head": {k: v * GROUP for k, v in SHAPES.items()}}, "rows": []}
     path = os.path.join(args.out, "kernels.json")

@@ -19,7 +19,8 @@ Options (keyword arguments of :func:`attention_mass_paged`):
   that pass 1 has just brought into L2 (a KV head of a 32K prompt is 8 MiB of bf16 keys; H100's L2 is 50 MB).
   ``None``: both passes over all heads (two launches).
 - ``row_lse``: each query row's natural log-sum-exp over the same keys, when the caller has it (prefill attention
-  kernels can return it for SnapKV's window queries). Pass 1 is skipped: one read of the keys.
+  kernels can return it for SnapKV's window queries). Pass 1 is skipped and pass 2 turns the LSE into each row's
+  normaliser itself: one launch, one read of the keys, no PyTorch op before it but the output's allocation.
 - pass 2 visits its programs in the reverse order of pass 1 (``reverse_pass2``), so its first blocks are those that
   pass 1 read last, still in L2.
 
@@ -43,6 +44,7 @@ from sgl_evict.scoring import finish_scores
 # TRITON_INTERPRET the operands go to float32 first; compiled kernels keep the KV dtype on the tensor cores.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
+_LOG2E_IN_KERNEL = tl.constexpr(_LOG2E)
 
 # the compiled kernels of the last call (name -> Triton's compiled kernel: n_regs, n_spills, asm), for bench/kernels.py
 last_compiled: dict = {}
@@ -95,7 +97,7 @@ def _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_k
 
 @triton.jit
 def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale, log2_nq, chunk, num_splits, kvh0,
-               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_mr, s_mh, s_ms, s_cr, s_ch, s_tr,
+               s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_pn, s_mr, s_mh, s_ms, s_cr, s_ch, s_tr,
                NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
                IEEE: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
@@ -106,9 +108,9 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
     i = rows % NQ_P
     row_ok = i < NUM_Q
     q = _load_queries(Q, req, kvh, s_qr, s_qh, s_qn, NUM_Q, GROUP, NQ_P, HEAD_DIM, BLOCK_D)
-    seq_len = tl.load(SeqLens + req)
+    seq_len = tl.load(SeqLens + req).to(tl.int32)  # the caller's int dtype: no cast kernel before the launch
     if CAUSAL:
-        qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
+        qpos = tl.load(QPos + req * s_pr + i * s_pn, mask=row_ok, other=0).to(tl.int32)
     else:
         qpos = i  # unused
     m = tl.full([GROUP * NQ_P], float("-inf"), tl.float32)
@@ -148,25 +150,35 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
 
 
 @triton.jit
-def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, Out, scale, chunk, max_len, kvh0, rev,
-                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_cr, s_ch, s_or, s_oh,
+def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, RowLse, Out, scale, log2_nq, chunk, max_len, kvh0, rev,
+                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_pn, s_cr, s_ch, s_lr, s_lh, s_ln, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                IEEE: tl.constexpr, TRANS: tl.constexpr):
+                IEEE: tl.constexpr, TRANS: tl.constexpr, FROM_LSE: tl.constexpr):
+    """Pass 2. Each row's normaliser ``c`` comes from ``RowC`` (``[num_reqs, num_kv_heads, GROUP * NQ_P]``, pass 1's
+    output) or, if ``FROM_LSE``, from the caller's natural log-sum-exp ``RowLse`` (``[num_reqs, num_q_heads,
+    num_queries]``, any float dtype, strides ``s_l*``)."""
     # rev = 1: programs run in the reverse order of pass 1's, so the keys pass 1 read last (still in L2) come first
     p0, p1, p2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     req = p0 + rev * (tl.num_programs(0) - 1 - 2 * p0)
     kvh = kvh0 + p1 + rev * (tl.num_programs(1) - 1 - 2 * p1)
     split = p2 + rev * (tl.num_programs(2) - 1 - 2 * p2)
-    seq_len = tl.load(SeqLens + req)
+    seq_len = tl.load(SeqLens + req).to(tl.int32)  # the caller's int dtype: no cast kernel before the launch
     rows = tl.arange(0, GROUP * NQ_P)
-    i = rows % NQ_P
+    g, i = rows // NQ_P, rows % NQ_P
     row_ok = i < NUM_Q
     gs = tl.arange(0, GROUP)
-    c = tl.load(RowC + req * s_cr + kvh * s_ch + rows)  # log2 of each row's normaliser (x num_queries)
+    # c: log2 of each row's normaliser (x num_queries), so that p = exp2(logit - c) is the row's share of the mean
+    if FROM_LSE:
+        lse = tl.load(RowLse + req * s_lr + (kvh * GROUP + g) * s_lh + i * s_ln, mask=row_ok,
+                      other=float("-inf")).to(tl.float32)
+        # padded rows and rows with no key at all (lse = -inf) get +inf, as pass 1 gives them: p = exp2(-inf) = 0
+        c = tl.where(lse > float("-inf"), lse * _LOG2E_IN_KERNEL + log2_nq, float("inf"))
+    else:
+        c = tl.load(RowC + req * s_cr + kvh * s_ch + rows)
     q = _load_queries(Q, req, kvh, s_qr, s_qh, s_qn, NUM_Q, GROUP, NQ_P, HEAD_DIM, BLOCK_D)
     if CAUSAL:
-        qpos = tl.load(QPos + req * s_pr + i, mask=row_ok, other=0)
+        qpos = tl.load(QPos + req * s_pr + i * s_pn, mask=row_ok, other=0).to(tl.int32)
     else:
         qpos = i  # unused
     for n0 in range(split * chunk, tl.minimum(max_len, (split + 1) * chunk), BLOCK_N):
@@ -215,15 +227,17 @@ def attention_mass_paged(
         k_buffer: ``[pool_slots, num_kv_heads, head_dim]`` one layer's keys (bf16, fp16 or fp32).
         req_to_token: ``[num_reqs, max_len]`` int32/int64 slot of each request's token ``t``; a negative entry is a
             hole (an evicted token, ``sgl_evict.holes.HOLE``): that key is left out, like keys past the end.
-        seq_lens: ``[num_reqs]`` prompt lengths (keys ``t >= seq_len`` are ignored).
+        seq_lens: ``[num_reqs]`` int prompt lengths (keys ``t >= seq_len`` are ignored).
         scaling: logit scale.
         query_positions: ``[num_reqs, num_queries]`` positions of queries inside the prompt (each sees keys up to
             its own position), or ``None`` (queries after the prompt see every key).
         block_n: keys per loop step of a program.
         num_warps, num_stages: Triton launch options of both passes.
-        row_lse: optional ``[num_reqs, num_q_heads, num_queries]`` float natural log-sum-exp of each query row's
-            logits ``scaling * q.k`` over the same keys (live, inside the request, causal if positions are given).
-            Pass 1 is then skipped: the keys are read once. The result is exact only if ``row_lse`` is.
+        row_lse: optional ``[num_reqs, num_q_heads, num_queries]`` natural log-sum-exp of each query row's logits
+            ``scaling * q.k`` over the same keys (live, inside the request, causal if positions are given), any
+            float dtype and strides, on the queries' device; ``-inf`` for a row with no key. Pass 1 is then skipped
+            and pass 2 reads it directly: one launch, the keys read once. The result is exact only if ``row_lse``
+            is.
         heads_per_launch: run both passes for this many KV heads at a time (pass 2 right behind pass 1 while the
             keys are in L2); ``None``: all heads in one launch per pass.
         reverse_pass2: pass 2 visits its programs in the reverse order of pass 1.
@@ -247,47 +261,53 @@ def attention_mass_paged(
     nq_p = max(_next_pow2(num_queries), 16 // group if group < 16 else 1)
     rows = group * nq_p
     dev = queries.device
+    # no-ops (no kernel) for the usual inputs: queries in the KV dtype, contiguous; seq_lens and positions are read in
+    # whatever int dtype they come in
     queries = queries.to(k_buffer.dtype).contiguous()
-    seq_lens = seq_lens.to(torch.int32).contiguous()
+    seq_lens = seq_lens.contiguous()
     causal = query_positions is not None
-    qpos = (query_positions.to(torch.int32).contiguous() if causal
-            else torch.zeros(num_reqs, 1, dtype=torch.int32, device=dev))
+    qpos = query_positions if causal else seq_lens  # not read unless causal
+    s_pr, s_pn = (qpos.stride(0), qpos.stride(1)) if causal else (0, 0)
     # enough chunks that (requests x KV heads of a launch x chunks) covers the GPU several times over
     splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(num_programs, num_reqs * hpl)))
     chunk = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     splits = triton.cdiv(max_len, chunk)
-    # per row: log2 of (sum of exp of its logits) x num_queries, so that pass 2's p = exp2(logit - c) is the mean
-    row_c = torch.empty(num_reqs, num_kv_heads, rows, dtype=torch.float32, device=dev)
     if row_lse is not None:
+        # checks on metadata only: no device -> host copy, so the call stays capturable in a CUDA graph
         if row_lse.shape != (num_reqs, num_q_heads, num_queries):
             raise ValueError(f"row_lse must be {(num_reqs, num_q_heads, num_queries)}, got {tuple(row_lse.shape)}")
-        c = torch.full((num_reqs, num_q_heads, nq_p), float("inf"), dtype=torch.float32, device=dev)
-        c[:, :, :num_queries] = row_lse.float() * _LOG2E + math.log2(num_queries)
-        row_c.copy_(c.view(num_reqs, num_kv_heads, rows))
+        if not row_lse.is_floating_point() or row_lse.device != dev:
+            raise ValueError(f"row_lse must be a float tensor on {dev}, got {row_lse.dtype} on {row_lse.device}")
+        row_c = lse = row_lse  # pass 2 reads row_lse only (row_c is a placeholder argument)
     else:
+        # per row: log2 of (sum of exp of its logits) x num_queries, so that pass 2's p = exp2(logit - c) is the mean
+        row_c = torch.empty(num_reqs, num_kv_heads, rows, dtype=torch.float32, device=dev)
         stats_shape = (num_reqs, num_kv_heads, splits, rows)
         part_max = torch.empty(stats_shape, dtype=torch.float32, device=dev)
         part_sum = torch.empty(stats_shape, dtype=torch.float32, device=dev)
         ticket = torch.zeros(num_reqs, num_kv_heads, dtype=torch.int32, device=dev)
+        lse = row_c  # placeholder argument, not read
     out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=dev)
     scale = scaling * _LOG2E  # the kernels use exp2 (one instruction, no extra multiply)
+    log2_nq = math.log2(num_queries)
     common = dict(num_warps=num_warps, num_stages=num_stages, NUM_Q=num_queries, GROUP=group, NQ_P=nq_p,
                   HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal,
                   DOT_FP32=_INTERPRETING, IEEE=k_buffer.dtype == torch.float32)
     strides = (queries.stride(0), queries.stride(1), queries.stride(2), k_buffer.stride(0), k_buffer.stride(1),
-               req_to_token.stride(0), qpos.stride(0))
+               req_to_token.stride(0), s_pr, s_pn)
     grid = (num_reqs, hpl, splits)
     for kvh0 in range(0, num_kv_heads, hpl):
         if row_lse is None:
             last_compiled["row_stats"] = _row_stats[grid](
                 queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, ticket, row_c, scale,
-                math.log2(num_queries), chunk, splits, kvh0, *strides, part_max.stride(0), part_max.stride(1),
+                log2_nq, chunk, splits, kvh0, *strides, part_max.stride(0), part_max.stride(1),
                 part_max.stride(2), row_c.stride(0), row_c.stride(1), ticket.stride(0),
                 SPLIT_BLOCK=min(_next_pow2(splits), max(1, 4096 // rows)), **common)
         last_compiled["accumulate"] = _accumulate[grid](
-            queries, k_buffer, req_to_token, seq_lens, qpos, row_c, out, scale, chunk, max_len, kvh0,
-            int(reverse_pass2), *strides, row_c.stride(0), row_c.stride(1), out.stride(0), out.stride(1),
-            TRANS=transpose_pass2, **common)
+            queries, k_buffer, req_to_token, seq_lens, qpos, row_c, lse, out, scale, log2_nq, chunk, max_len, kvh0,
+            int(reverse_pass2), *strides, row_c.stride(0), row_c.stride(1), lse.stride(0), lse.stride(1),
+            lse.stride(2), out.stride(0), out.stride(1), TRANS=transpose_pass2, FROM_LSE=row_lse is not None,
+            **common)
     return out
 
 

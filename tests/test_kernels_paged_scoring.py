@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from sgl_evict.kernels import paged_scoring  # noqa: E402
 from sgl_evict.kernels.paged_scoring import attention_mass_paged, score_paged  # noqa: E402
 from sgl_evict.scoring import attention_probs, score_queries  # noqa: E402
 
@@ -115,9 +118,11 @@ def _punch_holes(table, seq_lens, page_size, gen, frac=0.3):
     return table
 
 
-def _reference(q, pool, table, seq_lens, scaling, qpos):
+def _reference(q, pool, table, seq_lens, scaling, qpos, given_lse=None):
     """float64 mean attention per query head and the rows' natural log-sum-exp, holes and future keys left out.
 
+    ``given_lse`` (``[num_reqs, num_q_heads, num_queries]``): normalise each row by it instead of its own
+    log-sum-exp, as the ``row_lse`` mode does with what it is given.
     Returns ``([num_reqs, num_q_heads, max_len], [num_reqs, num_q_heads, num_queries])``.
     """
     num_reqs, num_q_heads, num_queries, _ = q.shape
@@ -134,7 +139,8 @@ def _reference(q, pool, table, seq_lens, scaling, qpos):
             ok = ok & (torch.arange(n)[None, :] <= qpos[r].cpu()[:, None])[None]
         logits = logits.masked_fill(~ok, float("-inf"))
         lse[r] = torch.logsumexp(logits, -1)
-        out[r, :, :n] = torch.softmax(logits, -1).nan_to_num(0.0).mean(1)
+        norm = lse[r] if given_lse is None else given_lse[r].cpu().double()
+        out[r, :, :n] = torch.exp(logits - norm[..., None]).nan_to_num(0.0).mean(1)  # rows with no key: 0
     return out, lse
 
 
@@ -211,6 +217,102 @@ def test_score_paged_with_holes_and_options(device):
         assert torch.all(got[r].cpu()[:, slots < 0] == 0)
 
 
+class _OpsBeforeLaunch(TorchDispatchMode):
+    """Records the PyTorch ops a call runs before its first kernel launch, and the kernels it launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.launches:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def watch(self, monkeypatch):
+        """Route the module's kernel launches (``kernel[grid](...)``) through this recorder."""
+        for name in ("_row_stats", "_accumulate"):
+            monkeypatch.setattr(paged_scoring, name, _RecordedKernel(getattr(paged_scoring, name), name, self))
+
+
+class _RecordedKernel:
+    def __init__(self, kernel, name, recorder):
+        self.kernel, self.name, self.recorder = kernel, name, recorder
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.recorder.launches.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _lse_layout(lse, layout):
+    """The reference's ``[num_reqs, num_q_heads, num_queries]`` LSE in the dtype and memory layout of ``layout``."""
+    if layout == "float32":
+        return lse.float()
+    if layout == "bfloat16":
+        return lse.to(torch.bfloat16)
+    if layout == "float64_heads_last":  # [num_reqs, num_queries, num_q_heads] storage, seen through a permute
+        return lse.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "float16_every_other":  # a strided slice of a wider buffer
+        wide = torch.full((*lse.shape[:2], 2 * lse.shape[2]), float("nan"), dtype=torch.float16, device=lse.device)
+        wide[:, :, ::2] = lse.half()
+        return wide[:, :, ::2]
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout,group", [("float32", 4), ("bfloat16", 1), ("float64_heads_last", 4),
+                                          ("float16_every_other", 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_lse_read_in_kernel_any_dtype_and_layout(device, layout, group, causal):
+    """The single pass reads row_lse as given (any float dtype, strides), pads the query rows of a head up to the
+    tile (5 queries in 8 or 16 rows), and scores holes, a request made only of holes (lse = -inf) and positions past
+    the end 0."""
+    gen = torch.Generator().manual_seed(hash((layout, causal)) % 2**31)
+    num_kv_heads, head_dim, num_queries = 2, 32, 5
+    seq_lens = [37, 20, 70]
+    pool, table = _paged_pool(seq_lens, num_kv_heads, head_dim, torch.float32, device, gen, page_size=16)
+    table = _punch_holes(table.cpu(), seq_lens, 16, gen)
+    table[1, :20] = HOLE
+    table = table.to(device)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, num_queries, head_dim, generator=gen).to(device)
+    qpos = torch.stack([torch.arange(n - num_queries, n) for n in seq_lens]).to(device) if causal else None
+    _, lse = _reference(q, pool, table, seq_lens, 0.2, qpos)
+    given = _lse_layout(lse.to(device), layout)  # built on the device: a copy there would drop the strides
+    assert torch.isneginf(given[1]).all()
+    ref, _ = _reference(q, pool, table, seq_lens, 0.2, qpos, given_lse=given)  # normalised by the rounded LSE
+    out = attention_mass_paged(q, pool, table, torch.tensor(seq_lens, device=device), 0.2, qpos, block_n=16,
+                               row_lse=given, transpose_pass2=layout == "bfloat16").cpu().double()
+    assert _rel_err(out, ref) < 1e-4
+    assert torch.all(out.transpose(1, 2)[table.cpu() < 0] == 0)
+    for r, n in enumerate(seq_lens):
+        assert torch.all(out[r, :, n:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_lse_mode_is_one_launch_and_no_torch_op(device, monkeypatch):
+    """With row_lse, the call allocates its output and launches pass 2 once: no PyTorch kernel (cast, copy, fill)
+    runs before it, so the call is one kernel in a CUDA graph. int64 lengths and strided int64 positions are read as
+    they are."""
+    gen = torch.Generator().manual_seed(12)
+    seq_lens = [30, 45]
+    pool, table = _paged_pool(seq_lens, 2, 16, torch.float32, device, gen)
+    q = torch.randn(2, 8, 3, 16, generator=gen).to(device)
+    qpos = torch.stack([torch.arange(n - 3, n) for n in seq_lens]).t().contiguous().t().to(device)  # not contiguous
+    lengths = torch.tensor(seq_lens, dtype=torch.int64, device=device)
+    _, lse = _reference(q, pool, table, seq_lens, 0.25, qpos)
+    row_lse = lse.to(device, torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    recorder = _OpsBeforeLaunch()
+    recorder.watch(monkeypatch)
+    with recorder:
+        out = attention_mass_paged(q, pool, table, lengths, 0.25, qpos, block_n=16, row_lse=row_lse)
+    assert recorder.launches == ["_accumulate"]
+    assert recorder.ops == ["aten.empty.memory_format"]  # the output
+    ref, _ = _reference(q, pool, table, seq_lens, 0.25, qpos, given_lse=row_lse)
+    assert _rel_err(out.cpu().double(), ref) < 1e-4
+
+
 def test_bad_options_are_refused():
     args = (torch.zeros(1, 4, 2, 16), torch.zeros(4, 2, 16), torch.zeros(1, 4, dtype=torch.int32), torch.tensor([4]),
             1.0)
@@ -218,3 +320,5 @@ def test_bad_options_are_refused():
         attention_mass_paged(*args, heads_per_launch=3)
     with pytest.raises(ValueError, match="row_lse"):
         attention_mass_paged(*args, row_lse=torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="row_lse must be a float tensor"):
+        attention_mass_paged(*args, row_lse=torch.zeros(1, 4, 2, dtype=torch.int32))
