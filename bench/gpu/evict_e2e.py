@@ -25,12 +25,15 @@ servers started before it too), so the six fit on one GPU:
 | ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
+| ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
 dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
 per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking for
 laq is evicted after its lookahead steps and one asking for laprox is evicted to the budget; after the servers sit
-idle (SGLang checks available + evictable == total) no leak is reported.
+idle (SGLang checks available + evictable == total) no leak is reported. With ``--tp 2`` every rank logs its
+evictions (SGLang prefixes its lines with `` TP<rank>``): rank 0's are checked as above, and each rank must keep
+the same positions (scores are all-reduced before selection), equal to what the single-GPU harness selects.
 Then, with the servers stopped, the HF harness scores each server's answer (token log-probabilities, teacher
 forced) under the same policy and under the full cache: an evicting server must be much closer to the former.
 For ``laq`` "the same policy" is what the server ran: its answer's tokens 2 .. 9 were decoded on the snapkv view
@@ -79,14 +82,24 @@ def greedy(server: Server, ids: list[int], custom: dict | None = None) -> dict:
     return body
 
 
-def eviction_lines(log: Path) -> list[tuple[int, ...]]:
-    """(kept, prompt length, slots freed, tokens only hidden) of each eviction the server logged."""
+def rank_log(log: Path, rank: int = 0) -> str:
+    """The lines of tensor-parallel ``rank`` in a server log (SGLang prefixes a TP>1 scheduler's lines with
+    `` TP<rank>``); the whole log of a single-GPU server."""
+    text = log.read_text()
+    if not re.search(r" TP1[\] ]", text):
+        return text
+    return "\n".join(line for line in text.splitlines() if re.search(rf" TP{rank}[\] ]", line))
+
+
+def eviction_lines(log: Path, rank: int = 0) -> list[tuple[int, ...]]:
+    """(kept, prompt length, slots freed, tokens only hidden) of each eviction the server (TP rank) logged."""
     found = re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens, freed (\d+) slots, hid (\d+)",
-                       log.read_text())
+                       rank_log(log, rank))
     return [tuple(map(int, line)) for line in found]
 
 
 def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
+    """Starts the servers named in ``only`` (every single-GPU one when empty; the ``-tp2`` ones only if named)."""
     common = ["--model-path", str(model), "--skip-tokenizer-init", "--cuda-graph-max-bs", "8",
               "--max-running-requests", "8", "--max-total-tokens", str(POOL_TOKENS), "--mem-fraction-static", "0.88"]
     evict = ["--kv-evict-window", str(WINDOW), "--kv-evict-sinks", str(SINKS)]
@@ -115,8 +128,15 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                  "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "laprox": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laprox", "--kv-evict-budget",
                     str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
+        "plain-tp2": (["--attention-backend", "flashinfer", "--tp", "2"], {"SGLANG_PLUGINS": "not-sgl-evict"}),
+        "snapkv-tp2": (["--attention-backend", "flashinfer", "--tp", "2", "--kv-evict-policy", "snapkv",
+                        "--kv-evict-budget", str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
+        "laq-tp2": (["--attention-backend", "flashinfer", "--tp", "2", "--kv-evict-policy", "laq",
+                     "--kv-evict-budget", str(BUDGET), "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict],
+                    {"SGL_EVICT_LOG_KEEP": "1"}),
     }
-    specs = {name: spec for name, spec in specs.items() if not only or name in only}
+    specs = {name: spec for name, spec in specs.items()
+             if name in only or (not only and not name.endswith("-tp2"))}
     servers = {}
     for i, (name, (extra, env)) in enumerate(specs.items()):
         if i:
@@ -188,10 +208,17 @@ def check_laprox_override(server: Server, ps: list[list[int]], checks: dict) -> 
         "cached_tokens": body["meta_info"].get("cached_tokens")}
 
 
-def logged_keep_sets(log: Path) -> list[list[int]]:
-    """Kept positions of each eviction, in order, from a server run with ``SGL_EVICT_LOG_KEEP=1``."""
+def logged_keep_sets(log: Path, rank: int = 0) -> list[list[int]]:
+    """Kept positions of each eviction, in order, from a server (TP rank) run with ``SGL_EVICT_LOG_KEEP=1``."""
     return [json.loads(found) for found in re.findall(r"sgl-evict: request \S+ keeps positions (\[[\d, ]*\])",
-                                                       log.read_text())]
+                                                       rank_log(log, rank))]
+
+
+def check_ranks_agree(name: str, server: Server, ps: list[list[int]], checks: dict) -> None:
+    """Both tensor-parallel ranks of ``server`` kept the same positions for every eviction."""
+    ranks = [logged_keep_sets(server.log_path, rank) for rank in (0, 1)]
+    checks[f"{name}: both TP ranks keep the same positions"] = {
+        "ok": len(ranks[0]) >= len(ps) and ranks[0] == ranks[1], "evictions_per_rank": [len(r) for r in ranks]}
 
 
 def harness_policy(policy: str, answer: list[int]):
@@ -214,7 +241,7 @@ def served_logprobs(harness, state, name: str, policy: str, budget: float, token
     from sgl_evict import Budget, make_policy
 
     ours = harness.token_logprobs(state, harness_policy(policy, tokens), Budget(fraction=budget), "uniform", tokens)
-    if name != "laq" or budget >= 1.0:
+    if policy != "laq" or budget >= 1.0:
         return ours
     view = harness.token_logprobs(state, make_policy("snapkv"), Budget(fraction=budget), "uniform", tokens)
     return [ours[0], *view[1:LOOKAHEAD_STEPS + 1], *ours[LOOKAHEAD_STEPS + 1:]]
@@ -233,7 +260,8 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device=device)
     policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
-                "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq", "laprox": "laprox"}
+                "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq", "laprox": "laprox",
+                "plain-tp2": "none", "snapkv-tp2": "snapkv", "laq-tp2": "laq"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
     overlaps = {name: [] for name in keep_sets}
     for i, ids in enumerate(ps):
@@ -255,8 +283,11 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     report["snapkv_keep_set_overlap_with_harness"] = overlaps.get("snapkv-fi", [])
     report["laq_keep_set_overlap_with_harness"] = overlaps.get("laq", [])
     report["laprox_keep_set_overlap_with_harness"] = overlaps.get("laprox", [])
+    for name in ("snapkv-tp2", "laq-tp2"):
+        if name in overlaps:
+            report[f"{name}_keep_set_overlap_with_harness"] = overlaps[name]
     for name, gap in summary.items():
-        if name == "plain":
+        if name.startswith("plain"):
             continue
         checks[f"{name}: answer scored by the harness closer under its own policy than under the full cache"] = {
             "ok": gap["same_policy"] < 0.5 * gap["full_cache"], **gap}
@@ -294,9 +325,12 @@ def main() -> int:
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
         for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming", "dapq",
-                     "snapkv-page16", "random", "laq", "laprox"):
+                     "snapkv-page16", "random", "laq", "laprox", "snapkv-tp2", "laq-tp2"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
+        for name in ("snapkv-tp2", "laq-tp2"):
+            if name in up:
+                check_ranks_agree(name, up[name], ps, checks)
         if "snapkv-fi" in up:
             check_laq_override(up["snapkv-fi"], ps, checks)
             check_laprox_override(up["snapkv-fi"], ps, checks)
@@ -312,7 +346,7 @@ def main() -> int:
             s.stop()
     try:
         keep_sets = {name: logged_keep_sets(servers[name].log_path)[: len(ps)]
-                     for name in ("snapkv-fi", "laq", "laprox") if name in servers}
+                     for name in ("snapkv-fi", "laq", "laprox", "snapkv-tp2", "laq-tp2") if name in servers}
         compare_with_harness(model, ps, answers, checks, report, keep_sets)
     except Exception as err:
         checks["harness comparison"] = {"ok": False, "error": repr(err)}

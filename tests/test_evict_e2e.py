@@ -1,0 +1,52 @@
+"""bench/gpu/evict_e2e.py: reading a tensor-parallel server's log rank by rank, and which servers start."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+import evict_e2e as e2e  # noqa: E402
+
+TP_LOG = """[2026-11-24 01:00:00 TP0] sgl-evict: request a keeps positions [0, 1, 5]
+[2026-11-24 01:00:00 TP1] sgl-evict: request a keeps positions [0, 1, 5]
+[2026-11-24 01:00:00 TP1] sgl-evict: request a kept 3 of 50 tokens, freed 47 slots, hid 0
+[2026-11-24 01:00:00 TP0] sgl-evict: request a kept 3 of 50 tokens, freed 47 slots, hid 0
+[2026-11-24 01:00:01 TP0] sgl-evict: request b keeps positions [0, 2]
+[2026-11-24 01:00:01 TP1] sgl-evict: request b keeps positions [0, 3]
+"""
+
+
+def test_a_tp_log_is_read_rank_by_rank(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(TP_LOG)
+    assert e2e.eviction_lines(log) == [(3, 50, 47, 0)]  # rank 0's line only, not both ranks'
+    assert e2e.logged_keep_sets(log, 0) == [[0, 1, 5], [0, 2]]
+    assert e2e.logged_keep_sets(log, 1) == [[0, 1, 5], [0, 3]]
+    single = tmp_path / "single.log"
+    single.write_text("[2026-11-24 01:00:00] sgl-evict: request a kept 3 of 50 tokens, freed 47 slots, hid 0\n")
+    assert e2e.eviction_lines(single) == [(3, 50, 47, 0)]
+
+
+def test_ranks_that_keep_different_positions_fail_the_check(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(TP_LOG)
+    checks = {}
+    e2e.check_ranks_agree("snapkv-tp2", SimpleNamespace(log_path=log), [[1], [2]], checks)
+    assert checks["snapkv-tp2: both TP ranks keep the same positions"]["ok"] is False
+    log.write_text(TP_LOG.replace("[0, 3]", "[0, 2]"))
+    e2e.check_ranks_agree("snapkv-tp2", SimpleNamespace(log_path=log), [[1], [2]], checks)
+    assert checks["snapkv-tp2: both TP ranks keep the same positions"]["ok"] is True
+    e2e.check_ranks_agree("snapkv-tp2", SimpleNamespace(log_path=log), [[1], [2], [3]], checks)
+    assert checks["snapkv-tp2: both TP ranks keep the same positions"]["ok"] is False  # an eviction missing
+
+
+def test_two_gpu_servers_start_only_when_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(e2e, "Server", lambda name, port, args, out: args)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    default = e2e.launch(tmp_path, tmp_path, set())
+    assert "plain" in default and not any(name.endswith("-tp2") for name in default)
+    named = e2e.launch(tmp_path, tmp_path, {"snapkv-tp2", "plain-tp2"})
+    assert set(named) == {"snapkv-tp2", "plain-tp2"}
+    args = named["snapkv-tp2"]
+    assert args[args.index("--tp") + 1] == "2" and "--kv-evict-policy" in args
