@@ -34,7 +34,7 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 
 status=0
-SGL_EVICT_REQUIRE_SGLANG=1 "$PY" -m pytest -q tests/test_plugin_server_args.py tests/test_radix_holes.py tests/test_layered_radix.py tests/test_plugin_sliding_window.py tests/test_plugin_judgeq.py || status=$?
+SGL_EVICT_REQUIRE_SGLANG=1 "$PY" -m pytest -q tests/test_plugin_server_args.py tests/test_radix_holes.py tests/test_layered_radix.py tests/test_layered_kv_pool.py tests/test_plugin_sliding_window.py tests/test_plugin_judgeq.py || status=$?
 if [ "$status" -eq 5 ]; then
   echo "sglang-tests: pytest collected no tests" >&2
   exit 1
