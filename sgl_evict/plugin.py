@@ -14,7 +14,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from sgl_evict.patches import server_args
-    from sgl_evict.patches import radix_cache
+    from sgl_evict.patches import invariant_checker, radix_cache
 
     HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", server_args.add_cli_args_after, HookType.AFTER)
     HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", server_args.from_cli_args_around, HookType.AROUND)
@@ -36,6 +36,9 @@ def register() -> None:
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}._split_node", radix_cache.split_node_after, HookType.AFTER)
     HookRegistry.register(f"{radix_cache.RADIX_CACHE}.match_prefix", radix_cache.match_prefix_around, HookType.AROUND)
     HookRegistry.register(f"{radix_cache.REQ}.__init__", radix_cache.req_init_after, HookType.AFTER)
+    # the scheduler's memory check over a layered pool (patches/invariant_checker.py)
+    HookRegistry.register(f"{invariant_checker.CHECKER}._check_full_pool", invariant_checker.check_full_pool_around,
+                          HookType.AROUND)
     _register_engine_hooks(HookRegistry, HookType)
 
 

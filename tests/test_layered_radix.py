@@ -13,6 +13,7 @@ and report token-equivalents; admission on ``available + evictable`` is backed b
 import dataclasses
 import os
 from array import array
+from types import SimpleNamespace
 
 import pytest
 
@@ -398,3 +399,39 @@ def test_split_nodes_count_their_own_group_slots_through_lock_and_evict():
     assert pool.allocator.heap_available_size() - heap == 7 and result.num_tokens_evicted == 2
     assert (pool.cache.evictable_size_, pool.cache.protected_size_) == (0, 6)
     check_counters(pool)
+
+
+def idle_checker(pool):
+    """SGLang's scheduler invariant checker at idle (no batch, no session) over ``pool``'s tree and allocator."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sglang.srt.managers.scheduler_components.invariant_checker import SchedulerInvariantChecker
+    from sglang.srt.managers.scheduler_components.pool_stats_observer import PoolStats
+
+    checker = SchedulerInvariantChecker(
+        is_hybrid_swa=False, is_hybrid_ssm=False, disaggregation_mode=DisaggregationMode.NULL, page_size=1,
+        full_tokens_per_layer=None, swa_tokens_per_layer=None, max_total_num_tokens=pool.allocator.size,
+        server_args=SimpleNamespace(dcp_size=1), tree_cache=pool.cache, token_to_kv_pool_allocator=pool.allocator,
+        req_to_token_pool=pool.req_to_token, pool_stats_observer=SimpleNamespace(session_held_tokens=lambda: 0),
+        get_last_batch=lambda: None, get_running_batch=lambda: None)
+    # what SchedulerPoolStatsObserver reports for a plain (not hybrid) pool
+    stats = PoolStats(full_num_used=0, full_token_usage=0.0, full_available_size=pool.allocator.available_size(),
+                      full_evictable_size=pool.cache.evictable_size())
+    return checker, stats
+
+
+def test_idle_memory_check_compares_group_slots():
+    pool = LayeredPool(logical=16, group_slots=24, groups=3)
+    checker, stats = idle_checker(pool)
+    assert checker._check_all_pools(stats)[0] is False  # empty pool
+    row = pool.allocator.alloc(4)
+    drop = torch.zeros(3, 4, dtype=torch.bool)
+    drop[0, 1] = drop[1, 2] = True  # 10 group-slots left: 3 token-equivalents in the tree, 14 // 3 = 4 free
+    pool.allocator.free_group_slots(row, drop)
+    pool.cache.insert(InsertParams(key=RadixKey(array("q", [5, 6, 7, 8]), NS_COMPRESSED), value=row))
+    checker, stats = idle_checker(pool)
+    assert stats.full_available_size + stats.full_evictable_size == 7 != pool.allocator.size  # SGLang's sum: 8
+    has_leak, messages = checker._check_all_pools(stats)
+    assert has_leak is False and "available=14" in messages[0] and "evictable=10" in messages[0]
+    pool.allocator.heap.free(pool.allocator.heap.alloc(1))  # still balanced
+    leaked = pool.allocator.heap.alloc(2)  # two group-slots nobody holds: a leak
+    assert leaked is not None and checker._check_all_pools(stats)[0] is True

@@ -32,7 +32,9 @@ class LayeredTokenToKVPoolAllocator(BaseTokenToKVPoolAllocator):
         size_logical: logical slot ids ``1 .. size_logical`` (0 is the padding slot).
         num_group_slots: group-slots of the shared heap, ids ``1 .. num_group_slots``.
         num_groups: layer groups G; a token live in every group costs G group-slots.
-        dtype, device, kvcache, need_sort: as for ``TokenToKVPoolAllocator``.
+        dtype, device, need_sort: as for ``TokenToKVPoolAllocator``.
+        kvcache: a :class:`~sgl_evict.engine.layered_kv_pool.LayeredMHATokenToKVPool` (it is given ``group_map``),
+            or None for the allocator alone.
     """
 
     def __init__(self, size_logical: int, num_group_slots: int, num_groups: int, dtype: torch.dtype, device: str,
@@ -46,6 +48,8 @@ class LayeredTokenToKVPoolAllocator(BaseTokenToKVPoolAllocator):
         self.heap = TokenToKVPoolAllocator(num_group_slots, dtype, device, kvcache, need_sort)
         self.group_map = torch.zeros(num_groups, size_logical + self.page_size + 1, dtype=torch.int32, device=device)
         self.group_map[:, -1] = HOLE
+        if kvcache is not None:  # the KV pool translates its writes through the same table (as SWA's mapping)
+            kvcache.register_group_map(self.group_map)
         self.clear()
 
     # ---- SGLang's allocator interface ----
