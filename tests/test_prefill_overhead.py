@@ -22,6 +22,15 @@ def test_plan_interleaves_policies_and_prompts_never_repeat():
     assert po.prompt_ids(runs[0], 0, (100, 1000)) == po.prompt_ids(runs[0], 0, (100, 1000))
 
 
+def test_warmup_rounds_come_first_and_stay_out_of_the_medians():
+    runs = po.plan_runs([64], [2], ["none", "snapkv"], 2, warmup=1)
+    assert [r.repeat for r in runs] == [-1, -1, 0, 0, 1, 1]
+    records = {r.key: {"error": None, "ttft_s": 0.1, "latency_s": 9.0 if r.repeat < 0 else 1.0} for r in runs}
+    s = po.summarize(records, runs)
+    assert s["none/64/2"]["latency_s"] == 1.0 and s["snapkv/64/2"]["n"] == 2
+    assert s["cold"] == {"none/64/2": [9.0], "snapkv/64/2": [9.0]}
+
+
 def test_summary_takes_medians_and_the_overhead_over_none():
     runs = po.plan_runs([64], [2], ["none", "snapkv"], 3)
     lat = {"none": [1.0, 1.2, 5.0], "snapkv": [1.1, 1.5, 1.3]}
@@ -46,16 +55,20 @@ def test_runs_evict_then_plain_against_a_fake_server(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((out / "prefill_overhead.json").read_text())
     evict, plain = doc["configs"]["evict"], doc["configs"]["plain"]
-    assert len(evict["records"]) == 2 * 2 * 2 * 3 and len(plain["records"]) == 2 * 2 * 2
+    # one cold round (warm-up) before the two measured ones, kept out of the medians
+    assert len(evict["records"]) == 3 * 2 * 2 * 3 and len(plain["records"]) == 3 * 2 * 2
+    assert set(doc["summary"]["cold"]) == {f"{p}/{n}/{t}" for p in ("none", "snapkv", "laq", "plain")
+                                           for n in (300, 600) for t in (2, 4)}
+    assert all(row["n"] == 2 for name, row in doc["summary"].items() if name != "cold")
     assert "--kv-evict-policy snapkv" in evict["server_command"] and "--kv-evict" not in plain["server_command"]
     assert plain["env"] == {"SGLANG_PLUGINS": "not-sgl-evict"}
     assert all(r["error"] is None and r["output_tokens"] == r["max_new_tokens"] for r in evict["records"].values())
     assert set(doc["summary"]) == {f"{p}/{n}/{t}" for p in ("none", "snapkv", "laq", "plain")
-                                   for n in (300, 600) for t in (2, 4)}
+                                   for n in (300, 600) for t in (2, 4)} | {"cold"}
     # every evicting request carried its policy; plain SGLang's carried none
     sent = [line[len("[fake] custom_params "):line.rindex(" prompt")]
             for line in (out / "server-evict.log").read_text().splitlines() if line.startswith("[fake] custom_params")]
-    assert sorted(json.loads(s)["kv_evict"]["policy"] for s in sent) == sorted(["laq", "none", "snapkv"] * 8)
+    assert sorted(json.loads(s)["kv_evict"]["policy"] for s in sent) == sorted(["laq", "none", "snapkv"] * 12)
     assert "custom_params" not in (out / "server-plain.log").read_text()
     assert "| snapkv | " in proc.stdout
 

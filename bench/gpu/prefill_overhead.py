@@ -14,7 +14,10 @@ Every request has its own random prompt (no prefix-cache hit) and asks for ``N``
 ``--new-tokens``: with 2, the latency is the prefill, the eviction after it and one decode step (the first token
 may be streamed before the eviction runs, so TTFT alone can miss it); with ``lookahead + 2`` (10 at the default 8
 steps), laq's lookahead steps and its second scoring are inside the latency too. Runs are interleaved (every
-policy at one length and repeat before the next), medians over ``--repeats``.
+policy at one length and repeat before the next), medians over ``--repeats``. Before them every (length, new tokens,
+policy) is sent ``--warmup`` times (default once): a fresh server compiles Triton kernels on the first requests
+of each shape (seen: 1-3.6 s per request at 4K on 2026-11-24), and those latencies are kept apart (``cold`` in
+the summary), not mixed into the medians.
 
 Writes ``prefill_overhead.json`` (command, device, versions, date, settings, servers, every request) and prints
 the median latency per policy and length and its overhead over ``none``.
@@ -60,9 +63,11 @@ class Run:
         return f"{self.policy}/{self.length}/{self.new_tokens}/{self.repeat}"
 
 
-def plan_runs(lengths, new_tokens, policies, repeats: int) -> list[Run]:
-    """Interleaved: each policy once at a (length, new tokens, repeat) before the next, so drift hits all alike."""
-    return [Run(n, t, p, r) for n in lengths for t in new_tokens for r in range(repeats) for p in policies]
+def plan_runs(lengths, new_tokens, policies, repeats: int, warmup: int = 0) -> list[Run]:
+    """Interleaved: each policy once at a (length, new tokens, repeat) before the next, so drift hits all alike;
+    ``warmup`` rounds of the same first (repeats -1, -2, ...: cold requests, not in the medians)."""
+    cold = [Run(n, t, p, -1 - r) for r in range(warmup) for n in lengths for t in new_tokens for p in policies]
+    return cold + [Run(n, t, p, r) for n in lengths for t in new_tokens for r in range(repeats) for p in policies]
 
 
 def prompt_ids(run: Run, seed: int, vocab: tuple[int, int]) -> list[int]:
@@ -81,10 +86,16 @@ def send(port: int, run: Run, prompt: list[int]) -> serve_bench.RequestRecord:
 
 def summarize(records: dict[str, dict], runs: list[Run]) -> dict:
     """``"{policy}/{length}/{new_tokens}"`` -> median TTFT and latency (s) over the repeats, and the latency's
-    overhead over ``none`` at the same length and new tokens (a fraction), where ``none`` ran."""
+    overhead over ``none`` at the same length and new tokens (a fraction), where ``none`` ran; ``"cold"`` ->
+    the warm-up requests' latencies (same keys, a list each)."""
     groups: dict[str, list[dict]] = {}
+    cold: dict[str, list[float]] = {}
     for run in runs:
         rec = records.get(run.key)
+        if run.repeat < 0:
+            if rec is not None and rec["latency_s"] is not None:
+                cold.setdefault(f"{run.policy}/{run.length}/{run.new_tokens}", []).append(rec["latency_s"])
+            continue
         if rec is not None and rec["error"] is None and rec["latency_s"] is not None:
             groups.setdefault(f"{run.policy}/{run.length}/{run.new_tokens}", []).append(rec)
     out = {name: {"n": len(recs), "ttft_s": statistics.median(r["ttft_s"] for r in recs),
@@ -92,6 +103,8 @@ def summarize(records: dict[str, dict], runs: list[Run]) -> dict:
     for name, row in out.items():
         base = out.get("none/" + name.split("/", 1)[1])
         row["overhead_vs_none"] = None if base is None else row["latency_s"] / base["latency_s"] - 1
+    if cold:
+        out["cold"] = cold
     return out
 
 
@@ -151,11 +164,13 @@ def main() -> int:
     parser.add_argument("--policies", default="none,snapkv,dapq,laprox,laq")
     parser.add_argument("--new-tokens", default="2,10", help="comma-separated; 10 = laq's 8 lookahead steps + 2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="cold rounds before the measured ones (not in medians)")
     parser.add_argument("--budget", default="0.1")
     parser.add_argument("--attention-backend", default="flashinfer")
     parser.add_argument("--mem-fraction-static", type=float, default=0.8)
     parser.add_argument("--start-timeout", type=float, default=360)
     parser.add_argument("--no-plain", action="store_true", help="skip plain SGLang")
+    parser.add_argument("--no-evict", action="store_true", help="skip the evicting server (plain SGLang only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds for the whole script: no request starts after it (the JSON says how far it got)")
@@ -168,8 +183,10 @@ def main() -> int:
     policies = args.policies.split(",")
     if "none" not in policies:
         raise SystemExit("prefill_overhead: --policies must include none (the baseline)")
-    if args.repeats < 1 or min(lengths) < 1 or min(new_tokens) < 1:
-        raise SystemExit("prefill_overhead: --repeats, --lengths and --new-tokens must be positive")
+    if args.no_plain and args.no_evict:
+        raise SystemExit("prefill_overhead: --no-plain and --no-evict leave nothing to run")
+    if args.repeats < 1 or args.warmup < 0 or min(lengths) < 1 or min(new_tokens) < 1:
+        raise SystemExit("prefill_overhead: --repeats, --lengths and --new-tokens must be positive, --warmup >= 0")
     check_setup()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,15 +195,16 @@ def main() -> int:
               "--context-length", str(max(lengths) + max(new_tokens) + 64),
               "--mem-fraction-static", str(args.mem_fraction_static), "--attention-backend", args.attention_backend,
               "--max-running-requests", "4"]
-    evict_runs = plan_runs(lengths, new_tokens, policies, args.repeats)
-    plain_runs = [] if args.no_plain else plan_runs(lengths, new_tokens, [PLAIN], args.repeats)
+    evict_runs = plan_runs(lengths, new_tokens, policies, args.repeats, args.warmup)
+    plain_runs = [] if args.no_plain else plan_runs(lengths, new_tokens, [PLAIN], args.repeats, args.warmup)
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "device": gpu_query("name"), "driver": gpu_query("driver_version"),
         "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "sgl_evict")},
         "model": args.model, "settings": vars(args), "configs": {}}
     started = time.monotonic()
     stop_at = started + args.deadline
-    servers = [("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget", args.budget], {}, evict_runs)]
+    servers = [] if args.no_evict else [
+        ("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget", args.budget], {}, evict_runs)]
     if plain_runs:
         servers.append((PLAIN, common, {"SGLANG_PLUGINS": "not-sgl-evict"}, plain_runs))
     records: dict[str, dict] = {}
