@@ -105,7 +105,10 @@ def _prefill_batch(lens):
                          extend_lens=list(lens), prefix_lens=[0] * len(lens), extend_num_tokens=sum(lens))
 
 
-def test_soft_tokens_run_as_one_sglang_extend_batch_after_the_prompts(state):
+@pytest.mark.parametrize("owner", ["Scheduler", "SchedulerBatchResultProcessor"])
+def test_soft_tokens_run_as_one_sglang_extend_batch_after_the_prompts(state, owner):
+    """``owner``: what the prefill-result hook is bound to. SGLang 0.5.17 calls it on its
+    SchedulerBatchResultProcessor, which holds the worker as ``model_worker`` (no ``tp_worker``)."""
     state.configure(EvictionConfig(policy="judgeq", budget=Budget(tokens=4), soft_tokens=__file__))
     state.shadow_offset = SHADOW
     soft = torch.randn(K, HIDDEN, generator=torch.Generator().manual_seed(0))
@@ -115,6 +118,9 @@ def test_soft_tokens_run_as_one_sglang_extend_batch_after_the_prompts(state):
     before = table.clone()
     model = QueryModel()
     sched = _scheduler(model, table)
+    if owner == "SchedulerBatchResultProcessor":
+        sched.model_worker = sched.tp_worker
+        del sched.tp_worker
     prefill = _prefill_batch([10, 6])
     prefill_fields = (prefill.reqs, prefill.seq_lens, prefill.input_ids, prefill.forward_mode)
     with get_parallel().override(moe_ep_size=1):  # one process, no parallel groups initialised
