@@ -132,7 +132,7 @@ def test_warm_up_is_a_no_op_on_cpu(monkeypatch):
 
 def test_warm_up_runs_each_layer_shape_on_cuda_and_logs_its_time(monkeypatch, caplog):
     ran = []
-    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args: ran.append(layer))
+    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, **kwargs: ran.append(layer))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.delenv(warmup.SKIP_ENV, raising=False)
     other = warmup.LayerShape(layer_id=7, num_q_heads=2 * HQ, head_dim=D, scaling=0.25)
@@ -156,7 +156,7 @@ def test_warm_up_is_skipped_by_the_env_var_and_when_eviction_is_off(monkeypatch)
 
 
 def test_a_failing_warm_up_is_logged_not_raised(monkeypatch, caplog):
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise RuntimeError("out of shared memory")
 
     monkeypatch.setattr(warmup, "warm_up_layer", fail)
@@ -218,3 +218,20 @@ def test_warm_up_runs_the_real_kernels(policy):
     state = _state(policy)
     warmup.warm_up_layer(state, LAYER, keys, None, torch.float32, torch.int32, paged_scoring.attention_mass_paged,
                          num_keys=64)
+
+
+def test_warm_up_policies_from_the_env_var(monkeypatch):
+    ran = []
+    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, policy=None: ran.append(policy))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.delenv(warmup.SKIP_ENV, raising=False)
+    monkeypatch.setenv(warmup.POLICIES_ENV, "snapkv, dapq,laq")
+    assert warmup.warm_up(_state("snapkv"), [LAYER], _cuda_buffer, None, torch.bfloat16, torch.int32, None) is not None
+    assert ran == ["snapkv", "dapq", "laq"]
+
+
+def test_warm_up_layer_runs_another_policy_than_the_servers(monkeypatch):
+    calls = Calls(monkeypatch)
+    warmup.warm_up_layer(_state("snapkv"), LAYER, KEYS, None, torch.bfloat16, torch.int32, calls.attention_mass,
+                         policy="dapq")
+    assert len(calls.rerotate) == 1 and [causal for *_, causal in calls.mass] == [False]

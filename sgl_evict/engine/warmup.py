@@ -13,7 +13,8 @@ variants compiled here are those real requests launch.
 
 It reads no pool, allocator or ``req_to_token`` contents: only the key buffer's shape, strides, dtype and device.
 It never stops the server: an error is logged as a warning and the first requests compile instead. On CPU it does
-nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off.
+nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off. ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq``
+warms those policies instead of the server's own (for servers whose requests pick their policy).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +35,9 @@ from sgl_evict.engine.runtime import EngineState
 logger = logging.getLogger("sgl_evict")
 
 SKIP_ENV = "SGL_EVICT_SKIP_WARMUP"
+#: comma-separated policies to warm up instead of the server's own (requests may override the policy, e.g. a
+#: benchmark that runs every policy on one server); each compiles its own kernel variants
+POLICIES_ENV = "SGL_EVICT_WARMUP_POLICIES"
 #: keys of the dummy prompt (at least twice the window): enough for every kernel path, cheap on any GPU
 NUM_KEYS = 512
 
@@ -68,7 +72,8 @@ def _scratch_like(buffer: torch.Tensor, slots: int) -> torch.Tensor:
 
 def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tensor,
                   value_buffer: torch.Tensor | None, query_dtype: torch.dtype, slot_dtype: torch.dtype,
-                  attention_mass: Callable, page_size: int = 1, num_keys: int = NUM_KEYS) -> None:
+                  attention_mass: Callable, page_size: int = 1, num_keys: int = NUM_KEYS,
+                  policy: str | None = None) -> None:
     """Runs ``state.config.policy``'s scoring and selection once on a dummy prompt of ``num_keys`` tokens.
 
     Args:
@@ -77,8 +82,9 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
         query_dtype: the model's dtype (the captured queries').
         slot_dtype: ``req_to_token``'s dtype.
         attention_mass, page_size: as :func:`sgl_evict.engine.evict_batch.evict_after_prefill` gets them.
+        policy: another policy than the server's (its other settings kept).
     """
-    config = state.config
+    config = state.config if policy in (None, state.config.policy) else replace(state.config, policy=policy)
     device = key_buffer.device
     window = config.window
     num_keys = max(num_keys, 2 * window + config.sinks)
@@ -127,17 +133,19 @@ def warm_up(state: EngineState, layers: list[LayerShape], key_buffer: Callable[[
     if os.environ.get(SKIP_ENV, "0") not in ("", "0"):
         logger.info("sgl-evict: kernel warm-up skipped (%s=%s)", SKIP_ENV, os.environ[SKIP_ENV])
         return None
-    policy = state.config.policy
+    policies = [p.strip() for p in os.environ.get(POLICIES_ENV, "").split(",") if p.strip()] or [state.config.policy]
+    policy = ",".join(policies)
     try:
         device = key_buffer(layers[0].layer_id).device
         if device.type != "cuda":
             return None
         start = time.perf_counter()
         with torch.no_grad():
-            for layer in layers:
-                warm_up_layer(state, layer, key_buffer(layer.layer_id),
-                              value_buffer(layer.layer_id) if value_buffer is not None else None, query_dtype,
-                              slot_dtype, attention_mass, page_size)
+            for name in policies:
+                for layer in layers:
+                    warm_up_layer(state, layer, key_buffer(layer.layer_id),
+                                  value_buffer(layer.layer_id) if value_buffer is not None else None, query_dtype,
+                                  slot_dtype, attention_mass, page_size, policy=name)
         torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - a warm-up must never stop the server
         logger.warning("sgl-evict: kernel warm-up for %s failed (%s: %s); the first requests will compile the "
