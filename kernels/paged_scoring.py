@@ -49,6 +49,26 @@ _LOG2E_IN_KERNEL = tl.constexpr(_LOG2E)
 # the compiled kernels of the last call (name -> Triton's compiled kernel: n_regs, n_spills, asm), for bench/kernels.py
 last_compiled: dict = {}
 
+# JIT specialisation. Triton compiles one variant per "key" of its integer arguments (== 1, divisible by 16) and of
+# its pointers (16-byte aligned), on top of the constexprs. Arguments that vary from request to request would make a
+# serving process compile new variants (~0.3-1.5 s each on an H100) for its first requests of each new shape, so:
+# - not specialised (do_not_specialize): the chunk and split counts, the launch's first KV head, the request-length
+#   strides of the slot table (``row.view(1, seq_len)``: stride = seq_len), of the per-split statistics and of the
+#   output (``max_len``), and of a caller's LSE (a slice of a batch-shaped buffer). They only enter scalar address
+#   arithmetic, where divisibility buys nothing measurable.
+# - not specialised on alignment (do_not_specialize_on_alignment): ``ReqToTok``, a row of SGLang's
+#   ``req_to_token`` (``req_to_token[req_pool_idx, :seq_len]``): its address moves by ``max_context_len * 4`` bytes
+#   per request slot, which is 16-byte aligned or not depending on the context length and the slot (e.g. 65610
+#   columns: every odd slot is 8-byte aligned). Only the slot-index loads lose vector width; the key loads do not.
+# - kept specialised: the KV buffer's strides (``s_kt``, ``s_kh``: fixed per model; their divisibility lets key rows be
+#   loaded with 16-byte vectors), the queries' strides (fixed by head_dim and ``NUM_Q``, a constexpr anyway), the
+#   positions' strides (fixed by the window), the normaliser/ticket strides (fixed by the model) and ``rev`` (a
+#   server setting). The key buffer, queries (``.contiguous()``, or a whole request's window of the capture buffer,
+#   ``head_dim``-aligned), outputs and scratch tensors are fresh or whole allocations: aligned every time.
+ROW_STATS_DO_NOT_SPECIALIZE = ("chunk", "num_splits", "kvh0", "s_rr", "s_mr", "s_mh")
+ACCUMULATE_DO_NOT_SPECIALIZE = ("chunk", "max_len", "kvh0", "s_rr", "s_lr", "s_or", "s_oh")
+DO_NOT_SPECIALIZE_ON_ALIGNMENT = ("ReqToTok",)
+
 
 @triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
@@ -95,7 +115,8 @@ def _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_k
     return logits, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_STATS_DO_NOT_SPECIALIZE,
+            do_not_specialize_on_alignment=DO_NOT_SPECIALIZE_ON_ALIGNMENT)
 def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale, log2_nq, chunk, num_splits, kvh0,
                s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_pn, s_mr, s_mh, s_ms, s_cr, s_ch, s_tr,
                NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -149,7 +170,8 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
         tl.store(RowC + req * s_cr + kvh * s_ch + rows, c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ACCUMULATE_DO_NOT_SPECIALIZE,
+            do_not_specialize_on_alignment=DO_NOT_SPECIALIZE_ON_ALIGNMENT)
 def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, RowLse, Out, scale, log2_nq, chunk, max_len, kvh0, rev,
                 s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_pn, s_cr, s_ch, s_lr, s_lh, s_ln, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -296,13 +318,17 @@ def attention_mass_paged(
     strides = (queries.stride(0), queries.stride(1), queries.stride(2), k_buffer.stride(0), k_buffer.stride(1),
                req_to_token.stride(0), s_pr, s_pn)
     grid = (num_reqs, hpl, splits)
+    # chunks' statistics combined per step of pass 1's last program: sized by the most splits a launch of this
+    # batch and head count can have, not by this prompt's (a constexpr that followed the prompt length would
+    # compile a variant per power of two of short prompts); the combine loop masks the splits past num_splits
+    split_block = min(_next_pow2(max(1, triton.cdiv(num_programs, num_reqs * hpl))), max(1, 4096 // rows))
     for kvh0 in range(0, num_kv_heads, hpl):
         if row_lse is None:
             last_compiled["row_stats"] = _row_stats[grid](
                 queries, k_buffer, req_to_token, seq_lens, qpos, part_max, part_sum, ticket, row_c, scale,
                 log2_nq, chunk, splits, kvh0, *strides, part_max.stride(0), part_max.stride(1),
                 part_max.stride(2), row_c.stride(0), row_c.stride(1), ticket.stride(0),
-                SPLIT_BLOCK=min(_next_pow2(splits), max(1, 4096 // rows)), **common)
+                SPLIT_BLOCK=split_block, **common)
         last_compiled["accumulate"] = _accumulate[grid](
             queries, k_buffer, req_to_token, seq_lens, qpos, row_c, lse, out, scale, log2_nq, chunk, max_len, kvh0,
             int(reverse_pass2), *strides, row_c.stride(0), row_c.stride(1), lse.stride(0), lse.stride(1),

@@ -16,7 +16,14 @@ import triton.language as tl
 from sgl_evict.rope import RopeSpec
 
 
-@triton.jit
+# JIT specialisation (see kernels/paged_scoring.py): the row and query counts follow the request's window (shorter for
+# a prompt shorter than the window, or a per-request override) and are not specialised; ``head_dim`` is a model
+# constant and stays specialised (its divisibility by 16 keeps the row loads vectorised). The tensors are fresh or
+# ``.contiguous()`` copies: aligned.
+REROTATE_DO_NOT_SPECIALIZE = ("num_rows", "num_queries")
+
+
+@triton.jit(do_not_specialize=REROTATE_DO_NOT_SPECIALIZE)
 def _rerotate(X, Cos, Sin, Out, num_rows, num_queries, head_dim,
               HALF: tl.constexpr, HALF_P: tl.constexpr, REST_P: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of the flattened [..., num_queries, head_dim]

@@ -26,7 +26,17 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# JIT specialisation (see kernels/paged_scoring.py): the lengths, page counts, per-request strides (the engine passes
+# ``row.view(1, seq_len)``-shaped tables: stride = seq_len) and the sinks / recent counts (per-request overrides) vary
+# from request to request and are not specialised, so a server does not compile a variant per prompt length. The slot
+# table ``ReqToTok`` is a row of SGLang's ``req_to_token`` whose alignment depends on the request slot: not
+# specialised on alignment either. Only ``PAGE`` (the pool's page size) and the block sizes are compile-time.
+PAGE_SCORES_DO_NOT_SPECIALIZE = ("max_len", "max_pages", "sinks", "recent", "s_sr", "s_or")
+COMPACT_DO_NOT_SPECIALIZE = ("max_len", "s_kr", "s_rr", "s_mr", "s_cr")
+COMPACT_DO_NOT_SPECIALIZE_ON_ALIGNMENT = ("ReqToTok",)
+
+
+@triton.jit(do_not_specialize=PAGE_SCORES_DO_NOT_SPECIALIZE)
 def _page_scores(Scores, SeqLens, Out, max_len, max_pages, sinks, recent, s_sr, s_or,
                  PAGE: tl.constexpr, PAGE_P: tl.constexpr, BLOCK_P: tl.constexpr):
     req = tl.program_id(0)
@@ -44,7 +54,8 @@ def _page_scores(Scores, SeqLens, Out, max_len, max_pages, sinks, recent, s_sr, 
     tl.store(Out + req * s_or + pages, total, mask=pages < max_pages)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COMPACT_DO_NOT_SPECIALIZE,
+            do_not_specialize_on_alignment=COMPACT_DO_NOT_SPECIALIZE_ON_ALIGNMENT)
 def _compact(KeepPage, ReqToTok, SeqLens, KeepMask, Compact, KeptLens, max_len, s_kr, s_rr, s_mr, s_cr,
              PAGE: tl.constexpr, BLOCK: tl.constexpr):
     req = tl.program_id(0)

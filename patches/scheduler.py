@@ -4,7 +4,8 @@
   ``server_args`` before SGLang builds the pools (the pool hook reads it); once the model runner exists, refuses
   models the engine cannot evict from correctly (hybrid SWA pool, chunked attention, capped attention logits), with
   a message instead of wrong answers, makes every keep-set keep the model's sliding window
-  (:func:`sliding_window_tail`), and reads the model's RoPE for dapq.
+  (:func:`sliding_window_tail`), reads the model's RoPE for dapq, and (on CUDA) runs the server's policy once on a
+  scratch tensor so its Triton kernels compile before the first request (:func:`warm_up_kernels`).
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
@@ -27,6 +28,7 @@ import torch
 
 from sgl_evict.engine.evict_batch import evict_after_prefill
 from sgl_evict.engine.runtime import STATE
+from sgl_evict.engine.warmup import layer_shapes, warm_up
 from sgl_evict.patches.judgeq import SoftTokenForward, load_soft_tokens
 from sgl_evict.patches.server_args import eviction_config
 from sgl_evict.rope import RopeSpec
@@ -45,7 +47,27 @@ def init_around(original, self, server_args, *args, **kwargs):
                 "(within its budget, above it for short prompts)", STATE.protected_recent)
         STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
         STATE.soft_tokens = load_soft_tokens(self)
+        warm_up_kernels(self, layers)
     return result
+
+
+def warm_up_kernels(scheduler, layers) -> float | None:
+    """Compiles the server's policy's Triton kernels now rather than on its first requests
+    (:mod:`sgl_evict.engine.warmup`): on a scratch tensor shaped like one layer's key buffer, never the pool.
+    Returns the seconds it took, or None when it did not run (CPU, ``SGL_EVICT_SKIP_WARMUP=1``) or failed (logged
+    as a warning: the server starts anyway)."""
+    runner = scheduler.tp_worker.model_runner
+    if not str(getattr(runner, "device", "cpu")).startswith("cuda"):
+        return None  # no compile to hide (and the CPU stand-ins of the tests have no pool)
+    try:
+        args = pool_arguments(scheduler)
+        value_buffer = scheduler.token_to_kv_pool_allocator.get_kvcache().get_value_buffer
+        query_dtype = getattr(runner, "dtype", None) or args["key_buffer"](layers[0].layer_id).dtype
+    except Exception as err:  # noqa: BLE001 - the warm-up never stops the server
+        logging.getLogger("sgl_evict").warning("sgl-evict: kernel warm-up skipped: %s: %s", type(err).__name__, err)
+        return None
+    return warm_up(STATE, layer_shapes(layers), args["key_buffer"], value_buffer, query_dtype,
+                   args["req_to_token"].dtype, args["attention_mass"], args["page_size"])
 
 
 def _attention_layers(model) -> list:

@@ -1,0 +1,157 @@
+"""Warm-up at scheduler start: the server's policy scores a dummy prompt once, so its Triton kernels compile then.
+
+Triton compiles a kernel the first time it is launched with a new specialisation (dtypes, constexprs such as the
+window and head sizes, the specialised strides). On an H100 that took 0.4 to 2.9 s of a fresh server's first
+requests (bench/results/prefill_overhead_2026-11-24_llama-3.1-8b_warm.json). :func:`warm_up` runs the same
+engine functions as a real eviction (:func:`sgl_evict.engine.evict_batch._prefill_scores`, ``_keep_of``, laq's
+:func:`~sgl_evict.engine.lookahead.lookahead_keep_scores`, judgeq's
+:func:`~sgl_evict.engine.keep.lookahead_scores`) on a scratch key (and, for laprox, value) tensor shaped and strided
+like one layer's pool buffer, a few hundred slots, with the model's query heads, head size, dtype and scaling, and
+the server's window, lookahead steps, soft-token count and page size. The arguments that vary per request
+(lengths, chunk counts, the slot table's alignment) are not specialised (see ``kernels/paged_scoring.py``), so the
+variants compiled here are those real requests launch.
+
+It reads no pool, allocator or ``req_to_token`` contents: only the key buffer's shape, strides, dtype and device.
+It never stops the server: an error is logged as a warning and the first requests compile instead. On CPU it does
+nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off. ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq``
+warms those policies instead of the server's own (for servers whose requests pick their policy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from sgl_evict.engine.evict_batch import _keep_of, _prefill_scores
+from sgl_evict.engine.keep import lookahead_scores
+from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
+from sgl_evict.engine.runtime import EngineState
+
+logger = logging.getLogger("sgl_evict")
+
+SKIP_ENV = "SGL_EVICT_SKIP_WARMUP"
+#: comma-separated policies to warm up instead of the server's own (requests may override the policy, e.g. a
+#: benchmark that runs every policy on one server); each compiles its own kernel variants
+POLICIES_ENV = "SGL_EVICT_WARMUP_POLICIES"
+#: keys of the dummy prompt (at least twice the window): enough for every kernel path, cheap on any GPU
+NUM_KEYS = 512
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the kernels see of one full-attention layer: its id, query heads on this rank, head size, scaling."""
+
+    layer_id: int
+    num_q_heads: int
+    head_dim: int
+    scaling: float
+
+
+def layer_shapes(layers) -> list[LayerShape]:
+    """One :class:`LayerShape` per distinct (query heads, head size) among SGLang's ``RadixAttention`` ``layers``
+    whose queries eviction captures (full attention: ``sliding_window_size == -1``), first layer of each."""
+    seen, shapes = set(), []
+    for m in layers:
+        if m.sliding_window_size != -1 or (m.tp_q_head_num, m.qk_head_dim) in seen:
+            continue
+        seen.add((m.tp_q_head_num, m.qk_head_dim))
+        shapes.append(LayerShape(m.layer_id, m.tp_q_head_num, m.qk_head_dim, float(m.scaling)))
+    return shapes
+
+
+def _scratch_like(buffer: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[slots, ...]`` random tensor with ``buffer``'s strides, dtype and device (not a view of it)."""
+    out = torch.empty_strided((slots, *buffer.shape[1:]), buffer.stride(), dtype=buffer.dtype, device=buffer.device)
+    return out.copy_(torch.randn(out.shape, device=buffer.device).to(buffer.dtype))
+
+
+def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tensor,
+                  value_buffer: torch.Tensor | None, query_dtype: torch.dtype, slot_dtype: torch.dtype,
+                  attention_mass: Callable, page_size: int = 1, num_keys: int = NUM_KEYS,
+                  policy: str | None = None) -> None:
+    """Runs ``state.config.policy``'s scoring and selection once on a dummy prompt of ``num_keys`` tokens.
+
+    Args:
+        key_buffer, value_buffer: the layer's pool buffers (``[pool_slots, num_kv_heads, head_dim]``): only their
+            shape, strides, dtype and device are read; the scratch tensors are new.
+        query_dtype: the model's dtype (the captured queries').
+        slot_dtype: ``req_to_token``'s dtype.
+        attention_mass, page_size: as :func:`sgl_evict.engine.evict_batch.evict_after_prefill` gets them.
+        policy: another policy than the server's (its other settings kept).
+    """
+    config = state.config if policy in (None, state.config.policy) else replace(state.config, policy=policy)
+    device = key_buffer.device
+    window = config.window
+    num_keys = max(num_keys, 2 * window + config.sinks)
+    keys = _scratch_like(key_buffer, num_keys)
+    values = _scratch_like(value_buffer, num_keys) if value_buffer is not None else None
+    row = torch.arange(num_keys, dtype=slot_dtype, device=device)
+    lid = layer.layer_id
+
+    def queries(n: int) -> dict[int, torch.Tensor]:
+        return {lid: torch.randn(layer.num_q_heads, n, layer.head_dim, device=device).to(query_dtype)}
+
+    key_of = {lid: keys}.__getitem__
+    value_of = {lid: values}.__getitem__ if values is not None else None
+    scaling = {lid: layer.scaling}
+    if config.policy == "judgeq":
+        if state.soft_tokens is None or page_size > 1:  # judgeq requests are refused then: nothing to compile
+            return
+        scores = lookahead_scores(queries(state.soft_tokens.count), scaling, key_of, row, config.pooling_kernel,
+                                  attention_mass)
+    else:
+        if config.policy == "laprox" and (value_of is None or state.value_norm_factors is None
+                                          or lid not in state.value_norm_factors):
+            return
+        if config.policy == "dapq" and state.rope is None:
+            return
+        window_queries = queries(window)
+        scores = _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass)
+        if config.policy == "laq":
+            keep = _keep_of(scores, config, row, page_size, state, None)
+            steps = max(1, config.lookahead_steps)
+            step_queries = queries(steps)[lid]  # one forward's captured queries per step: [1 request, heads, d]
+            entry = PendingLookahead(None, num_keys, window_queries, keep, scaling, decoded=steps,
+                                     steps=[({lid: step_queries[:, s].unsqueeze(0)}, 0) for s in range(steps)])
+            scores = lookahead_keep_scores(entry, key_of, row, config.pooling_kernel, attention_mass)
+    _keep_of(scores, config, row, page_size, state, None)
+
+
+def warm_up(state: EngineState, layers: list[LayerShape], key_buffer: Callable[[int], torch.Tensor],
+            value_buffer: Callable[[int], torch.Tensor] | None, query_dtype: torch.dtype, slot_dtype: torch.dtype,
+            attention_mass: Callable, page_size: int = 1) -> float | None:
+    """:func:`warm_up_layer` for each distinct layer shape, on CUDA only; returns the seconds it took, or None when
+    it did not run (eviction off, ``SGL_EVICT_SKIP_WARMUP=1``, not CUDA, no layer) or failed (logged, never
+    raised: the first requests then compile the kernels, as without the warm-up)."""
+    if not state.enabled or not layers:
+        return None
+    if os.environ.get(SKIP_ENV, "0") not in ("", "0"):
+        logger.info("sgl-evict: kernel warm-up skipped (%s=%s)", SKIP_ENV, os.environ[SKIP_ENV])
+        return None
+    policies = [p.strip() for p in os.environ.get(POLICIES_ENV, "").split(",") if p.strip()] or [state.config.policy]
+    policy = ",".join(policies)
+    try:
+        device = key_buffer(layers[0].layer_id).device
+        if device.type != "cuda":
+            return None
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name in policies:
+                for layer in layers:
+                    warm_up_layer(state, layer, key_buffer(layer.layer_id),
+                                  value_buffer(layer.layer_id) if value_buffer is not None else None, query_dtype,
+                                  slot_dtype, attention_mass, page_size, policy=name)
+        torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001 - a warm-up must never stop the server
+        logger.warning("sgl-evict: kernel warm-up for %s failed (%s: %s); the first requests will compile the "
+                       "kernels instead", policy, type(err).__name__, err)
+        return None
+    elapsed = time.perf_counter() - start
+    logger.info("sgl-evict: warmed up the %s eviction kernels in %.2f s (%d layer shape(s); %s=1 skips this)",
+                policy, elapsed, len(layers), SKIP_ENV)
+    return elapsed
