@@ -69,7 +69,8 @@ def _setup(groups, policy, seed=0):
 
 def _batch(protected):
     req = SimpleNamespace(rid="r", req_pool_idx=1, cache_protected_len=protected, inflight_middle_chunks=0,
-                          is_retracted=False, finished=lambda: False, sampling_params=SimpleNamespace(custom_params=None))
+                          is_retracted=False, finished=lambda: False,
+                          sampling_params=SimpleNamespace(custom_params=None))
     return SimpleNamespace(reqs=[req], decoding_reqs=None, seq_lens_cpu=torch.tensor([SEQ]))
 
 

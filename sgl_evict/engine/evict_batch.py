@@ -159,9 +159,10 @@ def _prefill_scores(config, queries: dict, scaling: dict, state: EngineState, ro
                              state.rope if config.policy == "dapq" else None, row_of=row_of)
     if config.policy == "laprox":
         factors = state.value_norm_factors
+        slots = (lambda layer: row) if row_of is None else row_of
         return laprox_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
-                             lambda layer: projected_norms(value_buffer(layer), row if row_of is None else row_of(layer),
-                                                           factors[layer]), row_of=row_of)
+                             lambda layer: projected_norms(value_buffer(layer), slots(layer), factors[layer]),
+                             row_of=row_of)
     return position_scores(config.policy, row)
 
 
