@@ -9,7 +9,9 @@ Wraps two SGLang functions (registered through HookRegistry by :mod:`sgl_evict.p
   from the parsed namespace, so the flags would be dropped; this builds the one :class:`EvictionConfig`
   (cross-flag checks such as judgeq's soft-token file) and attaches it as ``server_args._kv_evict`` (resolved
   ServerArgs are read-only except for underscore names), which travels with ``ServerArgs`` into every
-  scheduler process; read it with :func:`eviction_config`.
+  scheduler process; read it with :func:`eviction_config`. ``--kv-evict-granularity per_layer`` is checked after
+  SGLang resolved its arguments (attention backend, CUDA graphs, page size, TP, the model's layers and sliding
+  windows: :func:`check_per_layer_support`), where the defaults SGLang picks are known.
 """
 
 from __future__ import annotations
