@@ -4,13 +4,16 @@
   ``server_args`` before SGLang builds the pools (the pool hook reads it); once the model runner exists, refuses
   models the engine cannot evict from correctly (hybrid SWA pool, chunked attention, capped attention logits), with
   a message instead of wrong answers, makes every keep-set keep the model's sliding window
-  (:func:`sliding_window_tail`), reads the model's RoPE for dapq, and (on CUDA) runs the server's policy once on a
-  scratch tensor so its Triton kernels compile before the first request (:func:`warm_up_kernels`).
+  (:func:`sliding_window_tail`), reads the model's RoPE for dapq, with ``--kv-evict-granularity per_layer`` checks
+  that the layered pool was built (:mod:`sgl_evict.patches.layered_pool`) and that no layer has a sliding window,
+  and (on CUDA) runs the server's policy once on a scratch tensor so its Triton kernels compile before the first
+  request (:func:`warm_up_kernels`).
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_prefill`` (AROUND): after a prefill forward and before SGLang appends the first
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
   (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`; keys and, for laprox, values read from the pool;
-  for judgeq, one extra forward of the soft tokens, :class:`sgl_evict.patches.judgeq.SoftTokenForward`).
+  for judgeq, one extra forward of the soft tokens, :class:`sgl_evict.patches.judgeq.SoftTokenForward`; over a
+  layered pool, one keep-set per layer group, :func:`layered_allocator`).
   Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes; the
   prefill's result (its logits and sampled tokens) is computed before and untouched.
 - ``sglang.srt.managers.scheduler.Scheduler.stash_chunked_request`` (AROUND): between the chunks of a long prompt
@@ -47,6 +50,8 @@ def init_around(original, self, server_args, *args, **kwargs):
                 "(within its budget, above it for short prompts)", STATE.protected_recent)
         STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
         STATE.soft_tokens = load_soft_tokens(self)
+        if STATE.config.granularity == "per_layer":
+            check_per_layer_pool(self.token_to_kv_pool_allocator, STATE.protected_recent)
         warm_up_kernels(self, layers)
     return result
 
@@ -68,6 +73,24 @@ def warm_up_kernels(scheduler, layers) -> float | None:
         return None
     return warm_up(STATE, layer_shapes(layers), args["key_buffer"], value_buffer, query_dtype,
                    args["req_to_token"].dtype, args["attention_mass"], args["page_size"])
+
+
+def layered_allocator(allocator):
+    """The allocator when it is a layered one (``--kv-evict-granularity per_layer``), else None."""
+    from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
+
+    return allocator if isinstance(allocator, LayeredTokenToKVPoolAllocator) else None
+
+
+def check_per_layer_pool(allocator, protected_recent: int) -> None:
+    """RuntimeError unless a per_layer server got its layered allocator and has no sliding-window layer."""
+    if layered_allocator(allocator) is None:
+        raise RuntimeError(f"sgl-evict: --kv-evict-granularity per_layer, but this scheduler's KV allocator is "
+                           f"{type(allocator).__name__}, not the layered one (was the pool built by SGLang's "
+                           "KVCacheConfigurator._build_mha_kv_pool?)")
+    if protected_recent:
+        raise RuntimeError("sgl-evict: --kv-evict-granularity per_layer does not support models with sliding-window "
+                           "layers")
 
 
 def _attention_layers(model) -> list:
@@ -144,7 +167,8 @@ def process_batch_result_prefill_around(original, self, batch, result, *args, **
         value_buffer = self.token_to_kv_pool_allocator.get_kvcache().get_value_buffer
         soft_token_forward = SoftTokenForward(self, batch) if STATE.soft_tokens is not None else None
         evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer,
-                            soft_token_forward=soft_token_forward)
+                            soft_token_forward=soft_token_forward,
+                            layered=layered_allocator(self.token_to_kv_pool_allocator))
     return original(self, batch, result, *args, **kwargs)
 
 

@@ -9,7 +9,9 @@ Wraps two SGLang functions (registered through HookRegistry by :mod:`sgl_evict.p
   from the parsed namespace, so the flags would be dropped; this builds the one :class:`EvictionConfig`
   (cross-flag checks such as judgeq's soft-token file) and attaches it as ``server_args._kv_evict`` (resolved
   ServerArgs are read-only except for underscore names), which travels with ``ServerArgs`` into every
-  scheduler process; read it with :func:`eviction_config`.
+  scheduler process; read it with :func:`eviction_config`. ``--kv-evict-granularity per_layer`` is checked after
+  SGLang resolved its arguments (attention backend, CUDA graphs, page size, TP, the model's layers and sliding
+  windows: :func:`check_per_layer_support`), where the defaults SGLang picks are known.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 import logging
 import os
 
-from sgl_evict.config import POLICY_NAMES, EvictionConfig
+from sgl_evict.config import GRANULARITIES, POLICY_NAMES, EvictionConfig
 from sgl_evict.selection import Budget
 
 FLAG_OF_FIELD = {
@@ -27,6 +29,7 @@ FLAG_OF_FIELD = {
     "sinks": "--kv-evict-sinks", "pooling_kernel": "--kv-evict-pooling-kernel",
     "min_prompt_len": "--kv-evict-min-prompt-len", "lookahead_steps": "--kv-evict-lookahead-steps",
     "soft_tokens": "--kv-evict-soft-tokens", "page_granular": "--kv-evict-page-granular",
+    "granularity": "--kv-evict-granularity", "layer_groups": "--kv-evict-layer-groups",
 }
 _DEFAULTS = EvictionConfig()
 
@@ -74,6 +77,13 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                             "requests of a server of another policy may also ask for judgeq.")
     group.add_argument("--kv-evict-page-granular", action="store_true",
                        help="Evict whole pages so freed memory is real (implied by --page-size > 1).")
+    group.add_argument("--kv-evict-granularity", choices=GRANULARITIES, default="uniform",
+                       help="uniform: one keep-set for all layers. per_layer: one keep-set per layer group in a "
+                            "layered KV pool (issue 9; eager Triton attention, page size 1, one GPU: needs "
+                            "--attention-backend triton and --disable-cuda-graph).")
+    group.add_argument("--kv-evict-layer-groups", type=_int_at_least(1), default=None,
+                       help="per_layer: number of layer groups G sharing a keep-set (default: one group per layer); "
+                            "must divide the model's layer count.")
 
 
 def config_from_namespace(args: argparse.Namespace) -> EvictionConfig:
@@ -125,6 +135,50 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")
 
 
+def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConfig:
+    """ValueError (message starting with the flag) for what ``--kv-evict-granularity per_layer`` does not run with
+    (design step 4 is eager Triton, page size 1, one GPU, full-attention models); the config with
+    ``layer_groups`` resolved (None: one group per layer) and checked against the model's layer count when
+    SGLang can read the model's config here (otherwise the pool hook checks it once the model is loaded).
+    ``server_args``: SGLang's resolved ``ServerArgs``."""
+    if config.granularity != "per_layer":
+        return config
+    flag = "--kv-evict-granularity per_layer"
+    if not config.enabled:
+        raise ValueError("argument --kv-evict-granularity: per_layer needs --kv-evict-policy")
+    backends = set(server_args.get_attention_backends())
+    if backends != {"triton"}:
+        raise ValueError(f"argument --attention-backend: {flag} runs with --attention-backend triton only (got "
+                         f"{', '.join(sorted(map(str, backends)))})")
+    decode_graph = getattr(getattr(server_args.cuda_graph_config, "decode", None), "backend", "full")
+    if str(decode_graph) != "disabled":
+        raise ValueError(f"argument --disable-cuda-graph: {flag} runs eagerly only (CUDA graphs over the layered "
+                         "pool are design step 5): pass --disable-cuda-graph")
+    if (server_args.page_size or 1) > 1:
+        raise ValueError(f"argument --page-size: {flag} runs with --page-size 1 only (got {server_args.page_size})")
+    if server_args.tp_size > 1:
+        raise ValueError(f"argument --tp-size: {flag} runs on one GPU only (got --tp-size {server_args.tp_size})")
+    try:
+        model_config = server_args.get_model_config()
+    except Exception:  # the model is read again when it is loaded; the pool hook checks the groups then
+        return config
+    if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "sliding_window_size", None):
+        raise ValueError("argument --kv-evict-granularity: per_layer does not support models with sliding-window "
+                         "layers (their pool maps slots of its own)")
+    return dataclasses.replace(config, layer_groups=resolve_layer_groups(config.layer_groups,
+                                                                          model_config.num_hidden_layers))
+
+
+def resolve_layer_groups(layer_groups: int | None, num_layers: int) -> int:
+    """G for a model of ``num_layers`` layers (None: one group per layer); ValueError naming the flag unless
+    ``1 <= G <= num_layers`` and G divides ``num_layers``."""
+    groups = num_layers if layer_groups is None else layer_groups
+    if not 1 <= groups <= num_layers or num_layers % groups:
+        raise ValueError(f"argument --kv-evict-layer-groups: {groups} groups must divide the model's {num_layers} "
+                         "layers (1 <= G <= layers)")
+    return groups
+
+
 def _check_soft_token_file(path: str) -> None:
     """ValueError naming the flag unless ``path`` is a soft-token file (the model's fingerprint is checked by every
     scheduler once the model is loaded)."""
@@ -162,6 +216,10 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
             "kv eviction %s (budget %s): overlap scheduling, prefill CUDA graphs and the hybrid SWA memory pool are "
             "turned off", config.policy, config.budget)
     server_args = original(cls, args)
+    try:
+        config = check_per_layer_support(config, server_args)
+    except ValueError as err:
+        raise SystemExit(f"sglang serve: error: {err}") from None
     server_args._kv_evict = config
     return server_args
 

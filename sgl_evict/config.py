@@ -10,6 +10,10 @@ import os
 from sgl_evict.selection import Budget
 
 POLICY_NAMES = ("none", "snapkv", "laq", "dapq", "laprox", "judgeq", "streaming", "random")
+GRANULARITIES = ("uniform", "per_layer")
+#: policies whose per_layer path is not built: laq evicts after its lookahead steps (uniform only), judgeq scores in
+#: an extra forward of its soft tokens (uniform only)
+NOT_PER_LAYER = ("laq", "judgeq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,8 @@ class EvictionConfig:
     lookahead_steps: int = 8
     soft_tokens: str | None = None
     page_granular: bool = False
+    granularity: str = "uniform"
+    layer_groups: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
@@ -44,6 +50,23 @@ class EvictionConfig:
                 raise ValueError("soft_tokens: policy 'judgeq' needs a soft-token file")
             if not os.path.isfile(self.soft_tokens):
                 raise ValueError(f"soft_tokens: file {self.soft_tokens!r} does not exist")
+        self._check_granularity()
+
+    def _check_granularity(self) -> None:
+        """``granularity`` per_layer (issue 9's layered pool, ``layer_groups`` groups; None: one per layer) needs a
+        policy with a per-layer path (or none: a request of a per_layer server may turn eviction off; the server
+        itself needs a policy, checked at launch); ``layer_groups`` applies to per_layer only."""
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.layer_groups is not None and self.layer_groups < 1:
+            raise ValueError(f"layer_groups: must be at least 1, got {self.layer_groups}")
+        if self.granularity == "uniform":
+            if self.layer_groups is not None:
+                raise ValueError("layer_groups: applies to granularity per_layer only")
+            return
+        if self.policy in NOT_PER_LAYER:
+            raise ValueError(f"granularity: per_layer is not built for policy {self.policy!r} (laq's lookahead path "
+                             "and judgeq's soft-token forward are uniform only)")
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +84,8 @@ class EvictionConfig:
         soft = soft_token_file_id(self.soft_tokens) if self.policy == "judgeq" else ""
         parts = [self.policy, repr(self.budget), self.window, self.sinks, self.pooling_kernel,
                  self.lookahead_steps if self.policy == "laq" else 0, soft, self.page_granular]
+        if self.granularity != "uniform":  # uniform keeps the fingerprints it always had
+            parts += [self.granularity, self.layer_groups]
         return "kv_evict:" + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
     def override(self, request_params: dict | None) -> "EvictionConfig":
@@ -70,6 +95,10 @@ class EvictionConfig:
         raw = request_params["kv_evict"]
         if not isinstance(raw, dict):
             raise ValueError(f"kv_evict: expected an object such as {{'policy': 'snapkv', 'budget': 0.2}}, got {raw!r}")
+        for name in ("granularity", "layer_groups"):
+            if name in raw and raw[name] != getattr(self, name):
+                raise ValueError(f"{name}: set by the server (--kv-evict-{name.replace('_', '-')}): the KV pool's "
+                                 "layout is per server, not per request")
         fields = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(raw) - fields)
         if unknown:

@@ -44,7 +44,8 @@ def register() -> None:
 
 def _register_engine_hooks(registry, hook_type) -> None:
     """Eviction in the engine: query capture, eviction after prefill, compacted attention (``patches/``)."""
-    from sgl_evict.patches import attention, laprox, lookahead, model_runner, req_to_token_pool, scheduler
+    from sgl_evict.patches import (attention, laprox, layered_backend, layered_pool, lookahead, model_runner,
+                                   req_to_token_pool, scheduler)
 
     registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
@@ -59,6 +60,13 @@ def _register_engine_hooks(registry, hook_type) -> None:
                       hook_type.AROUND)
     registry.register("sglang.srt.model_executor.model_runner.ModelRunner.initialize", laprox.initialize_after,
                       hook_type.AFTER)
+    # --kv-evict-granularity per_layer: the layered pool, its allocator and its Triton backend
+    registry.register(f"{layered_pool.CONFIGURATOR}._build_mha_kv_pool", layered_pool.build_mha_kv_pool_around,
+                      hook_type.AROUND)
+    registry.register(f"{layered_pool.CONFIGURATOR}._build_token_to_kv_pool_allocator",
+                      layered_pool.build_token_to_kv_pool_allocator_around, hook_type.AROUND)
+    registry.register(f"{layered_backend.BACKEND_SETUP}._build_full_attention_backend_from_str",
+                      layered_backend.build_full_attention_backend_around, hook_type.AROUND)
     _register_lookahead_hooks(registry, hook_type, lookahead)
 
 

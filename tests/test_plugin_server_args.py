@@ -178,3 +178,91 @@ def test_request_override_is_validated_the_same_way():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             server.override(params)
+
+
+PER_LAYER = ("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-granularity", "per_layer",
+             "--attention-backend", "triton", "--disable-cuda-graph")
+
+
+def test_per_layer_parses_and_resolves_its_layer_groups(prepare):
+    # the tiny model has 2 layers: no --kv-evict-layer-groups means one group per layer
+    config = eviction_config(prepare(*PER_LAYER))
+    assert (config.granularity, config.layer_groups) == ("per_layer", 2)
+    assert eviction_config(prepare(*PER_LAYER, "--kv-evict-layer-groups", "1")).layer_groups == 1
+    uniform = eviction_config(prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1"))
+    assert (uniform.granularity, uniform.layer_groups) == ("uniform", None)
+    # uniform keeps the radix namespace it had before the flag existed; per_layer is a namespace of its own
+    assert uniform.fingerprint() == EvictionConfig(policy="snapkv", budget=Budget.parse("0.1")).fingerprint()
+    assert config.fingerprint() != uniform.fingerprint()
+    laprox = eviction_config(prepare(*PER_LAYER[:1], "laprox", *PER_LAYER[2:]))
+    assert (laprox.policy, laprox.granularity) == ("laprox", "per_layer")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kv-evict-granularity", "per_layr"], "argument --kv-evict-granularity: invalid choice: 'per_layr'"),
+    (["--kv-evict-layer-groups", "0"], "argument --kv-evict-layer-groups: must be at least 1, got 0"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-layer-groups", "2"],
+     "argument --kv-evict-layer-groups: applies to granularity per_layer only"),
+    (["--kv-evict-granularity", "per_layer", "--attention-backend", "triton", "--disable-cuda-graph"],
+     "argument --kv-evict-granularity: per_layer needs --kv-evict-policy"),
+    ([*PER_LAYER, "--kv-evict-layer-groups", "3"],
+     "argument --kv-evict-layer-groups: 3 groups must divide the model's 2 layers"),
+    ([*PER_LAYER[:6], "--disable-cuda-graph"],
+     "argument --attention-backend: --kv-evict-granularity per_layer runs with --attention-backend triton only "
+     "(got torch_native)"),
+    ([*PER_LAYER[:6], "--attention-backend", "triton"],
+     "argument --disable-cuda-graph: --kv-evict-granularity per_layer runs eagerly only"),
+    ([*PER_LAYER, "--page-size", "16"],
+     "argument --page-size: --kv-evict-granularity per_layer runs with --page-size 1 only (got 16)"),
+    ([*PER_LAYER, "--tp-size", "2"],
+     "argument --tp-size: --kv-evict-granularity per_layer runs on one GPU only (got --tp-size 2)"),
+    (["--kv-evict-policy", "laq", *PER_LAYER[2:]],
+     "argument --kv-evict-granularity: per_layer is not built for policy 'laq'"),
+])
+def test_per_layer_refusals_name_the_flag(prepare, capsys, monkeypatch, flags, message):
+    monkeypatch.setenv("SGL_EVICT_EXPERIMENTAL_PAGES", "1")  # --page-size 16 on triton: reach the per_layer check
+    with pytest.raises(SystemExit) as exit_info:
+        prepare(*flags)
+    printed = capsys.readouterr().err + str(exit_info.value.code)
+    assert message in printed, printed
+    # argparse's errors are printed, ours are the SystemExit's message; logging handlers SGLang bound to an earlier
+    # test's captured stderr may print "--- Logging error ---" tracebacks of their own, which are no failure here
+    assert "Traceback" not in str(exit_info.value.code)
+
+
+def test_per_layer_refuses_judgeq(prepare, capsys, tmp_path):
+    soft = _soft_token_file(tmp_path / "soft.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        prepare("--kv-evict-policy", "judgeq", *PER_LAYER[2:], "--kv-evict-soft-tokens", soft)
+    printed = str(exit_info.value.code)
+    assert "argument --kv-evict-granularity: per_layer is not built for policy 'judgeq'" in printed
+
+
+def test_per_layer_refuses_sliding_window_models(capsys, tmp_path):
+    load_plugins()
+    from sglang.srt.server_args import prepare_server_args
+
+    transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, sliding_window=16, architectures=["MistralForCausalLM"],
+    ).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_server_args(["--model-path", str(tmp_path), "--device", "cpu", *PER_LAYER])
+    printed = str(exit_info.value.code)
+    assert "argument --kv-evict-granularity: per_layer does not support models with sliding-window layers" in printed
+
+
+def test_per_layer_server_refuses_per_request_granularity_and_laq():
+    server = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer", layer_groups=4)
+    assert server.override({"kv_evict": {"budget": 0.2}}).granularity == "per_layer"
+    assert not server.override({"kv_evict": {"policy": "none"}}).enabled  # a request may still turn eviction off
+    for params, message in [
+        ({"kv_evict": {"granularity": "uniform"}}, "granularity: set by the server (--kv-evict-granularity)"),
+        ({"kv_evict": {"layer_groups": 2}}, "layer_groups: set by the server (--kv-evict-layer-groups)"),
+        ({"kv_evict": {"policy": "laq"}}, "granularity: per_layer is not built for policy 'laq'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            server.override(params)
+    uniform = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
+    with pytest.raises(ValueError, match=re.escape("granularity: set by the server")):
+        uniform.override({"kv_evict": {"granularity": "per_layer"}})

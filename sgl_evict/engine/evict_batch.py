@@ -14,13 +14,15 @@ from collections.abc import Callable
 import torch
 
 from sgl_evict.engine.apply import evict_from_row
+from sgl_evict.engine.group_evict import evict_groups
+from sgl_evict.engine.group_keep import group_keep_masks, group_scores
 from sgl_evict.engine.judgeq import SoftTokenQueries
 from sgl_evict.engine.keep import (combined_scores, keep_mask, laprox_scores, lookahead_scores, position_scores,
                                    window_scores)
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
-from sgl_evict.holes import count_live
+from sgl_evict.holes import HOLE, count_live
 
 logger = logging.getLogger("sgl_evict")
 
@@ -36,7 +38,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                         free: Callable[[torch.Tensor], None], attention_mass: Callable,
                         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1,
                         value_buffer: Callable | None = None,
-                        soft_token_forward: Callable[[list], SoftTokenQueries | None] | None = None) -> int:
+                        soft_token_forward: Callable[[list], SoftTokenQueries | None] | None = None,
+                        layered=None) -> int:
     """Evicts from every request of ``batch`` (SGLang's ``ScheduleBatch``) whose prefill it finished.
 
     Args:
@@ -52,9 +55,13 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         soft_token_forward: judgeq: ``[(batch index, req_to_token row, prompt length)]`` -> the soft tokens'
             queries of those requests (:func:`sgl_evict.engine.judgeq.soft_token_queries` bound to the scheduler),
             or None when the server has no soft-token forward.
+        layered: ``--kv-evict-granularity per_layer``: the server's
+            :class:`~sgl_evict.engine.layered_allocator.LayeredTokenToKVPoolAllocator` (its pool is the
+            ``LayeredMHATokenToKVPool`` that ``key_buffer`` / ``value_buffer`` read); every request then keeps one
+            keep-set per layer group (:func:`_evict_per_layer`). None: one keep-set for all layers.
 
     Returns:
-        slots freed.
+        slots freed (with ``layered``: group-slots).
     """
     capture = state.capture
     if capture is None or capture.forward_id != state.forward_id or len(capture.num_queries) != len(batch.reqs):
@@ -84,6 +91,10 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                                "kept in full", req.rid, state.soft_tokens.count)
             else:
                 judged.append((i, req, config, seq_len))
+            continue
+        if layered is not None:
+            freed += _evict_per_layer(req, row, config, capture.queries_of(i), capture.scaling, state, key_buffer,
+                                      value_buffer, attention_mass, all_reduce, layered)
             continue
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass)
@@ -138,17 +149,78 @@ def _missing_model_input(policy: str, state: EngineState, page_size: int,
 
 
 def _prefill_scores(config, queries: dict, scaling: dict, state: EngineState, row: torch.Tensor,
-                    key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable) -> torch.Tensor:
+                    key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable,
+                    row_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of one request's prompt under ``config.policy``
-    (laq: its provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``)."""
+    (laq: its provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``).
+    ``row_of``: layered pool, each layer's slots of ``row`` (:func:`layer_rows`); None: ``row`` for all layers."""
     if config.policy in ("snapkv", "dapq", "laq"):
         return window_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
-                             state.rope if config.policy == "dapq" else None)
+                             state.rope if config.policy == "dapq" else None, row_of=row_of)
     if config.policy == "laprox":
         factors = state.value_norm_factors
+        slots = (lambda layer: row) if row_of is None else row_of
         return laprox_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
-                             lambda layer: projected_norms(value_buffer(layer), row, factors[layer]))
+                             lambda layer: projected_norms(value_buffer(layer), slots(layer), factors[layer]),
+                             row_of=row_of)
     return position_scores(config.policy, row)
+
+
+def layer_rows(layered, row: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """Layer id -> ``[seq_len]`` the group-slots of the logical ``row`` in that layer's buffer of the layered pool
+    (``HOLE`` at holes and where the layer's group dropped the token), one translation per group."""
+    pool = layered.get_kvcache()
+    index = row.to(torch.int64)  # HOLE (-1) reads group_map's last entry, -1
+    per_group: dict[int, torch.Tensor] = {}
+
+    def row_of(layer: int) -> torch.Tensor:
+        group = pool.group_of_layer(layer)
+        if group not in per_group:
+            slots = layered.group_map[group, index]
+            per_group[group] = torch.where(slots > 0, slots, torch.full_like(slots, HOLE)).to(row.dtype)
+        return per_group[group]
+    return row_of
+
+
+def per_layer_keep(scores: torch.Tensor, config, row: torch.Tensor, num_groups: int, state: EngineState,
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``[num_groups, seq_len]`` bool keep masks of one request from ``scores [num_layers or 1, kv_heads or 1,
+    seq_len]``: :func:`~sgl_evict.engine.group_keep.group_scores` (summed over tensor-parallel ranks), then
+    :func:`~sgl_evict.engine.group_keep.group_keep_masks`; laprox, whose raw scores are comparable across layers,
+    with its global split (the harness's ``per_layer`` with ``global_budget``, floor 0). Position scores
+    (streaming, random: one row) give every group the same keep-set."""
+    comparable = config.policy == "laprox"
+    if scores.shape[0] == 1 and num_groups > 1:
+        scores = scores.expand(num_groups, -1, -1)
+    grouped = group_scores(scores, num_groups, comparable)
+    if all_reduce is not None:
+        grouped = all_reduce(grouped)
+    return group_keep_masks(grouped, config, row, 1, state.protected_recent, global_split=comparable)
+
+
+def _evict_per_layer(req, row: torch.Tensor, config, queries: dict, scaling: dict, state: EngineState,
+                     key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable,
+                     all_reduce: Callable | None, layered) -> int:
+    """One request of a ``per_layer`` server: per-group scores and keep masks, applied by
+    :func:`~sgl_evict.engine.group_evict.evict_groups` (dropped group-slots freed, tokens no group keeps turned
+    into holes in ``row``, in place, and their logical slots freed). Returns group-slots freed."""
+    row_of = layer_rows(layered, row)
+    scores = _prefill_scores(config, queries, scaling, state, row, key_buffer, value_buffer, attention_mass, row_of)
+    keep = per_layer_keep(scores, config, row, layered.num_groups, state, all_reduce)
+    if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":
+        logger.info("sgl-evict: request %s keeps per group %s", req.rid,
+                    [mask.nonzero().flatten().tolist() for mask in keep])
+    live_before = count_live(row)
+    result = evict_groups(layered, row, keep, owned_from=req.cache_protected_len)
+    row.copy_(result.row)
+    hidden = live_before - count_live(row) - result.logical_freed
+    state.freed_slots += result.logical_freed
+    state.freed_group_slots += result.group_slots_freed
+    state.hidden_tokens += hidden
+    logger.info("sgl-evict: request %s kept %d of %d tokens in some group (%d of %d group-slots), freed %d "
+                "group-slots and %d logical slots, hid %d", req.rid, count_live(row), row.shape[0],
+                int(keep.sum()), keep.numel(), result.group_slots_freed, result.logical_freed, hidden)
+    return result.group_slots_freed
 
 
 def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,

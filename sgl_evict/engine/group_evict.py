@@ -1,4 +1,5 @@
-"""Per-group keep masks applied to a request's logical row in a layered pool (issue 9; not wired into the server).
+"""Per-group keep masks applied to a request's logical row in a layered pool (issue 9; called after
+prefill by ``sgl_evict.engine.evict_batch`` with ``--kv-evict-granularity per_layer``).
 
 The layered counterpart of :func:`sgl_evict.engine.apply.evict_from_row`: a token dropped by some groups loses
 those groups' group-slots (``LayeredTokenToKVPoolAllocator.free_group_slots``) and keeps its logical slot; a token

@@ -26,6 +26,7 @@ def window_scores(
     pooling_kernel: int,
     attention_mass: MassFn,
     rope: RopeSpec | None = None,
+    row_of: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SnapKV (or, with ``rope``, DAPQ) scores of one request from its window queries, keys read from the pool.
 
@@ -41,6 +42,8 @@ def window_scores(
         rope: DAPQ: the model's RoPE; each window query is re-rotated to the position the answer's ``i``-th token
             will take (``seq_len + i``) and sees every prompt key (``sgl_evict.policies.dapq``). None: SnapKV,
             queries at their own positions, causal.
+        row_of: layered pool (issue 9): layer id -> ``[seq_len]`` the slots of ``row`` in that layer's buffer
+            (its group-slots, ``HOLE`` where the group dropped the token); None: ``row`` for every layer.
 
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
@@ -54,7 +57,7 @@ def window_scores(
                                                 rope), None)
         else:
             per_layer[layer] = (q, positions.view(1, -1))
-    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass)
+    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of=row_of)
 
 
 def lookahead_scores(
@@ -91,6 +94,7 @@ def laprox_scores(
     pooling_kernel: int,
     attention_mass: MassFn,
     value_norms: Callable[[int], torch.Tensor],
+    row_of: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """laprox scores of one request (``sgl_evict.policies.laprox``): each query head's causal window attention
     times ``|| W_o^h v_t ||``, pooled, summed over each GQA group (the policy's ``gqa_reduce``).
@@ -98,7 +102,8 @@ def laprox_scores(
     Args:
         value_norms: layer id -> ``[num_q_heads, seq_len]`` projected value norms of the request's prompt
             (:func:`sgl_evict.engine.laprox.projected_norms`).
-        window_queries, scaling, key_buffer, row, pooling_kernel, attention_mass: as in :func:`window_scores`.
+        window_queries, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of: as in
+            :func:`window_scores`.
 
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
@@ -106,16 +111,18 @@ def laprox_scores(
     seq_len = row.shape[0]
     per_layer = {layer: (q, torch.arange(seq_len - q.shape[1], seq_len, device=row.device).view(1, -1))
                  for layer, q in window_queries.items()}
-    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, value_norms)
+    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, value_norms, row_of)
 
 
 def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]], scaling: Mapping[int, float],
                   key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor, pooling_kernel: int,
-                  attention_mass: MassFn, value_norms: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                  attention_mass: MassFn, value_norms: Callable[[int], torch.Tensor] | None = None,
+                  row_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean attention of each layer's ``(queries [num_q_heads, n, head_dim], positions [1, n] or None)`` over the
     keys of ``row``, pooled and GQA-reduced; ``[num_layers, num_kv_heads, seq_len]`` in layer order, zero at holes.
     ``positions`` None: every query sees every key. With ``value_norms`` (laprox) each head's attention is
-    weighted by them before pooling and a GQA group is summed, as the harness's laprox does; otherwise averaged."""
+    weighted by them before pooling and a GQA group is summed, as the harness's laprox does; otherwise averaged.
+    ``row_of`` (layered pool): each layer's keys are read through its own slots of ``row``."""
     seq_len = row.shape[0]
     table = row.view(1, seq_len)
     lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
@@ -123,7 +130,8 @@ def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]
     for layer in sorted(queries):
         q, positions = queries[layer]
         keys = key_buffer(layer)
-        mass = attention_mass(q.unsqueeze(0), keys, table, lens, scaling[layer], positions)[0, :, :seq_len]
+        layer_table = table if row_of is None else row_of(layer).view(1, seq_len)
+        mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions)[0, :, :seq_len]
         weights = None if value_norms is None else value_norms(layer)
         per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max",
                                        "mean" if weights is None else "sum", weights))

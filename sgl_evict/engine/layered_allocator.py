@@ -1,5 +1,6 @@
 """``LayeredTokenToKVPoolAllocator``: logical slots backed by one physical slot per layer group (issue 9's layered
-pool, docs/design.md "Per-layer budgets: a layered KV pool", section 2; not wired into the server yet).
+pool, docs/design.md "Per-layer budgets: a layered KV pool", section 2; built in the server by
+``patches/layered_pool.py`` with ``--kv-evict-granularity per_layer``).
 
 What the scheduler, the radix tree and ``req_to_token`` hold are **logical** slots, handed out by a plain
 ``TokenToKVPoolAllocator`` over ``size_logical`` ids; a logical slot has no KV behind it. The KV of a token for the

@@ -1,5 +1,6 @@
 """``LayeredTritonAttnBackend``: SGLang's Triton attention over a layered KV pool, eager (issue 9, design step 4;
-docs/design.md "Per-layer budgets: a layered KV pool"; not wired into the server).
+docs/design.md "Per-layer budgets: a layered KV pool"; built in the server by
+``patches/layered_backend.py`` with ``--kv-evict-granularity per_layer``).
 
 SGLang's ``TritonAttnBackend`` builds one ``ForwardMetadata`` per forward (``init_forward_metadata``: the read list
 ``kv_indptr [bs + 1]`` / ``kv_indices`` from the request rows, the split counts, scratch buffers) and every

@@ -1,5 +1,6 @@
 """``LayeredMHATokenToKVPool``: the KV storage of issue 9's layered pool (docs/design.md "Per-layer budgets: a
-layered KV pool", section 2; design step 4; not wired into the server).
+layered KV pool", section 2; design step 4; built in the server by ``patches/layered_pool.py``
+with ``--kv-evict-granularity per_layer``).
 
 SGLang's ``MHATokenToKVPool`` keeps one ``[size + 1, head_num, head_dim]`` K (and V) buffer per layer, all indexed
 by one slot id. Here the slot ids are **group-slots** of one heap shared by the G layer groups (handed out by

@@ -40,6 +40,7 @@ class EngineState:
         soft_tokens: judgeq's soft tokens (``--kv-evict-soft-tokens``), loaded for the served model at start; None
             without the flag (judgeq requests are then refused).
         freed_slots, hidden_tokens: totals since start, for logs and tests.
+        freed_group_slots: ``--kv-evict-granularity per_layer``: group-slots freed since start.
     """
 
     config: EvictionConfig = field(default_factory=EvictionConfig)
@@ -54,6 +55,7 @@ class EngineState:
     soft_tokens: ServedSoftTokens | None = None
     freed_slots: int = 0
     hidden_tokens: int = 0
+    freed_group_slots: int = 0
 
     def configure(self, config: EvictionConfig) -> None:
         self.config = config
