@@ -50,3 +50,36 @@ def test_two_gpu_servers_start_only_when_named(monkeypatch, tmp_path):
     assert set(named) == {"snapkv-tp2", "plain-tp2"}
     args = named["snapkv-tp2"]
     assert args[args.index("--tp") + 1] == "2" and "--kv-evict-policy" in args
+
+
+LAYERED_LOG = """[2026-11-24 01:00:00] sgl-evict: request a kept 120 of 700 tokens in some group (280 of 2800 group-slots), freed 2520 group-slots and 580 logical slots, hid 0
+[2026-11-24 01:00:01] sgl-evict: request b kept 150 of 1100 tokens in some group (440 of 4400 group-slots), freed 3960 group-slots and 950 logical slots, hid 0
+"""
+
+
+def test_layered_evictions_are_checked_group_slot_by_group_slot(tmp_path, monkeypatch):
+    log = tmp_path / "server.log"
+    log.write_text(LAYERED_LOG)
+    assert e2e.layered_eviction_lines(log) == [(120, 700, 280, 2800, 2520, 580, 0), (150, 1100, 440, 4400, 3960, 950, 0)]
+    assert e2e.eviction_lines(log) == []  # the uniform line's pattern does not read the layered one
+    monkeypatch.setattr(e2e, "greedy", lambda server, ids, custom=None: {"meta_info": {"cached_tokens": 700}})
+    monkeypatch.setattr(e2e, "PROMPT_LENS", (700, 1100))
+    ps, answers = [[1] * 700, [1] * 1100], {"layered-snapkv": [{"output_ids": [5, 6]}, {"output_ids": [7]}]}
+    checks = {}
+    e2e.check_layered_server("layered-snapkv", SimpleNamespace(log_path=log), ps, answers, checks, groups=4)
+    assert all(c["ok"] for c in checks.values()), checks
+    log.write_text(LAYERED_LOG.replace("280 of 2800", "276 of 2800"))  # one group kept less than the budget
+    e2e.check_layered_server("layered-snapkv", SimpleNamespace(log_path=log), ps, answers, checks, groups=4)
+    assert not checks["layered-snapkv: every group kept the budget of each prompt, every dropped group-slot freed"]["ok"]
+
+
+def test_layered_servers_start_only_when_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(e2e, "Server", lambda name, port, args, out: args)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    assert not any("layered" in name or name == "plain-tr-eager" for name in e2e.launch(tmp_path, tmp_path, set()))
+    named = e2e.launch(tmp_path, tmp_path, {"layered-g1-full", "plain-tr-eager"})
+    args = named["layered-g1-full"]
+    assert args[args.index("--kv-evict-granularity") + 1] == "per_layer"
+    assert args[args.index("--kv-evict-layer-groups") + 1] == "1" and "--disable-cuda-graph" in args
+    assert args[args.index("--attention-backend") + 1] == "triton"
+    assert "--kv-evict-policy" not in named["plain-tr-eager"] and "--disable-cuda-graph" in named["plain-tr-eager"]

@@ -26,6 +26,7 @@ servers started before it too), so the six fit on one GPU:
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
+| ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
 dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
@@ -34,6 +35,10 @@ laq is evicted after its lookahead steps and one asking for laprox is evicted to
 idle (SGLang checks available + evictable == total) no leak is reported. With ``--tp 2`` every rank logs its
 evictions (SGLang prefixes its lines with `` TP<rank>``): rank 0's are checked as above, and each rank must keep
 the same positions (scores are all-reduced before selection), equal to what the single-GPU harness selects.
+The layered servers: at budget 1.0 (one group, or one per layer) they answer token for token like
+``plain-tr-eager``; at 10% every group keeps the budget of every prompt (``G x ceil(0.1 n)`` group-slots) and frees
+the rest, the second turn hits, no leak, and the harness's ``per_layer`` selection scores their answers much closer
+than the full cache does.
 Then, with the servers stopped, the HF harness scores each server's answer (token log-probabilities, teacher
 forced) under the same policy and under the full cache: an evicting server must be much closer to the former.
 For ``laq`` "the same policy" is what the server ran: its answer's tokens 2 .. 9 were decoded on the snapkv view
@@ -98,8 +103,33 @@ def eviction_lines(log: Path, rank: int = 0) -> list[tuple[int, ...]]:
     return [tuple(map(int, line)) for line in found]
 
 
+def layered_eviction_lines(log: Path) -> list[tuple[int, ...]]:
+    """(tokens kept in some group, prompt length, group-slots kept, group-slots in all, group-slots freed, logical
+    slots freed, tokens only hidden) of each eviction a ``per_layer`` server logged."""
+    found = re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens in some group \((\d+) of (\d+) "
+                       r"group-slots\), freed (\d+) group-slots and (\d+) logical slots, hid (\d+)", log.read_text())
+    return [tuple(map(int, line)) for line in found]
+
+
+def check_layered_server(name: str, server: Server, ps: list[list[int]], answers: dict, checks: dict,
+                         groups: int) -> None:
+    """A ``per_layer`` server at 10%: every group of every prompt keeps the budget, the rest of its group-slots
+    are freed (the prompts own all their tokens), and a second turn hits the compressed prefix."""
+    lines = [line for line in layered_eviction_lines(server.log_path) if line[1] in PROMPT_LENS]
+    checks[f"{name}: every group kept the budget of each prompt, every dropped group-slot freed"] = {
+        "ok": len(lines) == len(ps) and all(
+            kept_slots == groups * expected_kept(n, BUDGET, 1) and total == groups * n
+            and freed == total - kept_slots and hid == 0 and expected_kept(n, BUDGET, 1) <= kept <= n
+            for kept, n, kept_slots, total, freed, _, hid in lines), "logged": lines}
+    turn2 = ps[0] + answers[name][0]["output_ids"] + prompts(seed=1)[0][:40]
+    cached = greedy(server, turn2)["meta_info"].get("cached_tokens")
+    checks[f"{name}: second turn hits the compressed prefix"] = {
+        "ok": cached is not None and cached >= len(ps[0]), "cached_tokens": cached, "turn2_len": len(turn2)}
+
+
 def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
-    """Starts the servers named in ``only`` (every single-GPU one when empty; the ``-tp2`` ones only if named)."""
+    """Starts the servers named in ``only`` (every single-GPU one when empty; the ``-tp2`` and layered ones only
+    if named)."""
     common = ["--model-path", str(model), "--skip-tokenizer-init", "--cuda-graph-max-bs", "8",
               "--max-running-requests", "8", "--max-total-tokens", str(POOL_TOKENS), "--mem-fraction-static", "0.88"]
     evict = ["--kv-evict-window", str(WINDOW), "--kv-evict-sinks", str(SINKS)]
@@ -135,8 +165,19 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                      "--kv-evict-budget", str(BUDGET), "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict],
                     {"SGL_EVICT_LOG_KEEP": "1"}),
     }
+    eager_triton = ["--attention-backend", "triton", "--disable-cuda-graph"]
+    per_layer = [*eager_triton, "--kv-evict-granularity", "per_layer", *evict]
+    specs.update({
+        "plain-tr-eager": (eager_triton, {"SGLANG_PLUGINS": "not-sgl-evict"}),
+        "layered-g1-full": ([*per_layer, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0",
+                             "--kv-evict-layer-groups", "1"], {}),
+        "layered-full": ([*per_layer, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0"], {}),
+        "layered-snapkv": ([*per_layer, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET)], {}),
+        "layered-laprox": ([*per_layer, "--kv-evict-policy", "laprox", "--kv-evict-budget", str(BUDGET)], {}),
+    })
+    named_only = ("-tp2", "plain-tr-eager", "layered-")
     specs = {name: spec for name, spec in specs.items()
-             if name in only or (not only and not name.endswith("-tp2"))}
+             if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
     for i, (name, (extra, env)) in enumerate(specs.items()):
         if i:
@@ -240,7 +281,8 @@ def served_logprobs(harness, state, name: str, policy: str, budget: float, token
     """
     from sgl_evict import Budget, make_policy
 
-    ours = harness.token_logprobs(state, harness_policy(policy, tokens), Budget(fraction=budget), "uniform", tokens)
+    granularity = "per_layer" if name.startswith("layered-") else "uniform"
+    ours = harness.token_logprobs(state, harness_policy(policy, tokens), Budget(fraction=budget), granularity, tokens)
     if policy != "laq" or budget >= 1.0:
         return ours
     view = harness.token_logprobs(state, make_policy("snapkv"), Budget(fraction=budget), "uniform", tokens)
@@ -261,7 +303,8 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device=device)
     policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
                 "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq", "laprox": "laprox",
-                "plain-tp2": "none", "snapkv-tp2": "snapkv", "laq-tp2": "laq"}
+                "plain-tp2": "none", "snapkv-tp2": "snapkv", "laq-tp2": "laq",
+                "plain-tr-eager": "none", "layered-snapkv": "snapkv", "layered-laprox": "laprox"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
     overlaps = {name: [] for name in keep_sets}
     for i, ids in enumerate(ps):
@@ -302,6 +345,7 @@ def main() -> int:
     out = Path(args.out)
     model = write_tiny_llama(Path("/tmp/tiny-llama-sharp"), initializer_range=0.06)
     servers = launch(model, out, set(filter(None, args.only.split(","))))
+    num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]  # G of a group per layer
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "transformers")},
               "servers": {n: s.cmd for n, s in servers.items()}, "checks": {}}
@@ -331,6 +375,13 @@ def main() -> int:
         for name in ("snapkv-tp2", "laq-tp2"):
             if name in up:
                 check_ranks_agree(name, up[name], ps, checks)
+        for name in ("layered-g1-full", "layered-full"):
+            if "plain-tr-eager" in ids and name in ids:
+                checks[f"{name} == plain SGLang (Triton, eager), token for token"] = {
+                    "ok": ids["plain-tr-eager"] == ids[name]}
+        for name in ("layered-snapkv", "layered-laprox"):
+            if name in up:
+                check_layered_server(name, up[name], ps, answers, checks, groups=num_layers)
         if "snapkv-fi" in up:
             check_laq_override(up["snapkv-fi"], ps, checks)
             check_laprox_override(up["snapkv-fi"], ps, checks)
