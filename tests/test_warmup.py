@@ -63,7 +63,7 @@ KEYS = torch.zeros(1000, HKV, D, dtype=torch.bfloat16)
 
 
 def _warm_layer(state, calls, page_size=1, keys=KEYS):
-    warmup.warm_up_layer(state, LAYER, keys, keys.clone(), torch.bfloat16, torch.int32, calls.attention_mass,
+    return warmup.warm_up_layer(state, LAYER, keys, keys.clone(), torch.bfloat16, torch.int32, calls.attention_mass,
                          page_size)
 
 
@@ -111,10 +111,10 @@ def test_warm_up_skips_what_the_server_cannot_run(monkeypatch):
     calls = Calls(monkeypatch)
     state = _state("judgeq")
     state.soft_tokens = None
-    _warm_layer(state, calls)
+    assert _warm_layer(state, calls) is False
     state = _state("laprox")
     state.value_norm_factors = None
-    _warm_layer(state, calls)
+    assert _warm_layer(state, calls) is False
     assert calls.mass == []
 
 
@@ -132,15 +132,43 @@ def test_warm_up_is_a_no_op_on_cpu(monkeypatch):
 
 def test_warm_up_runs_each_layer_shape_on_cuda_and_logs_its_time(monkeypatch, caplog):
     ran = []
-    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, **kwargs: ran.append(layer))
+    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, **kwargs: ran.append(layer) or True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.delenv(warmup.SKIP_ENV, raising=False)
     other = warmup.LayerShape(layer_id=7, num_q_heads=2 * HQ, head_dim=D, scaling=0.25)
     with caplog.at_level(logging.INFO, logger="sgl_evict"):
         elapsed = warmup.warm_up(_state("snapkv"), [LAYER, other], _cuda_buffer, _cuda_buffer, torch.bfloat16,
                                  torch.int32, None)
-    assert elapsed is not None and elapsed >= 0 and ran == [LAYER, other]
-    assert "warmed up the snapkv eviction kernels" in caplog.text
+    # the server's policy first, then every other policy a request can pick (each compiles its own variant)
+    assert elapsed is not None and elapsed >= 0 and ran == [LAYER, other] * len(warmup.REQUEST_POLICIES)
+    assert "warmed up the snapkv,dapq,laprox,laq,judgeq eviction kernels" in caplog.text
+
+
+def test_warm_up_by_default_covers_the_policies_requests_can_pick(monkeypatch):
+    ran = []
+    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, policy=None: ran.append(policy) or True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.delenv(warmup.SKIP_ENV, raising=False)
+    monkeypatch.delenv(warmup.POLICIES_ENV, raising=False)
+    warmup.warm_up(_state("streaming"), [LAYER], _cuda_buffer, None, torch.bfloat16, torch.int32, None)
+    assert ran == ["streaming", "snapkv", "dapq", "laprox", "laq", "judgeq"]
+
+
+def test_the_log_names_only_the_policies_that_were_warmed(monkeypatch, caplog):
+    def warm(state, layer, *args, policy=None):
+        if policy == "laprox":
+            raise RuntimeError("out of shared memory")
+        return policy != "judgeq"  # no soft-token file: nothing to compile
+
+    monkeypatch.setattr(warmup, "warm_up_layer", warm)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.delenv(warmup.SKIP_ENV, raising=False)
+    monkeypatch.delenv(warmup.POLICIES_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="sgl_evict"):
+        assert warmup.warm_up(_state("snapkv"), [LAYER], _cuda_buffer, None, torch.bfloat16, torch.int32,
+                              None) is not None
+    assert "kernel warm-up for laprox failed (RuntimeError: out of shared memory)" in caplog.text
+    assert "warmed up the snapkv,dapq,laq eviction kernels" in caplog.text  # laprox failed, judgeq had nothing
 
 
 def test_warm_up_is_skipped_by_the_env_var_and_when_eviction_is_off(monkeypatch):
@@ -222,7 +250,7 @@ def test_warm_up_runs_the_real_kernels(policy):
 
 def test_warm_up_policies_from_the_env_var(monkeypatch):
     ran = []
-    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, policy=None: ran.append(policy))
+    monkeypatch.setattr(warmup, "warm_up_layer", lambda state, layer, *args, policy=None: ran.append(policy) or True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.delenv(warmup.SKIP_ENV, raising=False)
     monkeypatch.setenv(warmup.POLICIES_ENV, "snapkv, dapq,laq")

@@ -13,8 +13,10 @@ variants compiled here are those real requests launch.
 
 It reads no pool, allocator or ``req_to_token`` contents: only the key buffer's shape, strides, dtype and device.
 It never stops the server: an error is logged as a warning and the first requests compile instead. On CPU it does
-nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off. ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq``
-warms those policies instead of the server's own (for servers whose requests pick their policy).
+nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off. By default it warms the server's
+policy and every other policy a request may pick with ``custom_params`` (:data:`REQUEST_POLICIES`; each is
+skipped where the server cannot run it, e.g. judgeq without a soft-token file), so an override does not stall
+either; ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq`` warms those policies only.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from sgl_evict.engine.runtime import EngineState
 logger = logging.getLogger("sgl_evict")
 
 SKIP_ENV = "SGL_EVICT_SKIP_WARMUP"
-#: comma-separated policies to warm up instead of the server's own (requests may override the policy, e.g. a
-#: benchmark that runs every policy on one server); each compiles its own kernel variants
+#: comma-separated policies to warm up instead of the default (the server's own and :data:`REQUEST_POLICIES`)
 POLICIES_ENV = "SGL_EVICT_WARMUP_POLICIES"
+#: policies a request can switch to whose scoring runs Triton kernels of its own variant (dapq, laq's lookahead and
+#: judgeq score without the causal mask; laprox weights by values): warmed after the server's policy
+REQUEST_POLICIES = ("snapkv", "dapq", "laprox", "laq", "judgeq")
 #: keys of the dummy prompt (at least twice the window): enough for every kernel path, cheap on any GPU
 NUM_KEYS = 512
 
@@ -73,8 +77,9 @@ def _scratch_like(buffer: torch.Tensor, slots: int) -> torch.Tensor:
 def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tensor,
                   value_buffer: torch.Tensor | None, query_dtype: torch.dtype, slot_dtype: torch.dtype,
                   attention_mass: Callable, page_size: int = 1, num_keys: int = NUM_KEYS,
-                  policy: str | None = None) -> None:
-    """Runs ``state.config.policy``'s scoring and selection once on a dummy prompt of ``num_keys`` tokens.
+                  policy: str | None = None) -> bool:
+    """Runs ``state.config.policy``'s scoring and selection once on a dummy prompt of ``num_keys`` tokens; False
+    when the server cannot run that policy (nothing to compile), True otherwise.
 
     Args:
         key_buffer, value_buffer: the layer's pool buffers (``[pool_slots, num_kv_heads, head_dim]``): only their
@@ -101,15 +106,15 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
     scaling = {lid: layer.scaling}
     if config.policy == "judgeq":
         if state.soft_tokens is None or page_size > 1:  # judgeq requests are refused then: nothing to compile
-            return
+            return False
         scores = lookahead_scores(queries(state.soft_tokens.count), scaling, key_of, row, config.pooling_kernel,
                                   attention_mass)
     else:
         if config.policy == "laprox" and (value_of is None or state.value_norm_factors is None
                                           or lid not in state.value_norm_factors):
-            return
+            return False
         if config.policy == "dapq" and state.rope is None:
-            return
+            return False
         window_queries = queries(window)
         scores = _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass)
         if config.policy == "laq":
@@ -120,6 +125,7 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
                                      steps=[({lid: step_queries[:, s].unsqueeze(0)}, 0) for s in range(steps)])
             scores = lookahead_keep_scores(entry, key_of, row, config.pooling_kernel, attention_mass)
     _keep_of(scores, config, row, page_size, state, None)
+    return True
 
 
 def warm_up(state: EngineState, layers: list[LayerShape], key_buffer: Callable[[int], torch.Tensor],
@@ -133,25 +139,33 @@ def warm_up(state: EngineState, layers: list[LayerShape], key_buffer: Callable[[
     if os.environ.get(SKIP_ENV, "0") not in ("", "0"):
         logger.info("sgl-evict: kernel warm-up skipped (%s=%s)", SKIP_ENV, os.environ[SKIP_ENV])
         return None
-    policies = [p.strip() for p in os.environ.get(POLICIES_ENV, "").split(",") if p.strip()] or [state.config.policy]
-    policy = ",".join(policies)
+    policies = [p.strip() for p in os.environ.get(POLICIES_ENV, "").split(",") if p.strip()] or list(
+        dict.fromkeys((state.config.policy, *REQUEST_POLICIES)))
     try:
         device = key_buffer(layers[0].layer_id).device
-        if device.type != "cuda":
-            return None
-        start = time.perf_counter()
-        with torch.no_grad():
-            for name in policies:
-                for layer in layers:
-                    warm_up_layer(state, layer, key_buffer(layer.layer_id),
-                                  value_buffer(layer.layer_id) if value_buffer is not None else None, query_dtype,
-                                  slot_dtype, attention_mass, page_size, policy=name)
-        torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - a warm-up must never stop the server
-        logger.warning("sgl-evict: kernel warm-up for %s failed (%s: %s); the first requests will compile the "
-                       "kernels instead", policy, type(err).__name__, err)
+        logger.warning("sgl-evict: kernel warm-up skipped (%s: %s)", type(err).__name__, err)
+        return None
+    if device.type != "cuda":
+        return None
+    start = time.perf_counter()
+    warmed = []
+    for name in policies:
+        try:  # one policy failing leaves the others warm; its first requests compile instead
+            with torch.no_grad():
+                ran = [warm_up_layer(state, layer, key_buffer(layer.layer_id),
+                                     value_buffer(layer.layer_id) if value_buffer is not None else None,
+                                     query_dtype, slot_dtype, attention_mass, page_size, policy=name)
+                       for layer in layers]
+            torch.cuda.synchronize(device)
+            if any(ran):
+                warmed.append(name)
+        except Exception as err:  # noqa: BLE001 - a warm-up must never stop the server
+            logger.warning("sgl-evict: kernel warm-up for %s failed (%s: %s); its first requests will compile the "
+                           "kernels instead", name, type(err).__name__, err)
+    if not warmed:
         return None
     elapsed = time.perf_counter() - start
     logger.info("sgl-evict: warmed up the %s eviction kernels in %.2f s (%d layer shape(s); %s=1 skips this)",
-                policy, elapsed, len(layers), SKIP_ENV)
+                ",".join(warmed), elapsed, len(layers), SKIP_ENV)
     return elapsed
