@@ -41,22 +41,32 @@ def overhead(rows: dict[str, dict], policy: str, length: int, new_tokens: int) -
     return row["latency_s"] / base["latency_s"] - 1
 
 
-def markdown_table(rows: dict[str, dict], new_tokens: int) -> str:
-    """Median latency (ms) per policy and length at ``new_tokens``, with the overhead over ``none``."""
-    policies, lengths, _ = axes_of(rows)
+def with_overheads(rows: dict[str, dict]) -> dict[str, dict]:
+    """``rows`` with each row's ``overhead_vs_none`` (:func:`overhead`) recomputed over all of them: merged runs
+    (plain SGLang's run has no ``none`` of its own)."""
+    out = {}
+    for key, row in rows.items():
+        policy, length, new_tokens = key.split("/")
+        out[key] = {**row, "overhead_vs_none": overhead(rows, policy, int(length), int(new_tokens))}
+    return out
+
+
+def markdown_table(summary: dict, policies, lengths, new_tokens: int) -> str:
+    """Median latency (ms) per policy (rows) and prompt length (columns) at ``new_tokens``, with each row's
+    ``overhead_vs_none`` (``summary``: ``"{policy}/{length}/{new_tokens}"`` -> row, as
+    ``bench/gpu/prefill_overhead.py`` writes it); ``-`` where a policy has no row."""
     lines = [f"| policy ({new_tokens} new tokens) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
              "|" + " --- |" * (len(lengths) + 1)]
     for p in policies:
         cells = []
         for n in lengths:
-            row = rows.get(f"{p}/{n}/{new_tokens}")
-            extra = overhead(rows, p, n, new_tokens)
+            row = summary.get(f"{p}/{n}/{new_tokens}")
             if row is None:
                 cells.append("-")
-            elif p == "none" or extra is None:
+            elif row["overhead_vs_none"] is None or p == "none":
                 cells.append(f"{1000 * row['latency_s']:.0f}")
             else:
-                cells.append(f"{1000 * row['latency_s']:.0f} ({100 * extra:+.1f}%)")
+                cells.append(f"{1000 * row['latency_s']:.0f} ({100 * row['overhead_vs_none']:+.1f}%)")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("plot_prefill_overhead: no measured requests in the results", file=sys.stderr)
         return 2
-    for t in axes_of(rows)[2]:
-        print(markdown_table(rows, t) + "\n")
+    policies, lengths, new_tokens = axes_of(rows)
+    for t in new_tokens:
+        print(markdown_table(with_overheads(rows), policies, lengths, t) + "\n")
     if args.png:
         doc = docs[0]
         plot(rows, args.png, f"{doc.get('model', '?')} on {doc.get('device', '?')}, budget "

@@ -28,7 +28,7 @@ def test_overheads_and_table_from_two_runs():
     assert ppo.overhead(rows, "snapkv", 4096, 2) == pytest.approx(0.1)
     assert ppo.overhead(rows, "plain", 4096, 2) == pytest.approx(-0.05)
     assert ppo.overhead(rows, "laq", 4096, 2) is None
-    table = ppo.markdown_table(rows, 2).splitlines()
+    table = ppo.markdown_table(ppo.with_overheads(rows), *ppo.axes_of(rows)[:2], 2).splitlines()
     assert table[2] == "| none | 100 | 200 |" and table[3] == "| snapkv | 110 (+10.0%) | 210 (+5.0%) |"
     assert table[4] == "| plain | 95 (-5.0%) | 200 (+0.0%) |"
 

@@ -45,6 +45,8 @@ from throughput import (MODELS, STOP_MARGIN_S, ServerProcess, check_setup, gpu_q
                         warm_up, write_model_config)
 from workloads import DEFAULT_VOCAB  # noqa: E402
 
+from plot_prefill_overhead import markdown_table  # noqa: E402
+
 PORT = 31500
 PLAIN = "plain"  # the config name of plain SGLang's requests (it has no per-request policy)
 
@@ -106,24 +108,6 @@ def summarize(records: dict[str, dict], runs: list[Run]) -> dict:
     if cold:
         out["cold"] = cold
     return out
-
-
-def markdown_table(summary: dict, policies, lengths, new_tokens: int) -> str:
-    """Median latency (ms) per policy (rows) and prompt length (columns) at ``new_tokens``, overhead over none."""
-    lines = [f"| policy ({new_tokens} new tokens) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
-             "|" + " --- |" * (len(lengths) + 1)]
-    for p in policies:
-        cells = []
-        for n in lengths:
-            row = summary.get(f"{p}/{n}/{new_tokens}")
-            if row is None:
-                cells.append("-")
-            elif row["overhead_vs_none"] is None or p == "none":
-                cells.append(f"{1000 * row['latency_s']:.0f}")
-            else:
-                cells.append(f"{1000 * row['latency_s']:.0f} ({100 * row['overhead_vs_none']:+.1f}%)")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def serve(name: str, args_list: list[str], env: dict, runs: list[Run], args, out: Path, progress=print,
@@ -207,19 +191,16 @@ def main() -> int:
         ("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget", args.budget], {}, evict_runs)]
     if plain_runs:
         servers.append((PLAIN, common, {"SGLANG_PLUGINS": "not-sgl-evict"}, plain_runs))
-    records: dict[str, dict] = {}
-    report["summary"] = {}
-    for name, server_args, env, runs in servers:
+    for name, server_args, env, runs in servers:  # at least one: --no-plain with --no-evict is refused
         if time.monotonic() > stop_at:
             report["configs"][name] = {"error": "not started: deadline reached", "records": {}}
-            continue
-        report["configs"][name] = serve(name, server_args, env, runs, args, out, stop_at=stop_at)
+        else:
+            report["configs"][name] = serve(name, server_args, env, runs, args, out, stop_at=stop_at)
         # written after each server: a call cut by the device's time limit keeps what finished
         report["wall_s"] = time.monotonic() - started
         records = {k: v for c in report["configs"].values() for k, v in c["records"].items()}
         report["summary"] = summarize(records, evict_runs + plain_runs)
         (out / "prefill_overhead.json").write_text(json.dumps(report, indent=1))
-    (out / "prefill_overhead.json").write_text(json.dumps(report, indent=1))
     for t in new_tokens:
         print(markdown_table(report["summary"], policies + ([PLAIN] if plain_runs else []), lengths, t) + "\n")
     failed = [name for name, c in report["configs"].items() if "error" in c]
