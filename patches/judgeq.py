@@ -82,7 +82,8 @@ class SoftTokenForward:
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 
         # the hook's owner is the Scheduler (``tp_worker``) or, in SGLang 0.5.17's prefill result path, its
-        # SchedulerBatchResultProcessor, which holds the same worker as ``model_worker``
+        # SchedulerBatchResultProcessor, which holds the scheduler's ``model_worker``: the target worker itself,
+        # since speculative decoding (where it is the draft worker) is refused with eviction
         worker = getattr(self.scheduler, "tp_worker", None) or self.scheduler.model_worker
         runner = worker.model_runner
         forward_batch = ForwardBatch.init_new(soft_token_batch(self.batch, extend), runner,
