@@ -1,6 +1,9 @@
 """Draws bench/gpu/throughput.py's JSON: throughput bars, latency percentiles, load over time; prints a table.
 
     python bench/plot_throughput.py bench/results/throughput_DATE.json [--png docs/img/throughput.png]
+
+Two runs of ``throughput.py --only plain`` and ``--only evict`` (same settings otherwise, e.g. one device call each
+for a long run) are joined into one document: ``plot_throughput.py PLAIN.json EVICT.json --merged-json BOTH.json``.
 """
 
 from __future__ import annotations
@@ -110,13 +113,49 @@ def plot(doc: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+# settings that may differ between the runs of one comparison: which config ran and where its files went
+PER_RUN_SETTINGS = {"only", "out", "deadline", "start_timeout", "no_progress"}
+
+
+def merge_runs(docs: list[dict]) -> dict:
+    """One document from throughput.json files that each ran other configs (``--only``) with the same settings:
+    the configs side by side, each run's command, date, device, plan and wall time under ``runs``. ValueError when
+    a config appears twice, or when the model, the device or a setting outside ``PER_RUN_SETTINGS`` differs."""
+    first = docs[0]
+    merged = {**first, "configs": {}, "runs": []}
+    for doc in docs:
+        for key in ("model", "device"):
+            if doc[key] != first[key]:
+                raise ValueError(f"runs differ in {key}: {first[key]!r} vs {doc[key]!r}")
+        differ = sorted(k for k in first["settings"].keys() | doc["settings"].keys()
+                        if k not in PER_RUN_SETTINGS and first["settings"].get(k) != doc["settings"].get(k))
+        if differ:
+            raise ValueError(f"runs differ in settings {differ}: not one comparison")
+        for name, config in doc["configs"].items():
+            if name in merged["configs"]:
+                raise ValueError(f"config {name!r} is in more than one run")
+            merged["configs"][name] = config
+        merged["runs"].append({k: doc.get(k) for k in ("command", "date", "device", "versions", "plan", "wall_s")})
+    for key in ("command", "date", "plan", "wall_s"):
+        merged.pop(key, None)  # per run, under "runs"
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="throughput.json written by bench/gpu/throughput.py")
-    parser.add_argument("--png", help="output PNG (default: next to the JSON)")
+    parser.add_argument("json", nargs="+", help="throughput.json written by bench/gpu/throughput.py (several: "
+                                                "runs of one comparison with --only, joined)")
+    parser.add_argument("--png", help="output PNG (default: next to the (first) JSON)")
+    parser.add_argument("--merged-json", help="where to write the joined document (several JSON files)")
     args = parser.parse_args(argv)
-    doc = json.loads(Path(args.json).read_text())
-    png = args.png or str(Path(args.json).with_suffix(".png"))
+    docs = [json.loads(Path(p).read_text()) for p in args.json]
+    try:
+        doc = merge_runs(docs) if len(docs) > 1 else docs[0]
+    except ValueError as err:
+        parser.error(str(err))
+    if args.merged_json:
+        Path(args.merged_json).write_text(json.dumps(doc, indent=1))
+    png = args.png or str(Path(args.merged_json or args.json[0]).with_suffix(".png"))
     plot(doc, png)
     print(markdown_table(doc))
     print(f"\nplot: {png}")

@@ -42,6 +42,13 @@ def test_shared_duration_fits_two_servers_in_the_deadline():
     assert throughput.shared_duration(110, 450, 380, 380) == 10  # never below 10 s
 
 
+def test_one_server_gets_the_whole_deadline():
+    m = throughput.STOP_MARGIN_S
+    assert throughput.shared_duration(300, 450, 200, 200, servers=1) == pytest.approx(450 - 200 - m)
+    assert throughput.shared_duration(110, 450, 200, 200, servers=1) == 110
+    assert throughput.shared_duration(300, 450, 445, 445, servers=1) == 10
+
+
 def test_evictions_logged_totals(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("noise\n[x] sgl-evict: request a1 kept 10 of 100 tokens, freed 90 slots, hid 0\n"
@@ -95,6 +102,34 @@ def test_plot_cli_and_failed_config(tmp_path):
     assert main([str(path)]) == 0
     assert (tmp_path / "run.png").exists()
     assert "| evict | failed: not healthy |" in markdown_table(doc)
+
+
+def _single(config: str, **settings) -> dict:
+    doc = _doc()
+    doc["configs"] = {config: doc["configs"][config]}
+    doc["settings"] = {"max_total_tokens": 120000, "only": config, "out": f"/tmp/{config}", **settings}
+    doc.update(command=f"throughput.py --only {config}", plan={"duration_s": 300}, wall_s=500)
+    return doc
+
+
+def test_merge_runs_of_one_comparison(tmp_path):
+    from plot_throughput import main, merge_runs
+
+    merged = merge_runs([_single("plain"), _single("evict")])
+    assert list(merged["configs"]) == ["plain", "evict"]
+    assert [r["command"] for r in merged["runs"]] == ["throughput.py --only plain", "throughput.py --only evict"]
+    assert "command" not in merged and "evict / plain requests/s: 3.50x" in markdown_table(merged)
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_runs([_single("plain"), _single("plain")])
+    with pytest.raises(ValueError, match=r"settings \['max_total_tokens'\]"):
+        merge_runs([_single("plain"), _single("evict", max_total_tokens=240000)])
+    paths = []
+    for config in ("plain", "evict"):
+        paths.append(tmp_path / f"{config}.json")
+        paths[-1].write_text(json.dumps(_single(config)))
+    both = tmp_path / "both.json"
+    assert main([*map(str, paths), "--merged-json", str(both)]) == 0
+    assert set(json.loads(both.read_text())["configs"]) == {"plain", "evict"} and (tmp_path / "both.png").exists()
 
 
 def test_refuses_to_run_inside_the_repository(monkeypatch):

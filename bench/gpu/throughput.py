@@ -170,11 +170,15 @@ def make_workload(args):
     return long_context_requests(args.sessions, args.seed, vocab=vocab)
 
 
-def shared_duration(requested_s: float, deadline_s: float, spent_s: float, first_start_s: float) -> float:
-    """Workload seconds for each of two servers, decided when the first is ready (``spent_s`` into the script):
-    ``requested_s`` if both runs, both stops and the second server's start (as slow as the first's
+def shared_duration(requested_s: float, deadline_s: float, spent_s: float, first_start_s: float,
+                    servers: int = 2) -> float:
+    """Workload seconds for each of ``servers`` (1 or 2) servers, decided when the first is ready (``spent_s`` into
+    the script): ``requested_s`` if both runs, both stops and the second server's start (as slow as the first's
     ``first_start_s``, launch to warm, but at most ``SECOND_START_CAP_S``) fit the deadline; else the equal share
-    that fits, 10 s at least. A second server that starts later than that gets what is left (recorded)."""
+    that fits, 10 s at least. A second server that starts later than that gets what is left (recorded). One server
+    (``--only``) gets everything up to the deadline but its stop."""
+    if servers == 1:
+        return min(requested_s, max(10.0, deadline_s - spent_s - STOP_MARGIN_S))
     second_start = min(first_start_s, SECOND_START_CAP_S)
     fits = (deadline_s - spent_s - second_start - 2 * STOP_MARGIN_S) / 2
     return min(requested_s, max(10.0, fits))
@@ -197,7 +201,7 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, ou
         if "first_start_s" not in plan:  # the first server sets the pace: both get the same duration if it fits
             plan["first_start_s"] = time.monotonic() - server.start
             plan["duration_s"] = shared_duration(args.duration, args.deadline, time.monotonic() - t_start,
-                                                 plan["first_start_s"])
+                                                 plan["first_start_s"], servers=1 if args.only else 2)
         left = args.deadline - (time.monotonic() - t_start) - STOP_MARGIN_S
         duration = min(plan["duration_s"], max(5.0, left))
         result["duration_planned_s"] = duration
@@ -244,7 +248,9 @@ def main() -> int:
     parser.add_argument("--budget", default="0.1")
     parser.add_argument("--plain-extra", default="", help="extra server flags for plain SGLang only")
     parser.add_argument("--server-extra", default="", help="extra server flags for both (e.g. --enable-metrics)")
-    parser.add_argument("--only", choices=("plain", "evict"), help="run one config (debugging)")
+    parser.add_argument("--only", choices=("plain", "evict"),
+                        help="run one config, with the whole deadline (a long run in two device calls; "
+                             "bench/plot_throughput.py A.json B.json --merged-json C.json joins them)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     check_setup()
