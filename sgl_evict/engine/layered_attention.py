@@ -18,8 +18,9 @@ SGLang's window list (``window_kv_indptr`` / ``window_kv_indices``: the last ``s
 each row), translated per group like the write locations (:meth:`LayeredTritonAttnBackend._window_indices`).
 
 Eager decode and extend (prefill, chunks, a second turn over a compressed prefix) only: CUDA graphs are design
-step 5, and speculative decoding, the hybrid SWA pool, decode context parallelism, MLA and cross-layer KV sharing
-(``forward_extend`` without ``k``, which reads the pool by logical slot) are refused.
+step 5, and speculative decoding, decode context parallelism, MLA and cross-layer KV sharing (``forward_extend``
+without ``k``, which reads the pool by logical slot) are refused; the pool type check refuses SGLang's hybrid SWA
+pool (``SWAKVPool``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,8 @@ class LayeredTritonAttnBackend(TritonAttnBackend):
         if not isinstance(self.token_to_kv_pool, LayeredMHATokenToKVPool):
             raise TypeError(f"LayeredTritonAttnBackend needs a LayeredMHATokenToKVPool, got "
                             f"{type(self.token_to_kv_pool).__name__}")
-        if self.use_sliding_window_kv_pool or self.dcp_size > 1 or self.use_mla:
-            raise NotImplementedError("LayeredTritonAttnBackend: SGLang's hybrid SWA pool, decode context "
-                                      "parallelism and MLA are not built")
+        if self.dcp_size > 1 or self.use_mla:
+            raise NotImplementedError("LayeredTritonAttnBackend: decode context parallelism and MLA are not built")
         self.group_metadata: list[ForwardMetadata] = []
 
     def init_forward_metadata(self, forward_batch) -> None:
