@@ -67,8 +67,9 @@ class LayeredTritonAttnBackend(TritonAttnBackend):
             for group in range(pool.num_groups)]
 
     def _window_indices(self, group: int):
-        """The sliding-window layers' read list in ``group`` (None without sliding-window layers): SGLang's list
-        (the last ``sliding_window_size`` entries of each compacted row, logical slots) translated, not compacted.
+        """The sliding-window layers' read list in ``group``, ``[window_kv_indptr[bs]]`` group-slots (None without
+        sliding-window layers): SGLang's list (the last ``sliding_window_size`` entries of each compacted row,
+        logical slots) translated, not compacted.
         Every group keeps the prompt's last ``protected_recent`` tokens and every later token, and a radix match
         is cut where a group dropped part of its tail (``patches/radix_cache.py``), so each entry is live in every
         group: lengths, ``window_kv_indptr`` and ``window_kv_offsets`` (the extend kernel's mask) stay SGLang's."""
