@@ -43,8 +43,9 @@ layers, which read a row's last entries, see what they would unevicted; docs/plu
 - ``RadixCache.match_prefix`` (AROUND, :func:`match_prefix_around`): a request's match (``params.req`` set, as
   ``Req.init_next_round_input`` passes it) may end inside another request's evicted region, with holes among its
   last ``protected_recent`` entries; it is cut to the longest prefix whose tail is whole (``RadixKey.limit``) and
-  the request computes the rest itself. SGLang's own re-matches (``cache_unfinished_req``, no ``req``) are left
-  alone: they must return the whole inserted key.
+  the request computes the rest itself. With a layered allocator a token some layer group dropped counts as a hole
+  there (:func:`window_view`): a group of sliding-window layers keeps only each prompt's tail. SGLang's own
+  re-matches (``cache_unfinished_req``, no ``req``) are left alone: they must return the whole inserted key.
 - ``RadixCache.cache_unfinished_req``: at prefill end SGLang would write the tree's values, holes and all, over
   the request's own KV of the part it recomputed; :func:`tree_holes_in_tail` tells the hook of
   :mod:`sgl_evict.patches.lookahead` to keep the request's prompt instead, as for a pending laq request.
@@ -237,7 +238,7 @@ def match_prefix_around(original, cache, params):
     tail = STATE.protected_recent
     if not STATE.enabled or not tail or params.req is None:
         return result
-    usable = whole_tail_prefix(result.device_indices, tail)
+    usable = whole_tail_prefix(window_view(cache, result.device_indices), tail)
     if usable == len(result.device_indices):
         return result
     from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -261,7 +262,17 @@ def tree_holes_in_tail(cache, req) -> bool:
     fill = req.get_fill_ids()
     values = cache.match_prefix(MatchPrefixParams(key=RadixKey(fill, req.extra_key))).device_indices
     start = max(req.cache_protected_len, len(fill) - tail)
-    return bool((values[start:] == HOLE).any())
+    return bool((window_view(cache, values[start:]) == HOLE).any())
+
+
+def window_view(cache, values):
+    """Tree ``values [n]`` as a sliding-window layer sees them: with a layered allocator (``--kv-evict-granularity
+    per_layer``) a token some layer group dropped is a hole too, since a group of sliding-window layers keeps only
+    each prompt's tail (``sgl_evict.engine.group_keep.layout_keep_masks``); otherwise ``values`` itself."""
+    allocator = cache.token_to_kv_pool_allocator
+    if not hasattr(allocator, "live_groups"):
+        return values
+    return values.masked_fill(~allocator.live_groups(values).all(0), HOLE)
 
 
 # ---- namespacing ------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
   models the engine cannot evict from correctly (hybrid SWA pool, chunked attention, capped attention logits), with
   a message instead of wrong answers, makes every keep-set keep the model's sliding window
   (:func:`sliding_window_tail`), reads the model's RoPE for dapq, with ``--kv-evict-granularity per_layer`` checks
-  that the layered pool was built (:mod:`sgl_evict.patches.layered_pool`) and that no layer has a sliding window,
+  that the layered pool was built (:mod:`sgl_evict.patches.layered_pool`) and notes the sliding-window layers
+  (a group of them only keeps the window),
   and (on CUDA) runs the server's policy once on a scratch tensor so its Triton kernels compile before the first
   request (:func:`warm_up_kernels`).
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
@@ -44,6 +45,7 @@ def init_around(original, self, server_args, *args, **kwargs):
         layers = _attention_layers(self.tp_worker.model_runner.model)
         check_model_support(self.tp_worker, layers)
         STATE.protected_recent = sliding_window_tail(layers)
+        STATE.window_layers = frozenset(m.layer_id for m in layers if m.sliding_window_size >= 0)
         if STATE.protected_recent:
             logging.getLogger("sgl_evict").info(
                 "sgl-evict: this model has sliding-window layers: every request keeps its last %d prompt tokens "
@@ -51,7 +53,7 @@ def init_around(original, self, server_args, *args, **kwargs):
         STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
         STATE.soft_tokens = load_soft_tokens(self)
         if STATE.config.granularity == "per_layer":
-            check_per_layer_pool(self.token_to_kv_pool_allocator, STATE.protected_recent)
+            check_per_layer_pool(self.token_to_kv_pool_allocator, STATE.window_layers)
         warm_up_kernels(self, layers)
     return result
 
@@ -82,15 +84,25 @@ def layered_allocator(allocator):
     return allocator if isinstance(allocator, LayeredTokenToKVPoolAllocator) else None
 
 
-def check_per_layer_pool(allocator, protected_recent: int) -> None:
-    """RuntimeError unless a per_layer server got its layered allocator and has no sliding-window layer."""
+def check_per_layer_pool(allocator, window_layers: frozenset[int]) -> None:
+    """RuntimeError unless a per_layer server got its layered allocator; logs how its layer groups split between
+    full-attention and sliding-window layers (``window_layers``: the model's sliding-window layer ids)."""
     if layered_allocator(allocator) is None:
         raise RuntimeError(f"sgl-evict: --kv-evict-granularity per_layer, but this scheduler's KV allocator is "
                            f"{type(allocator).__name__}, not the layered one (was the pool built by SGLang's "
                            "KVCacheConfigurator._build_mha_kv_pool?)")
-    if protected_recent:
-        raise RuntimeError("sgl-evict: --kv-evict-granularity per_layer does not support models with sliding-window "
-                           "layers")
+    if window_layers:
+        from sgl_evict.engine.evict_batch import group_layout
+
+        try:
+            layout = group_layout(allocator, window_layers)
+        except ValueError as err:  # every layer has a sliding window: no layer to select for
+            raise RuntimeError(f"sgl-evict: --kv-evict-granularity per_layer: {err}") from None
+        logging.getLogger("sgl_evict").info(
+            "sgl-evict: per_layer with %d layer groups: %d keep the last %d prompt tokens only (sliding-window "
+            "layers), %d select from their full-attention layers (%d of them also hold sliding-window layers, "
+            "which keep that keep-set)", layout.num_groups, len(layout.window_only_groups), STATE.protected_recent,
+            len(layout.scored_groups), len(layout.mixed_groups()))
 
 
 def _attention_layers(model) -> list:

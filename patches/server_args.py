@@ -137,7 +137,8 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
 
 def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConfig:
     """ValueError (message starting with the flag) for what ``--kv-evict-granularity per_layer`` does not run with
-    (design step 4 is eager Triton, page size 1, one GPU, full-attention models); the config with
+    (design step 4 is eager Triton, page size 1, one GPU; sliding-window models on the shared pool, not SGLang's
+    hybrid SWA pool); the config with
     ``layer_groups`` resolved (None: one group per layer) and checked against the model's layer count when
     SGLang can read the model's config here (otherwise the pool hook checks it once the model is loaded).
     ``server_args``: SGLang's resolved ``ServerArgs``."""
@@ -162,9 +163,11 @@ def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConf
         model_config = server_args.get_model_config()
     except Exception:  # the model is read again when it is loaded; the pool hook checks the groups then
         return config
-    if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "sliding_window_size", None):
-        raise ValueError("argument --kv-evict-granularity: per_layer does not support models with sliding-window "
-                         "layers (their pool maps slots of its own)")
+    if getattr(model_config, "is_hybrid_swa", False):
+        # SWAKVPool gives sliding-window layers a slot space of their own; the layered pool replaces the one shared
+        # pool (eviction turns the hybrid pool off, so only an explicit override gets here)
+        raise ValueError("argument --disable-hybrid-swa-memory: --kv-evict-granularity per_layer runs sliding-window "
+                         "models on the one shared KV pool only: pass --disable-hybrid-swa-memory")
     return dataclasses.replace(config, layer_groups=resolve_layer_groups(config.layer_groups,
                                                                           model_config.num_hidden_layers))
 

@@ -40,6 +40,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--budgets", type=_csv, default=d.budgets,
                    help="comma-separated budgets: fractions (0.1, 10%%) or token counts (256)")
     p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity)
+    p.add_argument("--layer-groups", type=int, default=d.layer_groups,
+                   help="per_layer: the model's layers in this many groups of consecutive layers sharing a keep-set, "
+                        "as a server's --kv-evict-layer-groups (default: one per layer)")
     p.add_argument("--window", type=int, default=d.window, help="observation window (also always-kept recent tokens)")
     p.add_argument("--sinks", type=int, default=d.sinks, help="leading tokens always kept")
     p.add_argument("--protect-recent", type=int, default=d.protected_recent,
@@ -86,7 +89,8 @@ def cmd_eval(args) -> int:
 
     config = EvalConfig(tasks=args.tasks, context_tokens=args.context, samples_per_task=args.samples,
                         policies=args.policies, budgets=args.budgets, granularity=args.granularity,
-                        window=args.window, sinks=args.sinks, protected_recent=args.protect_recent,
+                        layer_groups=args.layer_groups, window=args.window, sinks=args.sinks,
+                        protected_recent=args.protect_recent,
                         max_new_tokens=args.max_new_tokens, fidelity_tokens=args.fidelity_tokens, seed=args.seed,
                         soft_tokens=args.soft_tokens)
     config.validate()  # before the model loads: a typo should not cost a minute

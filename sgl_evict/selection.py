@@ -16,6 +16,7 @@ Ties are broken towards the earlier token, so a selection is deterministic.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,3 +192,42 @@ def select_keep(
     chosen = chosen.view(num_layers, seq_len)
     rows = [chosen[i].nonzero().squeeze(1).expand(num_kv_heads, -1) for i in range(num_layers)]
     return KeepSet(rows, seq_len)
+
+
+def select_keep_grouped(
+    scores: torch.Tensor,
+    groups: Sequence[int],
+    budget: Budget,
+    sinks: int = 4,
+    recent: int = 32,
+    global_budget: bool = False,
+) -> KeepSet:
+    """``per_layer`` selection where layers of one layer group share a keep-set (the server's layered pool with
+    ``--kv-evict-layer-groups``; :class:`sgl_evict.layer_groups.GroupLayout` says which group a layer is in).
+
+    Args:
+        scores: ``[num_layers, num_kv_heads, seq_len]`` of the compressed layers.
+        groups: ``[num_layers]`` the group of each row of ``scores``; rows of one group share a keep-set.
+        budget, sinks, recent: as for :func:`select_keep`.
+        global_budget: laprox: raw scores summed over each group's layers and heads, then ``select_keep``'s global
+            split over groups (``num_groups x max(budget, protected)`` in total). Otherwise each group keeps
+            ``uniform``'s keep-set of its own layers: exactly ``max(budget, protected)``.
+
+    Returns:
+        The :class:`KeepSet` of the ``num_layers`` rows, each row its group's keep-set. One group per layer is
+        :func:`select_keep` ``per_layer``.
+    """
+    if len(groups) != scores.shape[0]:
+        raise ValueError(f"{scores.shape[0]} score rows for {len(groups)} group labels")
+    labels = sorted(set(groups))
+    members = [[i for i, g in enumerate(groups) if g == label] for label in labels]
+    if global_budget:
+        raw = torch.stack([scores[rows].float().sum(dim=0) for rows in members])  # [num_groups, kv_heads, seq_len]
+        per_group = select_keep(raw, budget, sinks, recent, "per_layer", global_budget=True).indices
+    else:
+        per_group = [select_keep(scores[rows], budget, sinks, recent, "uniform").indices[0] for rows in members]
+    indices: list[torch.Tensor] = [torch.empty(0)] * scores.shape[0]
+    for rows, kept in zip(members, per_group):
+        for i in rows:
+            indices[i] = kept
+    return KeepSet(indices, scores.shape[-1])

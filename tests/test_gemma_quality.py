@@ -175,3 +175,56 @@ def test_plot_and_table_from_the_summary(tmp_path):
     assert pg.main([str(path), "--png", str(tmp_path / "q.png")]) == 0 and (tmp_path / "q.png").stat().st_size > 0
     path.write_text("{}")
     assert pg.main([str(path)]) == 1
+
+
+GEMMA_270M = {"num_hidden_layers": 18, "sliding_window": 512,
+              "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)]}
+
+
+def test_per_layer_log_check_counts_group_slots_of_full_and_window_only_groups():
+    layout = gq.model_layout(GEMMA_270M, "per_layer", None)  # 18 groups: 3 full-attention, 15 window-only
+    assert gq.expected_group_slots(4000, "0.5", 512, layout) == 3 * 2000 + 15 * 512
+    six = gq.model_layout(GEMMA_270M, "per_layer", 6)  # 3 groups hold a full-attention layer, 3 slide only
+    assert gq.expected_group_slots(4000, "0.05", 512, six) == 3 * 516 + 3 * 512
+    assert gq.model_layout(GEMMA_270M, "uniform", None) is None
+    with pytest.raises(SystemExit, match="--layer-groups: 4 layer groups do not divide 18 layers"):
+        gq.model_layout(GEMMA_270M, "per_layer", 4)
+    runs = gq.plan_runs(["niah_single"], [1024], 1, 0, ["snapkv"], ["0.05", "0.5", "1.0"])
+    lens = {("niah_single", 1024, 0): 2000}
+    text = ("x sgl-evict: request a kept 520 of 2000 tokens in some group (9228 of 36000 group-slots), freed 26772 "
+            "group-slots and 1480 logical slots, hid 0\n"
+            "x sgl-evict: request b kept 1010 of 2000 tokens in some group (10680 of 36000 group-slots), freed 25320 "
+            "group-slots and 990 logical slots, hid 0\n")
+    logged = gq.eviction_log(text)
+    assert logged == [(9228, 2000), (10680, 2000)]
+    assert gq.check_kept(runs, lens, logged, 512, layout)["ok"]
+    assert not gq.check_kept(runs, lens, logged, 512)["ok"]  # the uniform count is per token, not per group-slot
+
+
+def test_kv_fraction_is_the_kept_share_of_layer_token_entries():
+    layout = gq.model_layout(GEMMA_270M, "per_layer", None)
+    assert gq.kv_fraction(4000, "0.5", 512, None) == 0.5
+    assert gq.kv_fraction(4000, "0.5", 512, layout) == (3 * 2000 + 15 * 512) / (18 * 4000)
+    assert gq.kv_fraction(4000, gq.FULL, 512, layout) == gq.kv_fraction(500, "0.1", 512, layout) == 1.0
+
+
+def test_launch_per_layer_runs_the_layered_server_eagerly(monkeypatch, tmp_path):
+    monkeypatch.setattr(gq, "Server", lambda name, port, args, out: args)
+    args = gq.launch(tmp_path, tmp_path, 4096, granularity="per_layer", layer_groups=6)
+    joined = " ".join(args)
+    assert "--kv-evict-granularity per_layer --disable-cuda-graph --page-size 1 --kv-evict-layer-groups 6" in joined
+    assert "--attention-backend triton" in joined
+    assert "--kv-evict-granularity" not in gq.launch(tmp_path, tmp_path, 4096)
+
+
+def test_harness_answers_select_per_layer_with_the_servers_granularity(gemma_harness):
+    from sgl_evict import Budget, make_policy
+
+    harness, _ = gemma_harness
+    runs = gq.plan_runs(["t"], [90], 1, 0, ["snapkv"], ["0.3"])
+    ids = {(r.task, r.context, r.seed): list(range(2, r.context + 2)) for r in runs}
+    got = gq.harness_answers(harness, runs, ids, 6, EOS, "cpu", progress=lambda _: None, granularity="per_layer")
+    state = harness.prefill(torch.tensor([ids[("t", 90, 0)]]))
+    want = harness.generate(state, make_policy("snapkv"), Budget.parse("0.3"), "per_layer", max_new_tokens=6,
+                            eos_token_ids=EOS).tokens
+    assert got[runs[1].key] == gq.answer_tokens(want, 6, EOS)

@@ -179,3 +179,22 @@ def test_token_logprobs_score_the_greedy_answer_under_the_compressed_cache(setup
     full = harness.token_logprobs(state, make_policy("none"), Budget(fraction=1.0), "uniform", answer)
     assert full[0] == pytest.approx(logp[0])  # the first token comes before eviction
     assert full[1:] != pytest.approx(logp[1:], abs=1e-3)  # later ones see the compressed cache
+
+
+def test_layer_groups_share_keep_sets_as_the_servers_layered_pool_groups_them():
+    ids = torch.randint(0, 200, (1, 61), generator=torch.Generator().manual_seed(2))
+    budget = Budget(fraction=0.5)  # 31 of 61 tokens: 13 chosen besides the sinks and the sliding-window tail
+    keep_sets = {}
+    for groups in (None, 1, 2, 4):  # tiny Gemma 3: layers 1 and 3 attend globally, 0 and 2 slide
+        harness = EvictionHarness(tiny_gemma3(), window=8, sinks=2, protected_recent=16, layer_groups=groups)
+        state = harness.prefill(ids)
+        keep_sets[groups] = harness.select(state, make_policy("snapkv"), budget, "per_layer").indices
+        if groups == 1:
+            uniform = harness.select(state, make_policy("snapkv"), budget, "uniform").indices
+    # a group per layer (2 and 4 groups put layers 1 and 3 apart) is the default per_layer; one group is uniform
+    for groups in (2, 4):
+        assert all(torch.equal(a, b) for a, b in zip(keep_sets[groups], keep_sets[None]))
+    assert all(torch.equal(a, b) for a, b in zip(keep_sets[1], uniform))
+    assert not torch.equal(keep_sets[None][0], keep_sets[None][1])  # the layers' own keep-sets differ
+    with pytest.raises(ValueError, match="3 layer groups do not divide 4 layers"):
+        EvictionHarness(tiny_gemma3(), layer_groups=3)

@@ -2,7 +2,9 @@
 layered pool: :func:`sgl_evict.engine.evict_batch.evict_after_prefill` with a ``LayeredTokenToKVPoolAllocator``
 scores each layer through its own group-slots, keeps per group what ``group_keep_masks`` keeps (laprox with its
 global split), frees exactly the dropped group-slots, turns tokens no group keeps into holes, and leaves the
-uniform path as it was (G = 1 keeps the uniform keep-set)."""
+uniform path as it was (G = 1 keeps the uniform keep-set). With sliding-window layers (Gemma 3's shape: only
+full-attention layers are scored), a group of sliding-window layers only keeps the prompt's tail, the others keep
+what the HF harness's ``per_layer`` selection over the same layer groups keeps (``select_keep_grouped``)."""
 
 import os
 from types import SimpleNamespace
@@ -28,17 +30,19 @@ from sgl_evict.engine.keep import laprox_scores, position_scores, window_scores 
 from sgl_evict.engine.laprox import projected_norms  # noqa: E402
 from sgl_evict.engine.runtime import EngineState  # noqa: E402
 from sgl_evict.holes import HOLE  # noqa: E402
+from sgl_evict.layer_groups import GroupLayout  # noqa: E402
 from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.selection import Budget, select_keep_grouped  # noqa: E402
 
 LAYERS, KV_HEADS, GROUP, DIM, WINDOW = 4, 2, 2, 16, 4
 SEQ, PREFIX = 40, 6  # prompt length; the first PREFIX tokens are a matched prefix the radix tree owns
 SCALING = {layer: 0.25 for layer in range(LAYERS)}
 
 
-def _setup(groups, policy, seed=0):
-    """A layered pool with one request's prompt written (random K/V per layer), its row, window queries, and the
-    K/V as written (the reference reads them, not the pool)."""
+def _setup(groups, policy, seed=0, window_layers=frozenset()):
+    """A layered pool with one request's prompt written (random K/V per layer), its row, window queries of the
+    full-attention layers (not of ``window_layers``, as the capture skips sliding-window layers), and the K/V as
+    written (the reference reads them, not the pool)."""
     gen = torch.Generator().manual_seed(seed)
     pool = LayeredMHATokenToKVPool(96 * groups, groups, torch.float32, KV_HEADS, DIM, LAYERS, "cpu")
     allocator = LayeredTokenToKVPoolAllocator(96, 96 * groups, groups, torch.float32, "cpu", pool, need_sort=False)
@@ -57,7 +61,7 @@ def _setup(groups, policy, seed=0):
                                    pooling_kernel=3, granularity="per_layer", layer_groups=groups))
     state.forward_id = 3
     state.capture.begin(3, [SEQ], "cpu")
-    for layer in range(LAYERS):
+    for layer in sorted(set(range(LAYERS)) - window_layers):
         state.capture.record(layer, torch.randn(SEQ, KV_HEADS * GROUP * DIM, generator=gen), KV_HEADS * GROUP, DIM,
                              SCALING[layer])
     state.capture.end()
@@ -151,3 +155,55 @@ def test_one_group_keeps_the_uniform_keep_set():
     assert int((table[1, :SEQ] == HOLE).sum()) == SEQ - 10 == freed[0].numel()
     assert torch.equal(freed[0], torch.arange(1, SEQ + 1)[plain[1, :SEQ] == HOLE].long())
     assert allocator.group_slots_of(before) == 10
+
+
+TAIL = 6  # the sliding-window tail every keep-set keeps (Gemma 3: 512); budget 10 > sinks 2 + TAIL
+
+
+@pytest.mark.parametrize("groups, policy", [(1, "snapkv"), (2, "snapkv"), (4, "snapkv"), (4, "laprox"),
+                                            (2, "streaming")])
+def test_sliding_window_groups_keep_the_tail_and_scored_groups_the_harness_keep_set(groups, policy):
+    # layers 0 and 2 slide: G = 4 has two window-only groups, G = 2 and G = 1 mix both kinds in every group
+    window_layers = frozenset({0, 2})
+    pool, allocator, table, state, k, v = _setup(groups, policy, seed=5, window_layers=window_layers)
+    state.protected_recent, state.window_layers = TAIL, window_layers
+    layout = GroupLayout(LAYERS, groups, window_layers)
+    before = table[1, :SEQ].clone()
+    heap_free = allocator.heap_available_size()
+
+    # the harness's rule on the same scores: per_layer over the full-attention layers 1 and 3, grouped as the pool
+    keys = {layer: torch.cat([torch.zeros(1, KV_HEADS, DIM), k[layer]]) for layer in range(LAYERS)}
+    values = {layer: torch.cat([torch.zeros(1, KV_HEADS, DIM), v[layer]]) for layer in range(LAYERS)}
+    row = torch.arange(1, SEQ + 1, dtype=torch.int32)
+    queries, config = state.capture.queries_of(0), state.config
+    assert sorted(queries) == [1, 3]
+    if policy == "snapkv":
+        scores = window_scores(queries, SCALING, keys.__getitem__, row, config.pooling_kernel, attention_mass_paged)
+    elif policy == "laprox":
+        factors = state.value_norm_factors
+        scores = laprox_scores(queries, SCALING, keys.__getitem__, row, config.pooling_kernel, attention_mass_paged,
+                               lambda layer: projected_norms(values[layer], row, factors[layer]))
+    else:
+        scores = position_scores(policy, row).expand(2, -1, -1)
+    harness = select_keep_grouped(scores, [layout.group_of(1), layout.group_of(3)], config.budget, config.sinks,
+                                  max(config.window, TAIL), global_budget=policy == "laprox")
+    tail = torch.arange(SEQ) >= SEQ - TAIL
+    expected = tail.expand(groups, SEQ).clone()
+    for i, layer in enumerate([1, 3]):
+        expected[layout.group_of(layer)] = harness.mask(i)[0]
+
+    freed = evict_after_prefill(_batch(0), state, table, pool.get_key_buffer, allocator.free, attention_mass_paged,
+                                value_buffer=pool.get_value_buffer, layered=allocator)
+
+    live = allocator.group_map[:, before.long()] > 0
+    assert torch.equal(live, expected)
+    assert live[:, tail].all()  # every group keeps what the sliding-window layers read
+    for group in layout.window_only_groups:
+        assert torch.equal(live[group], tail)
+    # memory: the window-only groups hold the tail, the scored groups the budget each (laprox: in total over them)
+    scored = len(layout.scored_groups)
+    assert int(live.sum()) == TAIL * len(layout.window_only_groups) + scored * 10
+    chosen = ~tail & (torch.arange(SEQ) >= 2)  # neither sinks nor tail: what the scores chose
+    assert live[list(layout.scored_groups)][:, chosen].any()
+    assert freed == groups * SEQ - int(live.sum()) and allocator.heap_available_size() == heap_free + freed
+    assert torch.equal(table[1, :SEQ] == HOLE, ~expected.any(0))

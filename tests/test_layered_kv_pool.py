@@ -7,7 +7,13 @@ TritonAttnBackend and its Triton decode / extend kernels, run on CPU under TRITO
   splits), through a prefill, a decode step and a second-turn extend over the cached prefix;
 - per-group keep-sets with holes (tokens every group drops) and tokens only some groups drop: every layer's decode
   and second-turn extend outputs equal a PyTorch reference attention over that layer's keep-set, computed from the
-  K/V tensors written, not from the pool.
+  K/V tensors written, not from the pool;
+- sliding-window layers (Gemma 3's shape on the shared pool: layers 0 and 1 read the last ``WINDOW`` entries,
+  layers 2 and 3 everything) for G = 1 (groups mixing both kinds), 2 (a group of sliding-window layers only, a
+  group of full-attention layers) and 4: nothing evicted, outputs equal SGLang's plain pool's bit for bit; with
+  ``layout_keep_masks``' keep-sets (window-only groups keep the prompt's last ``WINDOW + 1`` tokens), every
+  full-attention layer equals reference attention over its group's keep-set, every sliding-window layer equals
+  SGLang's plain pool without eviction, and the heap frees exactly the dropped group-slots.
 """
 
 import os
@@ -34,14 +40,19 @@ except Exception as exc:  # not installed, or installed beside a transformers it
         raise
     pytest.skip(f"sglang's Triton attention backend does not import here: {exc}", allow_module_level=True)
 
+from sgl_evict.config import EvictionConfig  # noqa: E402
 from sgl_evict.engine.compact_view import compact_rows  # noqa: E402
 from sgl_evict.engine.group_evict import evict_groups  # noqa: E402
+from sgl_evict.engine.group_keep import layout_group_scores, layout_keep_masks  # noqa: E402
 from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator  # noqa: E402
+from sgl_evict.layer_groups import GroupLayout  # noqa: E402
+from sgl_evict.selection import Budget  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 16
 SCALE = HEAD_DIM ** -0.5
 ROWS, CONTEXT = 4, 32  # request rows (and as many shadow rows), max context
 SLOTS = 64  # token slots of the plain pool; the layered pool gets SLOTS x G group-slots
+WINDOW = 3  # sliding_window_size of the sliding-window layers; every keep-set keeps the prompt's last WINDOW + 1
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +69,9 @@ class Engine:
     """A KV pool, its allocator, the request table (rows, then their compacted shadow rows, as the plugin's
     ReqToTokenPool hook builds it) and a Triton backend, as a model runner holds them."""
 
-    def __init__(self, groups=None):
+    def __init__(self, groups=None, window_layers=()):
+        """``window_layers``: layer ids that attend to their last ``WINDOW`` keys only (Gemma 3's sliding-window
+        layers, SGLang's ``sliding_window_size``)."""
         if groups is None:  # SGLang's own pool
             self.pool = MHATokenToKVPool(SLOTS, 1, torch.float32, KV_HEADS, HEAD_DIM, LAYERS, "cpu", False)
             self.allocator = TokenToKVPoolAllocator(SLOTS, torch.float32, "cpu", self.pool, need_sort=False)
@@ -78,12 +91,15 @@ class Engine:
             hf_config=types.SimpleNamespace(get_text_config=lambda: None))
         runner = types.SimpleNamespace(
             req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.pool,
-            token_to_kv_pool_allocator=self.allocator, sliding_window_size=None, model_config=config, device="cpu",
+            token_to_kv_pool_allocator=self.allocator, sliding_window_size=WINDOW if window_layers else None,
+            model_config=config, device="cpu",
             gpu_id=0, is_draft_worker=False, page_size=1,
             server_args=types.SimpleNamespace(triton_attention_num_kv_splits=4, enable_deterministic_inference=False,
                                               triton_attention_split_tile_size=None, chunked_prefill_size=-1))
         self.backend = backend_class(runner)
-        self.layers = [RadixAttention(HEADS, HEAD_DIM, SCALE, KV_HEADS, layer_id=layer) for layer in range(LAYERS)]
+        self.layers = [RadixAttention(HEADS, HEAD_DIM, SCALE, KV_HEADS, layer_id=layer,
+                                      sliding_window_size=WINDOW if layer in window_layers else -1)
+                       for layer in range(LAYERS)]
 
     def extend(self, new_lens, q, k, v):
         """Appends ``new_lens[b]`` tokens to request row ``b`` and runs every layer's ``forward_extend``.
@@ -157,14 +173,14 @@ def reference_attention(q, k, v, causal_from):
 PROMPTS = [6, 9]
 
 
-def run_turns(engine, evict=None):
-    """Prefill of PROMPTS, optional per-group eviction ``evict(engine)``, one decode step, a second-turn extend
+def run_turns(engine, evict=None, prompts=PROMPTS):
+    """Prefill of ``prompts``, optional per-group eviction ``evict(engine)``, one decode step, a second-turn extend
     of 3 tokens per request: the three outputs."""
-    prefill = engine.extend(PROMPTS, *qkv(sum(PROMPTS), seed=1))
+    prefill = engine.extend(prompts, *qkv(sum(prompts), seed=1))
     if evict is not None:
         evict(engine)
-    decode = engine.decode(*qkv(len(PROMPTS), seed=2))
-    second = engine.extend([3] * len(PROMPTS), *qkv(3 * len(PROMPTS), seed=3))
+    decode = engine.decode(*qkv(len(prompts), seed=2))
+    second = engine.extend([3] * len(prompts), *qkv(3 * len(prompts), seed=3))
     return prefill, decode, second
 
 
@@ -229,6 +245,84 @@ def test_per_group_keep_sets_with_holes_match_reference_attention(groups):
             expected = reference_attention(q2[layer, b:b + 1], keys, values, causal_from=keys.shape[0] - 1)
             torch.testing.assert_close(decode[layer, b:b + 1], expected, rtol=1e-5, atol=1e-5)
 
+            turn = slice(3 * b, 3 * b + 3)
+            keys = torch.cat([keys, k3[layer, turn]])
+            values = torch.cat([values, v3[layer, turn]])
+            expected = reference_attention(q3[layer, turn], keys, values, causal_from=keys.shape[0] - 3)
+            torch.testing.assert_close(second[layer, turn], expected, rtol=1e-5, atol=1e-5)
+
+
+WINDOW_LAYERS = frozenset({0, 1})  # layers 2 and 3 attend to everything
+LONG_PROMPTS = [12, 15]  # long enough that the sliding-window layers' groups drop most of each prompt
+
+
+@pytest.mark.parametrize("groups", [1, 2, LAYERS])
+def test_sliding_window_layers_without_eviction_are_sglangs_pool_bit_for_bit(groups):
+    plain = Engine(window_layers=WINDOW_LAYERS)
+    layered = Engine(groups=groups, window_layers=WINDOW_LAYERS)
+    for got, expected in zip(run_turns(layered, prompts=LONG_PROMPTS), run_turns(plain, prompts=LONG_PROMPTS)):
+        assert torch.equal(got, expected)
+
+
+def window_keep_masks(groups):
+    """Per request ``[groups, prompt]`` keep masks as the server selects them for a model whose layers 0 and 1 have
+    sliding windows: snapkv-like random scores of layers 2 and 3, 7 tokens kept (sinks 1 and the last WINDOW + 1
+    among them), window-only groups keep that tail."""
+    layout = GroupLayout(LAYERS, groups, WINDOW_LAYERS)
+    config = EvictionConfig(policy="snapkv", budget=Budget(tokens=7), window=1, sinks=1, pooling_kernel=1,
+                            granularity="per_layer", layer_groups=groups)
+    gen = torch.Generator().manual_seed(7)
+    keeps = []
+    for n in LONG_PROMPTS:
+        scores = torch.rand(2, KV_HEADS, n, generator=gen)
+        grouped = layout_group_scores(scores, [2, 3], layout, comparable_across_layers=False)
+        keeps.append(layout_keep_masks(grouped, layout, config, torch.arange(n), protected_recent=WINDOW + 1))
+    return keeps
+
+
+@pytest.mark.parametrize("groups", [1, 2, LAYERS])
+def test_sliding_window_groups_keep_their_window_and_full_attention_layers_their_keep_set(groups):
+    keeps = window_keep_masks(groups)
+    tail = [torch.arange(n) >= n - (WINDOW + 1) for n in LONG_PROMPTS]
+    for keep, n, last in zip(keeps, LONG_PROMPTS, tail):
+        assert keep.all(0)[last].all()  # every group keeps the tail the sliding-window layers read
+        for group in GroupLayout(LAYERS, groups, WINDOW_LAYERS).window_only_groups:
+            assert torch.equal(keep[group], last)  # and a group of sliding-window layers only that tail
+        assert int(keep[-1].sum()) == 7 < n  # the full-attention layers' groups keep the budget
+
+    def evict(engine):
+        for b, keep in enumerate(keeps):
+            engine.rows[b] = evict_groups(engine.allocator, engine.rows[b], keep, owned_from=0).row
+
+    plain = run_turns(Engine(window_layers=WINDOW_LAYERS), prompts=LONG_PROMPTS)
+    engine = Engine(groups=groups, window_layers=WINDOW_LAYERS)
+    free_before = engine.allocator.heap_available_size()
+    prefill, decode, second = run_turns(engine, evict, prompts=LONG_PROMPTS)
+    dropped = sum(int((~keep).sum()) for keep in keeps)
+    tokens = sum(LONG_PROMPTS) + 2 + 6  # prompts, a decode token and 3 second-turn tokens per request
+    assert engine.allocator.heap_available_size() == free_before - groups * tokens + dropped
+    if groups == 2:  # the window-only group holds each prompt's tail, the other the full layers' keep-set
+        assert dropped == sum(n - (WINDOW + 1) + n - 7 for n in LONG_PROMPTS)
+    if groups == LAYERS:  # layers 2 and 3 select their own keep-sets from their own scores
+        assert any(not torch.equal(keep[2], keep[3]) for keep in keeps)
+
+    _, k1, v1 = qkv(sum(LONG_PROMPTS), seed=1)
+    q2, k2, v2 = qkv(len(LONG_PROMPTS), seed=2)
+    q3, k3, v3 = qkv(3 * len(LONG_PROMPTS), seed=3)
+    starts = [0, LONG_PROMPTS[0]]
+    for layer in range(LAYERS):
+        if layer in WINDOW_LAYERS:  # the window reads exactly what it would without eviction
+            torch.testing.assert_close(decode[layer], plain[1][layer], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(second[layer], plain[2][layer], rtol=1e-6, atol=1e-6)
+            continue
+        group = layer // (LAYERS // groups)
+        for b, keep in enumerate(keeps):
+            kept = keep[group]
+            prompt = slice(starts[b], starts[b] + LONG_PROMPTS[b])
+            keys = torch.cat([k1[layer, prompt][kept], k2[layer, b:b + 1]])
+            values = torch.cat([v1[layer, prompt][kept], v2[layer, b:b + 1]])
+            expected = reference_attention(q2[layer, b:b + 1], keys, values, causal_from=keys.shape[0] - 1)
+            torch.testing.assert_close(decode[layer, b:b + 1], expected, rtol=1e-5, atol=1e-5)
             turn = slice(3 * b, 3 * b + 3)
             keys = torch.cat([keys, k3[layer, turn]])
             values = torch.cat([values, v3[layer, turn]])

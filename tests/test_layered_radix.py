@@ -401,6 +401,30 @@ def test_split_nodes_count_their_own_group_slots_through_lock_and_evict():
     check_counters(pool)
 
 
+def test_sliding_window_match_ends_where_every_group_holds_its_tail(evicting_process):
+    """A group of sliding-window layers keeps only each prompt's tail: a request's match whose last
+    ``protected_recent`` entries some group dropped is cut, as at holes; SGLang's own re-match is not."""
+    pool = LayeredPool(logical=32, group_slots=96, groups=3)
+    row = pool.allocator.alloc(12)
+    drop = torch.zeros(3, 12, dtype=torch.bool)
+    drop[0, :8] = True  # group 0 (sliding-window layers only) keeps the last 4 tokens
+    drop[1, 2:6] = True  # group 1 drops tokens 2..5; group 2 keeps everything
+    pool.allocator.free_group_slots(row, drop)
+    tokens = list(range(100, 112))
+    pool.cache.insert(InsertParams(key=RadixKey(array("q", tokens), NS_COMPRESSED), value=row.clone()))
+    shared = tokens[:10] + [7, 8]  # shares tokens 0..9, whose tail 6..9 group 0 dropped
+    evicting_process.protected_recent = 4
+    try:
+        assert len(pool.match(shared, NS_COMPRESSED).device_indices) == 10
+        assert len(pool.match(shared, NS_COMPRESSED, req=SimpleNamespace()).device_indices) == 0
+        # a second turn: its tail 8..11 is whole in every group
+        assert len(pool.match(tokens + [7], NS_COMPRESSED, req=SimpleNamespace()).device_indices) == 12
+    finally:
+        evicting_process.protected_recent = 0
+    # without sliding-window layers the match keeps every token some group still holds
+    assert len(pool.match(shared, NS_COMPRESSED, req=SimpleNamespace()).device_indices) == 10
+
+
 def idle_checker(pool):
     """SGLang's scheduler invariant checker at idle (no batch, no session) over ``pool``'s tree and allocator."""
     from sglang.srt.disaggregation.utils import DisaggregationMode

@@ -121,7 +121,8 @@ def test_per_layer_builds_the_layered_pool_and_allocator_of_sglangs_bytes(groups
     assert allocator.size == allocator.available_size() == SIZE
     assert allocator.logical.size == layered_pool.LOGICAL_SLOTS_PER_TOKEN * SIZE
     assert allocator.heap_available_size() == groups * SIZE
-    check_per_layer_pool(allocator, 0)
+    check_per_layer_pool(allocator, frozenset())
+    check_per_layer_pool(allocator, frozenset({0, 1}))  # sliding-window layers: served (their groups keep the window)
 
 
 def test_per_layer_groups_default_to_one_per_layer_and_must_divide_the_layers():
@@ -157,10 +158,10 @@ def test_per_layer_refuses_what_its_pool_does_not_hold():
     with pytest.raises(RuntimeError, match="SGLang built MHATokenToKVPool for this model"):
         _build_allocator(_configurator(), plain)
     with pytest.raises(RuntimeError, match="not the layered one"):
-        check_per_layer_pool(TokenToKVPoolAllocator(SIZE, torch.float32, "cpu", plain, need_sort=False), 0)
+        check_per_layer_pool(TokenToKVPoolAllocator(SIZE, torch.float32, "cpu", plain, need_sort=False), frozenset())
     layered = _build_pool(_configurator())
-    with pytest.raises(RuntimeError, match="sliding-window layers"):
-        check_per_layer_pool(_build_allocator(_configurator(), layered), 512)
+    with pytest.raises(RuntimeError, match="per_layer: every layer has a sliding window"):
+        check_per_layer_pool(_build_allocator(_configurator(), layered), frozenset(range(LAYERS)))
 
 
 def _runner(pool, allocator):

@@ -2,6 +2,7 @@
 
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +18,7 @@ from sglang.srt.plugins import load_plugins  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.patches.server_args import eviction_config  # noqa: E402
+from sgl_evict.patches.server_args import check_per_layer_support, eviction_config  # noqa: E402
 from sgl_evict.selection import Budget  # noqa: E402
 
 
@@ -238,7 +239,7 @@ def test_per_layer_refuses_judgeq(prepare, capsys, tmp_path):
     assert "argument --kv-evict-granularity: per_layer is not built for policy 'judgeq'" in printed
 
 
-def test_per_layer_refuses_sliding_window_models(capsys, tmp_path):
+def test_per_layer_serves_sliding_window_models_on_the_shared_pool(tmp_path):
     load_plugins()
     from sglang.srt.server_args import prepare_server_args
 
@@ -246,10 +247,25 @@ def test_per_layer_refuses_sliding_window_models(capsys, tmp_path):
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, sliding_window=16, architectures=["MistralForCausalLM"],
     ).save_pretrained(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        prepare_server_args(["--model-path", str(tmp_path), "--device", "cpu", *PER_LAYER])
-    printed = str(exit_info.value.code)
-    assert "argument --kv-evict-granularity: per_layer does not support models with sliding-window layers" in printed
+    server_args = prepare_server_args(["--model-path", str(tmp_path), "--device", "cpu", *PER_LAYER])
+    assert server_args.disable_hybrid_swa_memory  # eviction runs every layer on the one shared pool
+    assert server_args.get_model_config().sliding_window_size == 16
+    assert eviction_config(server_args).layer_groups == 2
+
+
+def test_per_layer_refuses_sglangs_hybrid_swa_pool():
+    # eviction turns the hybrid pool off at launch; a server that has it anyway (its ModelConfig says so) is refused
+    server_args = SimpleNamespace(
+        get_attention_backends=lambda: ["triton"], page_size=1, tp_size=1,
+        cuda_graph_config=SimpleNamespace(decode=SimpleNamespace(backend="disabled")),
+        get_model_config=lambda: SimpleNamespace(is_hybrid_swa=True, sliding_window_size=16, num_hidden_layers=2))
+    config = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer")
+    with pytest.raises(ValueError, match=re.escape("argument --disable-hybrid-swa-memory: --kv-evict-granularity "
+                                                   "per_layer runs sliding-window models on the one shared KV pool")):
+        check_per_layer_support(config, server_args)
+    server_args.get_model_config = lambda: SimpleNamespace(is_hybrid_swa=False, sliding_window_size=16,
+                                                           num_hidden_layers=2)
+    assert check_per_layer_support(config, server_args).layer_groups == 2
 
 
 def test_per_layer_server_refuses_per_request_granularity_and_laq():

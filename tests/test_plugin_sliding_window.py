@@ -1,5 +1,7 @@
 """Sliding-window models in an evicting SGLang 0.5.17 server: the shared pool is forced at launch, and the scheduler
-makes every keep-set keep the model's sliding window or refuses what eviction cannot serve correctly."""
+makes every keep-set keep the model's sliding window or refuses what eviction cannot serve correctly. With
+``--kv-evict-granularity per_layer`` a Gemma 3 launches (its layer groups checked against its layers) and the
+scheduler records its sliding-window layers, whose groups keep only the window."""
 
 import os
 from types import SimpleNamespace
@@ -61,6 +63,22 @@ def test_gemma3_gets_the_shared_pool_and_its_global_rope(prepare):
     assert torch.equal(RopeSpec.from_config(config.hf_text_config).inv_freq, rope_spec(16, 1e6).inv_freq)
 
 
+PER_LAYER = (*EVICT, "--kv-evict-granularity", "per_layer", "--attention-backend", "triton", "--disable-cuda-graph")
+
+
+def test_gemma3_launches_per_layer_with_layer_groups_dividing_its_layers(prepare, capsys):
+    from sgl_evict.patches.server_args import eviction_config
+
+    args = prepare("gemma3", *PER_LAYER)
+    assert args.disable_hybrid_swa_memory and eviction_config(args).layer_groups == 6
+    assert eviction_config(prepare("gemma3", *PER_LAYER, "--kv-evict-layer-groups", "3")).layer_groups == 3
+    with pytest.raises(SystemExit) as exit_info:
+        prepare("gemma3", *PER_LAYER, "--kv-evict-layer-groups", "4")
+    message = str(exit_info.value.code)
+    assert "argument --kv-evict-layer-groups: 4 groups must divide the model's 6 layers" in message
+    assert "Traceback" not in message
+
+
 def _layers(logit_cap=0.0, sliding_cap=0.0):
     """Gemma-3-like RadixAttention layers: 0-4 sliding (window 511, as Gemma3Attention sets it), 5 global."""
     return torch.nn.ModuleList(
@@ -85,10 +103,10 @@ def _scheduler_init(config, layers, hybrid=False, chunk=None):
 
 @pytest.fixture
 def state():
-    saved = STATE.config, STATE.protected_recent, STATE.rope
+    saved = STATE.config, STATE.protected_recent, STATE.rope, STATE.window_layers
     yield STATE
     STATE.configure(saved[0])
-    STATE.protected_recent, STATE.rope = saved[1:]
+    STATE.protected_recent, STATE.rope, STATE.window_layers = saved[1:]
 
 
 SNAPKV = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
@@ -97,13 +115,14 @@ SNAPKV = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
 def test_scheduler_protects_the_sliding_window_of_a_gemma3_model(state):
     _scheduler_init(SNAPKV, _layers(sliding_cap=30.0))  # a cap on sliding layers is never scored: accepted
     assert state.protected_recent == 512  # sliding_window_size 511 + the current token: HF's sliding_window
+    assert state.window_layers == frozenset(range(5))  # per_layer: groups of these only keep that tail
     assert torch.equal(state.rope.inv_freq, rope_spec(16, 1e6).inv_freq)
 
 
 def test_scheduler_protects_nothing_without_sliding_window_layers(state):
     state.protected_recent = 7
     _scheduler_init(SNAPKV, torch.nn.ModuleList([RadixAttention(4, 16, 0.25, 1, layer_id=i) for i in range(2)]))
-    assert state.protected_recent == 0
+    assert state.protected_recent == 0 and state.window_layers == frozenset()
 
 
 @pytest.mark.parametrize("setting, message", [

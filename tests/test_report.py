@@ -51,6 +51,7 @@ def test_json_and_plot_written(tmp_path):
     (["eval", "--policies", "snapkv,h2o"], "unknown policy 'h2o'"),
     (["eval", "--policies", "judgeq"], "needs --soft-tokens"),
     (["eval", "--samples", "0"], "samples per task must be >= 1"),
+    (["eval", "--layer-groups", "2"], "layer groups (2) need granularity per_layer"),
     (["eval", "--model", "/nonexistent/model"], "neither 'gemma3-270m' nor a local checkpoint folder"),
 ])
 def test_cli_rejects_bad_arguments_with_a_message(argv, message, capsys):

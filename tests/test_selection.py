@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgl_evict.selection import Budget, protected_mask, select_keep
+from sgl_evict.layer_groups import GroupLayout
+from sgl_evict.selection import Budget, protected_mask, select_keep, select_keep_grouped
 
 
 @pytest.mark.parametrize("text,fraction,tokens", [("0.1", 0.1, None), ("10%", 0.1, None), (0.25, 0.25, None),
@@ -143,3 +144,45 @@ def test_nan_scores_are_refused():
     s[0, 0, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         select_keep(s, Budget(tokens=3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_selection_is_per_layer_with_a_group_per_layer_and_uniform_with_one_group(seed):
+    scores = torch.rand(4, 2, 50, generator=torch.Generator().manual_seed(seed))
+    budget = Budget(tokens=12)
+    for global_budget in (False, True):
+        alone = select_keep_grouped(scores, [0, 1, 2, 3], budget, 2, 5, global_budget)
+        per_layer = select_keep(scores, budget, 2, 5, "per_layer", global_budget)
+        assert all(torch.equal(a, b) for a, b in zip(alone.indices, per_layer.indices))
+    together = select_keep_grouped(scores, [0, 0, 0, 0], budget, 2, 5)
+    uniform = select_keep(scores, budget, 2, 5, "uniform")
+    assert all(torch.equal(a, b) for a, b in zip(together.indices, uniform.indices))
+
+
+def test_grouped_selection_shares_a_keep_set_per_group_and_splits_the_global_budget_over_groups():
+    scores = torch.rand(4, 1, 40, generator=torch.Generator().manual_seed(3))
+    scores[2:] *= 10  # the second group's raw scores dominate the global split
+    kept = select_keep_grouped(scores, [0, 0, 1, 1], Budget(tokens=10), 2, 4)
+    assert torch.equal(kept.indices[0], kept.indices[1]) and torch.equal(kept.indices[2], kept.indices[3])
+    assert torch.equal(kept.indices[0], select_keep(scores[:2], Budget(tokens=10), 2, 4, "uniform").indices[0])
+    split = select_keep_grouped(scores, [0, 0, 1, 1], Budget(tokens=10), 2, 4, global_budget=True)
+    assert split.indices[0].numel() + split.indices[2].numel() == 2 * 10  # G x budget in total
+    assert split.indices[2].numel() > split.indices[0].numel() >= 6  # every group keeps its protected tokens
+    with pytest.raises(ValueError, match="4 score rows for 3 group labels"):
+        select_keep_grouped(scores, [0, 0, 1], Budget(tokens=10))
+
+
+def test_group_layout_of_gemma3_270m():
+    window = frozenset(layer for layer in range(18) if layer % 6 != 5)  # every 6th layer attends globally
+    assert GroupLayout(18, 18, window).scored_groups == (5, 11, 17)
+    assert len(GroupLayout(18, 18, window).window_only_groups) == 15 and not GroupLayout(18, 18, window).mixed_groups()
+    six = GroupLayout(18, 6, window)  # groups of 3 layers: 0-2 sliding only, 3-5 holds layer 5, ...
+    assert (six.scored_groups, six.window_only_groups, six.mixed_groups()) == ((1, 3, 5), (0, 2, 4), (1, 3, 5))
+    assert [six.group_of(layer) for layer in (0, 5, 6, 17)] == [0, 1, 2, 5]
+    assert GroupLayout(18, 1, window).mixed_groups() == (0,)
+    assert GroupLayout(4, 2).scored_groups == (0, 1)  # no sliding-window layers: every group is scored
+    for args, message in [((18, 4, window), "4 layer groups do not divide 18 layers"),
+                          ((4, 2, frozenset(range(4))), "every layer has a sliding window"),
+                          ((4, 2, frozenset({4})), "outside 0..3")]:
+        with pytest.raises(ValueError, match=message):
+            GroupLayout(*args)

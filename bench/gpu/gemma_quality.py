@@ -24,6 +24,14 @@ FILE``, e.g. bench/results/judgeq_gpu_gemma3-270m_2k.safetensors): the server st
 ``--kv-evict-soft-tokens FILE`` and the harness loads the same file. laq: the server decodes
 its lookahead steps on the snapkv view and the rest on the laq cache; the harness reproduces exactly that (the
 snapkv answer's first tokens, then laq with those tokens as its teacher-forced lookahead).
+
+``--granularity per_layer [--layer-groups G]`` (issue 9) launches the layered server instead (``--kv-evict-granularity
+per_layer``, Triton, ``--disable-cuda-graph``, ``--page-size 1``; laq and judgeq are not run there): each group of
+the model's layers keeps its own keep-set, a group of sliding-window layers only the last 512 prompt tokens. The
+harness runs the same granularity and layer groups (``EvictionHarness(layer_groups=G)``), and the log check counts
+each eviction's group-slots. Run it once with each granularity to compare per-layer and uniform selection; the
+summary's ``kv_fraction`` is the KV each policy@budget kept (layer x token entries over the full cache's), so the
+two runs are compared at known memory.
 Writes gemma_quality.json and the server log to --out; exit status 1 when a check fails.
 """
 
@@ -46,8 +54,10 @@ from smoke import SITE, Server, _version, convert_gemma  # noqa: E402
 
 # server answers are cut exactly as the harness cuts its own
 from sgl_evict.eval.runner import answer_tokens  # noqa: E402
+from sgl_evict.layer_groups import GroupLayout  # noqa: E402
 
 POLICIES = ("snapkv", "dapq", "streaming", "random", "laq")
+NOT_PER_LAYER = ("laq", "judgeq")  # a per_layer server aborts their requests (their paths are uniform)
 BUDGETS = ("0.05", "0.1", "0.2", "0.5")
 CONTEXTS = (1024, 2048, 4096, 8192, 16384)
 FULL = "full"
@@ -126,26 +136,52 @@ def query_server(server, runs: list[Run], prompt_ids: dict, max_new_tokens: int,
 
 
 def eviction_log(text: str) -> list[tuple[int, int]]:
-    """(kept, prompt length) of each eviction a server logged, in order."""
+    """(kept, prompt length) of each eviction a server logged, in order; on a per_layer server (kept
+    group-slots, prompt length)."""
+    per_layer = re.findall(r"sgl-evict: request \S+ kept \d+ of (\d+) tokens in some group \((\d+) of", text)
+    if per_layer:
+        return [(int(k), int(n)) for n, k in per_layer]
     return [(int(k), int(n)) for k, n in re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens", text)]
 
 
-def check_kept(runs: list[Run], prompt_lens: dict, logged: list[tuple[int, int]], tail: int) -> dict:
+def expected_group_slots(n: int, budget: str, tail: int, layout: GroupLayout) -> int:
+    """Group-slots a prompt of ``n`` tokens keeps on a per_layer server: ``expected_kept`` in each group holding a
+    full-attention layer (laprox: in total over them), the last ``tail`` tokens in each sliding-window-only group."""
+    kept = expected_kept(n, budget, SINKS, max(WINDOW, tail))
+    return len(layout.scored_groups) * kept + len(layout.window_only_groups) * min(n, tail)
+
+
+def kv_fraction(n: int, budget: str, tail: int, layout: GroupLayout | None) -> float:
+    """The KV a prompt of ``n`` tokens keeps after eviction, as (layer, token) entries over the full cache's:
+    uniform (``layout`` None) keeps one keep-set in every layer; per_layer ``expected_group_slots`` of
+    ``L / G`` layers each."""
+    if budget == FULL or expected_kept(n, budget, SINKS, max(WINDOW, tail)) == n:
+        return 1.0
+    if layout is None:
+        return expected_kept(n, budget, SINKS, max(WINDOW, tail)) / n
+    return expected_group_slots(n, budget, tail, layout) / (layout.num_groups * n)
+
+
+def check_kept(runs: list[Run], prompt_lens: dict, logged: list[tuple[int, int]], tail: int,
+               layout: GroupLayout | None = None) -> dict:
     """Whether every evicting run logged the kept tokens it should (runs whose prompt the protected tokens cover
-    log nothing)."""
+    log nothing); with a per_layer server's ``layout``, the group-slots it should."""
     expected = []
     for run in runs:
         n = prompt_lens[(run.task, run.context, run.seed)]
         if run.policy != FULL and expected_kept(n, run.budget, SINKS, max(WINDOW, tail)) < n:
-            expected.append((expected_kept(n, run.budget, SINKS, max(WINDOW, tail)), n))
+            kept = (expected_kept(n, run.budget, SINKS, max(WINDOW, tail)) if layout is None
+                    else expected_group_slots(n, run.budget, tail, layout))
+            expected.append((kept, n))
     mismatches = [(i, e, g) for i, (e, g) in enumerate(zip(expected, logged)) if e != g]
     return {"ok": len(expected) == len(logged) and not mismatches, "expected": len(expected), "logged": len(logged),
             "first_mismatches": mismatches[:5]}
 
 
-def summarize(runs: list[Run], server: dict, harness: dict, scores: dict) -> dict:
-    """Accuracy of server and harness and their token-exact agreement, per policy@budget and per context."""
-    groups = defaultdict(lambda: {"n": 0, "server_score": 0.0, "harness_score": 0.0, "agree": 0})
+def summarize(runs: list[Run], server: dict, harness: dict, scores: dict, kv: dict | None = None) -> dict:
+    """Accuracy of server and harness and their token-exact agreement, per policy@budget and per context;
+    ``kv`` (run key -> :func:`kv_fraction`) adds the mean KV kept."""
+    groups = defaultdict(lambda: {"n": 0, "server_score": 0.0, "harness_score": 0.0, "agree": 0, "kv": 0.0})
     for run in runs:
         for name in (f"{run.policy}@{run.budget}", f"{run.policy}@{run.budget}/{run.context}"):
             g = groups[name]
@@ -153,8 +189,10 @@ def summarize(runs: list[Run], server: dict, harness: dict, scores: dict) -> dic
             g["server_score"] += scores[("server", run.key)]
             g["harness_score"] += scores[("harness", run.key)]
             g["agree"] += server[run.key] == harness[run.key]
+            g["kv"] += kv[run.key] if kv else 0.0
     return {name: {"n": g["n"], "server_accuracy": g["server_score"] / g["n"],
-                   "harness_accuracy": g["harness_score"] / g["n"], "token_agreement": g["agree"] / g["n"]}
+                   "harness_accuracy": g["harness_score"] / g["n"], "token_agreement": g["agree"] / g["n"],
+                   **({"kv_fraction": g["kv"] / g["n"]} if kv else {})}
             for name, g in sorted(groups.items())}
 
 
@@ -173,10 +211,11 @@ def agreement_checks(summary: dict, policies, budgets, slack: float) -> dict:
 
 def harness_answers(harness, runs: list[Run], prompt_ids: dict, max_new_tokens: int, eos: tuple[int, ...],
                     device: str, progress=print, stop_at: float = math.inf,
-                    soft_tokens: str = "") -> dict[str, list[int]]:
+                    soft_tokens: str = "", granularity: str = "uniform") -> dict[str, list[int]]:
     """The harness's answer to every run, one prefill per sample (runs are grouped by sample); stops at the first
     new sample after ``stop_at`` (a ``time.time()``), so the answers cover whole samples. ``soft_tokens``: the
-    judgeq file the server was started with."""
+    judgeq file the server was started with; ``granularity``: the server's (per_layer: with the harness's layer
+    groups)."""
     import torch
 
     from sgl_evict import Budget, make_policy
@@ -197,7 +236,7 @@ def harness_answers(harness, runs: list[Run], prompt_ids: dict, max_new_tokens: 
         else:
             options = {"soft_tokens_path": soft_tokens} if run.policy == "judgeq" else {}
             tokens = harness.generate(state, make_policy(run.policy, **options), Budget.parse(run.budget),
-                                      max_new_tokens=max_new_tokens, eos_token_ids=eos).tokens
+                                      granularity, max_new_tokens=max_new_tokens, eos_token_ids=eos).tokens
         answers[run.key] = answer_tokens(tokens, max_new_tokens, eos)
         if i % 25 == 0 or i == len(runs) - 1:
             progress(f"[gemma_quality] harness {i + 1}/{len(runs)} {run.key}")
@@ -234,14 +273,35 @@ def laq_as_served(harness, state, budget, max_new_tokens: int, eos: tuple[int, .
     return head[:-1] + rest
 
 
-def launch(model: Path, out: Path, context: int, soft_tokens: str = "") -> Server:
+def launch(model: Path, out: Path, context: int, soft_tokens: str = "", granularity: str = "uniform",
+           layer_groups: int | None = None) -> Server:
+    """The evicting Gemma server; ``granularity`` per_layer: the layered pool (eager Triton, page size 1), with
+    ``layer_groups`` groups (None: one per layer)."""
     args = ["--model-path", str(model), "--skip-tokenizer-init", "--attention-backend", "triton",
             "--context-length", str(context), "--mem-fraction-static", "0.6", "--max-running-requests", "8",
             "--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-window", str(WINDOW),
             "--kv-evict-sinks", str(SINKS), "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS)]
     if soft_tokens:
         args += ["--kv-evict-soft-tokens", soft_tokens]
+    if granularity == "per_layer":
+        args += ["--kv-evict-granularity", "per_layer", "--disable-cuda-graph", "--page-size", "1"]
+        if layer_groups is not None:
+            args += ["--kv-evict-layer-groups", str(layer_groups)]
     return Server("gemma-evict", PORT, args, out)
+
+
+def model_layout(config: dict, granularity: str, layer_groups: int | None) -> GroupLayout | None:
+    """The per_layer server's layer groups of the HF ``config`` (None for uniform); SystemExit naming the flag when
+    ``layer_groups`` does not divide the model's layers."""
+    if granularity != "per_layer":
+        return None
+    layers = config["num_hidden_layers"]
+    types = config.get("layer_types") or ["full_attention"] * layers
+    window = frozenset(i for i, kind in enumerate(types) if kind != "full_attention")
+    try:
+        return GroupLayout(layers, layer_groups or layers, window)
+    except ValueError as err:
+        raise SystemExit(f"gemma_quality: --layer-groups: {err}") from None
 
 
 def main() -> int:
@@ -250,7 +310,14 @@ def main() -> int:
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     parser.add_argument("--tasks", default="", help="comma-separated (default: every task)")
     parser.add_argument("--samples", type=int, default=1, help="samples per task and context")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="",
+                        help=f"comma-separated (default: {','.join(POLICIES)}; with per_layer without "
+                             f"{' and '.join(NOT_PER_LAYER)}, which it does not run)")
+    parser.add_argument("--granularity", choices=("uniform", "per_layer"), default="uniform",
+                        help="per_layer: the layered server (--kv-evict-granularity per_layer) and the harness's "
+                             "per_layer selection")
+    parser.add_argument("--layer-groups", type=int, default=None,
+                        help="per_layer: layer groups G (--kv-evict-layer-groups; default one per layer)")
     parser.add_argument("--budgets", default=",".join(BUDGETS))
     parser.add_argument("--soft-tokens", default="",
                         help="judgeq soft-token file for the server and the harness (needed for policy judgeq)")
@@ -279,7 +346,16 @@ def main() -> int:
     eos = tuple(sorted({t for t in (tokenizer.eos_token_id, config.get("eos_token_id")) if isinstance(t, int)}))
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     contexts = [int(c) for c in args.contexts.split(",")]
-    policies, budgets = args.policies.split(","), args.budgets.split(",")
+    per_layer = args.granularity == "per_layer"
+    if args.layer_groups is not None and not per_layer:
+        raise SystemExit("gemma_quality: --layer-groups needs --granularity per_layer")
+    default_policies = [p for p in POLICIES if not per_layer or p not in NOT_PER_LAYER]
+    policies = args.policies.split(",") if args.policies else default_policies
+    budgets = args.budgets.split(",")
+    if per_layer and set(policies) & set(NOT_PER_LAYER):
+        raise SystemExit(f"gemma_quality: --granularity per_layer does not run {', '.join(NOT_PER_LAYER)} (the "
+                         "server aborts those requests)")
+    layout = model_layout(config, args.granularity, args.layer_groups)
     if "judgeq" in policies and not args.soft_tokens:
         raise SystemExit("gemma_quality: policy judgeq needs --soft-tokens FILE")
     soft_tokens = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
@@ -298,9 +374,12 @@ def main() -> int:
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "versions": {m: _version(m) for m in ("sglang", "torch", "triton", "transformers")},
               "device": torch.cuda.get_device_name(0), "model": str(model), "protected_tail": tail,
-              "window": WINDOW, "sinks": SINKS, "runs": [asdict(r) for r in runs], "checks": {}}
+              "window": WINDOW, "sinks": SINKS, "granularity": args.granularity,
+              "layer_groups": layout.num_groups if layout else None, "runs": [asdict(r) for r in runs],
+              "checks": {}}
     checks = report["checks"]
-    server = launch(model, out, max(prompt_lens.values()) + args.max_new_tokens + 64, soft_tokens)
+    server = launch(model, out, max(prompt_lens.values()) + args.max_new_tokens + 64, soft_tokens,
+                    args.granularity, layout.num_groups if layout else None)
     report["server"] = server.cmd
     served: dict[str, list[int]] = {}
     try:
@@ -315,7 +394,7 @@ def main() -> int:
             time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
             text = server.log_path.read_text()
             checks["kept tokens as expected (budget, or sinks + sliding window)"] = check_kept(
-                runs, prompt_lens, eviction_log(text), tail)
+                runs, prompt_lens, eviction_log(text), tail, layout)
             checks["alive after idle, no leak or traceback"] = {
                 "ok": server.proc.poll() is None and "leak" not in text and "Traceback" not in text}
     except Exception as err:
@@ -330,10 +409,12 @@ def main() -> int:
             from sgl_evict.harness import EvictionHarness
 
             hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-            harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda", protected_recent=tail)
+            harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device="cuda", protected_recent=tail,
+                                      layer_groups=layout.num_groups if layout else None)
             started = time.time()
             ours = harness_answers(harness, runs, prompt_ids, args.max_new_tokens, eos, "cuda",
-                                   stop_at=started_at + args.deadline, soft_tokens=soft_tokens)
+                                   stop_at=started_at + args.deadline, soft_tokens=soft_tokens,
+                                   granularity=args.granularity)
             report["harness_s"] = time.time() - started
             compared = [run for run in runs if run.key in ours]
             report["compared_runs"] = len(compared)
@@ -350,7 +431,9 @@ def main() -> int:
                                            "diverge_at": first_divergence(served[run.key], ours[run.key]),
                                            "server_score": scores[("server", run.key)],
                                            "harness_score": scores[("harness", run.key)]} for run in runs}
-            report["summary"] = summarize(runs, served, ours, scores)
+            kv = {run.key: kv_fraction(prompt_lens[(run.task, run.context, run.seed)], run.budget, tail, layout)
+                  for run in runs}
+            report["summary"] = summarize(runs, served, ours, scores, kv)
             checks.update(agreement_checks(report["summary"], policies, budgets, args.slack))
         except Exception as err:
             checks["harness comparison"] = {"ok": False, "error": repr(err)}
@@ -358,7 +441,8 @@ def main() -> int:
     for name, row in report.get("summary", {}).items():
         if "/" not in name:
             print(f"[gemma_quality] {name:14s} server {row['server_accuracy']:.2f}  harness "
-                  f"{row['harness_accuracy']:.2f}  agree {row['token_agreement']:.2f}  (n={row['n']})")
+                  f"{row['harness_accuracy']:.2f}  agree {row['token_agreement']:.2f}  kv {row['kv_fraction']:.3f}  "
+                  f"(n={row['n']})")
     for name, check in checks.items():
         print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}  {({k: v for k, v in check.items() if k != 'ok'})}")
     return 0 if checks and all(c["ok"] for c in checks.values()) else 1

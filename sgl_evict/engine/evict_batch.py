@@ -15,7 +15,7 @@ import torch
 
 from sgl_evict.engine.apply import evict_from_row
 from sgl_evict.engine.group_evict import evict_groups
-from sgl_evict.engine.group_keep import group_keep_masks, group_scores
+from sgl_evict.engine.group_keep import layout_group_scores, layout_keep_masks
 from sgl_evict.engine.judgeq import SoftTokenQueries
 from sgl_evict.engine.keep import (combined_scores, keep_mask, laprox_scores, lookahead_scores, position_scores,
                                    window_scores)
@@ -23,6 +23,7 @@ from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.holes import HOLE, count_live
+from sgl_evict.layer_groups import GroupLayout
 
 logger = logging.getLogger("sgl_evict")
 
@@ -182,20 +183,26 @@ def layer_rows(layered, row: torch.Tensor) -> Callable[[int], torch.Tensor]:
     return row_of
 
 
-def per_layer_keep(scores: torch.Tensor, config, row: torch.Tensor, num_groups: int, state: EngineState,
-                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """``[num_groups, seq_len]`` bool keep masks of one request from ``scores [num_layers or 1, kv_heads or 1,
-    seq_len]``: :func:`~sgl_evict.engine.group_keep.group_scores` (summed over tensor-parallel ranks), then
-    :func:`~sgl_evict.engine.group_keep.group_keep_masks`; laprox, whose raw scores are comparable across layers,
-    with its global split (the harness's ``per_layer`` with ``global_budget``, floor 0). Position scores
-    (streaming, random: one row) give every group the same keep-set."""
+def per_layer_keep(scores: torch.Tensor, layers: list[int] | None, config, row: torch.Tensor, layout: GroupLayout,
+                   state: EngineState, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``[num_groups, seq_len]`` bool keep masks of one request from ``scores [num_scored_layers or 1, kv_heads or 1,
+    seq_len]`` (``layers``: each row's layer id; None for position scores, one row every scored group shares):
+    :func:`~sgl_evict.engine.group_keep.layout_group_scores` (summed over tensor-parallel ranks), then
+    :func:`~sgl_evict.engine.group_keep.layout_keep_masks`; laprox, whose raw scores are comparable across layers,
+    with its global split over the scored groups (the harness's ``per_layer`` with ``global_budget``, floor 0).
+    Groups of sliding-window layers only keep the prompt's last ``state.protected_recent`` tokens."""
     comparable = config.policy == "laprox"
-    if scores.shape[0] == 1 and num_groups > 1:
-        scores = scores.expand(num_groups, -1, -1)
-    grouped = group_scores(scores, num_groups, comparable)
+    grouped = layout_group_scores(scores, layers, layout, comparable)
     if all_reduce is not None:
         grouped = all_reduce(grouped)
-    return group_keep_masks(grouped, config, row, 1, state.protected_recent, global_split=comparable)
+    return layout_keep_masks(grouped, layout, config, row, state.protected_recent, global_split=comparable)
+
+
+def group_layout(layered, window_layers: frozenset[int]) -> GroupLayout:
+    """The layer groups of the server's layered allocator's pool, ``window_layers`` (sliding-window layer ids)
+    marked."""
+    pool = layered.get_kvcache()
+    return GroupLayout(pool.layer_num, pool.num_groups, window_layers)
 
 
 def _evict_per_layer(req, row: torch.Tensor, config, queries: dict, scaling: dict, state: EngineState,
@@ -206,7 +213,10 @@ def _evict_per_layer(req, row: torch.Tensor, config, queries: dict, scaling: dic
     into holes in ``row``, in place, and their logical slots freed). Returns group-slots freed."""
     row_of = layer_rows(layered, row)
     scores = _prefill_scores(config, queries, scaling, state, row, key_buffer, value_buffer, attention_mass, row_of)
-    keep = per_layer_keep(scores, config, row, layered.num_groups, state, all_reduce)
+    # streaming and random score positions: one row, not one per layer
+    layers = None if config.policy in ("streaming", "random") else sorted(queries)
+    keep = per_layer_keep(scores, layers, config, row, group_layout(layered, state.window_layers), state,
+                          all_reduce)
     if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":
         logger.info("sgl-evict: request %s keeps per group %s", req.rid,
                     [mask.nonzero().flatten().tolist() for mask in keep])

@@ -1,6 +1,6 @@
 """Per-group keep-sets for a layered KV pool (docs/design.md, "Per-layer budgets: a layered KV pool").
 
-The L compressed layers are cut into G groups of L/G consecutive layers; a group shares one keep-set and, in the
+The L layers are cut into G groups of L/G consecutive layers; a group shares one keep-set and, in the
 layered pool, one physical slot per token. G = 1 is today's ``uniform`` selection, G = L is ``per_layer``.
 
 Selection is two steps so that tensor-parallel ranks, each holding some KV heads, pick identical keep-sets: every
@@ -14,6 +14,7 @@ import torch
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.keep import combined_scores, keep_mask
+from sgl_evict.layer_groups import GroupLayout
 from sgl_evict.selection import select_keep
 
 
@@ -63,3 +64,43 @@ def group_keep_masks(scores: torch.Tensor, config: EvictionConfig, row: torch.Te
     kept = select_keep(scores.unsqueeze(1), config.budget, config.sinks, recent, "per_layer", global_budget=True,
                        min_layer_fraction=min_group_fraction)
     return torch.stack([kept.mask(g)[0] for g in range(scores.shape[0])])
+
+
+def layout_group_scores(scores: torch.Tensor, layers: list[int] | None, layout: GroupLayout,
+                        comparable_across_layers: bool) -> torch.Tensor:
+    """``[num_scored_layers, num_kv_heads, seq_len]`` -> ``[len(layout.scored_groups), seq_len]`` float32: as
+    :func:`group_scores`, with each row summed into the group of its layer (``layers[i]`` is row ``i``'s layer id).
+
+    Only full-attention layers are scored (sliding-window layers have no window queries), so rows are grouped by
+    layer id rather than by position. ``layers`` None: one row of position scores (streaming, random) shared by every
+    scored group. A sum over heads and layers, so tensor-parallel ranks all-reduce it as :func:`group_scores`.
+    """
+    if layers is None:
+        return torch.cat([group_scores(scores, 1, comparable_across_layers)] * len(layout.scored_groups))
+    if len(layers) != scores.shape[0]:
+        raise ValueError(f"{scores.shape[0]} score rows for {len(layers)} layers")
+    rows = []
+    for group in layout.scored_groups:
+        members = [i for i, layer in enumerate(layers) if layout.group_of(layer) == group]
+        if not members:
+            raise ValueError(f"group {group} holds a full-attention layer, but none of its layers was scored")
+        rows.append(group_scores(scores[members], 1, comparable_across_layers))
+    return torch.cat(rows)
+
+
+def layout_keep_masks(scores: torch.Tensor, layout: GroupLayout, config: EvictionConfig, row: torch.Tensor,
+                      protected_recent: int = 0, global_split: bool = False) -> torch.Tensor:
+    """``[num_groups, seq_len]`` bool keep masks of one request, page size 1, from its (all-reduced)
+    :func:`layout_group_scores` ``[len(layout.scored_groups), seq_len]``.
+
+    Scored groups keep what :func:`group_keep_masks` keeps (the last ``max(window, protected_recent)`` tokens
+    included); laprox's ``global_split`` spreads ``len(scored_groups) x max(budget, protected)`` over them only, so
+    the total a full-attention layer keeps does not depend on how many sliding-window groups the model has.
+    Window-only groups keep the prompt's last ``protected_recent`` tokens (their layers read nothing before).
+    """
+    seq_len = scores.shape[1]
+    tail = torch.arange(seq_len, device=scores.device) >= seq_len - protected_recent
+    keep = tail.expand(layout.num_groups, seq_len).clone()
+    keep[list(layout.scored_groups)] = group_keep_masks(scores, config, row, 1, protected_recent,
+                                                        global_split=global_split)
+    return keep

@@ -13,9 +13,14 @@ hands to ``set_kv_buffer`` as ``KVWriteLoc.full_loc``). Per layer it only points
 layer's group for the call. Everything else (split counts, scratch buffers, ``qo_indptr``) is SGLang's, shared by
 the groups: the decode split count comes from the logical lengths, an upper bound of every group's length.
 
+Sliding-window layers (Gemma 3, on the one shared pool: SGLang's hybrid SWA pool is off with eviction) read
+SGLang's window list (``window_kv_indptr`` / ``window_kv_indices``: the last ``sliding_window_size`` entries of
+each row), translated per group like the write locations (:meth:`LayeredTritonAttnBackend._window_indices`).
+
 Eager decode and extend (prefill, chunks, a second turn over a compressed prefix) only: CUDA graphs are design
-step 5, and speculative decoding, sliding-window layers, decode context parallelism, MLA and cross-layer KV
-sharing (``forward_extend`` without ``k``, which reads the pool by logical slot) are refused.
+step 5, and speculative decoding, decode context parallelism, MLA and cross-layer KV sharing (``forward_extend``
+without ``k``, which reads the pool by logical slot) are refused; the pool type check refuses SGLang's hybrid SWA
+pool (``SWAKVPool``).
 """
 
 from __future__ import annotations
@@ -39,9 +44,8 @@ class LayeredTritonAttnBackend(TritonAttnBackend):
         if not isinstance(self.token_to_kv_pool, LayeredMHATokenToKVPool):
             raise TypeError(f"LayeredTritonAttnBackend needs a LayeredMHATokenToKVPool, got "
                             f"{type(self.token_to_kv_pool).__name__}")
-        if self.sliding_window_size is not None or self.dcp_size > 1 or self.use_mla:
-            raise NotImplementedError("LayeredTritonAttnBackend: sliding-window layers, decode context parallelism "
-                                      "and MLA are not built")
+        if self.dcp_size > 1 or self.use_mla:
+            raise NotImplementedError("LayeredTritonAttnBackend: decode context parallelism and MLA are not built")
         self.group_metadata: list[ForwardMetadata] = []
 
     def init_forward_metadata(self, forward_batch) -> None:
@@ -58,8 +62,21 @@ class LayeredTritonAttnBackend(TritonAttnBackend):
         out_cache_loc = forward_batch.out_cache_loc
         self.group_metadata = [
             dataclasses.replace(base, kv_indptr=indptr[group], kv_indices=indices,
+                                window_kv_indices=self._window_indices(group),
                                 out_cache_loc_full_physical=translate_kv_indices(pool.group_map, group, out_cache_loc))
             for group in range(pool.num_groups)]
+
+    def _window_indices(self, group: int):
+        """The sliding-window layers' read list in ``group``, ``[window_kv_indptr[bs]]`` group-slots (None without
+        sliding-window layers): SGLang's list (the last ``sliding_window_size`` entries of each compacted row,
+        logical slots) translated, not compacted.
+        Every group keeps the prompt's last ``protected_recent`` tokens and every later token, and a radix match
+        is cut where a group dropped part of its tail (``patches/radix_cache.py``), so each entry is live in every
+        group: lengths, ``window_kv_indptr`` and ``window_kv_offsets`` (the extend kernel's mask) stay SGLang's."""
+        window = self.forward_metadata.window_kv_indices
+        if window is None:
+            return None
+        return translate_kv_indices(self.token_to_kv_pool.group_map, group, window)
 
     def init_cuda_graph_state(self, *args, **kwargs):
         raise NotImplementedError("LayeredTritonAttnBackend: CUDA graphs are design step 5")

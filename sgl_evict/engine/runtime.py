@@ -37,6 +37,8 @@ class EngineState:
         protected_recent: trailing prompt tokens every keep-set keeps: the model's sliding window (0 without
             sliding-window layers), so those layers, which read the last window entries of a compacted row, see
             exactly the tokens they would without eviction.
+        window_layers: ids of the model's sliding-window layers (set at start; empty without them): with
+            ``--kv-evict-granularity per_layer`` a layer group of these only keeps the ``protected_recent`` tail.
         soft_tokens: judgeq's soft tokens (``--kv-evict-soft-tokens``), loaded for the served model at start; None
             without the flag (judgeq requests are then refused).
         freed_slots, hidden_tokens: totals since start, for logs and tests.
@@ -52,6 +54,7 @@ class EngineState:
     decode_capture: DecodeQueryCapture | None = None
     pending: dict[str, PendingLookahead] = field(default_factory=dict)
     protected_recent: int = 0
+    window_layers: frozenset[int] = frozenset()
     soft_tokens: ServedSoftTokens | None = None
     freed_slots: int = 0
     hidden_tokens: int = 0
@@ -64,6 +67,7 @@ class EngineState:
         self.decode_capture = DecodeQueryCapture() if config.enabled else None
         self.pending = {}
         self.protected_recent = 0  # the scheduler sets it once the model is known
+        self.window_layers = frozenset()  # likewise
         self.soft_tokens = None  # likewise
 
     def pending_of(self, req) -> PendingLookahead | None:

@@ -28,6 +28,9 @@ class EvalConfig:
     sinks: int = 4
     #: trailing tokens every keep-set keeps (the larger of this and ``window``); the server's sliding window
     protected_recent: int = 0
+    #: per_layer only: the model's layers in this many groups sharing a keep-set, as a server's
+    #: ``--kv-evict-layer-groups`` (None: one per layer)
+    layer_groups: int | None = None
     max_new_tokens: int = 16
     fidelity_tokens: int = 16
     seed: int = 0
@@ -42,6 +45,8 @@ class EvalConfig:
             Budget.parse(b)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.layer_groups is not None and (self.granularity != "per_layer" or self.layer_groups < 1):
+            raise ValueError(f"layer groups ({self.layer_groups}) need granularity per_layer and at least 1 group")
         if "judgeq" in self.policies and not self.soft_tokens:
             raise ValueError("policy 'judgeq' needs --soft-tokens FILE (Judge Q soft tokens trained for this model)")
         for name, value in (("context tokens", self.context_tokens), ("samples per task", self.samples_per_task),
@@ -91,7 +96,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
     config.validate()
     policies = config.build_policies()
     harness = EvictionHarness(model, window=config.window, sinks=config.sinks,
-                              protected_recent=config.protected_recent)
+                              protected_recent=config.protected_recent, layer_groups=config.layer_groups)
     none = make_policy("none")
     full_budget = Budget(fraction=1.0)
     eos = tuple(sorted({t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None))

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from sgl_evict.harness.capture import CaptureContext, install
+from sgl_evict.layer_groups import GroupLayout
 from sgl_evict.observation import LayerObservation
 from sgl_evict.policies import EvictionPolicy
 from sgl_evict.policies.judgeq import JudgeQ
 from sgl_evict.policies.laq import LookaheadQCache
 from sgl_evict.policies.snapkv import SnapKV
 from sgl_evict.rope import RopeSpec
-from sgl_evict.selection import Budget, KeepSet, select_keep
+from sgl_evict.selection import Budget, KeepSet, select_keep, select_keep_grouped
 from sgl_evict.soft_tokens import model_fingerprint
 
 
@@ -86,10 +87,14 @@ class EvictionHarness:
             within the budget. The SGLang plugin protects the model's sliding window this way (its sliding-window
             layers read the last window entries of a compacted row), so ``protected_recent=sliding_window``
             reproduces a server's keep-set; 0 (default): only the window.
+        layer_groups: granularity ``per_layer`` only: the model's layers cut into this many groups of consecutive
+            layers, as a server's ``--kv-evict-layer-groups`` cuts them (:class:`~sgl_evict.layer_groups.GroupLayout`);
+            the compressed layers of one group share a keep-set (:func:`~sgl_evict.selection.select_keep_grouped`).
+            None (default): one keep-set per compressed layer, the server's default of one group per layer.
     """
 
     def __init__(self, model, window: int = 32, sinks: int = 4, device: str | torch.device | None = None,
-                 protected_recent: int = 0):
+                 protected_recent: int = 0, layer_groups: int | None = None):
         if window < 1 or sinks < 0 or protected_recent < 0:
             raise ValueError(f"window must be >= 1, sinks and protected_recent >= 0, got {window}, {sinks} and "
                              f"{protected_recent}")
@@ -103,6 +108,8 @@ class EvictionHarness:
         self.layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
         if not self.layers:
             raise ValueError("model has no full-attention layer to compress")
+        self.layout = None if layer_groups is None else GroupLayout(
+            len(layer_types), layer_groups, frozenset(range(len(layer_types))) - frozenset(self.layers))
         self.ctx: CaptureContext = install(model, window, frozenset(self.layers))
         self.attn = {m.layer_idx: m for m in model.modules() if hasattr(m, "_sgl_evict_ctx")}
         self.rope = RopeSpec.from_config(self.config, "full_attention")
@@ -241,6 +248,9 @@ class EvictionHarness:
         scores = torch.stack([policy.score(o) for o in obs])  # [layers, kv_heads, seq_len]
         global_budget = granularity == "per_layer" and policy.comparable_across_layers
         recent = max(self.window, self.protected_recent)
+        if granularity == "per_layer" and self.layout is not None:
+            groups = [self.layout.group_of(layer) for layer in self.layers]
+            return select_keep_grouped(scores, groups, budget, self.sinks, recent, global_budget)
         return select_keep(scores, budget, self.sinks, recent, granularity, global_budget)
 
     @torch.inference_mode()
