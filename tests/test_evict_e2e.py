@@ -1,5 +1,5 @@
-"""bench/gpu/evict_e2e.py: reading a tensor-parallel server's log rank by rank, which servers start, and the scoring mode
-checks (one read with the prefill's window LSE on FlashInfer, two passes on Triton)."""
+"""bench/gpu/evict_e2e.py: reading a tensor-parallel server's log rank by rank, which servers start, and the scoring
+mode checks (one read with the prefill's window LSE on FlashInfer, two passes on Triton)."""
 
 import os
 import sys

@@ -140,7 +140,8 @@ class Batch:
         self.v = torch.randn(sum(self.extend_lens), KV_HEADS, DIM, generator=gen)
         self.forward_batch = SimpleNamespace(
             out_cache_loc=self.new_slots, encoder_out_cache_loc=None, spec_info=None,
-            extend_prefix_lens_cpu=[count_live(p) for p in prefixes], seq_lens_cpu=torch.tensor([len(c) for c in compacted]))
+            extend_prefix_lens_cpu=[count_live(p) for p in prefixes],
+            seq_lens_cpu=torch.tensor([len(c) for c in compacted]))
         use_ragged = path != "paged"
         paged_slots = compacted if not use_ragged else [c[:len(c) - n] for c, n in zip(compacted, self.extend_lens)]
         self.backend = FlashInferAttnBackend.__new__(FlashInferAttnBackend)

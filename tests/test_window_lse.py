@@ -199,7 +199,8 @@ def _state_with(capture_lse, policy="snapkv", window=6, seq_len=48):
             state.capture.record_lse(layer, rows, [int((row != HOLE).sum())])
     state.capture.end()
     req = SimpleNamespace(rid="r", req_pool_idx=1, cache_protected_len=20, inflight_middle_chunks=0,
-                          is_retracted=False, finished=lambda: False, sampling_params=SimpleNamespace(custom_params=None))
+                          is_retracted=False, finished=lambda: False,
+                          sampling_params=SimpleNamespace(custom_params=None))
     batch = SimpleNamespace(reqs=[req], decoding_reqs=None, seq_lens_cpu=torch.tensor([seq_len]))
     return state, table, pool, batch
 

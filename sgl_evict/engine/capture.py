@@ -71,8 +71,8 @@ class WindowQueryCapture:
         self.scaling[layer_id] = scaling
 
     def record_lse(self, layer_id: int, lse: torch.Tensor, attended_lens: list[int]) -> None:
-        """Stores layer ``layer_id``'s ``[num_reqs * window, num_q_heads]`` natural LSE of the :attr:`rows`' attention;
-        ``attended_lens``: ``[num_reqs]`` keys each request's attention saw (its compacted length)."""
+        """Stores layer ``layer_id``'s ``[num_reqs * window, num_q_heads]`` natural LSE of the :attr:`rows`'
+        attention; ``attended_lens``: ``[num_reqs]`` keys each request's attention saw (its compacted length)."""
         self.lse[layer_id] = lse.view(-1, self.window, lse.shape[-1]).transpose(1, 2)
         self.attended_lens = attended_lens
 
