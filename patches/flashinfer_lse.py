@@ -22,6 +22,8 @@ it is always two-pass.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from sgl_evict.engine.runtime import STATE
@@ -39,25 +41,41 @@ def forward_extend_around(original, self, q, k, v, layer, forward_batch, *args, 
         capture.skip_lse(layer.layer_id, reason)
         return original(self, q, k, v, layer, forward_batch, *args, **kwargs)
     calls = []
-    meta = self.forward_metadata
-    ragged, paged = self.prefill_wrapper_ragged, meta.prefill_wrappers
-    self.prefill_wrapper_ragged = RecordingWrapper(ragged, "ragged", calls)
+    with _recording_wrappers(self, calls):
+        out = original(self, q, k, v, layer, forward_batch, *args, **kwargs)
+    _record_window_lse(capture, layer.layer_id, calls, self.forward_metadata, forward_batch)
+    return out
+
+
+@contextmanager
+def _recording_wrappers(backend, calls: list):
+    """For one ``forward_extend``: the backend's ragged wrapper and its per-layer-kind paged wrappers (SGLang picks
+    one by ``_get_wrapper_idx``) replaced by recording stand-ins appending to ``calls``; put back after."""
+    meta = backend.forward_metadata
+    ragged, paged = backend.prefill_wrapper_ragged, meta.prefill_wrappers
+    backend.prefill_wrapper_ragged = RecordingWrapper(ragged, "ragged", calls)
     meta.prefill_wrappers = [RecordingWrapper(wrapper, "paged", calls) for wrapper in paged]
     try:
-        out = original(self, q, k, v, layer, forward_batch, *args, **kwargs)
+        yield
     finally:
-        self.prefill_wrapper_ragged, meta.prefill_wrappers = ragged, paged
+        backend.prefill_wrapper_ragged, meta.prefill_wrappers = ragged, paged
+
+
+def _record_window_lse(capture, layer_id: int, calls: list, meta, forward_batch) -> None:
+    """Hands the capture the window rows' natural LSE of the recorded ``calls`` (or why there is none), reading which
+    path ``forward_extend`` took from the backend's forward metadata ``meta``."""
     path = "paged" if not meta.use_ragged else "ragged" if meta.extend_no_prefix else "ragged+prefix"
     rows = capture.rows
-    # the batch's lengths here are the compacted ones (patches/model_runner.py points it at the shadow rows)
-    has_prefix = torch.tensor([n > 0 for n in forward_batch.extend_prefix_lens_cpu], device=rows.device)
-    lse, reason = window_lse(calls, path, rows, has_prefix.repeat_interleave(capture.window),
-                             capture.scaling[layer.layer_id])
+    row_has_prefix = None
+    if path == "ragged+prefix":
+        # the batch's lengths here are the compacted ones (patches/model_runner.py points it at the shadow rows)
+        has_prefix = torch.tensor([n > 0 for n in forward_batch.extend_prefix_lens_cpu], device=rows.device)
+        row_has_prefix = has_prefix.repeat_interleave(capture.window)
+    lse, reason = window_lse(calls, path, rows, row_has_prefix, capture.scaling[layer_id])
     if lse is None:
-        capture.skip_lse(layer.layer_id, reason)
+        capture.skip_lse(layer_id, reason)
     else:
-        capture.record_lse(layer.layer_id, lse, [int(n) for n in forward_batch.seq_lens_cpu])
-    return out
+        capture.record_lse(layer_id, lse, [int(n) for n in forward_batch.seq_lens_cpu])
 
 
 def _unscorable(backend, layer, k, forward_batch) -> str | None:

@@ -72,7 +72,7 @@ class RecordingWrapper:
         return getattr(self._wrapper, name)
 
 
-def window_lse(calls: list[AttentionCall], path: str, rows: torch.Tensor, row_has_prefix: torch.Tensor,
+def window_lse(calls: list[AttentionCall], path: str, rows: torch.Tensor, row_has_prefix: torch.Tensor | None,
                sm_scale: float) -> tuple[torch.Tensor | None, str | None]:
     """Natural LSE of the window rows ``rows`` from the calls of one ``forward_extend``, or why there is none.
 
@@ -80,8 +80,8 @@ def window_lse(calls: list[AttentionCall], path: str, rows: torch.Tensor, row_ha
         calls: what the :class:`RecordingWrapper` s saw, in order.
         path: the backend's path (a key of :data:`PATHS`), from its forward metadata.
         rows: ``[num_rows]`` long, the window rows among the batch's query tokens.
-        row_has_prefix: ``[num_rows]`` bool, the row's request attended a (compacted) prefix; only ``ragged+prefix``
-            reads it: a request without one has no paged part to merge (its rows' paged LSE is not used).
+        row_has_prefix: ``ragged+prefix`` only (None otherwise): ``[num_rows]`` bool, the row's request attended a
+            (compacted) prefix; a request without one has no paged part to merge (its rows' paged LSE is not used).
         sm_scale: the logit scale the scorer uses for this layer.
 
     Returns:
