@@ -57,6 +57,8 @@ def attend(q, k, v, seen, scale):
 class FakeRagged:
     """FlashInfer's ragged prefill wrapper as SGLang calls it, over each request's new tokens."""
 
+    _backend = "fa3"  # what FlashInfer's "auto" resolves to on an H100
+
     def __init__(self, extend_lens):
         self.extend_lens = extend_lens
 
@@ -78,6 +80,8 @@ class FakeRagged:
 class FakePaged:
     """FlashInfer's paged prefill wrapper, planned on each request's compacted slots (``kv_slots``), reading the
     pool; causal aligns each request's last query with its last key, as FlashInfer does."""
+
+    _backend = "fa2"  # SGLang's prefill_backend
 
     def __init__(self, extend_lens, kv_slots):
         self.extend_lens, self.kv_slots = extend_lens, kv_slots

@@ -46,7 +46,7 @@ def natural_lse(q, keys, live, positions, scaling=SCALE):
 
 def _call(source, lse2, causal, **kw):
     return AttentionCall(source, lse2, causal, kw.get("sm_scale", SCALE), kw.get("logits_soft_cap"),
-                         kw.get("window_left", -1))
+                         kw.get("window_left", -1), kw.get("backend", "fa2"))
 
 
 def test_window_lse_turns_flashinfers_base_2_into_natural_log():
@@ -94,6 +94,7 @@ def test_window_lse_merges_the_prefix_and_the_new_tokens_over_all_their_keys():
     ([("paged", True, {"sm_scale": 0.5})], "paged", "attention scale"),
     ([("paged", True, {"logits_soft_cap": 30.0})], "paged", "soft-capping"),
     ([("paged", True, {"window_left": 511})], "paged", "sliding window"),
+    ([("ragged", True, {"backend": "cutlass"})], "ragged", "backend 'cutlass'"),  # LSE base not checked
 ])
 def test_window_lse_refuses_calls_that_did_not_attend_the_scorers_keys(calls, path, reason):
     lse2 = torch.zeros(8, HEADS)
@@ -107,6 +108,7 @@ def test_recording_wrapper_hands_the_output_through_and_keeps_the_lse():
 
     class Wrapper:
         planned = "yes"
+        _backend = "fa3"
 
         def forward(self, *args, **kwargs):
             raise AssertionError("the recording wrapper must run forward_return_lse")
@@ -122,8 +124,8 @@ def test_recording_wrapper_hands_the_output_through_and_keeps_the_lse():
     assert wrapper.seen == ("q", "kv", {"causal": True, "sm_scale": SCALE, "window_left": -1,
                                         "logits_soft_cap": 0.0})
     assert recording.forward_return_lse("q", "kv", sm_scale=SCALE) == (out, lse)
-    assert [(c.source, c.causal, c.sm_scale, c.window_left) for c in calls] == [("paged", True, SCALE, -1),
-                                                                                ("paged", False, SCALE, -1)]
+    assert [(c.source, c.causal, c.sm_scale, c.window_left, c.backend) for c in calls] == [
+        ("paged", True, SCALE, -1, "fa3"), ("paged", False, SCALE, -1, "fa3")]
     assert calls[0].lse is lse and recording.planned == "yes"
 
 

@@ -17,8 +17,14 @@ from dataclasses import dataclass
 import torch
 
 #: FlashInfer's LSE is base 2: ``log2(sum_j 2^(sm_scale * log2(e) * q.k_j)) = ln(sum_j e^(sm_scale * q.k_j)) / ln 2``
-#: (its kernels run the softmax in base 2), so ``natural = base2 * ln 2``.
+#: (its kernels run the softmax in base 2: in 0.6.15.post1 the fa2 prefill writes ``log2(d) + m`` with ``m`` in
+#: scaled log2 units, ``include/flashinfer/attention/prefill.cuh``, and fa3 ``row_max * sm_scale_log2 + log2(sum)``,
+#: ``hopper/attention_updater.cuh``; ``merge_state`` merges in base 2), so ``natural = base2 * ln 2``.
 LN2 = math.log(2.0)
+
+#: FlashInfer backends whose LSE was read to be base 2 (above); the others (SM100 ``cutlass``, ``cudnn``,
+#: ``trtllm-gen``) are not used: their scoring falls back to two passes
+BASE2_BACKENDS = ("fa2", "fa3")
 
 #: the FlashInfer call sequence of each path of SGLang 0.5.17's ``FlashInferAttnBackend.forward_extend``
 #: (source, causal): paged wrapper over the compacted row (prefix + new tokens); ragged wrapper over the new tokens
@@ -38,6 +44,7 @@ class AttentionCall:
         source: ``"ragged"`` or ``"paged"`` (which wrapper ran).
         lse: ``[num_tokens, num_q_heads]`` float32 base-2 LSE of every query row of the batch.
         causal, sm_scale, logits_soft_cap, window_left: the call's arguments (FlashInfer's defaults when not passed).
+        backend: the wrapper's kernel family after planning (FlashInfer's ``_backend``: ``fa2``, ``fa3``, ...).
     """
 
     source: str
@@ -46,6 +53,7 @@ class AttentionCall:
     sm_scale: float | None
     logits_soft_cap: float | None
     window_left: int
+    backend: str | None
 
 
 class RecordingWrapper:
@@ -65,7 +73,8 @@ class RecordingWrapper:
     def forward_return_lse(self, *args, **kwargs):
         out, lse = self._wrapper.forward_return_lse(*args, **kwargs)
         self._calls.append(AttentionCall(self._source, lse, bool(kwargs.get("causal", False)), kwargs.get("sm_scale"),
-                                         kwargs.get("logits_soft_cap"), kwargs.get("window_left", -1)))
+                                         kwargs.get("logits_soft_cap"), kwargs.get("window_left", -1),
+                                         getattr(self._wrapper, "_backend", None)))
         return out, lse
 
     def __getattr__(self, name):
@@ -86,13 +95,15 @@ def window_lse(calls: list[AttentionCall], path: str, rows: torch.Tensor, row_ha
 
     Returns:
         (``[num_rows, num_q_heads]`` float32 natural LSE, None), or (None, reason) when the calls are not exactly
-        ``path``'s, or attended with another scale, capped logits or a sliding window: the LSE would then not be
-        the normaliser of the keys the scorer scores.
+        ``path``'s, ran a kernel family not in :data:`BASE2_BACKENDS`, or attended with another scale, capped logits
+        or a sliding window: the LSE would then not be the natural normaliser of the keys the scorer scores.
     """
     expected = PATHS[path]
     if tuple((call.source, call.causal) for call in calls) != expected:
         return None, f"FlashInfer calls {[(c.source, c.causal) for c in calls]} are not the {path} path's {expected}"
     for call in calls:
+        if call.backend not in BASE2_BACKENDS:
+            return None, f"FlashInfer {call.source} backend {call.backend!r}, whose LSE's base was not checked"
         if call.sm_scale is None or call.sm_scale != sm_scale:
             return None, f"attention scale {call.sm_scale} differs from the scorer's {sm_scale}"
         if call.logits_soft_cap:
