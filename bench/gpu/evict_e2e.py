@@ -124,10 +124,12 @@ def scoring_lines(log: Path, rank: int = 0) -> list[tuple[int, int, int]]:
 
 
 def one_read_check_errors(log: Path, rank: int = 0) -> list[float]:
-    """Per layer and request scored in one read by a server run with ``SGL_EVICT_CHECK_LSE=1``: the largest
-    difference from two passes over the same keys, relative to the largest mass."""
-    return [float(e) for e in re.findall(r"sgl-evict: one-read check: layer \d+, max difference (\S+) of the largest "
-                                         r"mass", rank_log(log, rank))]
+    """Per layer and request scored in one read by a server run with ``SGL_EVICT_CHECK_LSE=1``: how far from two
+    passes over the same keys (the larger of the largest difference relative to the largest mass and of the
+    heads' total mass's relative error)."""
+    found = re.findall(r"sgl-evict: one-read check: layer \d+, max difference (\S+) of the largest mass, head totals "
+                       r"off by (\S+)", rank_log(log, rank))
+    return [max(float(a), float(b)) for a, b in found]
 
 
 def check_scoring_mode(name: str, server: Server, checks: dict, rank: int = 0) -> None:

@@ -168,13 +168,16 @@ def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]
 
 def check_one_read(layer: int, one_read: torch.Tensor, two_pass: torch.Tensor, tolerance: float = 1e-2) -> float:
     """Debug check (``SGL_EVICT_CHECK_LSE=1``): the ``[num_q_heads, seq_len]`` attention mass of one layer scored in
-    one read (with the captured LSE) against two passes (the kernel's own normaliser); a wrong LSE scales every
-    query's row by ``exp(true - given)``. Logs the largest difference relative to the largest mass, as a warning
-    above ``tolerance``; returns it."""
-    error = float((one_read - two_pass).abs().max() / two_pass.abs().max().clamp_min(1e-30))
-    log = logger.warning if error > tolerance else logger.info
-    log("sgl-evict: one-read check: layer %d, max difference %.2e of the largest mass", layer, error)
-    return error
+    one read (with the captured LSE) against two passes (the kernel's own normaliser). A wrong LSE scales each
+    query's row by ``exp(true - given)``: it shows in the largest difference (relative to the largest mass) and in
+    each head's total mass (1 in two passes: the mean of rows that sum to 1). Logs both, as a warning when either
+    is above ``tolerance``; returns the larger."""
+    largest = float((one_read - two_pass).abs().max() / two_pass.abs().max().clamp_min(1e-30))
+    totals = float((one_read.sum(-1) / two_pass.sum(-1).clamp_min(1e-30) - 1).abs().max())
+    log = logger.warning if max(largest, totals) > tolerance else logger.info
+    log("sgl-evict: one-read check: layer %d, max difference %.2e of the largest mass, head totals off by %.2e",
+        layer, largest, totals)
+    return max(largest, totals)
 
 
 def position_scores(policy: str, row: torch.Tensor, seed: int = 0) -> torch.Tensor:
