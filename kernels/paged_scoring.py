@@ -60,6 +60,9 @@ last_compiled: dict = {}
 #   ``req_to_token`` (``req_to_token[req_pool_idx, :seq_len]``): its address moves by ``max_context_len * 4`` bytes
 #   per request slot, which is 16-byte aligned or not depending on the context length and the slot (e.g. 65610
 #   columns: every odd slot is 8-byte aligned). Only the slot-index loads lose vector width; the key loads do not.
+#   ``RowLse`` (pass 2) is not specialised on alignment either: the server hands it one request's window of the
+#   prefill's LSE (``WindowQueryCapture.lse_of``), a slice whose offset follows the request's batch position and its
+#   number of new tokens; it is read once per program, scalar by row.
 # - kept specialised: the KV buffer's strides (``s_kt``, ``s_kh``: fixed per model; their divisibility lets key rows be
 #   loaded with 16-byte vectors), the queries' strides (fixed by head_dim and ``NUM_Q``, a constexpr anyway), the
 #   positions' strides (fixed by the window), the normaliser/ticket strides (fixed by the model) and ``rev`` (a
@@ -68,6 +71,7 @@ last_compiled: dict = {}
 ROW_STATS_DO_NOT_SPECIALIZE = ("chunk", "num_splits", "kvh0", "s_rr", "s_mr", "s_mh")
 ACCUMULATE_DO_NOT_SPECIALIZE = ("chunk", "max_len", "kvh0", "s_rr", "s_lr", "s_or", "s_oh")
 DO_NOT_SPECIALIZE_ON_ALIGNMENT = ("ReqToTok",)
+ACCUMULATE_DO_NOT_SPECIALIZE_ON_ALIGNMENT = ("ReqToTok", "RowLse")
 
 
 @triton.jit
@@ -171,7 +175,7 @@ def _row_stats(Q, K, ReqToTok, SeqLens, QPos, PartM, PartL, Ticket, RowC, scale,
 
 
 @triton.jit(do_not_specialize=ACCUMULATE_DO_NOT_SPECIALIZE,
-            do_not_specialize_on_alignment=DO_NOT_SPECIALIZE_ON_ALIGNMENT)
+            do_not_specialize_on_alignment=ACCUMULATE_DO_NOT_SPECIALIZE_ON_ALIGNMENT)
 def _accumulate(Q, K, ReqToTok, SeqLens, QPos, RowC, RowLse, Out, scale, log2_nq, chunk, max_len, kvh0, rev,
                 s_qr, s_qh, s_qn, s_kt, s_kh, s_rr, s_pr, s_pn, s_cr, s_ch, s_lr, s_lh, s_ln, s_or, s_oh,
                 NUM_Q: tl.constexpr, GROUP: tl.constexpr, NQ_P: tl.constexpr, HEAD_DIM: tl.constexpr,

@@ -44,8 +44,8 @@ def register() -> None:
 
 def _register_engine_hooks(registry, hook_type) -> None:
     """Eviction in the engine: query capture, eviction after prefill, compacted attention (``patches/``)."""
-    from sgl_evict.patches import (attention, laprox, layered_backend, layered_pool, lookahead, model_runner,
-                                   req_to_token_pool, scheduler)
+    from sgl_evict.patches import (attention, flashinfer_lse, laprox, layered_backend, layered_pool, lookahead,
+                                   model_runner, req_to_token_pool, scheduler)
 
     registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
@@ -57,6 +57,9 @@ def _register_engine_hooks(registry, hook_type) -> None:
     registry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", model_runner.forward_around,
                       hook_type.AROUND)
     registry.register("sglang.srt.layers.radix_attention.RadixAttention.forward", attention.forward_around,
+                      hook_type.AROUND)
+    # the window queries' LSE from FlashInfer's prefill: one-read scoring (patches/flashinfer_lse.py)
+    registry.register(f"{flashinfer_lse.BACKEND}.forward_extend", flashinfer_lse.forward_extend_around,
                       hook_type.AROUND)
     registry.register("sglang.srt.model_executor.model_runner.ModelRunner.initialize", laprox.initialize_after,
                       hook_type.AFTER)

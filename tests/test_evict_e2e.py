@@ -1,5 +1,7 @@
-"""bench/gpu/evict_e2e.py: reading a tensor-parallel server's log rank by rank, and which servers start."""
+"""bench/gpu/evict_e2e.py: reading a tensor-parallel server's log rank by rank, which servers start, and the scoring
+mode checks (one read with the prefill's window LSE on FlashInfer, two passes on Triton)."""
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,3 +85,46 @@ def test_layered_servers_start_only_when_named(monkeypatch, tmp_path):
     assert args[args.index("--kv-evict-layer-groups") + 1] == "1" and "--disable-cuda-graph" in args
     assert args[args.index("--attention-backend") + 1] == "triton"
     assert "--kv-evict-policy" not in named["plain-tr-eager"] and "--disable-cuda-graph" in named["plain-tr-eager"]
+
+
+SCORING_LOG = """[2026-11-24 01:00:00] sgl-evict: one-read check: layer 0, max difference 3.10e-04 of the largest mass, head totals off by 2.00e-05
+[2026-11-24 01:00:00] sgl-evict: one-read check: layer 1, max difference 1.20e-03 of the largest mass, head totals off by 6.00e-04
+[2026-11-24 01:00:00] sgl-evict: scoring after prefill: 1 one-read, 0 mixed, 0 two-pass
+[2026-11-24 01:00:01] sgl-evict: scoring after prefill: 2 one-read, 0 mixed, 0 two-pass
+"""
+
+
+def test_the_scoring_mode_of_every_prefill_batch_is_checked(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(SCORING_LOG)
+    assert e2e.scoring_lines(log) == [(1, 0, 0), (2, 0, 0)]
+    assert e2e.one_read_check_errors(log) == [3.1e-4, 1.2e-3]
+    server = SimpleNamespace(log_path=log)
+    checks = {}
+    e2e.check_scoring_mode("snapkv-fi", server, checks)
+    assert checks["snapkv-fi: every prefill batch scored one-read"]["ok"]
+    assert checks["snapkv-fi: one-read scores equal two-pass scores (SGL_EVICT_CHECK_LSE=1)"]["ok"]
+    e2e.check_scoring_mode("snapkv-tr", server, checks)  # Triton must score in two passes
+    assert not checks["snapkv-tr: every prefill batch scored two-pass"]["ok"]
+    log.write_text(SCORING_LOG.replace("6.00e-04", "4.00e-02") + "[x] sgl-evict: scoring after prefill: 0 one-read, "
+                   "0 mixed, 1 two-pass; no window LSE captured (the attention backend is not FlashInfer) (x1)\n")
+    e2e.check_scoring_mode("snapkv-fi", server, checks)
+    assert not checks["snapkv-fi: every prefill batch scored one-read"]["ok"]
+    assert not checks["snapkv-fi: one-read scores equal two-pass scores (SGL_EVICT_CHECK_LSE=1)"]["ok"]
+    log.write_text("")
+    e2e.check_scoring_mode("dapq", server, checks)  # no line at all: not a pass
+    assert not checks["dapq: every prefill batch scored two-pass"]["ok"]
+
+
+def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path):
+    envs = {}
+
+    def server(name, port, args, out):
+        envs[name] = {k: os.environ.get(k) for k in ("SGL_EVICT_CHECK_LSE",)}
+        return args
+
+    monkeypatch.setattr(e2e, "Server", server)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    e2e.launch(tmp_path, tmp_path, set())
+    assert {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"} == set(e2e.LSE_CHECKED)
+    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2"} <= set(envs)

@@ -27,7 +27,8 @@ def _declared(kernel, option: str) -> tuple:
 
 KERNELS = {
     "_row_stats": (paged_scoring._row_stats, {"chunk", "num_splits", "kvh0", "s_rr"}, {"ReqToTok"}),
-    "_accumulate": (paged_scoring._accumulate, {"chunk", "max_len", "kvh0", "s_rr", "s_or", "s_oh"}, {"ReqToTok"}),
+    "_accumulate": (paged_scoring._accumulate, {"chunk", "max_len", "kvh0", "s_rr", "s_lr", "s_or", "s_oh"},
+                    {"ReqToTok", "RowLse"}),
     "_page_scores": (selection._page_scores, {"max_len", "max_pages", "s_sr", "s_or"}, set()),
     "_compact": (selection._compact, {"max_len", "s_kr", "s_rr", "s_mr", "s_cr"}, {"ReqToTok"}),
     "_rerotate": (rope_rerotate._rerotate, {"num_rows", "num_queries"}, set()),

@@ -28,12 +28,13 @@ class Calls:
     """Recorders for the engine's kernel entry points."""
 
     def __init__(self, monkeypatch):
-        self.mass, self.rerotate, self.select = [], [], []
+        self.mass, self.lse, self.rerotate, self.select = [], [], [], []
         monkeypatch.setattr(keep_module, "rerotate_triton", self._rerotate)
         monkeypatch.setattr(keep_module, "select_pages", self._select)
 
-    def attention_mass(self, queries, keys, table, lens, scaling, positions=None):
+    def attention_mass(self, queries, keys, table, lens, scaling, positions=None, row_lse=None):
         self.mass.append((tuple(queries.shape), tuple(keys.shape), keys.dtype, table.dtype, positions is not None))
+        self.lse.append(None if row_lse is None else (tuple(row_lse.shape), row_lse.stride()[1:], row_lse.dtype))
         return torch.rand(queries.shape[0], queries.shape[1], table.shape[1])
 
     def _rerotate(self, q, from_positions, to_positions, spec):
@@ -67,19 +68,25 @@ def _warm_layer(state, calls, page_size=1, keys=KEYS):
                          page_size)
 
 
+# the one-read variant: a window LSE laid out as the capture hands it out after a FlashInfer prefill
+LSE = ((1, HQ, WINDOW), (1, HQ), torch.float32)
+
+
 @pytest.mark.parametrize("policy,mass,rerotated", [
-    ("snapkv", [((1, HQ, WINDOW, D), True)], 0),
-    ("dapq", [((1, HQ, WINDOW, D), False)], 1),
-    ("laprox", [((1, HQ, WINDOW, D), True)], 0),
-    # provisional snapkv keep-set, then the re-scoring: window again and the lookahead steps
-    ("laq", [((1, HQ, WINDOW, D), True), ((1, HQ, WINDOW, D), True), ((1, HQ, STEPS, D), False)], 0),
-    ("judgeq", [((1, HQ, SOFT, D), False)], 0),
+    # two passes (Triton attention), then one read with the window LSE (FlashInfer)
+    ("snapkv", [((1, HQ, WINDOW, D), True, None), ((1, HQ, WINDOW, D), True, LSE)], 0),
+    ("dapq", [((1, HQ, WINDOW, D), False, None)], 1),
+    ("laprox", [((1, HQ, WINDOW, D), True, None), ((1, HQ, WINDOW, D), True, LSE)], 0),
+    # provisional snapkv keep-set (both variants), then the re-scoring: window again and the lookahead steps
+    ("laq", [((1, HQ, WINDOW, D), True, None), ((1, HQ, WINDOW, D), True, LSE), ((1, HQ, WINDOW, D), True, None),
+             ((1, HQ, STEPS, D), False, None)], 0),
+    ("judgeq", [((1, HQ, SOFT, D), False, None)], 0),
     ("streaming", [], 0),
 ])
 def test_warm_up_runs_the_policys_scoring_path(monkeypatch, policy, mass, rerotated):
     calls = Calls(monkeypatch)
     _warm_layer(_state(policy), calls)
-    assert [(q, causal) for q, _, _, _, causal in calls.mass] == mass
+    assert [(q, causal, lse) for (q, _, _, _, causal), lse in zip(calls.mass, calls.lse)] == mass
     for _, keys, dtype, slots, _ in calls.mass:  # a scratch tensor like the layer's buffer, not the pool
         assert keys[1:] == (HKV, D) and keys[0] < KEYS.shape[0] and dtype == KEYS.dtype and slots == torch.int32
     assert len(calls.rerotate) == rerotated
@@ -98,13 +105,13 @@ def test_warm_up_scratch_keeps_the_buffers_strides(monkeypatch):
     seen = []
     real = calls.attention_mass
 
-    def attention_mass(queries, keys, *args):
+    def attention_mass(queries, keys, *args, **kwargs):
         seen.append(keys.stride())
-        return real(queries, keys, *args)
+        return real(queries, keys, *args, **kwargs)
 
     padded = torch.zeros(1000, HKV, 2 * D, dtype=torch.bfloat16)[:, :, :D]  # a strided layer buffer
     warmup.warm_up_layer(_state("snapkv"), LAYER, padded, None, torch.bfloat16, torch.int32, attention_mass)
-    assert seen == [padded.stride()]
+    assert seen == [padded.stride()] * 2  # two passes and one read
 
 
 def test_warm_up_skips_what_the_server_cannot_run(monkeypatch):

@@ -32,7 +32,12 @@ Checks: ``none`` and ``full`` answer token for token like ``plain``; every promp
 dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
 per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking for
 laq is evicted after its lookahead steps and one asking for laprox is evicted to the budget; after the servers sit
-idle (SGLang checks available + evictable == total) no leak is reported. With ``--tp 2`` every rank logs its
+idle (SGLang checks available + evictable == total) no leak is reported. Every prefill batch logs how it was
+scored: the FlashInfer servers of snapkv, laq and laprox must read the keys once with the window LSE their prefill
+attention returned (first turns, chunked prefill's last chunk, second turns over a compressed prefix, pages), the
+Triton and dapq servers in two passes; ``snapkv-fi``, ``snapkv-chunked``, ``snapkv-page16`` and ``laprox`` run with
+``SGL_EVICT_CHECK_LSE=1``, which scores every one-read layer in two passes too: they must agree within 1e-2 of the
+largest mass. With ``--tp 2`` every rank logs its
 evictions (SGLang prefixes its lines with `` TP<rank>``): rank 0's are checked as above, and each rank must keep
 the same positions (scores are all-reduced before selection), equal to what the single-GPU harness selects.
 The layered servers: at budget 1.0 (one group, or one per layer) they answer token for token like
@@ -72,6 +77,14 @@ STAGGER_S = 8
 PAGE = 16
 POOL_TOKENS = 40000
 LOOKAHEAD_STEPS = 8  # --kv-evict-lookahead-steps' default
+#: how each server scores its prompts (the log line per prefill batch): FlashInfer's prefill returns the window
+#: queries' LSE, so snapkv, laq and laprox read the keys once; Triton attention and dapq (re-rotated queries) two-pass
+SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunked": "one-read",
+                 "snapkv-eager": "one-read", "snapkv-page16": "one-read", "dapq": "two-pass", "laq": "one-read",
+                 "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read"}
+#: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
+LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "laprox")
+CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -101,6 +114,38 @@ def eviction_lines(log: Path, rank: int = 0) -> list[tuple[int, ...]]:
     found = re.findall(r"sgl-evict: request \S+ kept (\d+) of (\d+) tokens, freed (\d+) slots, hid (\d+)",
                        rank_log(log, rank))
     return [tuple(map(int, line)) for line in found]
+
+
+def scoring_lines(log: Path, rank: int = 0) -> list[tuple[int, int, int]]:
+    """(one-read, mixed, two-pass) requests of each prefill batch the server (TP rank) scored from queries."""
+    found = re.findall(r"sgl-evict: scoring after prefill: (\d+) one-read, (\d+) mixed, (\d+) two-pass",
+                       rank_log(log, rank))
+    return [tuple(map(int, line)) for line in found]
+
+
+def one_read_check_errors(log: Path, rank: int = 0) -> list[float]:
+    """Per layer and request scored in one read by a server run with ``SGL_EVICT_CHECK_LSE=1``: how far from two
+    passes over the same keys (the larger of the largest difference relative to the largest mass and of the
+    heads' total mass's relative error)."""
+    found = re.findall(r"sgl-evict: one-read check: layer \d+, max difference (\S+) of the largest mass, head totals "
+                       r"off by (\S+)", rank_log(log, rank))
+    return [max(float(a), float(b)) for a, b in found]
+
+
+def check_scoring_mode(name: str, server: Server, checks: dict, rank: int = 0) -> None:
+    """The server scored every prefill batch in the mode :data:`SCORING_MODES` expects: one read of the keys with
+    the window LSE its FlashInfer prefill returned, or two passes (Triton attention, dapq's re-rotated queries);
+    with ``SGL_EVICT_CHECK_LSE=1`` every one-read layer also matched two passes within 1e-2 of the largest mass."""
+    expected = SCORING_MODES[name]
+    lines = scoring_lines(server.log_path, rank)
+    column = {"one-read": 0, "two-pass": 2}[expected]
+    checks[f"{name}: every prefill batch scored {expected}"] = {
+        "ok": bool(lines) and all(line[column] == sum(line) for line in lines), "logged": lines}
+    if name in LSE_CHECKED:
+        errors = one_read_check_errors(server.log_path, rank)
+        checks[f"{name}: one-read scores equal two-pass scores (SGL_EVICT_CHECK_LSE=1)"] = {
+            "ok": bool(errors) and max(errors) < 1e-2, "checked_layers": len(errors),
+            "max_difference": max(errors, default=None)}
 
 
 def layered_eviction_lines(log: Path) -> list[tuple[int, ...]]:
@@ -139,11 +184,11 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "full": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0",
                   *evict], {}),
         "snapkv-fi": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                       str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
+                       str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "snapkv-tr": (["--attention-backend", "triton", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                        str(BUDGET), *evict], {}),
         "snapkv-chunked": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                            str(BUDGET), "--chunked-prefill-size", "256", *evict], {}),
+                            str(BUDGET), "--chunked-prefill-size", "256", *evict], CHECK_LSE),
         "snapkv-eager": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                           str(BUDGET), "--disable-decode-cuda-graph", *evict], {}),
         "streaming": (["--attention-backend", "flashinfer", "--kv-evict-policy", "streaming", "--kv-evict-budget",
@@ -151,13 +196,14 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "dapq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "dapq", "--kv-evict-budget",
                   str(BUDGET), *evict], {}),
         "snapkv-page16": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                           str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1"}),
+                           str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1",
+                                                                            **CHECK_LSE}),
         "random": (["--attention-backend", "flashinfer", "--kv-evict-policy", "random", "--kv-evict-budget",
                     str(BUDGET), *evict], {}),
         "laq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
                  "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "laprox": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laprox", "--kv-evict-budget",
-                    str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
+                    str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "plain-tp2": (["--attention-backend", "flashinfer", "--tp", "2"], {"SGLANG_PLUGINS": "not-sgl-evict"}),
         "snapkv-tp2": (["--attention-backend", "flashinfer", "--tp", "2", "--kv-evict-policy", "snapkv",
                         "--kv-evict-budget", str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
@@ -385,6 +431,9 @@ def main() -> int:
         if "snapkv-fi" in up:
             check_laq_override(up["snapkv-fi"], ps, checks)
             check_laprox_override(up["snapkv-fi"], ps, checks)
+        for name in SCORING_MODES:
+            if name in up:
+                check_scoring_mode(name, up[name], checks)
         time.sleep(15)  # idle: SGLang's scheduler checks available + evictable == total (raises on a leak)
         for name, server in up.items():
             text = server.log_path.read_text()

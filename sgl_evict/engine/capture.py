@@ -11,6 +11,10 @@ class WindowQueryCapture:
     ``begin`` is called once per forward with the batch's extend lengths; ``record`` by every attention layer.
     Only the new (extended) tokens of a forward are visible, so a request whose last chunk or new turn is
     shorter than ``window`` gets that many queries.
+
+    On FlashInfer the attention backend's hook (``patches/flashinfer_lse.py``) also records, per layer, the natural
+    log-sum-exp of those rows' attention (:meth:`record_lse`), which lets the scorer read the keys once
+    (:meth:`lse_of`); a layer without it is scored in two passes, ``lse_skipped`` says why.
     """
 
     def __init__(self, window: int):
@@ -20,6 +24,9 @@ class WindowQueryCapture:
         self._rows: torch.Tensor | None = None
         self.queries: dict[int, torch.Tensor] = {}
         self.scaling: dict[int, float] = {}
+        self.lse: dict[int, torch.Tensor] = {}
+        self.lse_skipped: dict[int, str] = {}
+        self.attended_lens: list[int] | None = None
 
     def begin(self, forward_id: int, extend_seq_lens: list[int], device: torch.device | str) -> None:
         """Starts a forward whose requests extend by ``extend_seq_lens`` tokens (packed in that order)."""
@@ -34,6 +41,9 @@ class WindowQueryCapture:
         self._rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.queries.clear()
         self.scaling.clear()
+        self.lse.clear()
+        self.lse_skipped.clear()
+        self.attended_lens = None
 
     def end(self) -> None:
         self._rows = None
@@ -42,6 +52,16 @@ class WindowQueryCapture:
     def active(self) -> bool:
         return self._rows is not None
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """``[num_reqs * window]`` long: the batch's query tokens captured, ``window`` per request in batch order
+        (a request with fewer new tokens repeats its first one)."""
+        return self._rows
+
+    def wants_lse(self, layer_id: int) -> bool:
+        """Whether layer ``layer_id``'s window queries were captured in the forward being run."""
+        return self.active and layer_id in self.queries
+
     def record(self, layer_id: int, q: torch.Tensor, num_heads: int, head_dim: int, scaling: float) -> None:
         """Stores layer ``layer_id``'s window queries from ``q``: ``[num_tokens, num_heads * head_dim]``, or any layout
         holding the tokens in order (Gemma 3 passes ``[1, num_tokens, num_heads, head_dim]``, non-contiguous)."""
@@ -49,6 +69,37 @@ class WindowQueryCapture:
         # [num_reqs * window, heads, dim] -> [num_reqs, heads, window, dim]
         self.queries[layer_id] = picked.view(-1, self.window, num_heads, head_dim).transpose(1, 2)
         self.scaling[layer_id] = scaling
+
+    def record_lse(self, layer_id: int, lse: torch.Tensor, attended_lens: list[int]) -> None:
+        """Stores layer ``layer_id``'s ``[num_reqs * window, num_q_heads]`` natural LSE of the :attr:`rows`'
+        attention; ``attended_lens``: ``[num_reqs]`` keys each request's attention saw (its compacted length)."""
+        self.lse[layer_id] = lse.view(-1, self.window, lse.shape[-1]).transpose(1, 2)
+        self.attended_lens = attended_lens
+
+    def skip_lse(self, layer_id: int, reason: str) -> None:
+        """Layer ``layer_id``'s attention gave no usable LSE, for ``reason``: it is scored in two passes."""
+        self.lse_skipped[layer_id] = reason
+
+    def lse_of(self, req_index: int, live_len: int) -> tuple[dict[int, torch.Tensor], str | None]:
+        """Layer id -> ``[num_heads, n]`` natural LSE of the ``req_index``-th request's window rows, for the layers
+        that have one, and why some or all layers have none (None when every captured layer has one).
+
+        ``live_len``: the live keys of the request's row the scorer reads. The LSE is the normaliser of the keys
+        attention saw, so it is handed out only when that count is the same: the scorer and attention then see the
+        same keys (attention's compacted row is the row's live slots, in order, and the window rows are the row's
+        last, all live), and the scorer's causal positions are attention's causal mask on that row.
+        """
+        if not self.lse:
+            return {}, next(iter(self.lse_skipped.values()), "no window LSE captured (the attention backend is not "
+                                                              "FlashInfer)")
+        attended = self.attended_lens[req_index]
+        if attended != live_len:
+            return {}, f"attention saw {attended} keys, the scorer reads {live_len}"
+        n = self.num_queries[req_index]
+        found = {layer: lse[req_index, :, self.window - n:] for layer, lse in self.lse.items()}
+        missing = sorted(set(self.queries) - set(found))
+        reason = None if not missing else f"layers {missing} without LSE ({self.lse_skipped.get(missing[0], '?')})"
+        return found, reason
 
     def queries_of(self, req_index: int) -> dict[int, torch.Tensor]:
         """Layer id -> ``[num_heads, n, head_dim]`` window queries of the batch's ``req_index``-th request."""

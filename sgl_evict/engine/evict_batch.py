@@ -69,6 +69,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         return 0
     freed = 0
     judged = []
+    modes = ScoringModes()
     for i, req in enumerate(batch.reqs):
         if not finishes_prefill(req, batch):
             continue
@@ -84,7 +85,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             continue
         # what the selector keeps at least: the budget, and the sinks and recent tokens it always protects
         recent = max(config.window, state.protected_recent)
-        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= count_live(row):
+        live = count_live(row)
+        if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= live:
             continue
         if config.policy == "judgeq":
             if seq_len + state.soft_tokens.count > req_to_token.shape[1]:
@@ -94,11 +96,14 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                 judged.append((i, req, config, seq_len))
             continue
         if layered is not None:
+            modes.add(config.policy, {}, "per_layer pool (scored through each group's slots)")
             freed += _evict_per_layer(req, row, config, capture.queries_of(i), capture.scaling, state, key_buffer,
                                       value_buffer, attention_mass, all_reduce, layered)
             continue
+        row_lse, why = _window_lse(capture, i, config.policy, live)
+        modes.add(config.policy, row_lse, why)
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
-                                 value_buffer, attention_mass)
+                                 value_buffer, attention_mass, row_lse=row_lse)
         keep = _keep_of(scores, config, row, page_size, state, all_reduce)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
@@ -112,7 +117,46 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     if judged:
         freed += _evict_judged(judged, state, req_to_token, key_buffer, free, attention_mass, all_reduce, page_size,
                                soft_token_forward)
+    modes.log()
     return freed
+
+
+#: policies that score the prompt's window queries, causal, over the request's live keys: exactly what the prefill
+#: attention normalised those queries over, so its LSE lets the kernel read the keys once (laq: its provisional
+#: snapkv scores at prefill; dapq re-rotates the queries first, so their logits are not the prefill's)
+ONE_READ_POLICIES = ("snapkv", "laq", "laprox")
+
+
+def _window_lse(capture, index: int, policy: str, live: int) -> tuple[dict[int, torch.Tensor], str | None]:
+    """Layer id -> ``[num_q_heads, n]`` natural LSE of the ``index``-th request's window queries that the scorer may
+    use (:meth:`~sgl_evict.engine.capture.WindowQueryCapture.lse_of`), and why some or all layers have none."""
+    if policy not in ONE_READ_POLICIES:
+        return {}, f"{policy} does not score the window queries as the prefill attended them"
+    return capture.lse_of(index, live)
+
+
+class ScoringModes:
+    """How the requests of one prefill batch were scored from queries, for one log line per batch: ``one-read``
+    (every layer given the prefill's window LSE), ``mixed`` (some layers) or ``two-pass`` (none), with the reasons."""
+
+    def __init__(self):
+        self.counts = {"one-read": 0, "mixed": 0, "two-pass": 0}
+        self.reasons: dict[str, int] = {}
+
+    def add(self, policy: str, row_lse: dict, why: str | None) -> None:
+        if policy not in ("snapkv", "laq", "dapq", "laprox"):
+            return  # scored from positions, or (judgeq) from its soft tokens' queries, never from an LSE
+        mode = "one-read" if row_lse and why is None else "mixed" if row_lse else "two-pass"
+        self.counts[mode] += 1
+        if why is not None:
+            self.reasons[why] = self.reasons.get(why, 0) + 1
+
+    def log(self) -> None:
+        if not any(self.counts.values()):
+            return
+        why = "".join(f"; {reason} (x{n})" for reason, n in self.reasons.items())
+        logger.info("sgl-evict: scoring after prefill: %d one-read, %d mixed, %d two-pass%s",
+                    self.counts["one-read"], self.counts["mixed"], self.counts["two-pass"], why)
 
 
 def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
@@ -151,19 +195,21 @@ def _missing_model_input(policy: str, state: EngineState, page_size: int,
 
 def _prefill_scores(config, queries: dict, scaling: dict, state: EngineState, row: torch.Tensor,
                     key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable,
-                    row_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                    row_of: Callable[[int], torch.Tensor] | None = None,
+                    row_lse: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of one request's prompt under ``config.policy``
     (laq: its provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``).
-    ``row_of``: layered pool, each layer's slots of ``row`` (:func:`layer_rows`); None: ``row`` for all layers."""
+    ``row_of``: layered pool, each layer's slots of ``row`` (:func:`layer_rows`); None: ``row`` for all layers.
+    ``row_lse``: layer id -> the window queries' natural LSE (:func:`_window_lse`; snapkv, laq, laprox only)."""
     if config.policy in ("snapkv", "dapq", "laq"):
         return window_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
-                             state.rope if config.policy == "dapq" else None, row_of=row_of)
+                             state.rope if config.policy == "dapq" else None, row_of=row_of, row_lse=row_lse)
     if config.policy == "laprox":
         factors = state.value_norm_factors
         slots = (lambda layer: row) if row_of is None else row_of
         return laprox_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
                              lambda layer: projected_norms(value_buffer(layer), slots(layer), factors[layer]),
-                             row_of=row_of)
+                             row_of=row_of, row_lse=row_lse)
     return position_scores(config.policy, row)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Mapping
 
 import torch
@@ -14,8 +16,11 @@ from sgl_evict.rope import RopeSpec
 from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import select_keep
 
+logger = logging.getLogger("sgl_evict")
+
 MassFn = Callable[..., torch.Tensor]
-"""``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions)."""
+"""``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions), and
+its keyword ``row_lse`` when a window LSE is given."""
 
 
 def window_scores(
@@ -27,6 +32,7 @@ def window_scores(
     attention_mass: MassFn,
     rope: RopeSpec | None = None,
     row_of: Callable[[int], torch.Tensor] | None = None,
+    row_lse: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SnapKV (or, with ``rope``, DAPQ) scores of one request from its window queries, keys read from the pool.
 
@@ -44,10 +50,15 @@ def window_scores(
             queries at their own positions, causal.
         row_of: layered pool (issue 9): layer id -> ``[seq_len]`` the slots of ``row`` in that layer's buffer
             (its group-slots, ``HOLE`` where the group dropped the token); None: ``row`` for every layer.
+        row_lse: layer id -> ``[num_q_heads, window]`` natural log-sum-exp of each window query over the live keys
+            of ``row`` up to its position, with ``scaling`` (the prefill attention's, ``WindowQueryCapture.lse_of``):
+            those layers read their keys once. Not with ``rope``: re-rotated queries have other logits.
 
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
     """
+    if rope is not None and row_lse:
+        raise ValueError("dapq's re-rotated queries are not the prefill's: their window LSE does not apply")
     seq_len = row.shape[0]
     per_layer = {}
     for layer, q in window_queries.items():
@@ -57,7 +68,8 @@ def window_scores(
                                                 rope), None)
         else:
             per_layer[layer] = (q, positions.view(1, -1))
-    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of=row_of)
+    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of=row_of,
+                         row_lse=row_lse)
 
 
 def lookahead_scores(
@@ -95,6 +107,7 @@ def laprox_scores(
     attention_mass: MassFn,
     value_norms: Callable[[int], torch.Tensor],
     row_of: Callable[[int], torch.Tensor] | None = None,
+    row_lse: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """laprox scores of one request (``sgl_evict.policies.laprox``): each query head's causal window attention
     times ``|| W_o^h v_t ||``, pooled, summed over each GQA group (the policy's ``gqa_reduce``).
@@ -102,7 +115,7 @@ def laprox_scores(
     Args:
         value_norms: layer id -> ``[num_q_heads, seq_len]`` projected value norms of the request's prompt
             (:func:`sgl_evict.engine.laprox.projected_norms`).
-        window_queries, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of: as in
+        window_queries, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of, row_lse: as in
             :func:`window_scores`.
 
     Returns:
@@ -111,18 +124,23 @@ def laprox_scores(
     seq_len = row.shape[0]
     per_layer = {layer: (q, torch.arange(seq_len - q.shape[1], seq_len, device=row.device).view(1, -1))
                  for layer, q in window_queries.items()}
-    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, value_norms, row_of)
+    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, value_norms, row_of,
+                         row_lse)
 
 
 def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]], scaling: Mapping[int, float],
                   key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor, pooling_kernel: int,
                   attention_mass: MassFn, value_norms: Callable[[int], torch.Tensor] | None = None,
-                  row_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                  row_of: Callable[[int], torch.Tensor] | None = None,
+                  row_lse: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean attention of each layer's ``(queries [num_q_heads, n, head_dim], positions [1, n] or None)`` over the
     keys of ``row``, pooled and GQA-reduced; ``[num_layers, num_kv_heads, seq_len]`` in layer order, zero at holes.
     ``positions`` None: every query sees every key. With ``value_norms`` (laprox) each head's attention is
     weighted by them before pooling and a GQA group is summed, as the harness's laprox does; otherwise averaged.
-    ``row_of`` (layered pool): each layer's keys are read through its own slots of ``row``."""
+    ``row_of`` (layered pool): each layer's keys are read through its own slots of ``row``. ``row_lse``: layer id
+    -> ``[num_q_heads, n]`` natural LSE of those queries over those keys; those layers are scored in one read."""
+    if row_lse and row_of is not None:
+        raise ValueError("the window LSE is over the logical row's keys, not a layer group's")
     seq_len = row.shape[0]
     table = row.view(1, seq_len)
     lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
@@ -131,13 +149,35 @@ def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]
         q, positions = queries[layer]
         keys = key_buffer(layer)
         layer_table = table if row_of is None else row_of(layer).view(1, seq_len)
-        mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions)[0, :, :seq_len]
+        lse = None if row_lse is None else row_lse.get(layer)
+        if lse is None:
+            mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions)[0, :, :seq_len]
+        else:
+            mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions,
+                                  row_lse=lse.unsqueeze(0))[0, :, :seq_len]
+            if os.environ.get("SGL_EVICT_CHECK_LSE") == "1":
+                check_one_read(layer, mass, attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer],
+                                                           positions)[0, :, :seq_len])
         weights = None if value_norms is None else value_norms(layer)
         per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max",
                                        "mean" if weights is None else "sum", weights))
     scores = torch.stack(per_layer)
     # pooling spreads a neighbour's score onto a hole; a hole has no KV to keep
     return scores * is_live(row).to(scores.dtype)
+
+
+def check_one_read(layer: int, one_read: torch.Tensor, two_pass: torch.Tensor, tolerance: float = 1e-2) -> float:
+    """Debug check (``SGL_EVICT_CHECK_LSE=1``): the ``[num_q_heads, seq_len]`` attention mass of one layer scored in
+    one read (with the captured LSE) against two passes (the kernel's own normaliser). A wrong LSE scales each
+    query's row by ``exp(true - given)``: it shows in the largest difference (relative to the largest mass) and in
+    each head's total mass (1 in two passes: the mean of rows that sum to 1). Logs both, as a warning when either
+    is above ``tolerance``; returns the larger."""
+    largest = float((one_read - two_pass).abs().max() / two_pass.abs().max().clamp_min(1e-30))
+    totals = float((one_read.sum(-1) / two_pass.sum(-1).clamp_min(1e-30) - 1).abs().max())
+    log = logger.warning if max(largest, totals) > tolerance else logger.info
+    log("sgl-evict: one-read check: layer %d, max difference %.2e of the largest mass, head totals off by %.2e",
+        layer, largest, totals)
+    return max(largest, totals)
 
 
 def position_scores(policy: str, row: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,8 @@ engine functions as a real eviction (:func:`sgl_evict.engine.evict_batch._prefil
 :func:`~sgl_evict.engine.lookahead.lookahead_keep_scores`, judgeq's
 :func:`~sgl_evict.engine.keep.lookahead_scores`) on a scratch key (and, for laprox, value) tensor shaped and strided
 like one layer's pool buffer, a few hundred slots, with the model's query heads, head size, dtype and scaling, and
-the server's window, lookahead steps, soft-token count and page size. The arguments that vary per request
+the server's window, lookahead steps, soft-token count and page size; snapkv, laq and laprox also once with a window
+LSE (the one-read variant of the scoring kernel, what they run on FlashInfer). The arguments that vary per request
 (lengths, chunk counts, the slot table's alignment) are not specialised (see ``kernels/paged_scoring.py``), so the
 variants compiled here are those real requests launch.
 
@@ -29,7 +30,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sgl_evict.engine.evict_batch import _keep_of, _prefill_scores
+from sgl_evict.engine.capture import WindowQueryCapture
+from sgl_evict.engine.evict_batch import ONE_READ_POLICIES, _keep_of, _prefill_scores
 from sgl_evict.engine.keep import lookahead_scores
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
@@ -117,6 +119,9 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
             return False
         window_queries = queries(window)
         scores = _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass)
+        if config.policy in ONE_READ_POLICIES:  # on FlashInfer the same scores run the one-read variant
+            _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass,
+                            row_lse=_dummy_window_lse(lid, window_queries[lid], num_keys, layer.scaling))
         if config.policy == "laq":
             keep = _keep_of(scores, config, row, page_size, state, None)
             steps = max(1, config.lookahead_steps)
@@ -126,6 +131,19 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
             scores = lookahead_keep_scores(entry, key_of, row, config.pooling_kernel, attention_mass)
     _keep_of(scores, config, row, page_size, state, None)
     return True
+
+
+def _dummy_window_lse(layer_id: int, queries: torch.Tensor, num_keys: int, scaling: float) -> dict[int, torch.Tensor]:
+    """Layer id -> ``[num_q_heads, window]`` LSE laid out (dtype, strides) as a real request's: recorded in and handed
+    out by a :class:`~sgl_evict.engine.capture.WindowQueryCapture`, as after a FlashInfer prefill. Its values (0)
+    only have to be finite: the scores are thrown away."""
+    heads, window, dim = queries.shape
+    capture = WindowQueryCapture(window)
+    capture.begin(0, [num_keys], queries.device)
+    capture.record(layer_id, torch.zeros(num_keys, heads * dim, dtype=queries.dtype, device=queries.device), heads,
+                   dim, scaling)
+    capture.record_lse(layer_id, torch.zeros(window, heads, device=queries.device), [num_keys])
+    return capture.lse_of(0, num_keys)[0]
 
 
 def warm_up(state: EngineState, layers: list[LayerShape], key_buffer: Callable[[int], torch.Tensor],
