@@ -114,6 +114,31 @@ def test_warm_up_scratch_keeps_the_buffers_strides(monkeypatch):
     assert seen == [padded.stride()] * 2  # two passes and one read
 
 
+def test_warm_up_is_not_reported_by_the_one_read_debug_check(monkeypatch, caplog):
+    """Its placeholder LSE makes the one-read scores wrong on purpose: SGL_EVICT_CHECK_LSE=1 must only report real
+    requests (on the H100 the warm-up's three lines, off by ~1e3, were taken for a broken capture)."""
+    caplog.set_level(logging.INFO, logger="sgl_evict")
+    monkeypatch.setenv("SGL_EVICT_CHECK_LSE", "1")
+    calls = Calls(monkeypatch)
+    assert _warm_layer(_state("snapkv"), calls)
+    assert not [r for r in caplog.records if "one-read check" in r.getMessage()]
+
+
+def test_judgeq_is_not_warmed_without_a_soft_token_file(monkeypatch):
+    """The default warm-up set names judgeq; a server without a soft-token file refuses judgeq requests, so there is
+    nothing to compile, and no "failed" warning (seen on the H100 before)."""
+    calls = Calls(monkeypatch)
+    state = _state("snapkv")
+    state.soft_tokens = None
+    assert _warm_layer_as(state, calls, "judgeq") is False
+    assert not calls.select
+
+
+def _warm_layer_as(state, calls, policy):
+    return warmup.warm_up_layer(state, LAYER, KEYS, KEYS.clone(), torch.bfloat16, torch.int32, calls.attention_mass,
+                                policy=policy)
+
+
 def test_warm_up_skips_what_the_server_cannot_run(monkeypatch):
     calls = Calls(monkeypatch)
     state = _state("judgeq")

@@ -32,7 +32,7 @@ import torch
 
 from sgl_evict.engine.capture import WindowQueryCapture
 from sgl_evict.engine.evict_batch import ONE_READ_POLICIES, _keep_of, _prefill_scores
-from sgl_evict.engine.keep import lookahead_scores
+from sgl_evict.engine.keep import lookahead_scores, one_read_check_off
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
 
@@ -91,6 +91,8 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
         attention_mass, page_size: as :func:`sgl_evict.engine.evict_batch.evict_after_prefill` gets them.
         policy: another policy than the server's (its other settings kept).
     """
+    if policy == "judgeq" and state.soft_tokens is None:
+        return False  # judgeq requests are refused without a soft-token file (and the config would not build)
     config = state.config if policy in (None, state.config.policy) else replace(state.config, policy=policy)
     device = key_buffer.device
     window = config.window
@@ -120,8 +122,9 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
         window_queries = queries(window)
         scores = _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass)
         if config.policy in ONE_READ_POLICIES:  # on FlashInfer the same scores run the one-read variant
-            _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass,
-                            row_lse=_dummy_window_lse(lid, window_queries[lid], num_keys, layer.scaling))
+            with one_read_check_off():
+                _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass,
+                                row_lse=_dummy_window_lse(lid, window_queries[lid], num_keys, layer.scaling))
         if config.policy == "laq":
             keep = _keep_of(scores, config, row, page_size, state, None)
             steps = max(1, config.lookahead_steps)
