@@ -239,17 +239,8 @@ def test_per_group_keep_sets_with_holes_match_reference_attention(groups):
         group = layer // (LAYERS // groups)
         for b, keep in enumerate(keeps):
             prompt = slice(starts[b], starts[b] + PROMPTS[b])
-            kept = keep[group]
-            keys = torch.cat([k1[layer, prompt][kept], k2[layer, b:b + 1]])
-            values = torch.cat([v1[layer, prompt][kept], v2[layer, b:b + 1]])
-            expected = reference_attention(q2[layer, b:b + 1], keys, values, causal_from=keys.shape[0] - 1)
-            torch.testing.assert_close(decode[layer, b:b + 1], expected, rtol=1e-5, atol=1e-5)
-
-            turn = slice(3 * b, 3 * b + 3)
-            keys = torch.cat([keys, k3[layer, turn]])
-            values = torch.cat([values, v3[layer, turn]])
-            expected = reference_attention(q3[layer, turn], keys, values, causal_from=keys.shape[0] - 3)
-            torch.testing.assert_close(second[layer, turn], expected, rtol=1e-5, atol=1e-5)
+            _assert_attends_to_kept(layer, b, prompt, keep[group], (k1, v1), (q2, k2, v2), (q3, k3, v3),
+                                    decode, second)
 
 
 WINDOW_LAYERS = frozenset({0, 1})  # layers 2 and 3 attend to everything
@@ -317,17 +308,9 @@ def test_sliding_window_groups_keep_their_window_and_full_attention_layers_their
             continue
         group = layer // (LAYERS // groups)
         for b, keep in enumerate(keeps):
-            kept = keep[group]
             prompt = slice(starts[b], starts[b] + LONG_PROMPTS[b])
-            keys = torch.cat([k1[layer, prompt][kept], k2[layer, b:b + 1]])
-            values = torch.cat([v1[layer, prompt][kept], v2[layer, b:b + 1]])
-            expected = reference_attention(q2[layer, b:b + 1], keys, values, causal_from=keys.shape[0] - 1)
-            torch.testing.assert_close(decode[layer, b:b + 1], expected, rtol=1e-5, atol=1e-5)
-            turn = slice(3 * b, 3 * b + 3)
-            keys = torch.cat([keys, k3[layer, turn]])
-            values = torch.cat([values, v3[layer, turn]])
-            expected = reference_attention(q3[layer, turn], keys, values, causal_from=keys.shape[0] - 3)
-            torch.testing.assert_close(second[layer, turn], expected, rtol=1e-5, atol=1e-5)
+            _assert_attends_to_kept(layer, b, prompt, keep[group], (k1, v1), (q2, k2, v2), (q3, k3, v3),
+                                    decode, second)
 
 
 def test_layered_pool_sizes_and_shares_buffers_by_group():
@@ -340,3 +323,19 @@ def test_layered_pool_sizes_and_shares_buffers_by_group():
     assert pool.get_kv_size_bytes() == (2 * 13 * KV_HEADS * HEAD_DIM * 4,) * 2
     with pytest.raises(ValueError):
         LayeredMHATokenToKVPool(12, 3, torch.float32, KV_HEADS, HEAD_DIM, LAYERS, "cpu")
+
+
+def _assert_attends_to_kept(layer, b, prompt, kept, prefill, step, turn2, decode, second):
+    """Request ``b``'s decode step and its 3-token second turn, in ``layer``, equal reference attention over the
+    prompt's ``kept`` keys (``prefill``: the prompt's ``(k, v)`` ``[layers, tokens, heads, dim]``) followed by the
+    decode token's (``step``: its ``(q, k, v)``) and, for the second turn, its own (``turn2``)."""
+    (k1, v1), (q2, k2, v2), (q3, k3, v3) = prefill, step, turn2
+    keys = torch.cat([k1[layer, prompt][kept], k2[layer, b:b + 1]])
+    values = torch.cat([v1[layer, prompt][kept], v2[layer, b:b + 1]])
+    expected = reference_attention(q2[layer, b:b + 1], keys, values, causal_from=keys.shape[0] - 1)
+    torch.testing.assert_close(decode[layer, b:b + 1], expected, rtol=1e-5, atol=1e-5)
+    turn = slice(3 * b, 3 * b + 3)
+    keys = torch.cat([keys, k3[layer, turn]])
+    values = torch.cat([values, v3[layer, turn]])
+    expected = reference_attention(q3[layer, turn], keys, values, causal_from=keys.shape[0] - 3)
+    torch.testing.assert_close(second[layer, turn], expected, rtol=1e-5, atol=1e-5)
