@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 
 from sgl_evict.config import GRANULARITIES, POLICY_NAMES, EvictionConfig
+from sgl_evict.env import env_setting
 from sgl_evict.selection import Budget
 
 FLAG_OF_FIELD = {
@@ -129,7 +129,7 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
     # page-granular eviction ran end to end on FlashInfer (bench/results/evict_e2e_*); other backends' paged
     # kernels read the compacted rows untested, so they stay opt-in
     if (config.enabled and page_size > 1 and backend != "flashinfer"
-            and os.environ.get("SGL_EVICT_EXPERIMENTAL_PAGES") != "1"):
+            and env_setting("SGL_EVICT_EXPERIMENTAL_PAGES") != "1"):
         raise ValueError(f"argument --page-size: page-granular eviction (--page-size {page_size}) is verified with "
                          f"--attention-backend flashinfer only (got {backend or 'the default'}); pass it, use "
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")

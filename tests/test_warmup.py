@@ -209,6 +209,10 @@ def test_warm_up_is_skipped_by_the_env_var_and_when_eviction_is_off(monkeypatch)
     monkeypatch.setenv(warmup.SKIP_ENV, "1")
     assert warmup.warm_up(_state("snapkv"), [LAYER], _cuda_buffer, None, torch.bfloat16, torch.int32, None) is None
     monkeypatch.delenv(warmup.SKIP_ENV)
+    # the spelling SGLang's warning about SGL_* variables asks for
+    monkeypatch.setenv("SGLANG_EVICT_SKIP_WARMUP", "1")
+    assert warmup.warm_up(_state("snapkv"), [LAYER], _cuda_buffer, None, torch.bfloat16, torch.int32, None) is None
+    monkeypatch.delenv("SGLANG_EVICT_SKIP_WARMUP")
     off = EngineState()
     off.configure(EvictionConfig())
     assert warmup.warm_up(off, [LAYER], _cuda_buffer, None, torch.bfloat16, torch.int32, None) is None

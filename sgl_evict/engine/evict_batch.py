@@ -8,7 +8,6 @@ the batch, all from one extra forward of their soft tokens (:mod:`sgl_evict.engi
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ from sgl_evict.engine.keep import (combined_scores, keep_mask, laprox_scores, lo
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
+from sgl_evict.env import env_setting
 from sgl_evict.holes import HOLE, count_live
 from sgl_evict.layer_groups import GroupLayout
 
@@ -263,7 +263,7 @@ def _evict_per_layer(req, row: torch.Tensor, config, queries: dict, scaling: dic
     layers = None if config.policy in ("streaming", "random") else sorted(queries)
     keep = per_layer_keep(scores, layers, config, row, group_layout(layered, state.window_layers), state,
                           all_reduce)
-    if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":
+    if env_setting("SGL_EVICT_LOG_KEEP") == "1":
         logger.info("sgl-evict: request %s keeps per group %s", req.rid,
                     [mask.nonzero().flatten().tolist() for mask in keep])
     live_before = count_live(row)
@@ -317,7 +317,7 @@ def _keep_of(scores: torch.Tensor, config, row: torch.Tensor, page_size: int, st
 
 def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None]) -> int:
     """Punches ``req``'s dropped tokens into its prompt ``row``, frees the slots it owns, logs; returns slots freed."""
-    if os.environ.get("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
+    if env_setting("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
         logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
     slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
     free(slots)

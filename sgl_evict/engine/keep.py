@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from sgl_evict.config import EvictionConfig
+from sgl_evict.env import env_setting
 from sgl_evict.holes import is_live
 from sgl_evict.kernels.rope_rerotate import rerotate_triton
 from sgl_evict.kernels.selection import select_pages
@@ -157,7 +157,7 @@ def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]
         else:
             mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions,
                                   row_lse=lse.unsqueeze(0))[0, :, :seq_len]
-            if os.environ.get("SGL_EVICT_CHECK_LSE") == "1" and _CHECK_ONE_READ.get():
+            if env_setting("SGL_EVICT_CHECK_LSE") == "1" and _CHECK_ONE_READ.get():
                 check_one_read(layer, mass, attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer],
                                                            positions)[0, :, :seq_len])
         weights = None if value_norms is None else value_norms(layer)

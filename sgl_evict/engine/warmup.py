@@ -23,7 +23,6 @@ either; ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq`` warms those policies only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from sgl_evict.engine.evict_batch import ONE_READ_POLICIES, _keep_of, _prefill_s
 from sgl_evict.engine.keep import lookahead_scores, one_read_check_off
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
+from sgl_evict.env import env_setting
 
 logger = logging.getLogger("sgl_evict")
 
@@ -157,10 +157,10 @@ def warm_up(state: EngineState, layers: list[LayerShape], key_buffer: Callable[[
     raised: the first requests then compile the kernels, as without the warm-up)."""
     if not state.enabled or not layers:
         return None
-    if os.environ.get(SKIP_ENV, "0") not in ("", "0"):
-        logger.info("sgl-evict: kernel warm-up skipped (%s=%s)", SKIP_ENV, os.environ[SKIP_ENV])
+    if env_setting(SKIP_ENV, "0") not in ("", "0"):
+        logger.info("sgl-evict: kernel warm-up skipped (%s=%s)", SKIP_ENV, env_setting(SKIP_ENV))
         return None
-    policies = [p.strip() for p in os.environ.get(POLICIES_ENV, "").split(",") if p.strip()] or list(
+    policies = [p.strip() for p in env_setting(POLICIES_ENV).split(",") if p.strip()] or list(
         dict.fromkeys((state.config.policy, *REQUEST_POLICIES)))
     try:
         device = key_buffer(layers[0].layer_id).device
