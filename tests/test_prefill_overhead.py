@@ -50,7 +50,8 @@ def test_runs_evict_then_plain_against_a_fake_server(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "prefill_overhead.py"), "--out", str(out),
                            "--lengths", "300,600", "--policies", "none,snapkv,laq", "--new-tokens", "2,4",
-                           "--repeats", "2", "--model", "llama-3.2-1b"],
+                           "--repeats", "2", "--model", "llama-3.2-1b", "--server-extra=--disable-cuda-graph",
+                           "--evict-extra=--kv-evict-granularity per_layer"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((out / "prefill_overhead.json").read_text())
@@ -61,6 +62,8 @@ def test_runs_evict_then_plain_against_a_fake_server(tmp_path):
                                            for n in (300, 600) for t in (2, 4)}
     assert all(row["n"] == 2 for name, row in doc["summary"].items() if name != "cold")
     assert "--kv-evict-policy snapkv" in evict["server_command"] and "--kv-evict" not in plain["server_command"]
+    assert "--disable-cuda-graph" in evict["server_command"] and "--disable-cuda-graph" in plain["server_command"]
+    assert "--kv-evict-granularity per_layer" in evict["server_command"]
     assert plain["env"] == {"SGLANG_PLUGINS": "not-sgl-evict"}
     assert all(r["error"] is None and r["output_tokens"] == r["max_new_tokens"] for r in evict["records"].values())
     assert set(doc["summary"]) == {f"{p}/{n}/{t}" for p in ("none", "snapkv", "laq", "plain")

@@ -3,6 +3,7 @@
     cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/prefill_overhead.py --out $OUT
         [--model llama-3.1-8b] [--lengths 4096,8192,16384,32768,65536] [--policies none,snapkv,dapq,laprox,laq]
         [--new-tokens 2,10] [--repeats 3] [--no-plain]      (sgl-evict installed in /tmp/site)
+        [--server-extra=--disable-cuda-graph] [--evict-extra="--kv-evict-granularity per_layer"]
 
 Run it from outside the repository (as bench/gpu/throughput.py). One evicting server (random weights with a public
 model shape, ``--kv-evict-policy snapkv``, FlashInfer) answers single requests, one at a time, whose policy is
@@ -18,6 +19,11 @@ policy at one length and repeat before the next), medians over ``--repeats``. Be
 policy) is sent ``--warmup`` times (default once): a fresh server compiles Triton kernels on the first requests
 of each shape (seen: 1-3.6 s per request at 4K on 2026-11-24), and those latencies are kept apart (``cold`` in
 the summary), not mixed into the medians.
+
+Per-layer budgets (issue 9) cost the same way: ``--attention-backend triton --server-extra=--disable-cuda-graph
+--no-plain`` once as is (uniform) and once with ``--evict-extra="--kv-evict-granularity per_layer"`` (flags after
+``=``: argparse takes a separate value starting with ``--`` for an option); the difference
+between two ``--new-tokens`` values over their difference is the decode step time.
 
 Writes ``prefill_overhead.json`` (command, device, versions, date, settings, servers, every request) and prints
 the median latency per policy and length and its overhead over ``none``.
@@ -153,6 +159,9 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="flashinfer")
     parser.add_argument("--mem-fraction-static", type=float, default=0.8)
     parser.add_argument("--start-timeout", type=float, default=360)
+    parser.add_argument("--server-extra", default="", help="extra flags for both servers (e.g. --server-extra=--disable-cuda-graph)")
+    parser.add_argument("--evict-extra", default="",
+                        help="extra flags for the evicting server (e.g. --evict-extra='--kv-evict-granularity per_layer')")
     parser.add_argument("--no-plain", action="store_true", help="skip plain SGLang")
     parser.add_argument("--no-evict", action="store_true", help="skip the evicting server (plain SGLang only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +187,7 @@ def main() -> int:
     common = ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
               "--context-length", str(max(lengths) + max(new_tokens) + 64),
               "--mem-fraction-static", str(args.mem_fraction_static), "--attention-backend", args.attention_backend,
-              "--max-running-requests", "4"]
+              "--max-running-requests", "4", *args.server_extra.split()]
     evict_runs = plan_runs(lengths, new_tokens, policies, args.repeats, args.warmup)
     plain_runs = [] if args.no_plain else plan_runs(lengths, new_tokens, [PLAIN], args.repeats, args.warmup)
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -188,7 +197,8 @@ def main() -> int:
     started = time.monotonic()
     stop_at = started + args.deadline
     servers = [] if args.no_evict else [
-        ("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget", args.budget], {}, evict_runs)]
+        ("evict", common + ["--kv-evict-policy", "snapkv", "--kv-evict-budget", args.budget, *args.evict_extra.split()],
+         {}, evict_runs)]
     if plain_runs:
         servers.append((PLAIN, common, {"SGLANG_PLUGINS": "not-sgl-evict"}, plain_runs))
     for name, server_args, env, runs in servers:  # at least one: --no-plain with --no-evict is refused
