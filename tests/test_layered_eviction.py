@@ -6,22 +6,17 @@ uniform path as it was (G = 1 keeps the uniform keep-set). With sliding-window l
 full-attention layers are scored), a group of sliding-window layers only keeps the prompt's tail, the others keep
 what the HF harness's ``per_layer`` selection over the same layer groups keeps (``select_keep_grouped``)."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
 
-try:
-    import torch
+from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel modules' triton import
+with sglang_or_skip():
+    interpret_triton_without_cuda()
+    import torch
     from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
     from sgl_evict.engine.layered_kv_pool import LayeredMHATokenToKVPool
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"sglang does not import here: {exc}", allow_module_level=True)
 
 from sgl_evict.config import EvictionConfig  # noqa: E402
 from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402

@@ -16,16 +16,15 @@ TritonAttnBackend and its Triton decode / extend kernels, run on CPU under TRITO
   SGLang's plain pool without eviction, and the heap frees exactly the dropped group-slots.
 """
 
-import os
 import types
 
 import pytest
 
-try:
-    import torch
+from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel modules' triton import
+with sglang_or_skip("sglang's Triton attention backend"):
+    interpret_triton_without_cuda()
+    import torch
     import sglang.srt.layers.attention.triton_backend as triton_backend
     from sglang.srt.configs.model_config import AttentionArch
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -35,10 +34,6 @@ try:
 
     from sgl_evict.engine.layered_attention import LayeredTritonAttnBackend
     from sgl_evict.engine.layered_kv_pool import LayeredMHATokenToKVPool
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"sglang's Triton attention backend does not import here: {exc}", allow_module_level=True)
 
 from sgl_evict.config import EvictionConfig  # noqa: E402
 from sgl_evict.engine.compact_view import compact_rows  # noqa: E402

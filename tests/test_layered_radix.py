@@ -11,23 +11,20 @@ and report token-equivalents; admission on ``available + evictable`` is backed b
 """
 
 import dataclasses
-import os
 from array import array
 from types import SimpleNamespace
 
 import pytest
 
-try:
+from sglang_guard import sglang_or_skip
+
+with sglang_or_skip("sglang's radix cache"):
     import torch
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
     from sglang.srt.plugins import load_plugins
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"sglang's radix cache does not import here: {exc}", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -4,16 +4,15 @@ setup build ``LayeredMHATokenToKVPool``, ``LayeredTokenToKVPoolAllocator`` and `
 flag asks for per_layer, and SGLang's own classes otherwise. SGLang's real (hooked) functions are called on a
 stand-in configurator / model runner carrying what they read; the runtime context a server publishes is stubbed."""
 
-import os
 import types
 
 import pytest
 
-try:
-    import torch
+from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel modules' triton import
+with sglang_or_skip():
+    interpret_triton_without_cuda()
+    import torch
     import sglang.srt.layers.attention.triton_backend as triton_backend
     import sglang.srt.mem_cache.kv_cache_configurator as kvc
     import sglang.srt.model_executor.model_runner_components.attention_backend_setup as backend_setup
@@ -26,10 +25,6 @@ try:
     from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
     from sgl_evict.engine.layered_attention import LayeredTritonAttnBackend
     from sgl_evict.engine.layered_kv_pool import LayeredMHATokenToKVPool
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"sglang does not import here: {exc}", allow_module_level=True)
 
 from sgl_evict.config import EvictionConfig  # noqa: E402
 from sgl_evict.engine.runtime import STATE  # noqa: E402

@@ -10,24 +10,20 @@ The GPU test at the end runs FlashInfer itself.
 """
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 
-try:
+from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
+
+with sglang_or_skip():
     import torch
     from sglang.srt.layers.attention import flashinfer_backend
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend, PrefillMetadata
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":  # .ci/sglang-tests.sh: a broken install must fail
-        raise
-    pytest.skip(f"sglang does not import here: {exc}", allow_module_level=True)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
+interpret_triton_without_cuda()
 
 from sgl_evict.config import EvictionConfig  # noqa: E402
 from sgl_evict.engine.keep import window_scores  # noqa: E402

@@ -1,17 +1,14 @@
 """The plugin registers through SGLang's entry point and its flags parse through SGLang's own prepare_server_args."""
 
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
 
-try:
+from sglang_guard import sglang_or_skip
+
+with sglang_or_skip("sglang.srt.server_args"):
     import sglang.srt.server_args  # noqa: F401
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":  # .ci/sglang-tests.sh: a broken install must fail
-        raise
-    pytest.skip(f"sglang.srt.server_args does not import here: {exc}", allow_module_level=True)
 
 import transformers  # noqa: E402
 from sglang.srt.plugins import load_plugins  # noqa: E402

@@ -3,21 +3,18 @@ makes every keep-set keep the model's sliding window or refuses what eviction ca
 ``--kv-evict-granularity per_layer`` a Gemma 3 launches (its layer groups checked against its layers) and the
 scheduler records its sliding-window layers, whose groups keep only the window."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
 
-try:
+from sglang_guard import sglang_or_skip
+
+with sglang_or_skip():
     import torch
     import transformers
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.plugins import load_plugins
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":  # .ci/sglang-tests.sh: a broken install must fail
-        raise
-    pytest.skip(f"sglang does not import here: {exc}", allow_module_level=True)
 
 from sgl_evict.config import EvictionConfig  # noqa: E402
 from sgl_evict.engine.runtime import STATE  # noqa: E402

@@ -7,13 +7,14 @@ freed, as the engine does), then cache_unfinished_req / cache_finished_req.
 """
 
 import dataclasses
-import os
 from types import SimpleNamespace
 from array import array
 
 import pytest
 
-try:
+from sglang_guard import sglang_or_skip
+
+with sglang_or_skip("sglang's radix cache"):
     import torch
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
@@ -25,10 +26,6 @@ try:
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.runtime_context import get_context, get_parallel
     from sglang.srt.sampling.sampling_params import SamplingParams
-except Exception as exc:  # not installed, or installed beside a transformers it cannot import with
-    if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"sglang's radix cache does not import here: {exc}", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
