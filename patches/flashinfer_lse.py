@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
-
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.engine.window_lse import RecordingWrapper, window_lse
 
@@ -65,13 +63,11 @@ def _record_window_lse(capture, layer_id: int, calls: list, meta, forward_batch)
     """Hands the capture the window rows' natural LSE of the recorded ``calls`` (or why there is none), reading which
     path ``forward_extend`` took from the backend's forward metadata ``meta``."""
     path = "paged" if not meta.use_ragged else "ragged" if meta.extend_no_prefix else "ragged+prefix"
-    rows = capture.rows
     row_has_prefix = None
     if path == "ragged+prefix":
         # the batch's lengths here are the compacted ones (patches/model_runner.py points it at the shadow rows)
-        has_prefix = torch.tensor([n > 0 for n in forward_batch.extend_prefix_lens_cpu], device=rows.device)
-        row_has_prefix = has_prefix.repeat_interleave(capture.window)
-    lse, reason = window_lse(calls, path, rows, row_has_prefix, capture.scaling[layer_id])
+        row_has_prefix = capture.rows_with_prefix(forward_batch.extend_prefix_lens_cpu)
+    lse, reason = window_lse(calls, path, capture.rows, row_has_prefix, capture.scaling[layer_id])
     if lse is None:
         capture.skip_lse(layer_id, reason)
     else:

@@ -27,6 +27,7 @@ class WindowQueryCapture:
         self.lse: dict[int, torch.Tensor] = {}
         self.lse_skipped: dict[int, str] = {}
         self.attended_lens: list[int] | None = None
+        self._rows_with_prefix: torch.Tensor | None = None
 
     def begin(self, forward_id: int, extend_seq_lens: list[int], device: torch.device | str) -> None:
         """Starts a forward whose requests extend by ``extend_seq_lens`` tokens (packed in that order)."""
@@ -44,6 +45,7 @@ class WindowQueryCapture:
         self.lse.clear()
         self.lse_skipped.clear()
         self.attended_lens = None
+        self._rows_with_prefix = None
 
     def end(self) -> None:
         self._rows = None
@@ -57,6 +59,14 @@ class WindowQueryCapture:
         """``[num_reqs * window]`` long: the batch's query tokens captured, ``window`` per request in batch order
         (a request with fewer new tokens repeats its first one)."""
         return self._rows
+
+    def rows_with_prefix(self, extend_prefix_lens: list[int]) -> torch.Tensor:
+        """``[num_reqs * window]`` bool: the :attr:`rows` whose request attended a prefix (``extend_prefix_lens``:
+        the batch's per request). Built once per forward, on the device: every layer of the forward asks."""
+        if self._rows_with_prefix is None:
+            has_prefix = torch.tensor([n > 0 for n in extend_prefix_lens], device=self._rows.device)
+            self._rows_with_prefix = has_prefix.repeat_interleave(self.window)
+        return self._rows_with_prefix
 
     def wants_lse(self, layer_id: int) -> bool:
         """Whether layer ``layer_id``'s window queries were captured in the forward being run."""
