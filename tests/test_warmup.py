@@ -63,9 +63,9 @@ LAYER = warmup.LayerShape(layer_id=3, num_q_heads=HQ, head_dim=D, scaling=0.25)
 KEYS = torch.zeros(1000, HKV, D, dtype=torch.bfloat16)
 
 
-def _warm_layer(state, calls, page_size=1, keys=KEYS):
+def _warm_layer(state, calls, page_size=1, keys=KEYS, policy=None):
     return warmup.warm_up_layer(state, LAYER, keys, keys.clone(), torch.bfloat16, torch.int32, calls.attention_mass,
-                         page_size)
+                                page_size, policy=policy)
 
 
 # the one-read variant: a window LSE laid out as the capture hands it out after a FlashInfer prefill
@@ -130,13 +130,8 @@ def test_judgeq_is_not_warmed_without_a_soft_token_file(monkeypatch):
     calls = Calls(monkeypatch)
     state = _state("snapkv")
     state.soft_tokens = None
-    assert _warm_layer_as(state, calls, "judgeq") is False
+    assert _warm_layer(state, calls, policy="judgeq") is False
     assert not calls.select
-
-
-def _warm_layer_as(state, calls, policy):
-    return warmup.warm_up_layer(state, LAYER, KEYS, KEYS.clone(), torch.bfloat16, torch.int32, calls.attention_mass,
-                                policy=policy)
 
 
 def test_warm_up_skips_what_the_server_cannot_run(monkeypatch):
