@@ -64,20 +64,21 @@ class Engine:
     """A KV pool, its allocator, the request table (rows, then their compacted shadow rows, as the plugin's
     ReqToTokenPool hook builds it) and a Triton backend, as a model runner holds them."""
 
-    def __init__(self, groups=None, window_layers=()):
+    def __init__(self, groups=None, window_layers=(), device="cpu"):
         """``window_layers``: layer ids that attend to their last ``WINDOW`` keys only (Gemma 3's sliding-window
         layers, SGLang's ``sliding_window_size``)."""
+        self.device = device
         if groups is None:  # SGLang's own pool
-            self.pool = MHATokenToKVPool(SLOTS, 1, torch.float32, KV_HEADS, HEAD_DIM, LAYERS, "cpu", False)
-            self.allocator = TokenToKVPoolAllocator(SLOTS, torch.float32, "cpu", self.pool, need_sort=False)
+            self.pool = MHATokenToKVPool(SLOTS, 1, torch.float32, KV_HEADS, HEAD_DIM, LAYERS, device, False)
+            self.allocator = TokenToKVPoolAllocator(SLOTS, torch.float32, device, self.pool, need_sort=False)
             backend_class = triton_backend.TritonAttnBackend
         else:
             self.pool = LayeredMHATokenToKVPool(SLOTS * groups, groups, torch.float32, KV_HEADS, HEAD_DIM, LAYERS,
-                                                "cpu")
-            self.allocator = LayeredTokenToKVPoolAllocator(SLOTS, SLOTS * groups, groups, torch.float32, "cpu",
+                                                device)
+            self.allocator = LayeredTokenToKVPoolAllocator(SLOTS, SLOTS * groups, groups, torch.float32, device,
                                                            self.pool, need_sort=False)
             backend_class = LayeredTritonAttnBackend
-        self.req_to_token_pool = ReqToTokenPool(2 * ROWS, CONTEXT, "cpu", False)
+        self.req_to_token_pool = ReqToTokenPool(2 * ROWS, CONTEXT, device, False)
         self.rows = {}  # request row -> [seq_len] logical slots, holes included
         config = types.SimpleNamespace(
             attention_arch=AttentionArch.MHA, get_max_num_attention_heads=lambda: HEADS,
@@ -87,7 +88,7 @@ class Engine:
         runner = types.SimpleNamespace(
             req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.pool,
             token_to_kv_pool_allocator=self.allocator, sliding_window_size=WINDOW if window_layers else None,
-            model_config=config, device="cpu",
+            model_config=config, device=device,
             gpu_id=0, is_draft_worker=False, page_size=1,
             server_args=types.SimpleNamespace(triton_attention_num_kv_splits=4, enable_deterministic_inference=False,
                                               triton_attention_split_tile_size=None, chunked_prefill_size=-1))
@@ -106,7 +107,7 @@ class Engine:
         prefix = []
         start = 0
         for b, n in enumerate(new_lens):
-            row = self.rows.get(b, torch.empty(0, dtype=torch.int64))
+            row = self.rows.get(b, torch.empty(0, dtype=torch.int64, device=self.device))
             prefix.append(int((row != -1).sum()))
             self.rows[b] = torch.cat([row, out_cache_loc[start:start + n]])
             start += n
@@ -114,9 +115,10 @@ class Engine:
         seq_lens = self._compact(bs)
         batch = types.SimpleNamespace(
             forward_mode=ForwardMode.EXTEND, batch_size=bs, spec_info=None, out_cache_loc=out_cache_loc,
-            req_pool_indices=torch.arange(bs) + ROWS, seq_lens=seq_lens, seq_lens_sum=int(seq_lens.sum()),
-            extend_prefix_lens=torch.tensor(prefix), extend_prefix_lens_cpu=prefix,
-            extend_seq_lens=torch.tensor(new_lens), extend_seq_lens_cpu=list(new_lens))
+            req_pool_indices=torch.arange(bs, device=self.device) + ROWS, seq_lens=seq_lens,
+            seq_lens_sum=int(seq_lens.sum()), extend_prefix_lens=torch.tensor(prefix, device=self.device),
+            extend_prefix_lens_cpu=prefix, extend_seq_lens=torch.tensor(new_lens, device=self.device),
+            extend_seq_lens_cpu=list(new_lens))
         self.backend.init_forward_metadata(batch)
         return torch.stack([
             self.backend.forward_extend(q[layer].flatten(1), k[layer], v[layer], self.layers[layer], batch)
@@ -125,27 +127,32 @@ class Engine:
     def decode(self, q, k, v):
         """One new token per request row; ``q [L, bs, HEADS, HEAD_DIM]``, ``k`` / ``v [L, bs, KV_HEADS,
         HEAD_DIM]`` -> ``[L, bs, HEADS, HEAD_DIM]``."""
-        bs = q.shape[1]
+        batch = self.decode_batch(q.shape[1])
+        self.backend.init_forward_metadata(batch)
+        return torch.stack([
+            self.backend.forward_decode(q[layer].flatten(1), k[layer], v[layer], self.layers[layer], batch)
+            for layer in range(LAYERS)]).view(LAYERS, batch.batch_size, HEADS, HEAD_DIM)
+
+    def decode_batch(self, bs):
+        """Appends a new token to request rows ``0 .. bs - 1``: the decode batch (SGLang's ``ForwardBatch`` fields
+        that attention reads), pointed at the compacted rows as the plugin's model-runner hook does."""
         out_cache_loc = self.allocator.alloc(bs)
         for b in range(bs):
             self.rows[b] = torch.cat([self.rows[b], out_cache_loc[b:b + 1]])
         seq_lens = self._compact(bs)
-        batch = types.SimpleNamespace(
+        return types.SimpleNamespace(
             forward_mode=ForwardMode.DECODE, batch_size=bs, spec_info=None, out_cache_loc=out_cache_loc,
-            req_pool_indices=torch.arange(bs) + ROWS, seq_lens=seq_lens, seq_lens_sum=int(seq_lens.sum()))
-        self.backend.init_forward_metadata(batch)
-        return torch.stack([
-            self.backend.forward_decode(q[layer].flatten(1), k[layer], v[layer], self.layers[layer], batch)
-            for layer in range(LAYERS)]).view(LAYERS, bs, HEADS, HEAD_DIM)
+            req_pool_indices=torch.arange(bs, device=self.device) + ROWS, seq_lens=seq_lens,
+            seq_lens_sum=int(seq_lens.sum()))
 
     def _compact(self, bs):
         """Writes the logical rows, compacts them into their shadow rows (the plugin's compact_view); the kept
         lengths."""
         table = self.req_to_token_pool.req_to_token
-        lens = torch.tensor([self.rows[b].numel() for b in range(bs)])
+        lens = torch.tensor([self.rows[b].numel() for b in range(bs)], device=self.device)
         for b in range(bs):
             table[b, :lens[b]] = self.rows[b].to(table.dtype)
-        return compact_rows(table, torch.arange(bs), lens, int(lens.max()), ROWS)
+        return compact_rows(table, torch.arange(bs, device=self.device), lens, int(lens.max()), ROWS)
 
 
 def qkv(n, seed):
