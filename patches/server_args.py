@@ -79,8 +79,8 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        help="Evict whole pages so freed memory is real (implied by --page-size > 1).")
     group.add_argument("--kv-evict-granularity", choices=GRANULARITIES, default="uniform",
                        help="uniform: one keep-set for all layers. per_layer: one keep-set per layer group in a "
-                            "layered KV pool (issue 9; eager Triton attention, page size 1, one GPU: needs "
-                            "--attention-backend triton and --disable-cuda-graph).")
+                            "layered KV pool (issue 9; Triton attention, decode CUDA graphs or eager, page size "
+                            "1, one GPU: needs --attention-backend triton).")
     group.add_argument("--kv-evict-layer-groups", type=_int_at_least(1), default=None,
                        help="per_layer: number of layer groups G sharing a keep-set (default: one group per layer); "
                             "must divide the model's layer count.")
@@ -137,8 +137,8 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
 
 def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConfig:
     """ValueError (message starting with the flag) for what ``--kv-evict-granularity per_layer`` does not run with
-    (design step 4 is eager Triton, page size 1, one GPU; sliding-window models on the shared pool, not SGLang's
-    hybrid SWA pool); the config with
+    (Triton with full decode CUDA graphs or eager, eager prefill, page size 1, one GPU, no torch.compile;
+    sliding-window models on the shared pool, not SGLang's hybrid SWA pool); the config with
     ``layer_groups`` resolved (None: one group per layer) and checked against the model's layer count when
     SGLang can read the model's config here (otherwise the pool hook checks it once the model is loaded).
     ``server_args``: SGLang's resolved ``ServerArgs``."""
@@ -151,10 +151,7 @@ def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConf
     if backends != {"triton"}:
         raise ValueError(f"argument --attention-backend: {flag} runs with --attention-backend triton only (got "
                          f"{', '.join(sorted(map(str, backends)))})")
-    decode_graph = getattr(getattr(server_args.cuda_graph_config, "decode", None), "backend", "full")
-    if str(decode_graph) != "disabled":
-        raise ValueError(f"argument --disable-cuda-graph: {flag} runs eagerly only (CUDA graphs over the layered "
-                         "pool are design step 5): pass --disable-cuda-graph")
+    _check_per_layer_cuda_graphs(flag, server_args)
     if (server_args.page_size or 1) > 1:
         raise ValueError(f"argument --page-size: {flag} runs with --page-size 1 only (got {server_args.page_size})")
     if server_args.tp_size > 1:
@@ -170,6 +167,28 @@ def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConf
                          "models on the one shared KV pool only: pass --disable-hybrid-swa-memory")
     return dataclasses.replace(config, layer_groups=resolve_layer_groups(config.layer_groups,
                                                                           model_config.num_hidden_layers))
+
+
+#: decode CUDA graph backends the layered Triton backend is captured with (design step 5): SGLang's full graphs
+_PER_LAYER_DECODE_GRAPHS = ("full", "disabled")
+
+
+def _check_per_layer_cuda_graphs(flag: str, server_args) -> None:
+    """ValueError naming the flag for CUDA graphs the layered pool does not run: decode graphs other than SGLang's
+    full graphs (the layered backend builds each group's read list inside the captured graph), prefill graphs
+    (eviction turns them off at launch; an override that keeps one gets here), and torch.compile over the decode
+    graphs (it would trace the backend's per-group Python)."""
+    graphs = server_args.cuda_graph_config
+    decode = str(getattr(getattr(graphs, "decode", None), "backend", "full"))
+    if decode not in _PER_LAYER_DECODE_GRAPHS:
+        raise ValueError(f"argument --cuda-graph-backend-decode: {flag} captures decode CUDA graphs with the full "
+                         f"backend only (got {decode}): pass --cuda-graph-backend-decode full or --disable-cuda-graph")
+    prefill = str(getattr(getattr(graphs, "prefill", None), "backend", "disabled"))
+    if prefill != "disabled":
+        raise ValueError(f"argument --cuda-graph-backend-prefill: {flag} runs prefill eagerly only (got {prefill}): "
+                         "pass --cuda-graph-backend-prefill disabled")
+    if getattr(server_args, "enable_torch_compile", False):
+        raise ValueError(f"argument --enable-torch-compile: {flag} does not run under torch.compile")
 
 
 def resolve_layer_groups(layer_groups: int | None, num_layers: int) -> int:

@@ -179,7 +179,7 @@ def test_request_override_is_validated_the_same_way():
 
 
 PER_LAYER = ("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-granularity", "per_layer",
-             "--attention-backend", "triton", "--disable-cuda-graph")
+             "--attention-backend", "triton")
 
 
 def test_per_layer_parses_and_resolves_its_layer_groups(prepare):
@@ -196,20 +196,48 @@ def test_per_layer_parses_and_resolves_its_layer_groups(prepare):
     assert (laprox.policy, laprox.granularity) == ("laprox", "per_layer")
 
 
+def test_per_layer_runs_with_decode_cuda_graphs_or_eagerly(prepare):
+    # decode CUDA graphs of the layered Triton backend (design step 5): SGLang's default full graphs, or none
+    graphs = prepare(*PER_LAYER)
+    assert graphs.cuda_graph_config.decode.backend == "full"
+    assert graphs.cuda_graph_config.prefill.backend == "disabled"  # eviction turns prefill graphs off
+    eager = prepare(*PER_LAYER, "--disable-cuda-graph")
+    assert eager.cuda_graph_config.decode.backend == "disabled"
+    assert eviction_config(graphs) == eviction_config(eager)
+
+
+def test_per_layer_refuses_prefill_cuda_graphs():
+    # eviction turns prefill graphs off before SGLang resolves its flags; a server that has one anyway is refused
+    server_args = SimpleNamespace(
+        get_attention_backends=lambda: ["triton"], page_size=1, tp_size=1, enable_torch_compile=False,
+        cuda_graph_config=SimpleNamespace(decode=SimpleNamespace(backend="full"),
+                                          prefill=SimpleNamespace(backend="breakable")),
+        get_model_config=lambda: SimpleNamespace(is_hybrid_swa=False, num_hidden_layers=2))
+    config = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer")
+    with pytest.raises(ValueError, match=re.escape("argument --cuda-graph-backend-prefill: --kv-evict-granularity "
+                                                   "per_layer runs prefill eagerly only (got breakable)")):
+        check_per_layer_support(config, server_args)
+    server_args.cuda_graph_config.prefill.backend = "disabled"
+    assert check_per_layer_support(config, server_args).layer_groups == 2
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--kv-evict-granularity", "per_layr"], "argument --kv-evict-granularity: invalid choice: 'per_layr'"),
     (["--kv-evict-layer-groups", "0"], "argument --kv-evict-layer-groups: must be at least 1, got 0"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-layer-groups", "2"],
      "argument --kv-evict-layer-groups: applies to granularity per_layer only"),
-    (["--kv-evict-granularity", "per_layer", "--attention-backend", "triton", "--disable-cuda-graph"],
+    (["--kv-evict-granularity", "per_layer", "--attention-backend", "triton"],
      "argument --kv-evict-granularity: per_layer needs --kv-evict-policy"),
     ([*PER_LAYER, "--kv-evict-layer-groups", "3"],
      "argument --kv-evict-layer-groups: 3 groups must divide the model's 2 layers"),
     ([*PER_LAYER[:6], "--disable-cuda-graph"],
      "argument --attention-backend: --kv-evict-granularity per_layer runs with --attention-backend triton only "
      "(got torch_native)"),
-    ([*PER_LAYER[:6], "--attention-backend", "triton"],
-     "argument --disable-cuda-graph: --kv-evict-granularity per_layer runs eagerly only"),
+    ([*PER_LAYER, "--cuda-graph-backend-decode", "breakable"],
+     "argument --cuda-graph-backend-decode: --kv-evict-granularity per_layer captures decode CUDA graphs with the "
+     "full backend only (got breakable)"),
+    ([*PER_LAYER, "--enable-torch-compile"],
+     "argument --enable-torch-compile: --kv-evict-granularity per_layer does not run under torch.compile"),
     ([*PER_LAYER, "--page-size", "16"],
      "argument --page-size: --kv-evict-granularity per_layer runs with --page-size 1 only (got 16)"),
     ([*PER_LAYER, "--tp-size", "2"],
