@@ -8,9 +8,9 @@ layered pool, docs/design.md "Per-layer budgets: a layered KV pool", section 2).
 SGLang's attention backends build one flat read list per forward from the request rows (``kv_indptr [bs + 1]``,
 ``kv_indices [kv_indptr[bs]]``, logical slots in the layered pool). Group ``g``'s layers must read the group's
 group-slots and must not see the tokens the group dropped (a padding slot in the list would add a key to the
-softmax), so each group gets its own compacted list. PyTorch only: the translation is one gather; the kernel worth
-writing fuses SGLang's row walk with the translation and the compaction, with lengths known on the host, which
-CUDA graphs need (design step 5).
+softmax), so each group gets its own compacted list. PyTorch, for eager forwards (it syncs once for the total
+length); decode CUDA graphs build the same lists on the device with no host, one group at a time
+(``kernels/group_indices.py``, design step 5).
 """
 
 from __future__ import annotations
