@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 # JIT specialisation (see kernels/paged_scoring.py): the row stride is the server's context length, fixed per
-# process; a group's map row ``group_map[g]`` starts ``g x (size_logical + 2) x 4`` bytes in, 16-byte aligned or not
-# depending on g, so it is not specialised on alignment (else G variants compile at capture).
+# process, and the other pointers are whole static buffers or slices from their start; a group's map row
+# ``group_map[g]`` starts ``g x (size_logical + 2) x 4`` bytes in, 16-byte aligned or not depending on g, so it is not
+# specialised on alignment (one variant for every group; its loads are gathers anyway).
 DO_NOT_SPECIALIZE_ON_ALIGNMENT = ("GroupMap",)
 BLOCK = 256
 
