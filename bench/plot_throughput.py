@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from throughput_readings import readings_table
+
 COLORS = {"plain": "tab:gray", "evict": "tab:blue"}
 
 
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     png = args.png or str(Path(args.merged_json or args.json[0]).with_suffix(".png"))
     plot(doc, png)
     print(markdown_table(doc))
+    readings = readings_table(doc)
+    if readings:
+        print(f"\nFrom the per-request records (bench/throughput_readings.py):\n{readings}")
     print(f"\nplot: {png}")
     return 0
 
