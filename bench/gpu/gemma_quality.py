@@ -26,7 +26,8 @@ its lookahead steps on the snapkv view and the rest on the laq cache; the harnes
 snapkv answer's first tokens, then laq with those tokens as its teacher-forced lookahead).
 
 ``--granularity per_layer [--layer-groups G]`` (issue 9) launches the layered server instead (``--kv-evict-granularity
-per_layer``, Triton, ``--disable-cuda-graph``, ``--page-size 1``; laq and judgeq are not run there): each group of
+per_layer``, Triton, ``--page-size 1``, eagerly with ``--disable-cuda-graph`` as on the H100 run of 2026-11-24;
+laq and judgeq are not run there): each group of
 the model's layers keeps its own keep-set, a group of sliding-window layers only the last 512 prompt tokens. The
 harness runs the same granularity and layer groups (``EvictionHarness(layer_groups=G)``), and the log check counts
 each eviction's group-slots. Run it once with each granularity to compare per-layer and uniform selection; the

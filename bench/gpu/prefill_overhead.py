@@ -20,10 +20,11 @@ policy) is sent ``--warmup`` times (default once): a fresh server compiles Trito
 of each shape (seen: 1-3.6 s per request at 4K on 2026-11-24), and those latencies are kept apart (``cold`` in
 the summary), not mixed into the medians.
 
-Per-layer budgets (issue 9) cost the same way: ``--attention-backend triton --server-extra=--disable-cuda-graph
---no-plain`` once as is (uniform) and once with ``--evict-extra="--kv-evict-granularity per_layer"`` (flags after
-``=``: argparse takes a separate value starting with ``--`` for an option); the difference
-between two ``--new-tokens`` values over their difference is the decode step time.
+Per-layer budgets (issue 9) cost the same way: ``--attention-backend triton --no-plain`` (decode CUDA graphs; add
+``--server-extra=--disable-cuda-graph`` for eager) once as is (uniform) and once with ``--evict-extra="--kv-evict-granularity
+per_layer"`` (flags after ``=``: argparse takes a separate value starting with ``--`` for an option; one shell word
+each, so quote the value's spaces); the difference between two ``--new-tokens`` values over their difference is the
+decode step time.
 
 Writes ``prefill_overhead.json`` (command, device, versions, date, settings, servers, every request) and prints
 the median latency per policy and length and its overhead over ``none``.
