@@ -66,6 +66,7 @@ def test_runs_evict_then_plain_against_a_fake_server(tmp_path):
     assert "--kv-evict-granularity per_layer" in evict["server_command"]
     assert plain["env"] == {"SGLANG_PLUGINS": "not-sgl-evict"}
     assert all(r["error"] is None and r["output_tokens"] == r["max_new_tokens"] for r in evict["records"].values())
+    assert all(len(r["output_ids"]) == r["output_tokens"] for r in evict["records"].values())
     assert set(doc["summary"]) == {f"{p}/{n}/{t}" for p in ("none", "snapkv", "laq", "plain")
                                    for n in (300, 600) for t in (2, 4)} | {"cold"}
     # every evicting request carried its policy; plain SGLang's carried none

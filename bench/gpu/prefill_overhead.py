@@ -135,7 +135,9 @@ def serve(name: str, args_list: list[str], env: dict, runs: list[Run], args, out
                 progress(f"[prefill_overhead] {name}: deadline reached after {i}/{len(runs)} requests")
                 break
             rec = send(PORT, run, prompt_ids(run, args.seed, DEFAULT_VOCAB))
-            entry["records"][run.key] = rec.to_json()
+            # answers kept (a few hundred tokens per run) so that two runs, e.g. eager and with CUDA graphs, can be
+            # compared token for token
+            entry["records"][run.key] = {**rec.to_json(), "output_ids": rec.output_ids}
             if rec.error:
                 progress(f"[prefill_overhead] {name} {run.key}: {rec.error}")
             if i % 10 == 0 or i == len(runs) - 1:
