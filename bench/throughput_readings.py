@@ -65,16 +65,17 @@ def same_work_s(config: dict, sessions: int, last_turn: int) -> float | None:
 def readings_table(doc: dict) -> str:
     """Markdown: per config the rate over the shortest run's window, the prefill rate, prefilled tokens per turn, the
     steady-state rate of whole sessions, and the time for the largest common work; evict / plain ratios below."""
-    configs = {n: c for n, c in doc["configs"].items() if c.get("requests") and c.get("summary")}
-    if not configs:
-        return ""
     settings = doc["settings"]
+    configs = {n: c for n, c in doc["configs"].items() if c.get("requests") and c.get("summary")}
+    if not configs or settings.get("workload", "agent") != "agent":  # single turns: requests/s says it all
+        return ""
     turns, sessions = settings["turns"], settings["concurrency"]
     window = min(c["summary"]["duration_s"] for c in configs.values())
     common = max((t for t in range(turns)
                   if all(same_work_s(c, sessions, t) is not None for c in configs.values())), default=None)
     head = (f"| config | run (s) | req/s over {window:.0f} s | prefilled tok/s | prefilled tokens per turn | "
-            f"steady state, {turns}-turn sessions (req/s) | turns 0-{common} of {sessions} sessions (s) |")
+            f"steady state, {turns}-turn sessions (req/s) | "
+            f"{'same work: none finished by all' if common is None else f'turns 0-{common} of {sessions} sessions (s)'} |")
     rows = [head, "|" + " --- |" * (head.count("|") - 1)]
     values = {}
     for name, c in configs.items():

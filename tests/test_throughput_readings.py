@@ -79,3 +79,14 @@ def test_readings_table_compares_over_the_shortest_window_and_common_work():
     assert lines[3].startswith("| evict | 6 | 1.67 | 1.7K |")
     assert "same window 1.67x" in table and "steady state 5.00x" in table and "same work 2.00x" in table
     assert readings_table({"settings": doc["settings"], "configs": {"plain": {"error": "not healthy"}}}) == ""
+    assert readings_table({**doc, "settings": {**doc["settings"], "workload": "long"}}) == ""
+
+
+def test_readings_table_says_when_no_work_was_finished_by_every_config():
+    late = _evict()
+    for r in late["requests"]:
+        if r["session_id"] == 1 and r["turn"] == 0:
+            r["cut"] = True
+    doc = {"settings": {"turns": 5, "concurrency": 2}, "configs": {"plain": _plain(), "evict": late}}
+    table = readings_table(doc)
+    assert "same work: none finished by all" in table.splitlines()[0] and "same work " not in table.splitlines()[-1]
