@@ -73,9 +73,9 @@ def readings_table(doc: dict) -> str:
     window = min(c["summary"]["duration_s"] for c in configs.values())
     common = max((t for t in range(turns)
                   if all(same_work_s(c, sessions, t) is not None for c in configs.values())), default=None)
+    work_head = "same work: none finished by all" if common is None else f"turns 0-{common} of {sessions} sessions (s)"
     head = (f"| config | run (s) | req/s over {window:.0f} s | prefilled tok/s | prefilled tokens per turn | "
-            f"steady state, {turns}-turn sessions (req/s) | "
-            f"{'same work: none finished by all' if common is None else f'turns 0-{common} of {sessions} sessions (s)'} |")
+            f"steady state, {turns}-turn sessions (req/s) | {work_head} |")
     rows = [head, "|" + " --- |" * (head.count("|") - 1)]
     values = {}
     for name, c in configs.items():
