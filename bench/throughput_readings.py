@@ -7,7 +7,8 @@ turn until sessions start finishing. A short run of such a server is measured on
 on its expensive later turns, and the two servers of a comparison rarely ran equally long or reached the same turns.
 
 Every reading counts a request only if it finished inside the run (not cut at the deadline, no error); a request's
-prefilled tokens are its prompt less the tokens the server reported cached.
+prefilled tokens are its prompt less the tokens the server reported cached (requests without that report are left
+out of the prefill readings, as serve_bench's cache hit rate leaves them out).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def end_s(request: dict) -> float:
     return request["start_s"] + request["latency_s"]
 
 
+def prefilled_tokens(request: dict) -> int | None:
+    """Prompt tokens the server computed (not served from its prefix cache); None where it reported no cache count."""
+    cached = request["cached_tokens"]
+    return None if cached is None else request["prompt_tokens"] - cached
+
+
 def rate_in_window(config: dict, window_s: float) -> float:
     """Requests/s over the first ``window_s`` seconds of the workload (requests that ended by then)."""
     return sum(end_s(r) <= window_s for r in finished_requests(config)) / window_s
@@ -31,15 +38,16 @@ def prefilled_per_turn(config: dict, min_share: float = 0.1) -> dict[int, float]
     a handful of sessions reached is their outliers, not the turn)."""
     by_turn: dict[int, list[int]] = {}
     for r in finished_requests(config):
-        by_turn.setdefault(r["turn"], []).append(r["prompt_tokens"] - r["cached_tokens"])
+        if (tokens := prefilled_tokens(r)) is not None:
+            by_turn.setdefault(r["turn"], []).append(tokens)
     floor = min_share * len(by_turn.get(0, ()))
     return {t: sum(v) / len(v) for t, v in sorted(by_turn.items()) if len(v) >= max(floor, 1)}
 
 
 def prefill_rate(config: dict) -> float:
     """Prefilled tokens/s over the run: what the GPU sustained when it was busy with this server's work."""
-    return sum(r["prompt_tokens"] - r["cached_tokens"] for r in finished_requests(config)) / \
-        config["summary"]["duration_s"]
+    tokens = (prefilled_tokens(r) for r in finished_requests(config))
+    return sum(t for t in tokens if t is not None) / config["summary"]["duration_s"]
 
 
 def steady_state_rate(config: dict, turns: int) -> tuple[float, int]:

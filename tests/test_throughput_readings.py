@@ -54,6 +54,9 @@ def test_prefilled_per_turn_and_rate():
     few = _config([_request(s, 0, 0, 1, 100, 0) for s in range(20)] + [_request(0, 1, 1, 1, 900, 0)], 10.0)
     assert prefilled_per_turn(few) == {0: 100}
     assert prefilled_per_turn(few, min_share=0.05) == {0: 100, 1: 900}
+    # a request whose server reported no cached count is left out of the prefill readings, not counted as 0 cached
+    unknown = _config([_request(0, 0, 0, 1, 100, 0), _request(1, 0, 0, 1, 500, None)], 10.0)
+    assert prefilled_per_turn(unknown) == {0: 100} and prefill_rate(unknown) == pytest.approx(10.0)
 
 
 def test_steady_state_extrapolates_missing_turns_linearly():
