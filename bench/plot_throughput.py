@@ -49,6 +49,12 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(rows)
 
 
+def plot_title(doc: dict) -> str:
+    """Model, device and date(s); a joined document keeps each run's date under ``runs``."""
+    dates = [doc["date"]] if doc.get("date") else sorted({r["date"][:10] for r in doc.get("runs", []) if r.get("date")})
+    return f"{doc.get('model', '?')} ({doc.get('device', '?')}), {', '.join(dates) or '?'}"
+
+
 def plot(doc: dict, path: str | Path) -> None:
     """PNG, 2x2: requests/s and output tok/s; TTFT and TPOT percentiles; running requests and KV tokens vs time."""
     import matplotlib
@@ -108,15 +114,17 @@ def plot(doc: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
-    fig.suptitle(f"{doc.get('model', '?')} ({doc.get('device', '?')}), {doc.get('date', '?')}", fontsize=10)
+    fig.suptitle(plot_title(doc), fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-# settings that may differ between the runs of one comparison: which config ran and where its files went
-PER_RUN_SETTINGS = {"only", "out", "deadline", "start_timeout", "no_progress"}
+# settings that may differ between the runs of one comparison: which config ran, where its files went, and how long
+# it was given (throughput.py shrinks the duration after a slow start anyway; each run's plan records what it got,
+# and every reading is a rate)
+PER_RUN_SETTINGS = {"only", "out", "deadline", "start_timeout", "no_progress", "duration"}
 
 
 def merge_runs(docs: list[dict]) -> dict:

@@ -108,17 +108,19 @@ def _single(config: str, **settings) -> dict:
     doc = _doc()
     doc["configs"] = {config: doc["configs"][config]}
     doc["settings"] = {"max_total_tokens": 120000, "only": config, "out": f"/tmp/{config}", **settings}
-    doc.update(command=f"throughput.py --only {config}", plan={"duration_s": 300}, wall_s=500)
+    doc.update(command=f"throughput.py --only {config}", plan={"duration_s": 300}, wall_s=500,
+               date=f"2026-11-2{3 + (config == 'evict')}T05:00:00+00:00")
     return doc
 
 
 def test_merge_runs_of_one_comparison(tmp_path):
-    from plot_throughput import main, merge_runs
+    from plot_throughput import main, merge_runs, plot_title
 
-    merged = merge_runs([_single("plain"), _single("evict")])
+    merged = merge_runs([_single("plain", duration=280), _single("evict", duration=248)])
     assert list(merged["configs"]) == ["plain", "evict"]
     assert [r["command"] for r in merged["runs"]] == ["throughput.py --only plain", "throughput.py --only evict"]
     assert "command" not in merged and "evict / plain requests/s: 3.50x" in markdown_table(merged)
+    assert plot_title(merged) == "llama-3.2-1b (test), 2026-11-23, 2026-11-24"
     with pytest.raises(ValueError, match="more than one run"):
         merge_runs([_single("plain"), _single("plain")])
     with pytest.raises(ValueError, match=r"settings \['max_total_tokens'\]"):
