@@ -32,6 +32,13 @@ DO_NOT_SPECIALIZE_ON_ALIGNMENT = ("GroupMap",)
 BLOCK = 256
 
 
+@triton.jit
+def _group_slots(ReqToTok, GroupMap, row_start, t, seq_len):
+    """Group-slots of row entries ``t`` (``[BLOCK]``; <= 0 where the group holds none, past ``seq_len`` or a hole)."""
+    logical = tl.load(ReqToTok + row_start + t, mask=t < seq_len, other=-1)
+    return tl.load(GroupMap + logical, mask=logical >= 0, other=0)
+
+
 @triton.jit(do_not_specialize_on_alignment=DO_NOT_SPECIALIZE_ON_ALIGNMENT)
 def _count_live(ReqToTok, ReqPoolIdx, SeqLens, GroupMap, Counts, s_row, BLOCK: tl.constexpr):
     req = tl.program_id(0)
@@ -39,9 +46,7 @@ def _count_live(ReqToTok, ReqPoolIdx, SeqLens, GroupMap, Counts, s_row, BLOCK: t
     seq_len = tl.load(SeqLens + req)
     live = 0
     for n0 in range(0, seq_len, BLOCK):
-        t = n0 + tl.arange(0, BLOCK)
-        logical = tl.load(ReqToTok + row * s_row + t, mask=t < seq_len, other=-1)
-        slot = tl.load(GroupMap + logical, mask=logical >= 0, other=0)
+        slot = _group_slots(ReqToTok, GroupMap, row * s_row, n0 + tl.arange(0, BLOCK), seq_len)
         live += tl.sum((slot > 0).to(tl.int32), axis=0)
     tl.store(Counts + req, live)
 
@@ -54,9 +59,7 @@ def _write_live(ReqToTok, ReqPoolIdx, SeqLens, GroupMap, KvIndptr, KvIndices, s_
     start = tl.load(KvIndptr + req)
     written = 0
     for n0 in range(0, seq_len, BLOCK):
-        t = n0 + tl.arange(0, BLOCK)
-        logical = tl.load(ReqToTok + row * s_row + t, mask=t < seq_len, other=-1)
-        slot = tl.load(GroupMap + logical, mask=logical >= 0, other=0)
+        slot = _group_slots(ReqToTok, GroupMap, row * s_row, n0 + tl.arange(0, BLOCK), seq_len)
         live = slot > 0
         pos = start + written + tl.cumsum(live.to(tl.int32), axis=0) - 1
         tl.store(KvIndices + pos, slot.to(KvIndices.dtype.element_ty), mask=live)
