@@ -34,11 +34,8 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 
 status=0
-# TRITON_INTERPRET=1: tests/test_layered_kv_pool.py and tests/test_layered_cuda_graph.py run SGLang's Triton attention
-# kernels (and the plugin's group read-list kernel) on CPU tensors, and Triton reads the variable when a kernel module
-# is imported, which an earlier test module may already have done (the other tests never launch a kernel, so the
-# interpreter changes nothing for them)
-TRITON_INTERPRET=1 SGL_EVICT_REQUIRE_SGLANG=1 "$PY" -m pytest -q tests/test_plugin_server_args.py tests/test_radix_holes.py tests/test_layered_radix.py tests/test_layered_kv_pool.py tests/test_layered_cuda_graph.py tests/test_layered_eviction.py tests/test_layered_server.py tests/test_plugin_sliding_window.py tests/test_plugin_judgeq.py tests/test_plugin_flashinfer_lse.py || status=$?
+# Triton kernels run on CPU tensors through the interpreter: tests/conftest.py sets TRITON_INTERPRET=1 without a GPU
+SGL_EVICT_REQUIRE_SGLANG=1 "$PY" -m pytest -q tests/test_plugin_server_args.py tests/test_radix_holes.py tests/test_layered_radix.py tests/test_layered_kv_pool.py tests/test_layered_cuda_graph.py tests/test_layered_eviction.py tests/test_layered_server.py tests/test_plugin_sliding_window.py tests/test_plugin_judgeq.py tests/test_plugin_flashinfer_lse.py || status=$?
 if [ "$status" -eq 5 ]; then
   echo "sglang-tests: pytest collected no tests" >&2
   exit 1

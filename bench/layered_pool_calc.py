@@ -11,8 +11,8 @@ three numbers bound it: ``nested`` (the sets are nested: union = the largest set
 pool), ``independent`` (unprotected tokens kept independently at each layer's rate, a rough middle: real keep-sets
 are positively correlated, so real unions are smaller) and ``disjoint`` (the worst case).
 
-    python bench/layered_pool_calc.py                       # Llama-3.1-8B, 32K prompt, 10%, uniform vs pyramid
-    python bench/layered_pool_calc.py --prompt 8192 --budget 0.2 --top 0.3 --bottom 0.1
+    python -m bench.layered_pool_calc                       # Llama-3.1-8B, 32K prompt, 10%, uniform vs pyramid
+    python -m bench.layered_pool_calc --prompt 8192 --budget 0.2 --top 0.3 --bottom 0.1
 """
 
 from __future__ import annotations

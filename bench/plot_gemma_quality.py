@@ -1,7 +1,7 @@
 """Draws bench/gpu/gemma_quality.py's JSON: task accuracy per policy and budget, server next to harness; prints a
 table.
 
-    python bench/plot_gemma_quality.py bench/results/gemma_quality_DATE.json [--png docs/img/gemma_quality.png]
+    python -m bench.plot_gemma_quality bench/results/gemma_quality_DATE.json [--png docs/img/gemma_quality.png]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Draws bench/gpu/prefill_overhead.py's JSON: each policy's latency over ``none`` (same server) per prompt length,
 and plain SGLang's latency against ``none`` (the plugin loaded, nothing evicted); prints a markdown table.
 
-    python bench/plot_prefill_overhead.py EVICT.json [--plain PLAIN.json] [--png docs/img/prefill_overhead.png]
+    python -m bench.plot_prefill_overhead EVICT.json [--plain PLAIN.json] [--png docs/img/prefill_overhead.png]
 
 ``EVICT.json`` is a run with the evicting server; ``--plain`` a run with ``--no-evict`` (or the same file when one
 run had both servers).

@@ -1,6 +1,6 @@
 """Draws bench/gpu/throughput.py's JSON: throughput bars, latency percentiles, load over time; prints a table.
 
-    python bench/plot_throughput.py bench/results/throughput_DATE.json [--png docs/img/throughput.png]
+    python -m bench.plot_throughput bench/results/throughput_DATE.json [--png docs/img/throughput.png]
 
 Two runs of ``throughput.py --only plain`` and ``--only evict`` (same settings otherwise, e.g. one device call each
 for a long run) are joined into one document: ``plot_throughput.py PLAIN.json EVICT.json --merged-json BOTH.json``.
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from throughput_readings import readings_table
+from bench.throughput_readings import readings_table
 
 COLORS = {"plain": "tab:gray", "evict": "tab:blue"}
 

@@ -1,6 +1,6 @@
 """Drives a running SGLang server's ``/generate`` with seeded sessions and measures throughput and latency.
 
-    python bench/serve_bench.py --port 30000 --workload agent --concurrency 32 --duration 120 --out run.json
+    python -m bench.serve_bench --port 30000 --workload agent --concurrency 32 --duration 120 --out run.json
 
 Standard library only (the GPU host has no aiohttp): asyncio schedules the sessions, each request streams over
 ``http.client`` in a worker thread. Up to ``--concurrency`` sessions run at once; inside a session, turn i+1 is sent
@@ -40,8 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import DEFAULT_VOCAB, Session, agent_sessions, long_context_requests, next_prompt  # noqa: E402
+from bench.workloads import DEFAULT_VOCAB, Session, agent_sessions, long_context_requests, next_prompt
 
 HOST = "127.0.0.1"
 QUANTILES = (50, 90, 99)

@@ -46,7 +46,7 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(_LOG2E)
 
-# the compiled kernels of the last call (name -> Triton's compiled kernel: n_regs, n_spills, asm), for bench/kernels.py
+# the compiled kernels of the last call (name -> Triton's compiled kernel: n_regs, n_spills, asm), for bench/scoring_kernel.py
 last_compiled: dict = {}
 
 # JIT specialisation. Triton compiles one variant per "key" of its integer arguments (== 1, divisible by 16) and of

@@ -1,13 +1,21 @@
-"""Fixtures shared by test modules."""
+"""Settings and fixtures shared by test modules."""
+
+import os
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels (ours and SGLang's) run on CPU tensors through the interpreter. Triton reads the
+# variable when a kernel module is imported, so it is set here, before any test module imports one. On a GPU host
+# the compiled kernels run (the -m gpu tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A tiny random Llama checkpoint with a word-level tokenizer, as the CLI's ``--model`` reads it."""
     transformers = pytest.importorskip("transformers")
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     path = tmp_path_factory.mktemp("tiny")

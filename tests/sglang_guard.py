@@ -24,12 +24,3 @@ def sglang_or_skip(what: str = "sglang") -> Iterator[None]:
         if os.environ.get("SGL_EVICT_REQUIRE_SGLANG") == "1":
             raise
         pytest.skip(f"{what} does not import here: {exc}", allow_module_level=True)
-
-
-def interpret_triton_without_cuda() -> None:
-    """``TRITON_INTERPRET=1`` on a machine without a GPU, so Triton kernels run on CPU tensors; call it before any
-    kernel module imports triton (Triton reads the variable then)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")

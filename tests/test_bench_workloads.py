@@ -1,11 +1,7 @@
 """bench/workloads.py: seeded, deterministic, lengths within bounds, histories that grow by prompt + reply."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from workloads import Turn, agent_session, agent_sessions, long_context_requests, next_prompt  # noqa: E402
+from bench.workloads import Turn, agent_session, agent_sessions, long_context_requests, next_prompt
 
 VOCAB = (100, 5000)
 

@@ -6,8 +6,8 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from sgl_evict import Budget  # noqa: E402
-from sgl_evict.cli import main  # noqa: E402
+from sgl_evict import Budget
+from sgl_evict.cli import main
 
 
 def test_eval_writes_json_plot_and_table(checkpoint, tmp_path, capsys):

@@ -4,27 +4,23 @@ The scoring goes through the real paged kernel (Triton interpreter on CPU) and i
 reference policy on the same keys.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.apply import evict_from_row  # noqa: E402
-from sgl_evict.engine.capture import WindowQueryCapture  # noqa: E402
-from sgl_evict.engine.compact_view import compact_rows, enter_compacted, leave_compacted  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.observation import LayerObservation  # noqa: E402
-from sgl_evict.policies import make_policy  # noqa: E402
-from sgl_evict.selection import Budget, select_keep  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.apply import evict_from_row
+from sgl_evict.engine.capture import WindowQueryCapture
+from sgl_evict.engine.compact_view import compact_rows, enter_compacted, leave_compacted
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.holes import HOLE
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.observation import LayerObservation
+from sgl_evict.policies import make_policy
+from sgl_evict.selection import Budget, select_keep
 
 
 def _gen(seed):

@@ -6,26 +6,22 @@ runner and attention hooks do, capturing given queries; the scoring goes through
 interpreter on CPU).
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.judgeq import ServedSoftTokens, load_served_soft_tokens, soft_token_queries  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.observation import LayerObservation  # noqa: E402
-from sgl_evict.patches.judgeq import served_model_fingerprint  # noqa: E402
-from sgl_evict.policies import make_policy  # noqa: E402
-from sgl_evict.selection import Budget, select_keep  # noqa: E402
-from sgl_evict.soft_tokens import SoftTokens, model_fingerprint  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.judgeq import ServedSoftTokens, load_served_soft_tokens, soft_token_queries
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.holes import HOLE
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.observation import LayerObservation
+from sgl_evict.patches.judgeq import served_model_fingerprint
+from sgl_evict.policies import make_policy
+from sgl_evict.selection import Budget, select_keep
+from sgl_evict.soft_tokens import SoftTokens, model_fingerprint
 
 KV_HEADS, GROUP, DIM, WINDOW, SINKS, K, HIDDEN = 2, 2, 16, 4, 2, 3, 8
 Q_HEADS = KV_HEADS * GROUP

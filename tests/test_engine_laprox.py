@@ -5,29 +5,23 @@ interpreter on CPU) and the keep-set is compared with the harness's OutputAwareP
 ``EvictionHarness._select`` does, on the same keys, values, queries and W_o.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine import laprox as engine_laprox  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.keep import combined_scores, keep_mask, laprox_scores  # noqa: E402
-from sgl_evict.engine.laprox import (  # noqa: E402
-    find_output_projections, model_norm_factors, norm_factors, projected_norms,
-)
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.observation import LayerObservation  # noqa: E402
-from sgl_evict.policies import make_policy  # noqa: E402
-from sgl_evict.scoring import projected_value_norms  # noqa: E402
-from sgl_evict.selection import Budget, select_keep  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine import laprox as engine_laprox
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.keep import combined_scores, keep_mask, laprox_scores
+from sgl_evict.engine.laprox import find_output_projections, model_norm_factors, norm_factors, projected_norms
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.holes import HOLE
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.observation import LayerObservation
+from sgl_evict.policies import make_policy
+from sgl_evict.scoring import projected_value_norms
+from sgl_evict.selection import Budget, select_keep
 
 KV_HEADS, GROUP, DIM, HIDDEN, WINDOW, SINKS, POOLING = 2, 2, 16, 48, 6, 2, 5
 Q_HEADS = KV_HEADS * GROUP

@@ -4,26 +4,22 @@ SGLang's objects are faked (as in test_engine.py); the scoring goes through the 
 interpreter on CPU) and the final keep-set is compared with the harness's LookaheadQCache policy on the same keys.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.capture import DecodeQueryCapture  # noqa: E402
-from sgl_evict.engine.compact_view import enter_compacted, leave_compacted  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_lookahead, evict_after_prefill  # noqa: E402
-from sgl_evict.engine.lookahead import record_step  # noqa: E402
-from sgl_evict.engine.runtime import STATE, EngineState  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.observation import LayerObservation  # noqa: E402
-from sgl_evict.policies import make_policy  # noqa: E402
-from sgl_evict.selection import Budget, select_keep  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.capture import DecodeQueryCapture
+from sgl_evict.engine.compact_view import enter_compacted, leave_compacted
+from sgl_evict.engine.evict_batch import evict_after_lookahead, evict_after_prefill
+from sgl_evict.engine.lookahead import record_step
+from sgl_evict.engine.runtime import STATE, EngineState
+from sgl_evict.holes import HOLE
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.observation import LayerObservation
+from sgl_evict.policies import make_policy
+from sgl_evict.selection import Budget, select_keep
 
 KV_HEADS, GROUP, DIM, WINDOW, SINKS, STEPS = 2, 2, 16, 4, 2, 3
 Q_HEADS = KV_HEADS * GROUP

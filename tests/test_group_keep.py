@@ -4,20 +4,16 @@ split), any G the per_layer selection over the group's (layer, head) rows; tenso
 the same sets."""
 
 import math
-import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.group_keep import group_keep_masks, group_scores  # noqa: E402
-from sgl_evict.engine.keep import combined_scores, keep_mask  # noqa: E402
-from sgl_evict.selection import Budget, protected_mask, select_keep  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.group_keep import group_keep_masks, group_scores
+from sgl_evict.engine.keep import combined_scores, keep_mask
+from sgl_evict.selection import Budget, protected_mask, select_keep
 
 SINKS, WINDOW = 2, 4
 

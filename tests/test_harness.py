@@ -5,10 +5,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sgl_evict import Budget, make_policy  # noqa: E402
-from sgl_evict.harness import EvictionHarness  # noqa: E402
-from sgl_evict.soft_tokens import SoftTokens  # noqa: E402
-from tiny_models import tiny_gemma3, tiny_llama  # noqa: E402
+from tiny_models import tiny_gemma3, tiny_llama
+
+from sgl_evict import Budget, make_policy
+from sgl_evict.harness import EvictionHarness
+from sgl_evict.soft_tokens import SoftTokens
 
 POLICIES = ["snapkv", "laq", "dapq", "laprox", "streaming", "random"]
 

@@ -7,13 +7,22 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sgl_evict import Budget, make_policy  # noqa: E402
-from sgl_evict.cli import main  # noqa: E402
-from sgl_evict.harness import EvictionHarness  # noqa: E402
-from sgl_evict.judgeq_train import (TRAIN_SEED_BASE, TrainConfig, attention_kl, build_example, freeze,  # noqa: E402
-                                    initial_soft_tokens, soft_token_attention, train_soft_tokens)
-from sgl_evict.soft_tokens import SoftTokens  # noqa: E402
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import tiny_llama
+
+from sgl_evict import Budget, make_policy
+from sgl_evict.cli import main
+from sgl_evict.harness import EvictionHarness
+from sgl_evict.judgeq_train import (
+    TRAIN_SEED_BASE,
+    TrainConfig,
+    attention_kl,
+    build_example,
+    freeze,
+    initial_soft_tokens,
+    soft_token_attention,
+    train_soft_tokens,
+)
+from sgl_evict.soft_tokens import SoftTokens
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,13 @@
 """Paged scoring kernel vs the PyTorch reference, on random shapes (CPU: Triton interpreter; GPU: compiled)."""
 
-import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from sgl_evict.kernels import paged_scoring  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged, score_paged  # noqa: E402
-from sgl_evict.scoring import attention_probs, score_queries  # noqa: E402
+from sgl_evict.kernels import paged_scoring
+from sgl_evict.kernels.paged_scoring import attention_mass_paged, score_paged
+from sgl_evict.scoring import attention_probs, score_queries
 
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else ["cpu"]
 # relative error bounds: keys and queries are rounded to the KV dtype before both computations, so the remaining

@@ -1,15 +1,11 @@
 """dapq re-rotation kernel vs sgl_evict.rope.rerotate (CPU: interpreter; GPU: compiled)."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.kernels.rope_rerotate import RerotatePlan, rerotate_triton  # noqa: E402
-from sgl_evict.rope import rerotate, rope_spec  # noqa: E402
+from sgl_evict.kernels.rope_rerotate import RerotatePlan, rerotate_triton
+from sgl_evict.rope import rerotate, rope_spec
 
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else ["cpu"]
 # relative error bounds: float32 arithmetic on a float64 cos/sin table, rounded once to the output dtype

@@ -1,15 +1,11 @@
 """Page-granular selection + compaction kernels vs their PyTorch references (CPU: interpreter; GPU: compiled)."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.kernels.selection import compact_reference, select_pages, select_pages_reference  # noqa: E402
-from sgl_evict.selection import Budget, select_keep  # noqa: E402
+from sgl_evict.kernels.selection import compact_reference, select_pages, select_pages_reference
+from sgl_evict.selection import Budget, select_keep
 
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else ["cpu"]
 

@@ -3,17 +3,12 @@ counts, per-request strides, the slot row's alignment), so a server compiles one
 prompt shape (kernels/paged_scoring.py, docs/kernels.md)."""
 
 import inspect
-import os
 
 import pytest
 import torch
+import triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel modules' triton import
-
-import triton  # noqa: E402
-
-from sgl_evict.kernels import paged_scoring, rope_rerotate, selection  # noqa: E402
+from sgl_evict.kernels import paged_scoring, rope_rerotate, selection
 
 HQ, HKV, D, WINDOW = 4, 2, 16, 4
 

@@ -25,18 +25,25 @@ What each layer's decode kernel is given (its read list per request, its write l
 import os
 
 import pytest
-
-from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
+from sglang_guard import sglang_or_skip
 
 with sglang_or_skip("sglang's Triton attention backend"):
-    interpret_triton_without_cuda()
     import torch
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from test_layered_kv_pool import (
+        HEAD_DIM,
+        HEADS,
+        KV_HEADS,
+        LAYERS,
+        LONG_PROMPTS,
+        WINDOW_LAYERS,
+        Engine,
+        cpu_runtime,
+        qkv,
+        window_keep_masks,
+    )
 
-    from test_layered_kv_pool import (HEAD_DIM, HEADS, KV_HEADS, LAYERS, LONG_PROMPTS, WINDOW_LAYERS, Engine,
-                                      cpu_runtime, qkv, window_keep_masks)
-
-from sgl_evict.engine.group_evict import evict_groups  # noqa: E402
+from sgl_evict.engine.group_evict import evict_groups
 
 assert cpu_runtime  # the autouse fixture of test_layered_kv_pool, for this module too
 

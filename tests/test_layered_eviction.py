@@ -9,25 +9,24 @@ what the HF harness's ``per_layer`` selection over the same layer groups keeps (
 from types import SimpleNamespace
 
 import pytest
-
-from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
+from sglang_guard import sglang_or_skip
 
 with sglang_or_skip():
-    interpret_triton_without_cuda()
     import torch
+
     from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
     from sgl_evict.engine.layered_kv_pool import LayeredMHATokenToKVPool
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.group_keep import group_keep_masks, group_scores  # noqa: E402
-from sgl_evict.engine.keep import laprox_scores, position_scores, window_scores  # noqa: E402
-from sgl_evict.engine.laprox import projected_norms  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
-from sgl_evict.layer_groups import GroupLayout  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.selection import Budget, select_keep_grouped  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.group_keep import group_keep_masks, group_scores
+from sgl_evict.engine.keep import laprox_scores, position_scores, window_scores
+from sgl_evict.engine.laprox import projected_norms
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.holes import HOLE
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.layer_groups import GroupLayout
+from sgl_evict.selection import Budget, select_keep_grouped
 
 LAYERS, KV_HEADS, GROUP, DIM, WINDOW = 4, 2, 2, 16, 4
 SEQ, PREFIX = 40, 6  # prompt length; the first PREFIX tokens are a matched prefix the radix tree owns

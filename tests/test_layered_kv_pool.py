@@ -19,13 +19,11 @@ TritonAttnBackend and its Triton decode / extend kernels, run on CPU under TRITO
 import types
 
 import pytest
-
-from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
+from sglang_guard import sglang_or_skip
 
 with sglang_or_skip("sglang's Triton attention backend"):
-    interpret_triton_without_cuda()
-    import torch
     import sglang.srt.layers.attention.triton_backend as triton_backend
+    import torch
     from sglang.srt.configs.model_config import AttentionArch
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -35,13 +33,13 @@ with sglang_or_skip("sglang's Triton attention backend"):
     from sgl_evict.engine.layered_attention import LayeredTritonAttnBackend
     from sgl_evict.engine.layered_kv_pool import LayeredMHATokenToKVPool
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.compact_view import compact_rows  # noqa: E402
-from sgl_evict.engine.group_evict import evict_groups  # noqa: E402
-from sgl_evict.engine.group_keep import layout_group_scores, layout_keep_masks  # noqa: E402
-from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator  # noqa: E402
-from sgl_evict.layer_groups import GroupLayout  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.compact_view import compact_rows
+from sgl_evict.engine.group_evict import evict_groups
+from sgl_evict.engine.group_keep import layout_group_scores, layout_keep_masks
+from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
+from sgl_evict.layer_groups import GroupLayout
+from sgl_evict.selection import Budget
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 16
 SCALE = HEAD_DIM ** -0.5

@@ -1,12 +1,18 @@
 """bench/layered_pool_calc.py: the numbers docs/design.md quotes for issue 9 (CPU, no torch)."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from layered_pool_calc import (  # noqa: E402
-    GIB, KIB, LLAMA_31_8B, MIB, budget_tokens, linear_split, main, mapping_bytes, report, union_tokens)
+from bench.layered_pool_calc import (
+    GIB,
+    KIB,
+    LLAMA_31_8B,
+    MIB,
+    budget_tokens,
+    linear_split,
+    main,
+    mapping_bytes,
+    report,
+    union_tokens,
+)
 
 
 def test_llama_bytes_per_token():

@@ -15,7 +15,6 @@ from array import array
 from types import SimpleNamespace
 
 import pytest
-
 from sglang_guard import sglang_or_skip
 
 with sglang_or_skip("sglang's radix cache"):
@@ -26,14 +25,14 @@ with sglang_or_skip("sglang's radix cache"):
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
     from sglang.srt.plugins import load_plugins
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.group_evict import evict_groups  # noqa: E402
-from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator  # noqa: E402
-from sgl_evict.holes import HOLE, live, namespaced_extra_key  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.group_evict import evict_groups
+from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
+from sgl_evict.holes import HOLE, live, namespaced_extra_key
+from sgl_evict.selection import Budget
 
 load_plugins()  # what launch_server and every scheduler process do
 

@@ -7,15 +7,13 @@ stand-in configurator / model runner carrying what they read; the runtime contex
 import types
 
 import pytest
-
-from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
+from sglang_guard import sglang_or_skip
 
 with sglang_or_skip():
-    interpret_triton_without_cuda()
-    import torch
     import sglang.srt.layers.attention.triton_backend as triton_backend
     import sglang.srt.mem_cache.kv_cache_configurator as kvc
     import sglang.srt.model_executor.model_runner_components.attention_backend_setup as backend_setup
+    import torch
     from sglang.srt.configs.model_config import AttentionArch
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
@@ -26,11 +24,11 @@ with sglang_or_skip():
     from sgl_evict.engine.layered_attention import LayeredTritonAttnBackend
     from sgl_evict.engine.layered_kv_pool import LayeredMHATokenToKVPool
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.runtime import STATE  # noqa: E402
-from sgl_evict.patches import layered_backend, layered_pool  # noqa: E402
-from sgl_evict.patches.scheduler import check_per_layer_pool, layered_allocator  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches import layered_backend, layered_pool
+from sgl_evict.patches.scheduler import check_per_layer_pool, layered_allocator
+from sgl_evict.selection import Budget
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, SIZE = 4, 4, 2, 16, 40
 HOOKED = ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",

@@ -1,14 +1,12 @@
 """bench/plot_prefill_overhead.py: merged medians, overhead over none, table, plot, bad input."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import plot_prefill_overhead as ppo  # noqa: E402
+from bench import plot_prefill_overhead as ppo
 
 
 def _doc(latencies: dict[str, float]) -> dict:

@@ -13,8 +13,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
-
-from sglang_guard import interpret_triton_without_cuda, sglang_or_skip
+from sglang_guard import sglang_or_skip
 
 with sglang_or_skip():
     import torch
@@ -23,16 +22,15 @@ with sglang_or_skip():
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-interpret_triton_without_cuda()
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.keep import window_scores  # noqa: E402
-from sgl_evict.engine.runtime import STATE  # noqa: E402
-from sgl_evict.engine.window_lse import LN2, RecordingWrapper, window_lse  # noqa: E402
-from sgl_evict.holes import HOLE, count_live  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.patches import flashinfer_lse  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.keep import window_scores
+from sgl_evict.engine.runtime import STATE
+from sgl_evict.engine.window_lse import LN2, RecordingWrapper, window_lse
+from sgl_evict.holes import HOLE, count_live
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.patches import flashinfer_lse
+from sgl_evict.selection import Budget
 
 HEADS, KV_HEADS, DIM, SCALE, WINDOW, SLOTS = 4, 2, 16, 0.25, 8, 96
 #: SGLang's forward_extend as it is in the package (a test module before this one may have applied the hooks)

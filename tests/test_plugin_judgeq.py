@@ -8,7 +8,6 @@ what the soft tokens' queries are is known; SGLang's ``ScheduleBatch`` and ``For
 from types import SimpleNamespace
 
 import pytest
-
 from sglang_guard import sglang_or_skip
 
 with sglang_or_skip():
@@ -18,13 +17,13 @@ with sglang_or_skip():
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.runtime_context import get_parallel
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.judgeq import ServedSoftTokens  # noqa: E402
-from sgl_evict.engine.runtime import STATE  # noqa: E402
-from sgl_evict.patches import attention, model_runner, scheduler  # noqa: E402
-from sgl_evict.patches.judgeq import SoftTokenForward, load_soft_tokens, served_model_fingerprint  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
-from sgl_evict.soft_tokens import SoftTokens  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.judgeq import ServedSoftTokens
+from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches import attention, model_runner, scheduler
+from sgl_evict.patches.judgeq import SoftTokenForward, load_soft_tokens, served_model_fingerprint
+from sgl_evict.selection import Budget
+from sgl_evict.soft_tokens import SoftTokens
 
 HIDDEN, HEADS, DIM, K, SHADOW = 8, 2, 4, 3, 4
 LAYERS = (0, 1)

@@ -4,19 +4,18 @@ import re
 from types import SimpleNamespace
 
 import pytest
-
 from sglang_guard import sglang_or_skip
 
 with sglang_or_skip("sglang.srt.server_args"):
-    import sglang.srt.server_args  # noqa: F401
+    import sglang.srt.server_args
 
-import transformers  # noqa: E402
-from sglang.srt.plugins import load_plugins  # noqa: E402
-from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
+import transformers
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.patches.server_args import check_per_layer_support, eviction_config  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.patches.server_args import check_per_layer_support, eviction_config
+from sgl_evict.selection import Budget
 
 
 @pytest.fixture(scope="module")

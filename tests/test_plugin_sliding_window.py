@@ -6,7 +6,6 @@ scheduler records its sliding-window layers, whose groups keep only the window."
 from types import SimpleNamespace
 
 import pytest
-
 from sglang_guard import sglang_or_skip
 
 with sglang_or_skip():
@@ -16,11 +15,11 @@ with sglang_or_skip():
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.plugins import load_plugins
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.runtime import STATE  # noqa: E402
-from sgl_evict.patches.scheduler import init_around  # noqa: E402
-from sgl_evict.rope import rope_spec  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.runtime import STATE
+from sgl_evict.patches.scheduler import init_around
+from sgl_evict.rope import rope_spec
+from sgl_evict.selection import Budget
 
 EVICT = ("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")
 GEMMA_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.gpu import prefill_overhead as po
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench" / "gpu"))
-import prefill_overhead as po  # noqa: E402
+# bench is a package of the repository root, run as `python -m bench.gpu.prefill_overhead`
+BENCH_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_plan_interleaves_policies_and_prompts_never_repeat():
@@ -45,10 +47,10 @@ def test_summary_takes_medians_and_the_overhead_over_none():
 
 
 def test_runs_evict_then_plain_against_a_fake_server(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_sglang"),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_sglang"), str(ROOT),
                                                         os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "prefill_overhead.py"), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu.prefill_overhead", "--out", str(out),
                            "--lengths", "300,600", "--policies", "none,snapkv,laq", "--new-tokens", "2,4",
                            "--repeats", "2", "--model", "llama-3.2-1b", "--server-extra=--disable-cuda-graph",
                            "--evict-extra=--kv-evict-granularity per_layer"],
@@ -78,16 +80,16 @@ def test_runs_evict_then_plain_against_a_fake_server(tmp_path):
 
 
 def test_bad_arguments_fail_with_a_message(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "prefill_overhead.py"), "--policies",
-                           "snapkv"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu.prefill_overhead", "--policies",
+                           "snapkv"], cwd=tmp_path, env=BENCH_ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "must include none" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_deadline_starts_no_server_and_still_writes_the_json(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "prefill_overhead.py"), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu.prefill_overhead", "--out", str(out),
                            "--deadline", "0", "--model", "llama-3.2-1b"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          cwd=tmp_path, env=BENCH_ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     doc = json.loads((out / "prefill_overhead.json").read_text())
     assert {c["error"] for c in doc["configs"].values()} == {"not started: deadline reached"}

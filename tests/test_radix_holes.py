@@ -7,11 +7,10 @@ freed, as the engine does), then cache_unfinished_req / cache_finished_req.
 """
 
 import dataclasses
-from types import SimpleNamespace
 from array import array
+from types import SimpleNamespace
 
 import pytest
-
 from sglang_guard import sglang_or_skip
 
 with sglang_or_skip("sglang's radix cache"):
@@ -27,13 +26,13 @@ with sglang_or_skip("sglang's radix cache"):
     from sglang.srt.runtime_context import get_context, get_parallel
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.holes import HOLE, count_live, live, namespaced_extra_key  # noqa: E402
-from sgl_evict.patches import radix_cache as hooks  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.holes import HOLE, count_live, live, namespaced_extra_key
+from sgl_evict.patches import radix_cache as hooks
+from sgl_evict.selection import Budget
 
 load_plugins()  # what launch_server and every scheduler process do
 

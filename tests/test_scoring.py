@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from sgl_evict.scoring import (attention_probs, pool_scores, projected_value_norms, reduce_gqa,
-                               score_queries)
+from sgl_evict.scoring import attention_probs, pool_scores, projected_value_norms, reduce_gqa, score_queries
 
 
 def test_attention_probs_match_explicit_softmax_with_gqa_and_causal_mask():

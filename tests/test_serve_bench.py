@@ -2,19 +2,15 @@
 
 import asyncio
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import serve_bench  # noqa: E402
-from serve_bench import RequestRecord, parse_prometheus, percentiles, run_benchmark, summarize  # noqa: E402
-from workloads import Session, Turn  # noqa: E402
+from bench import serve_bench
+from bench.serve_bench import RequestRecord, parse_prometheus, percentiles, run_benchmark, summarize
+from bench.workloads import Session, Turn
 
 ERROR_MARKER = 77777
 ABORT_MARKER = 88888

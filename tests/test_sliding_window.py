@@ -5,23 +5,19 @@ protected, the compacted row ends with exactly the logical row's last tokens, so
 they see without eviction; the HF harness reproduces the server's keep-set with ``protected_recent``.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.compact_view import compact_rows  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.keep import combined_scores, keep_mask  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.holes import HOLE, whole_tail_prefix  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.compact_view import compact_rows
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.keep import keep_mask
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.holes import HOLE, whole_tail_prefix
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.selection import Budget
 
 WINDOW = 24  # a model's sliding window (Gemma 3 270M: 512)
 

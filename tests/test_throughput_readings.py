@@ -1,14 +1,16 @@
 """bench/throughput_readings.py on hand-made per-request records."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from throughput_readings import (prefill_rate, prefilled_per_turn, rate_in_window, readings_table,  # noqa: E402
-                                 same_work_s, steady_state_rate)
+from bench.throughput_readings import (
+    prefill_rate,
+    prefilled_per_turn,
+    rate_in_window,
+    readings_table,
+    same_work_s,
+    steady_state_rate,
+)
 
 
 def _request(session, turn, start, latency, prompt, cached, **flags):

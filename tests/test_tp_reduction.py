@@ -13,15 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.laprox import norm_factors  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.laprox import norm_factors
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.selection import Budget
 
 SEQ_LEN, KV_HEADS, GROUP, DIM, WINDOW, LAYERS, HIDDEN = 60, 4, 2, 16, 6, 2, 24
 
@@ -69,7 +66,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rank(rank: int, world: int, init_file: str, out_dir: str, policy: str) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     per_rank = KV_HEADS // world
     row = _evict(slice(rank * per_rank, (rank + 1) * per_rank), _all_reduce, policy)

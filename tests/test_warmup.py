@@ -2,22 +2,18 @@
 path runs once on scratch tensors, on CUDA only, never fatal, skippable."""
 
 import logging
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel modules' triton import
-
-from sgl_evict.config import Budget, EvictionConfig  # noqa: E402
-from sgl_evict.engine import keep as keep_module  # noqa: E402
-from sgl_evict.engine import warmup  # noqa: E402
-from sgl_evict.engine.judgeq import ServedSoftTokens  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.kernels import paged_scoring  # noqa: E402
-from sgl_evict.rope import rope_spec  # noqa: E402
+from sgl_evict.config import Budget, EvictionConfig
+from sgl_evict.engine import keep as keep_module
+from sgl_evict.engine import warmup
+from sgl_evict.engine.judgeq import ServedSoftTokens
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.kernels import paged_scoring
+from sgl_evict.rope import rope_spec
 
 HQ, HKV, D, WINDOW, STEPS, SOFT = 4, 2, 16, 4, 3, 5
 

@@ -8,24 +8,20 @@ SGLang's backend and FlashInfer's wrappers around this: ``tests/test_plugin_flas
 
 import logging
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel module's triton import
-
-from sgl_evict.config import EvictionConfig  # noqa: E402
-from sgl_evict.engine.capture import WindowQueryCapture  # noqa: E402
-from sgl_evict.engine.evict_batch import evict_after_prefill  # noqa: E402
-from sgl_evict.engine.keep import window_scores  # noqa: E402
-from sgl_evict.engine.runtime import EngineState  # noqa: E402
-from sgl_evict.engine.window_lse import LN2, AttentionCall, RecordingWrapper, window_lse  # noqa: E402
-from sgl_evict.holes import HOLE  # noqa: E402
-from sgl_evict.kernels.paged_scoring import attention_mass_paged  # noqa: E402
-from sgl_evict.selection import Budget  # noqa: E402
+from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.capture import WindowQueryCapture
+from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.keep import window_scores
+from sgl_evict.engine.runtime import EngineState
+from sgl_evict.engine.window_lse import LN2, AttentionCall, RecordingWrapper, window_lse
+from sgl_evict.holes import HOLE
+from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.selection import Budget
 
 HEADS, KV_HEADS, DIM, SCALE = 4, 2, 16, 0.25
 

@@ -1,10 +1,8 @@
 """End-to-end check of eviction inside a real SGLang server (GPU host, offline install of bench/gpu/).
 
-    cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/evict_e2e.py [--out DIR]   (sgl-evict installed in /tmp/site)
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.evict_e2e [--out DIR]
 
-Run it from outside the repository: ``python -m sglang.launch_server`` puts the working directory first on
-``sys.path``, and the repository's ``sgl_evict/`` folder (without ``kernels/`` and ``patches/`` mapped into it)
-would shadow the installed package.
+(from the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point).
 
 Serves a 4-layer random-weight Llama (bench/gpu/smoke.py's, weight std 0.06 so attention and logits are not flat),
 one server per setting, side by side. Each caps its KV pool with ``--max-total-tokens`` and passes SGLang's start
@@ -66,8 +64,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smoke import Server, _version, write_tiny_llama  # noqa: E402
+from bench.gpu.smoke import Server, _version, write_tiny_llama
 
 BUDGET = 0.1
 WINDOW, SINKS = 16, 4

@@ -1,10 +1,8 @@
 """RULER-style quality of eviction through an SGLang server running Gemma 3 270M, against the HF harness (issue 6).
 
-    cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/gemma_quality.py [--contexts 1024,2048,4096,8192,16384]
-        [--out DIR]   (sgl-evict installed in /tmp/site, bundles a, b, c, gemma-tok and the gemma parts installed)
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.gemma_quality [--contexts 1024,2048,4096,8192,16384] [--out DIR]
 
-Run it from outside the repository (as bench/gpu/evict_e2e.py: ``python -m sglang.launch_server`` puts the working
-directory first on ``sys.path``).
+(from the repository root; bundles a, b, c, gemma-tok, the gemma parts and the sgl-evict wheel in /tmp/site).
 
 One server (Triton attention: FlashInfer's ragged prefill rejects Gemma 3's sliding-window batches in SGLang
 0.5.17, docs/gpu.md) on the Gemma checkpoint converted by bench/gpu/smoke.py's ``convert_gemma``, started with
@@ -50,12 +48,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smoke import SITE, Server, _version, convert_gemma  # noqa: E402
+from bench.gpu.smoke import SITE, Server, _version, convert_gemma
 
 # server answers are cut exactly as the harness cuts its own
-from sgl_evict.eval.runner import answer_tokens  # noqa: E402
-from sgl_evict.layer_groups import GroupLayout  # noqa: E402
+from sgl_evict.eval.runner import answer_tokens
+from sgl_evict.layer_groups import GroupLayout
 
 POLICIES = ("snapkv", "dapq", "streaming", "random", "laq")
 NOT_PER_LAYER = ("laq", "judgeq")  # a per_layer server aborts their requests (their paths are uniform)
@@ -362,7 +359,7 @@ def main() -> int:
     soft_tokens = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
     runs = plan_runs(tasks, contexts, args.samples, args.seed, policies, budgets)
 
-    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    count = lambda text: len(tokenizer(text).input_ids)
     samples, prompt_ids = {}, {}
     for run in runs:
         key = (run.task, run.context, run.seed)

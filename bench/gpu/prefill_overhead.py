@@ -1,12 +1,12 @@
 """Scoring overhead: prefill time of long prompts with and without eviction (issue 6), one device call.
 
-    cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/prefill_overhead.py --out $OUT
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.prefill_overhead --out $OUT
         [--model llama-3.1-8b] [--lengths 4096,8192,16384,32768,65536] [--policies none,snapkv,dapq,laprox,laq]
-        [--new-tokens 2,10] [--repeats 3] [--no-plain]      (sgl-evict installed in /tmp/site)
+        [--new-tokens 2,10] [--repeats 3] [--no-plain]
         [--server-extra=--disable-cuda-graph] [--evict-extra="--kv-evict-granularity per_layer"]
 
-Run it from outside the repository (as bench/gpu/throughput.py). One evicting server (random weights with a public
-model shape, ``--kv-evict-policy snapkv``, FlashInfer) answers single requests, one at a time, whose policy is
+From the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point. One evicting
+server (random weights with a public model shape, ``--kv-evict-policy snapkv``, FlashInfer) answers single requests, one at a time, whose policy is
 picked per request (``custom_params["kv_evict"]``): ``none`` on the same server is the baseline, so the difference
 is the capture, scoring, selection and freeing alone. Then (unless ``--no-plain``) plain SGLang (the plugin not
 loaded: overlap scheduling and prefill CUDA graphs on) answers the same prompts, for the plugin's whole cost.
@@ -43,16 +43,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-import serve_bench  # noqa: E402
-from smoke import _version  # noqa: E402
-from throughput import (MODELS, STOP_MARGIN_S, ServerProcess, check_setup, gpu_query, wait_gpu_released,  # noqa: E402
-                        warm_up, write_model_config)
-from workloads import DEFAULT_VOCAB  # noqa: E402
-
-from plot_prefill_overhead import markdown_table  # noqa: E402
+from bench import serve_bench
+from bench.gpu.smoke import _version
+from bench.gpu.throughput import (
+    MODELS,
+    STOP_MARGIN_S,
+    ServerProcess,
+    check_setup,
+    gpu_query,
+    wait_gpu_released,
+    warm_up,
+    write_model_config,
+)
+from bench.plot_prefill_overhead import markdown_table
+from bench.workloads import DEFAULT_VOCAB
 
 PORT = 31500
 PLAIN = "plain"  # the config name of plain SGLang's requests (it has no per-request policy)

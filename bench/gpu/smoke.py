@@ -2,7 +2,7 @@
 
 Run on the GPU host after `bench/gpu/install.sh` put bundles a, b, c (and optionally the Gemma parts) in /tmp/site:
 
-    PYTHONPATH=/tmp/site:. python3 bench/gpu/smoke.py [--gemma] [--llama8b] [--out DIR]
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.smoke [--gemma] [--llama8b] [--out DIR]
 
 Servers (127.0.0.1 only, launched side by side so the whole test fits one call):
 - a 4-layer random-weight Llama with `--attention-backend flashinfer` and with `triton` (`--skip-tokenizer-init`,

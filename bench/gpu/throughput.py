@@ -1,9 +1,8 @@
 """Throughput of plain SGLang vs SGLang + sgl-evict on the multi-turn agent workload (GPU host, one device call).
 
-    cd /tmp && PYTHONPATH=/tmp/site python3 REPO/bench/gpu/throughput.py --out $OUT     (sgl-evict installed in /tmp/site)
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.throughput --out $OUT
 
-Run it from outside the repository (as bench/gpu/evict_e2e.py): ``python -m sglang.launch_server`` puts the working
-directory first on ``sys.path``, and the repository's ``sgl_evict/`` folder would shadow the installed package.
+(from the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point).
 
 For one model shape (random weights, ``--load-format dummy``, config written from the public model card), launches
 two servers ONE AFTER THE OTHER, never side by side, so that neither's timings include the other's load:
@@ -41,12 +40,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-import serve_bench  # noqa: E402
-from smoke import LLAMA_31_8B, _version  # noqa: E402
-from workloads import DEFAULT_VOCAB, agent_sessions, long_context_requests  # noqa: E402
+from bench import serve_bench
+from bench.gpu.smoke import LLAMA_31_8B, _version
+from bench.workloads import DEFAULT_VOCAB, agent_sessions, long_context_requests
 
 # Llama-3.2-1B, from its public model card / config.json
 LLAMA_32_1B = {
@@ -139,14 +135,11 @@ def evictions_logged(log: Path) -> dict:
 
 
 def check_setup() -> None:
-    """Fails fast (before any server starts) when the plugin is not installed or would be shadowed."""
+    """Fails fast (before any server starts) when the plugin's entry point is not installed."""
     names = [ep.name for ep in importlib.metadata.entry_points(group="sglang.srt.plugins")]
     if "sgl_evict" not in names:
         raise SystemExit("throughput: the sgl_evict plugin entry point is not installed (pip install --target "
                          "/tmp/site the sgl-evict wheel, then PYTHONPATH=/tmp/site)")
-    if (Path.cwd() / "sgl_evict").is_dir():
-        raise SystemExit("throughput: run from outside the repository (cd /tmp): ./sgl_evict would shadow the "
-                         "installed package inside the server")
 
 
 def warm_up(port: int, vocab: tuple[int, int]) -> float:
@@ -250,7 +243,7 @@ def main() -> int:
     parser.add_argument("--server-extra", default="", help="extra server flags for both (e.g. --enable-metrics)")
     parser.add_argument("--only", choices=("plain", "evict"),
                         help="run one config, with the whole deadline (a long run in two device calls; "
-                             "bench/plot_throughput.py A.json B.json --merged-json C.json joins them)")
+                             "python -m bench.plot_throughput A.json B.json --merged-json C.json joins them)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     check_setup()
@@ -285,12 +278,12 @@ def main() -> int:
     doc["wall_s"] = time.monotonic() - t_start
     (out / "throughput.json").write_text(json.dumps(doc, indent=1))
     try:
-        from plot_throughput import markdown_table, plot
+        from bench.plot_throughput import markdown_table, plot
 
         plot(doc, out / "throughput.png")
         print(markdown_table(doc))
     except ImportError as err:
-        print(f"[throughput] no plot here ({err}): python bench/plot_throughput.py {out / 'throughput.json'}")
+        print(f"[throughput] no plot here ({err}): python -m bench.plot_throughput {out / 'throughput.json'}")
     ok = all("summary" in c and c["summary"]["requests_completed"] > 0 for c in doc["configs"].values())
     return 0 if ok else 1
 

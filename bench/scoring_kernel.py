@@ -1,8 +1,8 @@
 """Paged scoring kernel on the GPU: correctness at benchmark shapes, time per layer against the bytes floor.
 
-    PYTHONPATH=<sgl-evict install> python bench/kernels.py [--out DIR] [--v3-file OLD.py] [--ncu-probe]
-    PYTHONPATH=<sgl-evict install> python bench/kernels.py --quick [--out DIR]   # 32K and 128K, lse + best two-pass
-    python bench/kernels.py --plot bench/results/kernels_<date>.json docs/img/kernels_floor_h100.png
+    PYTHONPATH=<sgl-evict install> python -m bench.scoring_kernel [--out DIR] [--v3-file OLD.py] [--ncu-probe]
+    PYTHONPATH=<sgl-evict install> python -m bench.scoring_kernel --quick [--out DIR]   # 32K and 128K, lse + best two-pass
+    python -m bench.scoring_kernel --plot bench/results/kernels_<date>.json docs/img/kernels_floor_h100.png
 
 Shapes (one request, one layer): 8 KV heads, head_dim 128, bf16 keys in a paged pool (page size 1, slots shuffled),
 seq_len 4K / 32K / 128K, GQA 4 (32 query heads). Two readings of "32 observation queries per KV group":
@@ -130,7 +130,7 @@ def kernel_report() -> dict:
             rep[name] = {"n_regs": k.n_regs, "n_spills": k.n_spills,
                          "wgmma": "wgmma" in k.asm.get("ptx", ""), "cp_async": "cp.async" in k.asm.get("ptx", ""),
                          "ld_v4": k.asm.get("ptx", "").count("ld.global.v4"), "shared": k.metadata.shared}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rep[name] = {"error": repr(e)}
     return rep
 
@@ -253,7 +253,7 @@ def main() -> int:
         args.seq_lens, args.variants = "32768,131072", "quick"
     bw = copy_bandwidth()
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python bench/kernels.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(0),
+           "command": "python -m bench.scoring_kernel " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": bw / 1e9,
            "timing": "median of 7 x 20 back-to-back calls rotating input sets (> L2 together), CUDA events",
            "lse_mode": "row_lse float32 [1, 32, queries] read by pass 2 itself: one kernel launch per call",
@@ -291,7 +291,7 @@ def main() -> int:
                     if "eager_ms" in r:
                         r["fraction_of_floor_eager"] = row["floor_ms"] / r["eager_ms"]
                     r["kwargs"] = {k: (v if k not in ("row_lse", "fn") else "given") for k, v in kw.items()}
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     r = {"error": repr(e)[:500]}
                 row["cases"][key] = r
                 print(shape, seq_len, key, json.dumps(r), flush=True)

@@ -1,0 +1,1 @@
+"""Scripts for the offline GPU host (docs/gpu.md): install, smoke test, end-to-end checks, benchmarks."""
