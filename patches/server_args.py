@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import logging
 
-from sgl_evict.config import GRANULARITIES, POLICY_NAMES, EvictionConfig
+from sgl_evict.config import GRANULARITIES, HISTORY_RULES, POLICY_NAMES, EvictionConfig
 from sgl_evict.env import env_setting
 from sgl_evict.selection import Budget
 
@@ -30,6 +30,7 @@ FLAG_OF_FIELD = {
     "min_prompt_len": "--kv-evict-min-prompt-len", "lookahead_steps": "--kv-evict-lookahead-steps",
     "soft_tokens": "--kv-evict-soft-tokens", "page_granular": "--kv-evict-page-granular",
     "granularity": "--kv-evict-granularity", "layer_groups": "--kv-evict-layer-groups",
+    "history": "--kv-evict-history",
 }
 _DEFAULTS = EvictionConfig()
 
@@ -84,6 +85,10 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-evict-layer-groups", type=_int_at_least(1), default=None,
                        help="per_layer: number of layer groups G sharing a keep-set (default: one group per layer); "
                             "must divide the model's layer count.")
+    group.add_argument("--kv-evict-history", choices=HISTORY_RULES, default=_DEFAULTS.history,
+                       help="A request that starts from a cached compressed prefix (a later turn): rescore the whole "
+                            "history to the budget of its full length, or keep the prefix as cached and compress "
+                            "only its new tokens to the budget (uniform only).")
 
 
 def config_from_namespace(args: argparse.Namespace) -> EvictionConfig:

@@ -1,4 +1,4 @@
-"""Command line: ``sgl-evict eval``, ``sgl-evict report``, ``sgl-evict policies``, ``sgl-evict train-judgeq``."""
+"""Command line: ``sgl-evict eval``, ``report``, ``quality``, ``policies``, ``train-judgeq``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from sgl_evict import __version__
 from sgl_evict.eval.tasks import TASKS
 from sgl_evict.policies import POLICIES
+from sgl_evict.quality import command as quality_command
 from sgl_evict.selection import GRANULARITIES
 
 BUNDLED_MODEL = "gemma3-270m"
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_parser(sub)
     _add_train_judgeq_parser(sub)
+    quality_command.add_parser(sub)
     p = sub.add_parser("report", help="print the tables of an eval results file and redraw its plot")
     p.add_argument("results", help="JSON written by `sgl-evict eval`")
     p.add_argument("--plot", default=None, help="PNG to write")
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in result files: the exact command that made them
     handler = {"eval": cmd_eval, "report": cmd_report, "policies": cmd_policies,
-               "train-judgeq": cmd_train_judgeq}[args.command]
+               "train-judgeq": cmd_train_judgeq, "quality": quality_command.run}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:

@@ -11,6 +11,10 @@ from sgl_evict.selection import Budget
 
 POLICY_NAMES = ("none", "snapkv", "laq", "dapq", "laprox", "judgeq", "streaming", "random")
 GRANULARITIES = ("uniform", "per_layer")
+#: what a request that starts from a cached compressed prefix (a later turn) does with it: ``rescore`` the whole
+#: history to the budget of its full length, or ``keep`` the prefix as the radix cache holds it and spend the
+#: budget on its own new tokens (docs/quality.md measures both)
+HISTORY_RULES = ("rescore", "keep")
 #: policies whose per_layer path is not built: laq evicts after its lookahead steps (uniform only), judgeq scores in
 #: an extra forward of its soft tokens (uniform only)
 NOT_PER_LAYER = ("laq", "judgeq")
@@ -31,6 +35,7 @@ class EvictionConfig:
     page_granular: bool = False
     granularity: str = "uniform"
     layer_groups: int | None = None
+    history: str = "rescore"
 
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
@@ -45,6 +50,8 @@ class EvictionConfig:
                 raise ValueError(f"{name}: must be at least 0, got {getattr(self, name)}")
         if self.pooling_kernel % 2 == 0:
             raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
+        if self.history not in HISTORY_RULES:
+            raise ValueError(f"history: {self.history!r} is not one of {', '.join(HISTORY_RULES)}")
         if self.policy == "judgeq":
             if not self.soft_tokens:
                 raise ValueError("soft_tokens: policy 'judgeq' needs a soft-token file")
@@ -67,6 +74,8 @@ class EvictionConfig:
         if self.policy in NOT_PER_LAYER:
             raise ValueError(f"granularity: per_layer is not built for policy {self.policy!r} (laq's lookahead path "
                              "and judgeq's soft-token forward are uniform only)")
+        if self.history != "rescore":
+            raise ValueError(f"history: {self.history!r} is not built for granularity per_layer (rescore only)")
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +95,8 @@ class EvictionConfig:
                  self.lookahead_steps if self.policy == "laq" else 0, soft, self.page_granular]
         if self.granularity != "uniform":  # uniform keeps the fingerprints it always had
             parts += [self.granularity, self.layer_groups]
+        if self.history != "rescore":  # likewise
+            parts.append(f"history={self.history}")
         return "kv_evict:" + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
     def override(self, request_params: dict | None) -> "EvictionConfig":

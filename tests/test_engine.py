@@ -307,3 +307,92 @@ def test_dapq_without_the_models_rope_keeps_the_full_cache():
     assert evict_after_prefill(_batch_for_eviction([_req("a", 0)], [10]), state, table, None, None,
                                attention_mass_paged) == 0
     assert (table != HOLE).all()
+
+
+def test_history_keep_keeps_the_cached_prefix_as_it_is_and_compresses_the_new_tokens():
+    seq_len, prefix = 80, 50
+    row = torch.arange(1, seq_len + 1, dtype=torch.int32)
+    row[[3, 10, 11, 30]] = HOLE  # the radix cache's holes from the first turn
+    combined = torch.rand(seq_len, generator=_gen(21)) * is_live_float(row)
+    config = EvictionConfig(policy="snapkv", budget=Budget.parse("0.2"), window=5, sinks=2, history="keep")
+    keep = keep_mask(combined, config, row, prefix=prefix)
+    # the prefix keeps exactly its live tokens: no hole comes back, no cached token is hidden
+    assert torch.equal(keep[:prefix], row[:prefix] != HOLE)
+    # the 30 new tokens are a prompt of their own: ceil(0.2 x 30) = 6 of them, the last 5 among them
+    suffix = EvictionConfig(policy="snapkv", budget=Budget.parse("0.2"), window=5, sinks=0)
+    assert torch.equal(keep[prefix:], keep_mask(combined[prefix:], suffix, row[prefix:]))
+    assert int(keep[prefix:].sum()) == 6 and keep[-5:].all()
+
+
+def test_history_rescore_scores_the_whole_history_to_its_full_length():
+    seq_len = 80
+    row = torch.arange(1, seq_len + 1, dtype=torch.int32)
+    combined = torch.rand(seq_len, generator=_gen(22))
+    rescore = EvictionConfig(policy="snapkv", budget=Budget.parse("0.2"), window=5, sinks=2)
+    keep = keep_mask(combined, rescore, row, prefix=50)
+    assert torch.equal(keep, keep_mask(combined, rescore, row)) and int(keep.sum()) == 16
+    # the prefix is rescored: some of its tokens are dropped although the cache holds them
+    assert int(keep[:50].sum()) < 50
+
+
+def test_history_keep_spends_a_token_budget_on_what_the_prefix_leaves():
+    row = torch.arange(1, 101, dtype=torch.int32)
+    row[5:45] = HOLE  # 20 live tokens in the 60-token prefix
+    config = EvictionConfig(policy="snapkv", budget=Budget(tokens=30), window=4, sinks=2, history="keep")
+    keep = keep_mask(torch.rand(100, generator=_gen(23)), config, row, prefix=60)
+    assert int(keep[:60].sum()) == 20 and int(keep[60:].sum()) == 10
+
+
+def test_history_keep_on_pages_keeps_the_prefix_pages_and_selects_whole_new_pages():
+    page, seq_len, prefix = 4, 64, 32
+    row = torch.arange(1, seq_len + 1, dtype=torch.int32)
+    row[8:16] = HOLE  # two whole hole pages in the prefix
+    config = EvictionConfig(policy="snapkv", budget=Budget.parse("0.25"), window=3, sinks=2, history="keep")
+    keep = keep_mask(torch.rand(seq_len, generator=_gen(24)), config, row, page, prefix=prefix)
+    assert torch.equal(keep[:prefix], row[:prefix] != HOLE)
+    pages = keep[prefix:].view(-1, page)
+    assert (pages.all(1) | ~pages.any(1)).all() and int(pages.all(1).sum()) == 2  # ceil(0.25 x 32) = 8 tokens
+
+
+def test_history_is_part_of_the_namespace_and_checked():
+    rescore = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
+    keep = rescore.override({"kv_evict": {"history": "keep"}})
+    assert keep.history == "keep" and keep.fingerprint() != rescore.fingerprint()
+    with pytest.raises(ValueError, match="history: 'all' is not one of rescore, keep"):
+        rescore.override({"kv_evict": {"history": "all"}})
+    with pytest.raises(ValueError, match="history: 'keep' is not built for granularity per_layer"):
+        EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer", history="keep")
+
+
+def test_evict_after_prefill_keeps_a_later_turns_cached_prefix_under_history_keep():
+    gen = _gen(25)
+    kv_heads, dim, window, seq_len, prefix = 2, 16, 4, 60, 40
+    pool = torch.randn(100, kv_heads, dim, generator=gen)
+    table = torch.zeros(2, 64, dtype=torch.int32)
+    table[1, :seq_len] = torch.randperm(99, generator=gen)[:seq_len] + 1
+    table[1, 5:15] = HOLE  # the first turn's holes, as the radix cache holds them
+    before = table.clone()
+    for history, hidden in (("keep", 0), ("rescore", None)):
+        table.copy_(before)
+        state = EngineState()
+        state.configure(EvictionConfig(policy="snapkv", budget=Budget.parse("0.25"), window=window, sinks=2,
+                                       history=history))
+        state.forward_id = 3
+        state.capture.begin(3, [seq_len], "cpu")
+        state.capture.record(0, torch.randn(seq_len, kv_heads * dim, generator=gen), kv_heads, dim, 0.25)
+        state.capture.end()
+        freed = []
+        evict_after_prefill(_batch_for_eviction([_req("a", 1, protected=prefix)], [seq_len]), state, table,
+                            lambda _: pool, freed.append, attention_mass_paged)
+        row = table[1, :seq_len]
+        if hidden == 0:
+            # the cached prefix stays as cached; the 20 new tokens keep ceil(0.25 x 20) = 5
+            assert torch.equal(row[:prefix], before[1, :prefix]) and state.hidden_tokens == 0
+            assert int((row[prefix:] != HOLE).sum()) == 5
+        else:  # rescored to ceil(0.25 x 60) = 15 over the whole history: cached tokens are hidden, not freed
+            assert int((row != HOLE).sum()) == 15 and state.hidden_tokens > 0
+        assert torch.equal(freed[0], before[1, prefix:seq_len][row[prefix:] == HOLE].long())
+
+
+def is_live_float(row: torch.Tensor) -> torch.Tensor:
+    return (row != HOLE).float()

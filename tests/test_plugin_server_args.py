@@ -52,6 +52,15 @@ def test_flags_parse_into_one_config(prepare):
     assert config.fingerprint() is not None
 
 
+def test_history_rule_is_a_flag(prepare, capsys):
+    args = prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-history", "keep")
+    assert eviction_config(args).history == "keep"
+    assert eviction_config(prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1")).history == "rescore"
+    with pytest.raises(SystemExit):
+        prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-history", "all")
+    assert "argument --kv-evict-history: invalid choice: 'all'" in capsys.readouterr().err
+
+
 def test_evicting_server_turns_off_overlap_and_prefill_cuda_graphs(prepare):
     # eviction runs between a prefill's forward and its result processing, and captures queries in Python
     args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")

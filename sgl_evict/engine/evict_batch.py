@@ -104,7 +104,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         modes.add(config.policy, row_lse, why)
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass, row_lse=row_lse)
-        keep = _keep_of(scores, config, row, page_size, state, all_reduce)
+        keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
         if config.policy == "laq":
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
             # copies: a view would keep the whole batch's window queries alive
@@ -172,7 +172,8 @@ def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, 
         row = req_to_token[req.req_pool_idx, :seq_len]
         # the soft tokens come after the prompt: each of their queries sees every prompt key, as laq's steps do
         scores = lookahead_scores(queries, found.scaling, key_buffer, row, config.pooling_kernel, attention_mass)
-        freed += _evict(req, row, _keep_of(scores, config, row, page_size, state, all_reduce), state, free)
+        keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
+        freed += _evict(req, row, keep, state, free)
     return freed
 
 
@@ -301,18 +302,20 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
         del state.pending[req.rid]
         row = req_to_token[req.req_pool_idx, :entry.prompt_len]
         scores = lookahead_keep_scores(entry, key_buffer, row, config.pooling_kernel, attention_mass)
-        freed += _evict(req, row, _keep_of(scores, config, row, page_size, state, all_reduce), state, free)
+        keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
+        freed += _evict(req, row, keep, state, free)
     return freed
 
 
 def _keep_of(scores: torch.Tensor, config, row: torch.Tensor, page_size: int, state: EngineState,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None, prefix: int = 0) -> torch.Tensor:
     """``[seq_len]`` bool keep mask of one request from its ``scores [num_layers, num_kv_heads, seq_len]``, their
-    combination summed over tensor-parallel ranks first: every rank must keep the same tokens."""
+    combination summed over tensor-parallel ranks first: every rank must keep the same tokens. ``prefix``: the
+    tokens it found in the radix cache (``req.cache_protected_len``; :func:`~sgl_evict.engine.keep.keep_mask`)."""
     combined = combined_scores(scores)
     if all_reduce is not None:
         combined = all_reduce(combined)
-    return keep_mask(combined, config, row, page_size, state.protected_recent)
+    return keep_mask(combined, config, row, page_size, state.protected_recent, prefix)
 
 
 def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 
@@ -16,7 +17,7 @@ from sgl_evict.kernels.rope_rerotate import rerotate_triton
 from sgl_evict.kernels.selection import select_pages
 from sgl_evict.rope import RopeSpec
 from sgl_evict.scoring import finish_scores
-from sgl_evict.selection import select_keep
+from sgl_evict.selection import Budget, select_keep
 
 logger = logging.getLogger("sgl_evict")
 
@@ -228,16 +229,20 @@ def combined_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int = 1,
-              protected_recent: int = 0) -> torch.Tensor:
+              protected_recent: int = 0, prefix: int = 0) -> torch.Tensor:
     """``[seq_len]`` bool keep mask of one request from its :func:`combined_scores`: one keep-set for all layers
     and heads (``uniform``). The budget counts the request's logical tokens; the first ``sinks`` and last
     ``max(window, protected_recent)`` tokens are always kept, as in the HF harness (its ``protected_recent``).
-    ``protected_recent``: the model's sliding window (:attr:`EngineState.protected_recent`).
+    ``protected_recent``: the model's sliding window (:attr:`EngineState.protected_recent`). ``prefix``: the
+    leading tokens the request found in the radix cache (``req.cache_protected_len``), which ``history`` ``keep``
+    keeps as cached (:func:`_keep_after_prefix`).
 
     With ``page_size > 1`` whole pages are kept or dropped (a page's score is the sum of its tokens', the budget
     is rounded up to pages; ``kernels/selection.py``), so every dropped page can be freed. ``row`` is the
     request's ``[seq_len]`` slot row (its pages).
     """
+    if config.history == "keep" and prefix > 0:
+        return _keep_after_prefix(combined, config, row, page_size, protected_recent, prefix)
     seq_len = combined.shape[0]
     recent = max(config.window, protected_recent)
     if page_size == 1:
@@ -247,3 +252,24 @@ def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor,
     lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
     selection = select_pages(combined.view(1, -1), row.view(1, -1), lens, budget, page_size, config.sinks, recent)
     return selection.keep_mask[0]
+
+
+def _keep_after_prefix(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int,
+                       protected_recent: int, prefix: int) -> torch.Tensor:
+    """``history`` ``keep``: the cached prefix (rounded down to whole pages) keeps exactly its live tokens, the
+    radix cache's holes stay holes, and the new tokens after it are selected as a prompt of their own: a fraction
+    budget of their count (a token budget less what the prefix holds), the last tokens protected as usual.
+
+    Rescoring the prefix instead hides tokens the radix cache still holds (they are not the request's to free), so
+    it saves no memory; measured on Gemma 3 270M in docs/quality.md."""
+    start = prefix - prefix % page_size
+    keep = torch.zeros(combined.shape[0], dtype=torch.bool, device=combined.device)
+    keep[:start] = is_live(row[:start])
+    if start >= combined.shape[0]:
+        return keep
+    budget = config.budget
+    if budget.tokens is not None:
+        budget = Budget(tokens=max(1, budget.tokens - int(keep.sum())))
+    suffix = dataclasses.replace(config, budget=budget, sinks=max(0, config.sinks - start), history="rescore")
+    keep[start:] = keep_mask(combined[start:], suffix, row[start:], page_size, protected_recent)
+    return keep

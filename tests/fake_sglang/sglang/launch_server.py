@@ -1,7 +1,8 @@
-"""A stand-in for ``python -m sglang.launch_server`` (tests of bench/gpu/throughput.py on CPU).
+"""A stand-in for ``python -m sglang.launch_server`` (tests of bench/gpu/throughput.py and quality.py on CPU).
 
-Serves /health, /v1/loads and streaming /generate on --port like SGLang 0.5.17 (cumulative output_ids), with a
-prefix cache that reports cached_tokens; with --kv-evict-policy it logs the plugin's eviction line per request.
+Serves /health, /v1/loads, /get_server_info and /generate on --port like SGLang 0.5.17 (streamed with cumulative
+output_ids, or one JSON answer without ``"stream"``), with a prefix cache that reports cached_tokens; with
+--kv-evict-policy it logs the plugin's eviction line per request.
 Prints its argv, SGLANG_PLUGINS and start/stop times to stdout (the server log).
 """
 
@@ -42,6 +43,8 @@ def main() -> None:
         def do_GET(self):
             if self.path == "/health":
                 self._json({})
+            elif self.path == "/get_server_info":
+                self._json({"version": "0.5.17-fake", "kv_evict_policy": "snapkv" if evicting else None})
             elif self.path.startswith("/v1/loads"):
                 self._json({"loads": [{"num_running_reqs": state["running"], "num_waiting_reqs": 0,
                                        "num_used_tokens": 10 * state["running"], "token_usage": 0.0,
@@ -59,13 +62,23 @@ def main() -> None:
                 cached = max((k for k, seqs in stored.items() if k <= len(prompt) and tuple(prompt[:k]) in seqs),
                              default=0)
             custom = req["sampling_params"].get("custom_params")
-            if custom is not None:
-                print(f"[fake] custom_params {json.dumps(custom)} prompt {len(prompt)}", flush=True)
-            if evicting:
-                kept = max(1, int(budget * len(prompt)))
-                print(f"[fake] sgl-evict: request r{rid} kept {kept} of {len(prompt)} tokens, freed "
-                      f"{len(prompt) - kept} slots, hid 0", flush=True)
+            with lock:  # whole lines: requests arrive on several threads
+                if custom is not None:
+                    print(f"[fake] custom_params {json.dumps(custom)} prompt {len(prompt)}", flush=True)
+                if evicting:
+                    kept = max(1, int(budget * len(prompt)))
+                    print(f"[fake] sgl-evict: request r{rid} kept {kept} of {len(prompt)} tokens, freed "
+                          f"{len(prompt) - kept} slots, hid 0", flush=True)
             self.close_connection = True  # one request per connection, as the client uses them
+            if not req.get("stream"):
+                out = [1000 + (len(prompt) + k) % 5000 for k in range(1, n + 1)]
+                with lock:
+                    state["running"] -= 1
+                    stored.setdefault(len(prompt) + len(out), set()).add(tuple(prompt + out))
+                self._json({"output_ids": out, "meta_info": {"prompt_tokens": len(prompt), "cached_tokens": cached,
+                                                             "completion_tokens": n,
+                                                             "finish_reason": {"type": "length"}}})
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")

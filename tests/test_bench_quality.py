@@ -1,0 +1,42 @@
+"""bench/gpu/quality.py against tests/fake_sglang (CPU): server flags, the run, the JSON it writes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.gpu.quality import server_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_server_flags_per_granularity(tmp_path):
+    uniform = server_args(tmp_path, 9000, "/x/soft.safetensors", "uniform", ["--max-running-requests", "64"])
+    assert uniform[uniform.index("--attention-backend") + 1] == "triton"
+    assert uniform[uniform.index("--kv-evict-soft-tokens") + 1] == "/x/soft.safetensors"
+    assert uniform[-2:] == ["--max-running-requests", "64"] and "--kv-evict-granularity" not in uniform
+    layered = server_args(tmp_path, 9000, "", "per_layer", [])
+    assert "per_layer" in layered and "--disable-cuda-graph" in layered and "--kv-evict-soft-tokens" not in layered
+
+
+def test_runs_the_suite_against_a_fake_server_and_writes_its_results(tmp_path, checkpoint):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_sglang"), str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu.quality", "--model", str(checkpoint), "--families",
+                           "single,doc_qa", "--contexts", "400", "--samples", "2", "--turns", "2", "--arms",
+                           "snapkv@0.1,laq@0.2", "--seed", "5", "--idle", "0", "--commit", "abc123", "--out",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "quality.json").read_text())
+    assert doc["commit"] == "abc123" and doc["config"]["seed"] == 5 and "--kv-evict-policy snapkv" in doc["server"]
+    assert doc["requests"] == (2 * 1 + 2 * 2) * 3 and all(c["ok"] for c in doc["checks"].values())
+    assert set(doc["summary"]["cells"]) == {f"{f}/400/{a}" for f in ("single", "doc_qa")
+                                            for a in ("reference", "snapkv@0.1", "laq@0.2")}
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert len(lines) == doc["requests"] and (out / "quality.md").exists()
+    sent = [json.loads(line[len("[fake] custom_params "):line.rindex(" prompt")])
+            for line in (out / "server-quality.log").read_text().splitlines()
+            if line.startswith("[fake] custom_params")]
+    assert sorted(s["kv_evict"]["policy"] for s in sent) == sorted(["none", "snapkv", "laq"] * 6)
