@@ -258,3 +258,15 @@ def test_the_command_runs_reports_and_refuses_bad_flags(server, tmp_path, monkey
     with pytest.raises(SystemExit):
         main(["quality", "--url", "http://127.0.0.1:9", "--tokenizer", "x", "--out", str(tmp_path / "n")])
     assert "no SGLang server answers" in capsys.readouterr().err
+
+
+def test_records_load_back_from_a_gzipped_copy(server, tmp_path):
+    import gzip
+
+    run_quality(config(families=["doc_qa"], samples=1), SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
+    plain = tmp_path / "records.jsonl"
+    packed = tmp_path / "records.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_records(packed) == load_records(plain) and len(load_records(packed)) == 3 * 3
+    with pytest.raises(ValueError, match="no such file"):
+        load_records(tmp_path / "missing.jsonl")

@@ -9,6 +9,7 @@ also per turn, ``shared_system`` per position in its group (session 0 evicts, th
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import defaultdict
@@ -24,11 +25,13 @@ TARGET_RETENTION = 0.95
 
 
 def load_records(path: Path) -> list[Record]:
-    """The records of a run, the last answer of each request (a resumed run may have retried failed ones)."""
+    """The records of a run (``records.jsonl``, or gzipped ``.jsonl.gz`` as kept in bench/results), the last
+    answer of each request (a resumed run may have retried failed ones)."""
     if not path.exists():
         raise ValueError(f"{path}: no such file (the runner writes records.jsonl into its --out folder)")
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     latest: dict[tuple, Record] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
