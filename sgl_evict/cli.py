@@ -40,7 +40,8 @@ def _add_eval_parser(sub) -> None:
                    help=f"comma-separated, from: {', '.join(sorted(POLICIES))}")
     p.add_argument("--budgets", type=_csv, default=d.budgets,
                    help="comma-separated budgets: fractions (0.1, 10%%) or token counts (256)")
-    p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity)
+    p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
+                   help="uniform: one keep-set for all layers (what the server frees); per_layer, per_head")
     p.add_argument("--layer-groups", type=int, default=d.layer_groups,
                    help="per_layer: the model's layers in this many groups of consecutive layers sharing a keep-set, "
                         "as a server's --kv-evict-layer-groups (default: one per layer)")
@@ -53,9 +54,13 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--fidelity-tokens", type=int, default=d.fidelity_tokens,
                    help="teacher-forced continuation length for top-1 agreement and KL")
     p.add_argument("--soft-tokens", default=None, help="Judge Q soft-token file (needed by policy judgeq)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="task seed")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--out", default="runs/eval.json", help="JSON results file")
+    p.add_argument("--out", default="runs/eval.json",
+                   help="JSON results file; records are also appended, as they finish, to OUT with the suffix "
+                        ".records.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the records of an interrupted run with the same settings and run only the rest")
     p.add_argument("--plot", default="runs/eval.png", help="PNG plot file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -64,6 +69,17 @@ def _eval_defaults():
     from sgl_evict.eval.runner import EvalConfig
 
     return EvalConfig()
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device: {device!r} is not a torch device ({err})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for, but this machine has no CUDA device (use cpu)")
 
 
 def _load_model(name: str, device: str):
@@ -77,6 +93,8 @@ def _load_model(name: str, device: str):
         path = Path(name)
         if not path.is_dir():
             raise ValueError(f"--model: {name!r} is neither '{BUNDLED_MODEL}' nor a local checkpoint folder")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model: {path} holds no config.json: not a Hugging Face checkpoint folder")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -95,10 +113,20 @@ def cmd_eval(args) -> int:
                         max_new_tokens=args.max_new_tokens, fidelity_tokens=args.fidelity_tokens, seed=args.seed,
                         soft_tokens=args.soft_tokens)
     config.validate()  # before the model loads: a typo should not cost a minute
+    _check_device(args.device)
+    journal = Path(str(Path(args.out).with_suffix("")) + ".records.jsonl")
+    done = _resumed_records(journal, dataclasses.asdict(config)) if args.resume else []
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    if not args.resume or not journal.exists():
+        journal.write_text(json.dumps({"config": dataclasses.asdict(config)}) + "\n")
     print(f"loading model {args.model} ...", file=sys.stderr)
     model, tokenizer = _load_model(args.model, args.device)
     start = time.time()
-    records = run_evaluation(model, tokenizer, config, progress=not args.no_progress)
+
+    def keep(record) -> None:
+        with open(journal, "a") as f:
+            f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+    records = run_evaluation(model, tokenizer, config, progress=not args.no_progress, done=done, on_record=keep)
     elapsed = time.time() - start
     summary = summarize(records)
     import torch
@@ -115,6 +143,27 @@ def cmd_eval(args) -> int:
     _print_tables(summary)
     print(f"{n} samples, {len(records)} runs in {elapsed:.0f} s; JSON: {args.out}; plot: {args.plot}")
     return 0
+
+
+def _resumed_records(journal: Path, config: dict) -> list:
+    """The records of an interrupted eval (``journal``, whose first line holds its settings); ValueError when the
+    settings differ from ``config``."""
+    from sgl_evict.eval.runner import RunRecord
+
+    if not journal.exists():
+        return []
+    lines = journal.read_text().splitlines()
+    try:
+        head = json.loads(lines[0])["config"] if lines else None
+        records = [RunRecord(**json.loads(line)) for line in lines[1:] if line.strip()]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: {journal} is not an eval records file ({err})") from None
+    if head != config:
+        changed = sorted(k for k in set(head or {}) | set(config) if (head or {}).get(k) != config.get(k))
+        raise ValueError(f"--resume: {journal} was written with other settings ({', '.join(changed)}): "
+                         "rerun without --resume, or with the same settings")
+    print(f"resuming: {len(records)} runs already done ({journal})", file=sys.stderr)
+    return records
 
 
 def _print_tables(summary) -> None:
@@ -186,7 +235,10 @@ def cmd_report(args) -> int:
     path = Path(args.results)
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {path}")
-    doc, records = load_json(path)
+    try:
+        doc, records = load_json(path)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a results file written by `sgl-evict eval` ({err})") from None
     summary = summarize(records)
     _print_tables(summary)
     if args.plot:

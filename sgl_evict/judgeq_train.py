@@ -186,8 +186,9 @@ def soft_token_attention(harness: EvictionHarness, example: TrainingExample, sof
     ctx = harness.ctx
     ctx.mode, ctx.record, ctx.queries = "extend", True, {}
     try:
-        harness.model.get_decoder()(inputs_embeds=embeds, past_key_values=harness._shallow_copy(example.cache),
-                                    position_ids=positions, use_cache=True)
+        decoder = harness.model.get_decoder()
+        decoder(inputs_embeds=embeds, **{harness.cache_kwarg(decoder): harness._shallow_copy(example.cache)},
+                position_ids=positions, use_cache=True)
     finally:
         ctx.record = False
     return _mean_attention(harness, ctx.take(), example.cache)

@@ -31,3 +31,61 @@ def test_eval_writes_json_plot_and_table(checkpoint, tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "task accuracy" in printed and "top-1 agreement" in printed and "full cache" in printed
+
+
+ARGS = ["--tasks", "niah_single", "--context", "300", "--samples", "2", "--policies", "snapkv,streaming",
+        "--budgets", "0.1,0.5", "--window", "8", "--max-new-tokens", "4", "--fidelity-tokens", "6", "--no-progress"]
+
+
+def test_an_interrupted_eval_resumes_from_its_records(checkpoint, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    base = ["eval", "--model", str(checkpoint), *ARGS, "--out", str(out), "--plot", str(tmp_path / "e.png")]
+    assert main(base) == 0
+    journal = tmp_path / "e.records.jsonl"
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 2 * 5 and json.loads(lines[0])["config"]["samples_per_task"] == 2
+    first = json.loads(out.read_text())["records"]
+    journal.write_text("\n".join(lines[:4]) + "\n")  # interrupted after 3 runs
+    capsys.readouterr()
+    assert main(base + ["--resume"]) == 0
+    assert "resuming: 3 runs already done" in capsys.readouterr().err
+    assert json.loads(out.read_text())["records"] == first and len(journal.read_text().splitlines()) == 11
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--resume", "--seed", "9"])
+    assert exit_info.value.code == 2 and "written with other settings (seed)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/"], "holds no config.json: not a Hugging Face checkpoint folder"),
+    (["--device", "nonsense"], "--device: 'nonsense' is not a torch device"),
+])
+def test_bad_model_and_device_are_named(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *ARGS, "--out", str(tmp_path / "x.json"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_cuda_without_cuda_is_named(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit):
+        main(["eval", *ARGS, "--out", str(tmp_path / "x.json"), "--device", "cuda"])
+    assert "this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_report_of_a_file_that_is_no_results_file_says_so(tmp_path, capsys):
+    path = tmp_path / "notes.md"
+    path.write_text("# not json\n")
+    with pytest.raises(SystemExit):
+        main(["report", str(path)])
+    assert "is not a results file written by `sgl-evict eval`" in capsys.readouterr().err
+
+
+def test_eval_help_gives_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "task seed (default: 0)" in text and "(default: uniform)" in text

@@ -199,3 +199,13 @@ def test_layer_groups_share_keep_sets_as_the_servers_layered_pool_groups_them():
     assert not torch.equal(keep_sets[None][0], keep_sets[None][1])  # the layers' own keep-sets differ
     with pytest.raises(ValueError, match="3 layer groups do not divide 4 layers"):
         EvictionHarness(tiny_gemma3(), layer_groups=3)
+
+
+def test_the_harness_calls_the_model_without_deprecated_arguments(setup):
+    import warnings
+
+    _, _, ids, harness, _ = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.24+: past_key_values is deprecated
+        state = harness.prefill(ids)
+        harness.generate(state, make_policy("snapkv"), Budget(fraction=0.5), max_new_tokens=3)

@@ -8,11 +8,13 @@ from pathlib import Path
 from statistics import mean
 
 from sgl_evict.eval.runner import FULL, RunRecord, records_to_dicts
+from sgl_evict.quality.metrics import wilson_bounds
 from sgl_evict.selection import Budget
 
 METRICS = ("score", "top1", "kl")
-_LABELS = {"score": "task accuracy (string match)", "top1": "top-1 agreement with full cache",
-           "kl": "KL(full || compressed), nats"}
+_LABELS = {"score": "task accuracy (string match), higher is better",
+           "top1": "top-1 agreement with full cache, higher is better",
+           "kl": "KL(full || compressed), nats, lower is better"}
 
 
 def summarize(records: list[RunRecord]) -> dict[str, dict[str, dict[str, float]]]:
@@ -71,7 +73,8 @@ def write_json(path: str | Path, config: dict, records: list[RunRecord], extra: 
 
 
 def plot(summary: dict, path: str | Path, title: str) -> None:
-    """PNG with one panel per metric: score vs KV budget, one line per policy, full cache dashed."""
+    """PNG with one panel per metric: score vs KV budget, one line per policy, full cache dashed; accuracy with the
+    95% Wilson band of each mean over its samples, one legend for all panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,9 +92,14 @@ def plot(summary: dict, path: str | Path, title: str) -> None:
         for i, policy in enumerate(policies):
             per = summary[policy]
             ys = [per[b][metric] if b in per else float("nan") for b in budgets]
-            # distinct marker and dash per policy: equal results must not hide each other
-            ax.plot(x, ys, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)], label=policy,
-                    alpha=0.85)
+            # distinct marker and dash per policy, x nudged apart: equal results must not hide each other
+            xs = [v * (1 + 0.03 * (i - (len(policies) - 1) / 2)) for v in x]
+            line, = ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
+                            label=policy, alpha=0.85)
+            if metric == "score":
+                bands = [_band(per[b]) if b in per else (float("nan"), float("nan")) for b in budgets]
+                ax.fill_between(xs, [lo for lo, _ in bands], [hi for _, hi in bands], color=line.get_color(),
+                                alpha=0.1)
         if FULL in summary:
             ax.axhline(summary[FULL][FULL][metric], color="black", linestyle="--", label="full cache")
         ax.set_xscale("log")
@@ -101,9 +109,16 @@ def plot(summary: dict, path: str | Path, title: str) -> None:
         ax.set_xlabel("KV budget (fraction of prompt kept)" if as_fraction else "KV budget (tokens kept)")
         ax.set_ylabel(_LABELS[metric])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
+    fig.suptitle(title + "; bands: 95% Wilson intervals of accuracy")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _band(cell: dict) -> tuple[float, float]:
+    """The 95% Wilson interval of a cell's mean score over its ``n`` samples (a partial string match counts as
+    that fraction of a success)."""
+    return wilson_bounds(cell["score"], cell["n"])

@@ -82,12 +82,16 @@ def _decode(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) -> list[RunRecord]:
+def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True,
+                   done: list[RunRecord] = (), on_record=None) -> list[RunRecord]:
     """Evaluates every policy and budget of ``config`` on freshly generated task samples.
 
     Per sample: one full prefill; the full-cache greedy answer (the ceiling) and its continuation
     of ``fidelity_tokens`` tokens, which the compressed runs are teacher-forced on for top-1
     agreement and KL; then each policy x budget generates its own greedy answer.
+
+    ``done``: records of an interrupted run of the same config, kept and not run again (a sample all of whose
+    runs are done is not even prefilled). ``on_record(record)``: called as each new record is made.
     """
     from tqdm.auto import tqdm
 
@@ -104,12 +108,25 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
     count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
     runs_per_sample = 1 + len(policies) * len(config.budgets)
     total = len(config.tasks) * config.samples_per_task * runs_per_sample
+    finished = {(r.task, r.seed, r.policy, r.budget): r for r in done}
     records: list[RunRecord] = []
+
+    def add(record: RunRecord) -> None:
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+        bar.update(1)
+
     bar = tqdm(total=total, desc="eval", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with torch.inference_mode():
         for task in config.tasks:
             for i in range(config.samples_per_task):
                 seed = config.seed * 100_003 + i
+                keys = [(task, seed, FULL, FULL)] + [(task, seed, name, b) for name in policies for b in config.budgets]
+                if all(k in finished for k in keys):
+                    records.extend(finished[k] for k in keys)
+                    bar.update(len(keys))
+                    continue
                 sample = generate_sample(task, config.context_tokens, count, seed)
                 ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
                 state = harness.prefill(ids)
@@ -117,22 +134,28 @@ def run_evaluation(model, tokenizer, config: EvalConfig, progress: bool = True) 
                                              max_new_tokens=max(config.max_new_tokens, config.fidelity_tokens))
                 answer = answer_tokens(reference.tokens, config.max_new_tokens, eos)
                 text = _decode(tokenizer, answer)
-                records.append(RunRecord(task, seed, FULL, FULL, score_answer(sample, text), 1.0, 0.0,
-                                         reference.seq_len, [reference.seq_len], text))
-                bar.update(1)
+                if keys[0] in finished:
+                    records.append(finished[keys[0]])
+                    bar.update(1)
+                else:
+                    add(RunRecord(task, seed, FULL, FULL, score_answer(sample, text), 1.0, 0.0, reference.seq_len,
+                                  [reference.seq_len], text))
                 continuation = torch.tensor([reference.tokens[: config.fidelity_tokens]], device=ids.device)
                 for name, policy in policies.items():
                     for budget_text in config.budgets:
+                        if (task, seed, name, budget_text) in finished:
+                            records.append(finished[(task, seed, name, budget_text)])
+                            bar.update(1)
+                            continue
                         bar.set_postfix_str(f"{task} {name}@{budget_text}")
                         budget = Budget.parse(budget_text)
                         res = harness.generate(state, policy, budget, config.granularity,
                                                max_new_tokens=config.max_new_tokens, eos_token_ids=eos)
                         fid = harness.fidelity(state, policy, budget, config.granularity, continuation, keep=res.keep)
                         text = _decode(tokenizer, res.tokens)
-                        records.append(RunRecord(task, seed, name, budget_text, score_answer(sample, text),
-                                                 float(fid.top1_agreement), float(fid.kl), res.seq_len,
-                                                 list(res.kept_tokens), text))
-                        bar.update(1)
+                        add(RunRecord(task, seed, name, budget_text, score_answer(sample, text),
+                                      float(fid.top1_agreement), float(fid.kl), res.seq_len, list(res.kept_tokens),
+                                      text))
     bar.close()
     return records
 

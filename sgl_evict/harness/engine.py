@@ -10,6 +10,7 @@ full prompt length.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,13 @@ class EvictionHarness:
         self.rope = RopeSpec.from_config(self.config, "full_attention")
         self.softcap = getattr(self.config, "attn_logit_softcapping", None)
         self._fingerprint: str | None = None
+        self._cache_name = self.cache_kwarg(self.model)
+
+    @staticmethod
+    def cache_kwarg(module) -> str:
+        """The name ``module.forward`` takes its KV cache under: ``cache`` since transformers 5.24 (which warns on
+        ``past_key_values`` at every call), ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +148,8 @@ class EvictionHarness:
         input_ids = input_ids.to(self.device)
         self.ctx.mode, self.ctx.queries = "prefill", {}
         cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, **{self._cache_name: cache}, use_cache=True,
+                         logits_to_keep=1)
         window_queries = self.ctx.take()
         self.ctx.mode = "extend"
         return PrefillState(input_ids, cache, out.logits[0, -1].float(), window_queries)
@@ -150,7 +159,7 @@ class EvictionHarness:
         """Runs new tokens at logical ``positions [n]`` on ``cache`` (mutated); returns ``[n, vocab]`` logits."""
         self.ctx.mode, self.ctx.record = "extend", record
         try:
-            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=cache,
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **{self._cache_name: cache},
                              position_ids=positions[None].to(self.device), use_cache=True)
         finally:
             self.ctx.record = False

@@ -41,11 +41,16 @@ def wilson(k: int, n: int, z: float = Z95) -> Interval:
         raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return Interval(0, 0, math.nan, math.nan)
-    p = k / n
+    return Interval(k, n, *wilson_bounds(k / n, n, z))
+
+
+def wilson_bounds(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson interval ``(low, high)`` of a proportion ``p`` observed over ``n >= 1`` trials (``p`` may be a
+    mean of partial successes)."""
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(k, n, max(0.0, centre - half), min(1.0, centre + half))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mcnemar_p(only_reference: int, only_arm: int) -> float:
