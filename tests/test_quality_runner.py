@@ -270,3 +270,8 @@ def test_records_load_back_from_a_gzipped_copy(server, tmp_path):
     assert load_records(packed) == load_records(plain) and len(load_records(packed)) == 3 * 3
     with pytest.raises(ValueError, match="no such file"):
         load_records(tmp_path / "missing.jsonl")
+
+
+def test_no_turn_starts_after_the_deadline(server, tmp_path):
+    assert run_quality(config(deadline_s=0.0), SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path) == []
+    assert server.requests == []

@@ -1,6 +1,8 @@
 """Task generators: seeded, sized to the token target, answers present in the prompt's facts."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sgl_evict.eval.tasks import TASKS, generate_sample, score_answer
 
@@ -55,3 +57,41 @@ def test_errors_are_clear():
         generate_sample("qa", 100, words, 0)
     with pytest.raises(ValueError, match="too short"):
         generate_sample("niah_single", 5, words, 0)
+
+
+def _bisect(size, budget, upper):
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=400), st.integers(0, 2000), st.integers(0, 50))
+@settings(max_examples=300, derandomize=True)
+def test_largest_fitting_finds_what_bisection_finds(steps, budget, base):
+    from sgl_evict.eval.tasks import largest_fitting
+
+    sizes = [base]
+    for s in steps:
+        sizes.append(sizes[-1] + s)  # non-decreasing, with flat runs and jumps
+    size = sizes.__getitem__
+    upper = len(sizes) - 1
+    if base > budget:
+        with pytest.raises(ValueError, match="too short"):
+            largest_fitting(size, budget, upper)
+    else:
+        assert largest_fitting(size, budget, upper) == _bisect(size, budget, upper)
+
+
+def test_largest_fitting_asks_few_sizes_of_text_like_growth():
+    from sgl_evict.eval.tasks import largest_fitting
+
+    calls = []
+
+    def size(n):
+        calls.append(n)
+        return 40 + 12 * n + n // 7  # a prompt's tokens with its filler sentences
+
+    assert largest_fitting(size, 16384, 16384) == _bisect(lambda n: 40 + 12 * n + n // 7, 16384, 16384)
+    assert len(calls) <= 8

@@ -10,7 +10,7 @@ attention: SGLang 0.5.17's FlashInfer prefill rejects Gemma 3's sliding-window b
 ``--kv-evict-policy snapkv``, every request picking its arm with ``custom_params["kv_evict"]``; with
 ``--soft-tokens FILE`` the server loads judgeq's soft tokens; ``--granularity per_layer`` the layered pool), then
 runs :func:`sgl_evict.quality.runner.run_quality` against it until ``--deadline`` seconds after the start (no new
-conversation starts after it), idles 15 s and checks that the server is alive with no leak or traceback in its log.
+turn starts after it), idles 15 s and checks that the server is alive with no leak or traceback in its log.
 
 Writes to ``--out``: ``records.jsonl`` (every request), ``quality.json`` (command, commit, device, versions, seeds,
 server command, checks, summary), ``quality.md`` (tables) and the server log. Exit status 1 when a check fails.
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-extra", default="", help="more server flags, space-separated")
     parser.add_argument("--model", default="", help="HF Gemma 3 checkpoint (default: convert the carried GGUF)")
     parser.add_argument("--deadline", type=float, default=420.0,
-                        help="seconds from the start after which no new conversation starts")
+                        help="seconds from the start after which no new turn starts")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server")
     parser.add_argument("--idle", type=float, default=15.0,
                         help="seconds idle before the leak check (SGLang's scheduler checks its pool when idle)")

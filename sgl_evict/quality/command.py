@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens,
                    help="answer tokens scored and carried into the next turn (cut at a new line)")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="conversations in flight")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which no new turn starts (what was asked stays recorded; --resume goes on)")
     p.add_argument("--protected-tail", type=int, default=0,
                    help="the server's protected sliding-window tail (512 for Gemma 3), for the kept-KV column")
     p.add_argument("--out", default="runs/quality", help="folder for records.jsonl, quality.json/.md/.png")
@@ -92,7 +94,7 @@ def run(args) -> int:
     config = QualityConfig(families=args.families, contexts=args.contexts, samples=args.samples,
                            arms=[Arm.parse(a) for a in args.arms], seed=args.seed, turns=args.turns,
                            group_size=args.group_size, horizon=args.horizon, answer_tokens=args.answer_tokens,
-                           concurrency=args.concurrency)
+                           concurrency=args.concurrency, deadline_s=args.deadline)
     meta = {}
     if not args.report:
         config.validate()
@@ -102,8 +104,8 @@ def run(args) -> int:
         info = client.server_info()
         if not info:
             raise ValueError(f"--url: no SGLang server answers at {args.url} (/get_server_info)")
-        jobs = plan_jobs(config, tokens)
-        total = requests_in(jobs, len(config.arms))
+        jobs = plan_jobs(config)
+        total = requests_in(jobs, config)
         print(f"quality: {len(jobs)} jobs, {total} requests to {args.url}", file=sys.stderr)
         bar = _progress(total, args.no_progress)
         start = time.time()

@@ -27,7 +27,15 @@ from pathlib import Path
 
 from sgl_evict.quality.client import Reply, SGLangClient
 from sgl_evict.quality.metrics import exact_match
-from sgl_evict.quality.tasks import ANSWER_TOKENS, FAMILIES, Conversation, generate, segments
+from sgl_evict.quality.tasks import (
+    ANSWER_TOKENS,
+    FAMILIES,
+    MULTI_TURN,
+    Conversation,
+    conversations,
+    job_count,
+    segments,
+)
 from sgl_evict.selection import Budget
 
 REFERENCE = "reference"
@@ -101,7 +109,7 @@ class QualityConfig:
     horizon: int = 64
     answer_tokens: int = ANSWER_TOKENS
     concurrency: int = 16
-    #: seconds after which no new conversation starts (those started finish); None: no limit
+    #: seconds after which no new turn starts (the turns asked so far stay recorded); None: no limit
     deadline_s: float | None = None
 
     def validate(self) -> None:
@@ -180,23 +188,35 @@ class Tokens:
         return out
 
 
-def plan_jobs(config: QualityConfig, tokens: Tokens) -> list[list[Conversation]]:
-    """Every job of the run, one conversation each (a whole group for ``shared_system``), taken from the
-    family-and-length cells in turn, so a run stopped by its deadline leaves every cell about equally filled."""
-    cells = []
-    for family in config.families:
-        for target in config.contexts:
-            convs = generate(family, target, tokens.count, config.seed, config.samples, config.turns,
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: conversation ``index`` of ``family`` at ``target`` tokens (``shared_system``: group
+    ``index``), generated when a worker takes it up, so generation overlaps with serving."""
+
+    family: str
+    target: int
+    index: int
+
+    def conversations(self, config: QualityConfig, tokens: Tokens) -> list[Conversation]:
+        return conversations(self.family, self.target, tokens.count, config.seed, self.index, config.turns,
                              config.group_size)
-            groups: dict[object, list[Conversation]] = {}
-            for c in convs:
-                groups.setdefault(c.group if c.group is not None else ("c", c.index), []).append(c)
-            cells.append(list(groups.values()))
+
+    def requests(self, config: QualityConfig) -> int:
+        per_conversation = config.turns if self.family in MULTI_TURN else 1
+        sessions = config.group_size if self.family == "shared_system" else 1
+        return per_conversation * sessions * (len(config.arms) + 1)
+
+
+def plan_jobs(config: QualityConfig) -> list[Job]:
+    """Every job of the run, taken from the family-and-length cells in turn, so a run stopped by its deadline leaves
+    every cell about equally filled."""
+    cells = [[Job(f, t, i) for i in range(job_count(f, config.samples, config.group_size))]
+             for f in config.families for t in config.contexts]
     return [cell[i] for i in range(max(map(len, cells), default=0)) for cell in cells if i < len(cell)]
 
 
-def requests_in(jobs: list[list[Conversation]], arms: int) -> int:
-    return sum(len(c.turns) for job in jobs for c in job) * (arms + 1)
+def requests_in(jobs: list[Job], config: QualityConfig) -> int:
+    return sum(j.requests(config) for j in jobs)
 
 
 class RecordFile:
@@ -239,19 +259,27 @@ def run_quality(config: QualityConfig, client: SGLangClient, tokens: Tokens, out
     if not resume and records.path.exists():
         records.path.unlink()
     run_id = _run_id(out, resume)
-    jobs = plan_jobs(config, tokens)
+    jobs = plan_jobs(config)
+    for family in config.families:  # a target too short for a family fails here, before any request
+        for target in config.contexts:
+            Job(family, target, 0).conversations(config, tokens)
     results: list[Record] = list(done.values())
     lock = threading.Lock()
     stop_at = None if config.deadline_s is None else time.monotonic() + config.deadline_s
     # a turn's arms go out together once the reference answered (its answer extends every arm's next prompt)
     arms_pool = ThreadPoolExecutor(config.concurrency * len(config.arms))
 
-    def job(convs: list[Conversation]) -> None:
-        if stop_at is not None and time.monotonic() > stop_at:
+    def late() -> bool:
+        return stop_at is not None and time.monotonic() > stop_at
+
+    def job(spec: Job) -> None:
+        if late():
             return
-        for conv in convs:
+        for conv in spec.conversations(config, tokens):
             ids = list(tokens.bos)
             for k, turn in enumerate(conv.turns):
+                if late():  # the turns asked so far stay recorded
+                    return
                 ids = ids + tokens.encode(segments(turn, k == 0))
                 ref = _ask(conv, k, REFERENCE, ids, None, reference or client, reference is None)
                 asked = [arms_pool.submit(_ask, conv, k, arm.name, ids, arm, client, True) for arm in config.arms]

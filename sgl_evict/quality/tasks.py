@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sgl_evict.eval.tasks import TASKS as RULER_TASKS
-from sgl_evict.eval.tasks import generate_sample
+from sgl_evict.eval.tasks import generate_sample, largest_fitting
 
 FAMILIES = ("single", "doc_qa", "agent_trace", "shared_system")
 MULTI_TURN = ("doc_qa", "agent_trace")
@@ -165,21 +165,6 @@ def _document(facts: list[str], filler: list[str], depths: list[float]) -> str:
     return " ".join(sentences)
 
 
-def _largest_fitting(size: Callable[[int], int], budget: int, upper: int) -> int:
-    """The largest ``n`` in ``[0, upper]`` with ``size(n) <= budget`` (``size`` grows with ``n``); ValueError when
-    even ``n = 0`` does not fit."""
-    if size(0) > budget:
-        raise ValueError(f"a target of {budget} tokens is too short for this task's questions")
-    lo, hi = 0, upper
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if size(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 # -------------------------------------------------------------------------------------------------------- families
 def single_turn(target: int, count: CountTokens, seed: int, index: int) -> Conversation:
     """One RULER-style turn (sgl_evict/eval/tasks.py), the task chosen by ``index`` in turn."""
@@ -205,7 +190,7 @@ def doc_qa(target: int, count: CountTokens, seed: int, index: int, turns: int = 
             _, question, value = facts[i]
             out.append(Turn(doc if k == 0 else "", question, (value,), {"fact": i, "depth": depths[i]}))
         return Conversation("doc_qa", target, seed, index, tuple(out))
-    return build(_largest_fitting(lambda n: conversation_tokens(build(n), count), target, len(filler)))
+    return build(largest_fitting(lambda n: conversation_tokens(build(n), count), target, len(filler)))
 
 
 _TOOLS = ("search_flights", "lookup_customer", "create_ticket", "query_inventory", "fetch_logs", "run_sql",
@@ -265,7 +250,7 @@ def agent_trace(target: int, count: CountTokens, seed: int, index: int, turns: i
                         f'"{fields[j]}"?\nAnswer: The value of "{fields[j]}" is "')
             out.append(Turn(text, question, (values[j],), {"asked_output": j + 1, "distance": k + 1 - j}))
         return Conversation("agent_trace", target, seed, index, tuple(out))
-    return build(_largest_fitting(lambda n: conversation_tokens(build(n), count), target, len(logs[0])))
+    return build(largest_fitting(lambda n: conversation_tokens(build(n), count), target, len(logs[0])))
 
 
 def shared_system(target: int, count: CountTokens, seed: int, group: int, sessions: int = 4) -> list[Conversation]:
@@ -285,22 +270,37 @@ def shared_system(target: int, count: CountTokens, seed: int, group: int, sessio
 
     # the group fits when its longest session does
     size = lambda n: max(conversation_tokens(c, count) for c in build(n))  # noqa: E731
-    return build(_largest_fitting(size, target, len(filler)))
+    return build(largest_fitting(size, target, len(filler)))
+
+
+def job_count(family: str, samples: int, group_size: int = 4) -> int:
+    """How many units of work ``samples`` conversations of ``family`` make: one per conversation, one per group of
+    ``group_size`` sessions for ``shared_system`` (rounded up)."""
+    return -(-samples // group_size) if family == "shared_system" else samples
+
+
+def conversations(family: str, target: int, count: CountTokens, seed: int, index: int, turns: int = 6,
+                  group_size: int = 4) -> list[Conversation]:
+    """Unit of work ``index`` of ``family``: one conversation, or for ``shared_system`` the sessions of group
+    ``index``, which run one after the other."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; choose from: {', '.join(FAMILIES)}")
+    if turns < 1 or group_size < 1:
+        raise ValueError("turns and group size must be at least 1")
+    if family == "single":
+        return [single_turn(target, count, seed, index)]
+    if family == "doc_qa":
+        return [doc_qa(target, count, seed, index, turns)]
+    if family == "agent_trace":
+        return [agent_trace(target, count, seed, index, turns)]
+    return shared_system(target, count, seed, index, group_size)
 
 
 def generate(family: str, target: int, count: CountTokens, seed: int, samples: int, turns: int = 6,
              group_size: int = 4) -> list[Conversation]:
     """``samples`` conversations of ``family`` at ``target`` tokens (``shared_system``: rounded up to whole
     groups of ``group_size`` sessions)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown task family {family!r}; choose from: {', '.join(FAMILIES)}")
-    if samples < 1 or turns < 1 or group_size < 1:
+    if samples < 1:
         raise ValueError("samples, turns and group size must be at least 1")
-    if family == "single":
-        return [single_turn(target, count, seed, i) for i in range(samples)]
-    if family == "doc_qa":
-        return [doc_qa(target, count, seed, i, turns) for i in range(samples)]
-    if family == "agent_trace":
-        return [agent_trace(target, count, seed, i, turns) for i in range(samples)]
-    groups = -(-samples // group_size)
-    return [c for g in range(groups) for c in shared_system(target, count, seed, g, group_size)]
+    return [c for i in range(job_count(family, samples, group_size))
+            for c in conversations(family, target, count, seed, i, turns, group_size)]
