@@ -168,43 +168,54 @@ def _pct(x: float | None) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Accuracy against budget with 95% bands (one panel per family and length, the reference as a grey band),
-    and, for the multi-turn families, retention per turn of every arm."""
+    """Accuracy against budget with 95% bands (a panel per family and length, the full cache as a grey band),
+    then, for the multi-turn families, retention per turn of every arm. A policy (with its extra fields) has one
+    colour and marker in every panel, a budget one line style in the per-turn panels; one legend for all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({tuple(k.split("/")[:2]) for k in summary["cells"]}, key=lambda p: (p[0], int(p[1])))
-    turn_panels = sorted({tuple(k.split("/")[:2]) for k in summary["turns"]}, key=lambda p: (p[0], int(p[1])))
-    cols = max(1, len({p[1] for p in panels}))
-    families = sorted({p[0] for p in panels})
-    rows = len(families) + len({p[0] for p in turn_panels})
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    targets = sorted({int(p[1]) for p in panels})
-    for (family, target) in panels:
-        ax = axes[families.index(family)][targets.index(int(target))]
-        _accuracy_panel(ax, summary, family, target)
-    for i, family in enumerate(sorted({p[0] for p in turn_panels})):
-        for (fam, target) in turn_panels:
-            if fam == family:
-                _turn_panel(axes[len(families) + i][targets.index(int(target))], summary, family, target)
-    for ax in axes.flat:
-        if not ax.has_data():
-            ax.set_visible(False)
-    handles, labels = {}, {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-            labels[lab] = lab
-    fig.legend(handles.values(), labels.values(), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.suptitle("Quality through the server: higher is better; bands are 95% Wilson intervals", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    def by_length(keys) -> list[tuple[str, str]]:
+        return sorted({tuple(k.split("/")[:2]) for k in keys}, key=lambda p: (p[0], int(p[1])))
+
+    arms = sorted({k.split("/", 2)[2] for k in summary["cells"]} - {REFERENCE})
+    labels = sorted({_policy_label(a) for a in arms})
+    budgets = sorted({Arm.parse(a).budget for a in arms}, key=lambda b: Budget.parse(b).fraction or 0.0)
+    style = {"colour": {lab: f"C{i % 10}" for i, lab in enumerate(labels)},
+             "marker": {lab: "osD^v<>p*h"[i % 10] for i, lab in enumerate(labels)},
+             "dash": {b: ("-", "--", "-.", ":")[i % 4] for i, b in enumerate(budgets)}}
+    panels = [("accuracy", *p) for p in by_length(summary["cells"])]
+    panels += [("turns", *p) for p in by_length(summary["turns"])]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    legend_in = 0.3 * (1 + -(-(len(labels) + len(budgets) + 1) // 4))
+    height = 3.5 * rows + 0.5 + legend_in
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height), squeeze=False)
+    for ax, (kind, family, target) in zip(axes.flat, panels):
+        (_accuracy_panel if kind == "accuracy" else _turn_panel)(ax, summary, family, target, style)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="0.85", label="full cache (95% CI)")]
+    handles += [Line2D([], [], color=style["colour"][lab], marker=style["marker"][lab], label=lab) for lab in labels]
+    handles += [Line2D([], [], color="0.3", ls=style["dash"][b], label=f"budget {b} (per turn)") for b in budgets]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Answers through the server against the full cache (higher is better; bands: 95% Wilson "
+                 "intervals)", fontsize=9)
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1 - 0.35 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _accuracy_panel(ax, summary: dict, family: str, target: str) -> None:
+def _policy_label(arm: str) -> str:
+    """``laq@0.1+history=keep`` -> ``laq+history=keep``: the arm without its budget."""
+    return arm.replace(f"@{Arm.parse(arm).budget}", "")
+
+
+def _accuracy_panel(ax, summary: dict, family: str, target: str, style: dict) -> None:
     curves: dict[str, list[tuple[float, dict]]] = defaultdict(list)
     ref = None
     for key, s in summary["cells"].items():
@@ -214,39 +225,44 @@ def _accuracy_panel(ax, summary: dict, family: str, target: str) -> None:
         if arm == REFERENCE:
             ref = s["accuracy"]
             continue
-        a = Arm.parse(arm)
-        curves[arm.replace(f"@{a.budget}", "")].append((Budget.parse(a.budget).fraction or 0.0, s["accuracy"]))
+        curves[_policy_label(arm)].append((Budget.parse(Arm.parse(arm).budget).fraction or 0.0, s["accuracy"]))
     if ref and ref["n"]:
-        ax.axhspan(ref["low"], ref["high"], color="0.85", label="full cache (95% CI)")
+        ax.axhspan(ref["low"], ref["high"], color="0.85")
         ax.axhline(ref["value"], color="0.5", lw=1)
     for i, (label, pts) in enumerate(sorted(curves.items())):
         pts.sort(key=lambda p: p[0])
-        xs = [p[0] for p in pts]
-        # markers differ per policy and lines are offset slightly, so coinciding curves stay visible
-        shift = [x * (1 + 0.02 * (i - len(curves) / 2)) for x in xs]
-        line, = ax.plot(shift, [p[1]["value"] for p in pts], marker="osD^v<>p*h"[i % 10], lw=1.2, label=label)
-        ax.fill_between(shift, [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.12,
-                        color=line.get_color())
+        # coinciding curves stay visible: x nudged apart per policy
+        xs = [p[0] * (1 + 0.02 * (i - (len(curves) - 1) / 2)) for p in pts]
+        ax.plot(xs, [p[1]["value"] for p in pts], marker=style["marker"][label], color=style["colour"][label],
+                lw=1.2)
+        ax.fill_between(xs, [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.1,
+                        color=style["colour"][label])
     ax.set_xscale("log")
+    budgets = sorted({x for pts in curves.values() for x, _ in pts})
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.minorticks_off()
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{family}, {target} tokens", fontsize=9)
     ax.set_xlabel("KV budget (fraction of the prompt kept)", fontsize=8)
     ax.set_ylabel("accuracy", fontsize=8)
 
 
-def _turn_panel(ax, summary: dict, family: str, target: str) -> None:
+def _turn_panel(ax, summary: dict, family: str, target: str, style: dict) -> None:
     curves: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for key, s in summary["turns"].items():
         fam, tgt, arm, turn = key.split("/", 3)
         if (fam, tgt) == (family, target) and arm != REFERENCE:
             curves[arm].append((int(turn[len("turn"):]), s["retention"]))
-    for i, (arm, pts) in enumerate(sorted(curves.items())):
+    for arm, pts in sorted(curves.items()):
         pts.sort()
-        line, = ax.plot([p[0] for p in pts], [p[1]["value"] for p in pts], marker="osD^v<>p*h"[i % 10], lw=1.2,
-                        label=arm)
-        ax.fill_between([p[0] for p in pts], [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.1,
-                        color=line.get_color())
+        label = _policy_label(arm)
+        colour = style["colour"][label]
+        ax.plot([p[0] for p in pts], [p[1]["value"] for p in pts], marker=style["marker"][label], color=colour,
+                ls=style["dash"][Arm.parse(arm).budget], lw=1.2)
+        ax.fill_between([p[0] for p in pts], [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.06,
+                        color=colour)
     ax.axhline(TARGET_RETENTION, color="0.5", ls="--", lw=0.8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{family}, {target} tokens: retention per turn", fontsize=9)
     ax.set_xlabel("turn", fontsize=8)
