@@ -251,6 +251,22 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
     return server_args
 
 
+def refuse_eviction(problem: str):
+    """The AROUND hook on ``ServerArgs.from_cli_args`` when the plugin cannot run on this SGLang
+    (:func:`sgl_evict.plugin.unsupported`): a launch that asks for eviction fails naming ``problem``; one without
+    eviction goes on as plain SGLang."""
+    def from_cli_args(original, cls, args: argparse.Namespace):
+        try:
+            config = config_from_namespace(args)
+        except ValueError as err:
+            raise SystemExit(f"sglang serve: error: {err}") from None
+        if config.enabled:
+            raise SystemExit(f"sglang serve: error: argument --kv-evict-policy: sgl-evict is not installed on this "
+                             f"SGLang: {problem}")
+        return original(cls, args)
+    return from_cli_args
+
+
 def eviction_config(server_args) -> EvictionConfig:
     """The server's EvictionConfig (no eviction when the flags were never parsed)."""
     return getattr(server_args, "_kv_evict", _DEFAULTS)

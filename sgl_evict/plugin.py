@@ -1,87 +1,166 @@
 """SGLang general plugin (entry point group ``sglang.srt.plugins``).
 
 SGLang calls :func:`register` through ``sglang.srt.plugins.load_plugins`` in ``launch_server`` before it
-parses arguments and again in every scheduler process; the hooks below are then applied by
-``HookRegistry.apply_hooks``. Each hook module in ``patches/`` names the SGLang function it wraps and why.
+parses arguments and again in every scheduler process; ``HookRegistry.apply_hooks`` then applies the hooks. Every
+SGLang symbol the plugin wraps is one row of :func:`hook_table`; each hook module in ``patches/`` says why.
+
+SGLang logs and skips a hook whose target is missing, which would leave eviction half installed (a hole freed as
+slot -1, say). So :func:`register` first checks the SGLang version and resolves every target; when one fails it
+installs nothing but the flags, and a launch that asks for eviction is refused naming the symbol and the supported
+SGLang version (a launch without eviction runs as plain SGLang).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+
+from sgl_evict.env import env_setting
+
+SUPPORTED_SGLANG = "0.5.17"
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+_SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+_RESULTS = "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+_REQ_TO_TOKEN = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool"
+
+logger = logging.getLogger("sgl_evict")
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One SGLang symbol the plugin wraps: ``target`` (its dotted path), ``hook`` (``module.function`` in
+    ``patches/``) and ``kind`` (``before``, ``after``, ``around`` or ``replace``, SGLang's ``HookType``)."""
+
+    target: str
+    hook: str
+    kind: str
+
+
+def hook_table() -> tuple[Hook, ...]:
+    """Every hook of the plugin, in registration order."""
+    from sgl_evict.patches import flashinfer_lse, invariant_checker, layered_backend, layered_pool, radix_cache
+
+    radix, alloc, paged = radix_cache.RADIX_CACHE, radix_cache.TOKEN_ALLOCATOR, radix_cache.PAGED_ALLOCATOR
+    return (
+        # --kv-evict-* flags and the one EvictionConfig (patches/server_args.py)
+        Hook(f"{SERVER_ARGS}.add_cli_args", "server_args.add_cli_args_after", "after"),
+        Hook(f"{SERVER_ARGS}.from_cli_args", "server_args.from_cli_args_around", "around"),
+        # radix cache and allocators with holes (patches/radix_cache.py)
+        Hook(f"{alloc}.free", "radix_cache.token_free_before", "before"),
+        Hook(f"{paged}._release_page_ids", "radix_cache.paged_release_before", "before"),
+        Hook(f"{radix}._insert_helper", "radix_cache.insert_helper_around", "around"),
+        Hook(f"{radix}.inc_lock_ref", "radix_cache.inc_lock_ref_around", "around"),
+        Hook(f"{radix}.dec_lock_ref", "radix_cache.dec_lock_ref_around", "around"),
+        Hook(f"{radix}._delete_leaf", "radix_cache.delete_leaf_around", "around"),
+        Hook(f"{radix}.evict", "radix_cache.evict_around", "around"),
+        Hook(f"{radix}.total_size", "radix_cache.live_total_size", "replace"),
+        Hook(f"{radix}.evictable_size", "radix_cache.evictable_size_in_tokens", "replace"),
+        Hook(f"{radix}.protected_size", "radix_cache.protected_size_in_tokens", "replace"),
+        Hook(f"{radix}._split_node", "radix_cache.split_node_after", "after"),
+        Hook(f"{radix}.match_prefix", "radix_cache.match_prefix_around", "around"),
+        Hook(f"{radix_cache.REQ}.__init__", "radix_cache.req_init_after", "after"),
+        # the scheduler's memory check over a layered pool (patches/invariant_checker.py)
+        Hook(f"{invariant_checker.CHECKER}._check_full_pool", "invariant_checker.check_full_pool_around", "around"),
+        # eviction in the engine: query capture, eviction after prefill, compacted attention
+        Hook(f"{_SCHEDULER}.__init__", "scheduler.init_around", "around"),
+        Hook(f"{_RESULTS}.process_batch_result_prefill", "scheduler.process_batch_result_prefill_around", "around"),
+        Hook(f"{_SCHEDULER}.stash_chunked_request", "scheduler.stash_chunked_request_around", "around"),
+        Hook(f"{_REQ_TO_TOKEN}.__init__", "req_to_token_pool.init_after", "after"),
+        Hook(f"{_RUNNER}.forward", "model_runner.forward_around", "around"),
+        Hook("sglang.srt.layers.radix_attention.RadixAttention.forward", "attention.forward_around", "around"),
+        # the window queries' LSE from FlashInfer's prefill: one-read scoring (patches/flashinfer_lse.py)
+        Hook(f"{flashinfer_lse.BACKEND}.forward_extend", "flashinfer_lse.forward_extend_around", "around"),
+        Hook(f"{_RUNNER}.initialize", "laprox.initialize_after", "after"),
+        # --kv-evict-granularity per_layer: the layered pool, its allocator and its Triton backend
+        Hook(f"{layered_pool.CONFIGURATOR}._build_mha_kv_pool", "layered_pool.build_mha_kv_pool_around", "around"),
+        Hook(f"{layered_pool.CONFIGURATOR}._build_token_to_kv_pool_allocator",
+             "layered_pool.build_token_to_kv_pool_allocator_around", "around"),
+        Hook(f"{layered_backend.BACKEND_SETUP}._build_full_attention_backend_from_str",
+             "layered_backend.build_full_attention_backend_around", "around"),
+        # laq: pending requests from prefill through their lookahead steps to eviction (patches/lookahead.py)
+        Hook(f"{radix}.cache_unfinished_req", "lookahead.cache_unfinished_req_around", "around"),
+        Hook(f"{_REQ_TO_TOKEN}.free", "lookahead.req_row_free_before", "before"),
+        Hook(f"{_RUNNER}.init_cuda_graphs", "lookahead.init_cuda_graphs_before", "before"),
+        Hook("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+             "lookahead.can_run_graph_around", "around"),
+        Hook(f"{_RESULTS}.process_batch_result_decode", "lookahead.process_batch_result_decode_around", "around"),
+    )
+
+
+class Unverifiable(Exception):
+    """A target's module exists but does not import here (a dependency of it is missing: CUDA-only modules on a
+    CPU machine); SGLang itself would fail to apply that hook the same way."""
+
+
+def resolve(path: str):
+    """The object at the dotted ``path`` (a module, then attributes): LookupError naming the first part that does
+    not exist, :class:`Unverifiable` when its module fails to import for another reason."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and (name == err.name or name.startswith(err.name + ".")):
+                continue  # no such module: the rest of the path are attributes of a shorter one
+            raise Unverifiable(f"{name}: {err}") from None
+        except Exception as err:  # noqa: BLE001  (whatever a module raises at import)
+            raise Unverifiable(f"{name}: {err!r}") from None
+        for i in range(cut, len(parts)):
+            if not hasattr(obj, parts[i]):
+                raise LookupError(".".join(parts[:i + 1]))
+            obj = getattr(obj, parts[i])
+        return obj
+    raise LookupError(parts[0])
+
+
+def unsupported(hooks: tuple[Hook, ...], version: str | None) -> str | None:
+    """Why the plugin cannot run on this SGLang (another version, or a hooked symbol missing), or None.
+    ``SGL_EVICT_ANY_SGLANG=1`` tries another version anyway (every symbol must still resolve). A target whose
+    module does not import here (CUDA-only modules on a CPU machine) is not checked."""
+    if version != SUPPORTED_SGLANG and env_setting("SGL_EVICT_ANY_SGLANG") != "1":
+        return (f"sgl-evict {_own_version()} supports SGLang {SUPPORTED_SGLANG} only, this is SGLang {version} "
+                "(SGL_EVICT_ANY_SGLANG=1 tries anyway)")
+    for hook in hooks:
+        try:
+            resolve(hook.target)
+        except LookupError as err:
+            return (f"SGLang {version} has no {err.args[0]} (hooked as {hook.target}); sgl-evict {_own_version()} "
+                    f"supports SGLang {SUPPORTED_SGLANG}")
+        except Unverifiable as err:
+            logger.debug("sgl-evict: hook target %s not checked here (%s)", hook.target, err)
+    return None
 
 
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sgl_evict.patches import server_args
-    from sgl_evict.patches import invariant_checker, radix_cache
+    hooks = hook_table()
+    problem = unsupported(hooks, _sglang_version())
+    if problem is not None:
+        from sgl_evict.patches import server_args
 
-    HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", server_args.add_cli_args_after, HookType.AFTER)
-    HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", server_args.from_cli_args_around, HookType.AROUND)
-    # radix cache and allocators with holes (patches/radix_cache.py says why each)
-    HookRegistry.register(f"{radix_cache.TOKEN_ALLOCATOR}.free", radix_cache.token_free_before, HookType.BEFORE)
-    HookRegistry.register(f"{radix_cache.PAGED_ALLOCATOR}._release_page_ids", radix_cache.paged_release_before,
-                          HookType.BEFORE)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}._insert_helper", radix_cache.insert_helper_around,
-                          HookType.AROUND)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.inc_lock_ref", radix_cache.inc_lock_ref_around, HookType.AROUND)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.dec_lock_ref", radix_cache.dec_lock_ref_around, HookType.AROUND)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}._delete_leaf", radix_cache.delete_leaf_around, HookType.AROUND)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.evict", radix_cache.evict_around, HookType.AROUND)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.total_size", radix_cache.live_total_size, HookType.REPLACE)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.evictable_size", radix_cache.evictable_size_in_tokens,
-                          HookType.REPLACE)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.protected_size", radix_cache.protected_size_in_tokens,
-                          HookType.REPLACE)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}._split_node", radix_cache.split_node_after, HookType.AFTER)
-    HookRegistry.register(f"{radix_cache.RADIX_CACHE}.match_prefix", radix_cache.match_prefix_around, HookType.AROUND)
-    HookRegistry.register(f"{radix_cache.REQ}.__init__", radix_cache.req_init_after, HookType.AFTER)
-    # the scheduler's memory check over a layered pool (patches/invariant_checker.py)
-    HookRegistry.register(f"{invariant_checker.CHECKER}._check_full_pool", invariant_checker.check_full_pool_around,
-                          HookType.AROUND)
-    _register_engine_hooks(HookRegistry, HookType)
+        logger.warning("sgl-evict: not installed: %s; a launch that asks for eviction is refused", problem)
+        HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", server_args.add_cli_args_after, HookType.AFTER)
+        HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", server_args.refuse_eviction(problem), HookType.AROUND)
+        return
+    for hook in hooks:
+        module, function = hook.hook.split(".")
+        fn = getattr(importlib.import_module(f"sgl_evict.patches.{module}"), function)
+        HookRegistry.register(hook.target, fn, HookType[hook.kind.upper()])
 
 
-def _register_engine_hooks(registry, hook_type) -> None:
-    """Eviction in the engine: query capture, eviction after prefill, compacted attention (``patches/``)."""
-    from sgl_evict.patches import (attention, flashinfer_lse, laprox, layered_backend, layered_pool, lookahead,
-                                   model_runner, req_to_token_pool, scheduler)
-
-    registry.register("sglang.srt.managers.scheduler.Scheduler.__init__", scheduler.init_around, hook_type.AROUND)
-    registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
-                      ".process_batch_result_prefill", scheduler.process_batch_result_prefill_around, hook_type.AROUND)
-    registry.register("sglang.srt.managers.scheduler.Scheduler.stash_chunked_request",
-                      scheduler.stash_chunked_request_around, hook_type.AROUND)
-    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.__init__", req_to_token_pool.init_after,
-                      hook_type.AFTER)
-    registry.register("sglang.srt.model_executor.model_runner.ModelRunner.forward", model_runner.forward_around,
-                      hook_type.AROUND)
-    registry.register("sglang.srt.layers.radix_attention.RadixAttention.forward", attention.forward_around,
-                      hook_type.AROUND)
-    # the window queries' LSE from FlashInfer's prefill: one-read scoring (patches/flashinfer_lse.py)
-    registry.register(f"{flashinfer_lse.BACKEND}.forward_extend", flashinfer_lse.forward_extend_around,
-                      hook_type.AROUND)
-    registry.register("sglang.srt.model_executor.model_runner.ModelRunner.initialize", laprox.initialize_after,
-                      hook_type.AFTER)
-    # --kv-evict-granularity per_layer: the layered pool, its allocator and its Triton backend
-    registry.register(f"{layered_pool.CONFIGURATOR}._build_mha_kv_pool", layered_pool.build_mha_kv_pool_around,
-                      hook_type.AROUND)
-    registry.register(f"{layered_pool.CONFIGURATOR}._build_token_to_kv_pool_allocator",
-                      layered_pool.build_token_to_kv_pool_allocator_around, hook_type.AROUND)
-    registry.register(f"{layered_backend.BACKEND_SETUP}._build_full_attention_backend_from_str",
-                      layered_backend.build_full_attention_backend_around, hook_type.AROUND)
-    _register_lookahead_hooks(registry, hook_type, lookahead)
+def _sglang_version() -> str | None:
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def _register_lookahead_hooks(registry, hook_type, lookahead) -> None:
-    """laq: pending requests from prefill through their lookahead steps to eviction (``patches/lookahead.py``)."""
-    registry.register("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req",
-                      lookahead.cache_unfinished_req_around, hook_type.AROUND)
-    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free", lookahead.req_row_free_before,
-                      hook_type.BEFORE)
-    registry.register("sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
-                      lookahead.init_cuda_graphs_before, hook_type.BEFORE)
-    registry.register("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
-                      lookahead.can_run_graph_around, hook_type.AROUND)
-    registry.register("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
-                      ".process_batch_result_decode", lookahead.process_batch_result_decode_around, hook_type.AROUND)
+def _own_version() -> str:
+    from sgl_evict import __version__
+
+    return __version__
