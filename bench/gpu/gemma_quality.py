@@ -48,7 +48,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.gpu.smoke import SITE, Server, _version, convert_gemma
+from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 
 # server answers are cut exactly as the harness cuts its own
 from sgl_evict.eval.runner import answer_tokens
@@ -441,9 +441,7 @@ def main() -> int:
             print(f"[gemma_quality] {name:14s} server {row['server_accuracy']:.2f}  harness "
                   f"{row['harness_accuracy']:.2f}  agree {row['token_agreement']:.2f}  kv {row['kv_fraction']:.3f}  "
                   f"(n={row['n']})")
-    for name, check in checks.items():
-        print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}  {({k: v for k, v in check.items() if k != 'ok'})}")
-    return 0 if checks and all(c["ok"] for c in checks.values()) else 1
+    return print_checks(checks)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.gpu.smoke import SITE, Server, _version, convert_gemma
+from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 from sgl_evict.quality.client import SGLangClient
 from sgl_evict.quality.report import markdown_tables, summarize
 from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, run_quality
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "quality.json").write_text(json.dumps(report, indent=1))
     print(f"[quality] {report.get('requests', 0)} requests in {report.get('served_s', 0)} s, "
           f"{report.get('prompt_tokens', 0)} prompt tokens")
-    for name, check in checks.items():
-        print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}  {({k: v for k, v in check.items() if k != 'ok'})}")
-    return 0 if checks and all(c["ok"] for c in checks.values()) else 1
+    return print_checks(checks)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,14 @@ def convert_gemma(parts: Path, path: Path) -> Path:
     return path
 
 
+def print_checks(checks: dict) -> int:
+    """Prints one PASS/FAIL line per check (``{name: {"ok": bool, ...details}}``); the exit status: 0 when there
+    are checks and all passed."""
+    for name, check in checks.items():
+        print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}  {({k: v for k, v in check.items() if k != 'ok'})}")
+    return 0 if checks and all(c["ok"] for c in checks.values()) else 1
+
+
 class Server:
     """One `python -m sglang.launch_server` subprocess on 127.0.0.1."""
 

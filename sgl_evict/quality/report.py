@@ -9,15 +9,13 @@ also per turn, ``shared_system`` per position in its group (session 0 evicts, th
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 from sgl_evict.quality.metrics import fidelity, mcnemar_p, wilson
-from sgl_evict.quality.runner import LOOKAHEAD_STEPS, REFERENCE, Arm, Record
+from sgl_evict.quality.runner import LOOKAHEAD_STEPS, REFERENCE, Arm, Record, read_records
 from sgl_evict.selection import Budget
 
 #: retention a setting must reach for :func:`smallest_budgets`
@@ -25,19 +23,12 @@ TARGET_RETENTION = 0.95
 
 
 def load_records(path: Path) -> list[Record]:
-    """The records of a run (``records.jsonl``, or gzipped ``.jsonl.gz`` as kept in bench/results), the last
-    answer of each request (a resumed run may have retried failed ones)."""
+    """The records of a run (``records.jsonl`` or ``.jsonl.gz``), the last answer of each request (a resumed run
+    may have asked a failed one again)."""
     if not path.exists():
         raise ValueError(f"{path}: no such file (the runner writes records.jsonl into its --out folder)")
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     latest: dict[tuple, Record] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = Record(**json.loads(line))
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}:{n}: not a quality record ({err})") from None
+    for r in read_records(path):
         if r.key not in latest or latest[r.key].error is not None:
             latest[r.key] = r
     return list(latest.values())

@@ -15,6 +15,7 @@ Prompts are token ids: the tokenizer's start token, then each segment tokenized 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import threading
@@ -219,6 +220,21 @@ def requests_in(jobs: list[Job], config: QualityConfig) -> int:
     return sum(j.requests(config) for j in jobs)
 
 
+def read_records(path: Path) -> list[Record]:
+    """Every record in ``path`` (``records.jsonl``, or a gzipped ``.jsonl.gz`` as kept in bench/results), in
+    order; ValueError naming the line that is no record."""
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(Record(**json.loads(line)))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}:{n}: not a quality record ({err})") from None
+    return out
+
+
 class RecordFile:
     """``records.jsonl``: appended as requests finish (thread-safe), read back to resume an interrupted run."""
 
@@ -227,19 +243,10 @@ class RecordFile:
         self.lock = threading.Lock()
 
     def load(self) -> dict[tuple, Record]:
+        """The requests that got an answer (failed ones are asked again)."""
         if not self.path.exists():
             return {}
-        done = {}
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = Record(**json.loads(line))
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{self.path}:{n}: not a quality record ({err})") from None
-            if r.error is None:
-                done[r.key] = r
-        return done
+        return {r.key: r for r in read_records(self.path) if r.error is None}
 
     def append(self, record: Record) -> None:
         line = json.dumps(asdict(record)) + "\n"
