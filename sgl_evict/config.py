@@ -38,6 +38,7 @@ class EvictionConfig:
     history: str = "rescore"
 
     def __post_init__(self):
+        self._check_types()
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy: {self.policy!r} is not one of {', '.join(POLICY_NAMES)}")
         if self.policy != "none" and self.budget is None:
@@ -58,6 +59,24 @@ class EvictionConfig:
             if not os.path.isfile(self.soft_tokens):
                 raise ValueError(f"soft_tokens: file {self.soft_tokens!r} does not exist")
         self._check_granularity()
+
+    def _check_types(self) -> None:
+        """ValueError naming the field whose value has the wrong type (a per-request override is JSON: a string
+        where a number belongs must fail that request with its reason, not raise a TypeError in the scheduler)."""
+        for name in ("window", "sinks", "pooling_kernel", "min_prompt_len", "lookahead_steps", "layer_groups"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (value is None and
+                                                                                    name == "layer_groups"):
+                raise ValueError(f"{name}: expected an integer, got {value!r}")
+        for name in ("policy", "granularity", "history"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
+        if not isinstance(self.page_granular, bool):
+            raise ValueError(f"page_granular: expected true or false, got {self.page_granular!r}")
+        if self.soft_tokens is not None and not isinstance(self.soft_tokens, str):
+            raise ValueError(f"soft_tokens: expected a file path, got {self.soft_tokens!r}")
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            raise ValueError(f"budget: expected a Budget, got {self.budget!r}")
 
     def _check_granularity(self) -> None:
         """``granularity`` per_layer (issue 9's layered pool, ``layer_groups`` groups; None: one per layer) needs a
@@ -106,7 +125,8 @@ class EvictionConfig:
         raw = request_params["kv_evict"]
         if not isinstance(raw, dict):
             raise ValueError(f"kv_evict: expected an object such as {{'policy': 'snapkv', 'budget': 0.2}}, got {raw!r}")
-        for name in ("granularity", "layer_groups"):
+        for name in ("granularity", "layer_groups", "page_granular"):
+            # the KV pool's layout is per server; a paged pool frees whole pages only (holes mid-page would leak)
             if name in raw and raw[name] != getattr(self, name):
                 raise ValueError(f"{name}: set by the server (--kv-evict-{name.replace('_', '-')}): the KV pool's "
                                  "layout is per server, not per request")

@@ -772,6 +772,13 @@ def test_bad_request_override_aborts_the_request_instead_of_the_scheduler(server
     with get_parallel().override(tp_rank=0):
         req = make_req({"kv_evict": {"policy": "h2o"}})
     assert req.to_finish is not None and "kv_evict: policy: 'h2o'" in req.to_finish.message
+    # JSON of the wrong type, and a server-level field, fail the request the same way (no TypeError escapes)
+    for raw, message in (({"window": "abc"}, "window: expected an integer"),
+                         ({"budget": [0.1]}, "budget: invalid budget"),
+                         ({"page_granular": True}, "page_granular: set by the server")):
+        with get_parallel().override(tp_rank=0):
+            req = make_req({"kv_evict": raw})
+        assert req.to_finish is not None and message in req.to_finish.message
 
 
 def test_laprox_override_is_admitted_in_its_own_namespace(server_config):

@@ -1,0 +1,45 @@
+"""EvictionConfig: every field checked on construction, per-request overrides validated the same way, errors that
+name the field (a bad override fails its request; it must never raise another exception in the scheduler)."""
+
+import pytest
+
+from sgl_evict.config import EvictionConfig
+from sgl_evict.selection import Budget
+
+SERVER = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"window": "abc"}, "window: expected an integer, got 'abc'"),
+    ({"window": 2.5}, "window: expected an integer, got 2.5"),
+    ({"sinks": None}, "sinks: expected an integer, got None"),
+    ({"pooling_kernel": "7"}, "pooling_kernel: expected an integer, got '7'"),
+    ({"lookahead_steps": True}, "lookahead_steps: expected an integer, got True"),
+    ({"min_prompt_len": [1]}, "min_prompt_len: expected an integer, got [1]"),
+    ({"policy": 3}, "policy: expected a string, got 3"),
+    ({"history": ["keep"]}, "history: expected a string, got ['keep']"),
+    ({"budget": -1}, "budget: budget token count must be >= 1"),
+    ({"budget": True}, "budget: invalid budget True"),
+    ({"budget": {"fraction": 0.1}}, "budget: invalid budget"),
+    ({"page_granular": True}, "page_granular: set by the server"),
+    ({"granularity": "per_layer"}, "granularity: set by the server"),
+    ({"bogus": 1}, "kv_evict: unknown field(s) bogus"),
+])
+def test_a_malformed_override_is_a_value_error_naming_its_field(raw, message):
+    with pytest.raises(ValueError) as info:
+        SERVER.override({"kv_evict": raw})
+    assert message in str(info.value)
+
+
+def test_good_overrides_and_huge_counts_are_taken():
+    assert SERVER.override({"kv_evict": {"budget": 10**12}}).budget.num_tokens(1000) == 1000
+    assert SERVER.override({"kv_evict": {"budget": "20%", "window": 16}}).window == 16
+    assert SERVER.override({"kv_evict": {"page_granular": False}}) == SERVER  # the server's own value
+
+
+def test_construction_checks_types_too():
+    with pytest.raises(ValueError, match="page_granular: expected true or false"):
+        EvictionConfig(page_granular="yes")
+    with pytest.raises(ValueError, match="layer_groups: expected an integer"):
+        EvictionConfig(layer_groups="2")
+    assert EvictionConfig(layer_groups=None).layer_groups is None
