@@ -17,7 +17,7 @@ with sglang_or_skip("sglang.srt.plugins"):
 from sgl_evict.plugin import (SUPPORTED_SGLANG, Hook, Unverifiable, _sglang_version, hook_table, resolve,
                               unsupported)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_target_resolves_on_the_supported_sglang_and_is_patched():

@@ -3,7 +3,7 @@ log of the keys the scorer scores (merged over prefix and new keys), the capture
 saw the scorer's keys, and eviction scoring in one read where it can (the paged kernel through the Triton
 interpreter), with the same keep-set as two passes.
 
-SGLang's backend and FlashInfer's wrappers around this: ``tests/test_plugin_flashinfer_lse.py``.
+SGLang's backend and FlashInfer's wrappers around this: ``tests/sglang/test_plugin_flashinfer_lse.py``.
 """
 
 import logging

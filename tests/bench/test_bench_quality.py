@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.gpu.quality import server_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_server_flags_per_granularity(tmp_path):

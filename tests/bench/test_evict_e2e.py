@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from bench.gpu import evict_e2e as e2e
 
 TP_LOG = """[2026-11-24 01:00:00 TP0] sgl-evict: request a keeps positions [0, 1, 5]

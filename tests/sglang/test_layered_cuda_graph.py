@@ -1,6 +1,6 @@
 """Decode CUDA graphs of the layered Triton backend (sgl_evict/engine/layered_attention.py, design step 5), with
 SGLang 0.5.17's real pools, TritonAttnBackend and Triton decode kernel (on CPU under TRITON_INTERPRET=1), and the
-test engine of tests/test_layered_kv_pool.py.
+test engine of tests/sglang/test_layered_kv_pool.py.
 
 :class:`Graph` is SGLang's decode CUDA-graph runner reduced to what the attention backend sees: static input buffers
 padded as SGLang's buffer registry pads them (``req_pool_indices`` 0, ``seq_lens`` the backend's fill value,

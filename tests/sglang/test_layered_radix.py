@@ -1,7 +1,7 @@
 """The layered pool's allocator (sgl_evict/engine/layered_allocator.py) under SGLang 0.5.17's real RadixCache and
 ReqToTokenPool, with the plugin's radix hooks applied as a server applies them (load_plugins).
 
-The property test of tests/test_radix_holes.py (docs/radix.md), extended to group-slots: simulated requests are
+The property test of tests/sglang/test_radix_holes.py (docs/radix.md), extended to group-slots: simulated requests are
 admitted (match, lock, evict-then-alloc), evicted per layer group (sgl_evict/engine/group_evict.py: dropped
 group-slots freed, tokens no group keeps turned into holes), dropped further, cached (cache_unfinished_req) and
 finished (cache_finished_req). After every step: logical slots and group-slots are each partitioned into free,

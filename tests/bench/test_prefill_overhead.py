@@ -10,7 +10,7 @@ import pytest
 
 from bench.gpu import prefill_overhead as po
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # bench is a package of the repository root, run as `python -m bench.gpu.prefill_overhead`
 BENCH_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-GPU_DIR = Path(__file__).resolve().parents[1] / "bench" / "gpu"
+GPU_DIR = Path(__file__).resolve().parents[2] / "bench" / "gpu"
 
 
 def _load_smoke():
