@@ -18,6 +18,9 @@ def load(folder: str | Path = DEFAULT_MODEL, device: str = "cpu"):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one weight-loading bar line per tensor would drown the run's log
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

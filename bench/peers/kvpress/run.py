@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-sweep", action="store_true", help="skip the every-press runs/fails sweep")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kvpress_<date>_<device>_...json)")
     ap.add_argument("--resume", action="store_true", help="keep the prompts already in --out")
+    ap.add_argument("--plot", default=None, help="PNG path, or auto: docs/img/<the JSON's name>.png (default: none)")
     return ap.parse_args(argv)
 
 
@@ -227,6 +228,13 @@ def main(argv=None) -> int:
         print(f"[kvpress] prompt {i + 1}/{len(prompts)} {p.task} {p.seq_len} tokens: {time.time() - t0:.0f} s "
               f"(total {time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     print(f"[kvpress] wrote {out}", file=sys.stderr)
+    from bench.peers.kvpress import report
+
+    print(report.tables(doc) + "\n\n" + report.cross_table(doc) + "\n\n" + report.goal_table(doc))
+    if args.plot:
+        plot = ROOT / "docs" / "img" / (out.stem + ".png") if args.plot == "auto" else Path(args.plot)
+        report.plot(doc, plot)
+        print(f"[kvpress] plot {plot}", file=sys.stderr)
     return 0
 
 
