@@ -208,6 +208,9 @@ def main(argv=None) -> int:
         old = json.loads(out.read_text())
         doc["prompts"], doc["records"] = old["prompts"], old["records"]
         doc["sweep"], doc["commands"] = old.get("sweep"), old["commands"] + doc["commands"]
+        # the commits of every invocation that wrote to this file, the first one's first
+        doc["git_commit"] = [*([old["git_commit"]] if isinstance(old["git_commit"], str) else old["git_commit"]),
+                             doc["git_commit"]]
     if not args.no_sweep and not doc.get("sweep"):
         from bench.peers.kvpress.sweep import sweep
 
