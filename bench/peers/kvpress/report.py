@@ -55,7 +55,7 @@ def tables(doc: dict) -> str:
     lines = []
     for mode in MODES:
         lines += [f"\n**{mode}**: accuracy (exact match, 95% Wilson interval; {rows[(mode, 'full', 1.0)]['n']} "
-                  "prompts) and teacher-forced top-1 agreement with the full cache at positions 9-64\n",
+                  "prompts) and teacher-forced\ntop-1 agreement with the full cache at positions 9-64\n",
                   "| family | method | " + " | ".join(f"acc {b:g}" for b in budgets) + " | "
                   + " | ".join(f"top-1 9+ {b:g}" for b in budgets) + " |",
                   "| --- | --- |" + " --- |" * (2 * len(budgets))]
@@ -69,7 +69,7 @@ def tables(doc: dict) -> str:
             lines.append(f"| {family} | {method} | " + " | ".join(_acc(c) if c else "" for c in cells) + " | "
                          + " | ".join(f"{c['top1_9']:.3f}" if c else "" for c in cells) + " |")
     lines += ["\nFidelity, all methods: top-1 agreement at positions 1-8 / 9-64, KL(full || method) at 9-64 (nats), "
-              "first answer token's agreement (position 0)\n",
+              "\nfirst answer token's agreement (position 0)\n",
               "| mode | method | budget | top-1 1-8 | top-1 9-64 | KL 9-64 | first token | kept per layer (mean) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in MODES:
@@ -157,7 +157,7 @@ def plot(doc: dict, path: Path) -> None:
         n_ours = n_press = 0
         for family, method in families:
             if family == "full":
-                style = dict(color="black", ls=":", lw=1.5)
+                style = dict(color="black", ls=":", lw=2.2, zorder=10)
             elif family == "ours":
                 style, n_ours = dict(color=ours_c(n_ours), ls="-", marker="o", lw=2), n_ours + 1
             elif family == "kvpress":
@@ -181,10 +181,10 @@ def plot(doc: dict, path: Path) -> None:
                 else "whole prompt compressed (question inside the window)")
         axes[0, col].set_title(f"{mode}: {what}\n{n} prompts of {doc['settings']['context']} tokens", fontsize=10)
     for ax in axes[0]:
-        ax.set_ylabel("accuracy, exact match (higher is better)")
+        ax.set_ylabel("accuracy, exact match\n(higher is better)")
         ax.set_ylim(-0.02, 1.02)
     for ax in axes[1]:
-        ax.set_ylabel("top-1 agreement, positions 9-64 (higher is better)")
+        ax.set_ylabel("top-1 agreement, positions 9-64\n(higher is better)")
         ax.set_xlabel("kept fraction of the compressed span (budget)")
         ax.set_xticks(budgets)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False)
