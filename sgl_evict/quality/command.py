@@ -15,11 +15,8 @@ from sgl_evict import __version__
 DEFAULT_ARMS = ("snapkv@0.1", "laq@0.1", "snapkv@0.2", "laq@0.2")
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def add_parser(sub) -> None:
+    from sgl_evict.cli import _csv  # here: sgl_evict.cli imports this module
     from sgl_evict.quality.runner import QualityConfig
     from sgl_evict.quality.tasks import FAMILIES
 

@@ -100,7 +100,7 @@ def smallest_budgets(pooled: dict, target: float = TARGET_RETENTION) -> dict:
         if arm_name == REFERENCE:
             continue
         arm = Arm.parse(arm_name)
-        label = arm_name.replace(f"@{arm.budget}", "")  # policy with its extras
+        label = _policy_label(arm_name)
         budget = Budget.parse(arm.budget)
         size = budget.fraction if budget.fraction is not None else float(budget.tokens)
         by_policy[f"{family}/{label}"].append((size, arm.budget, stats["retention"]))
