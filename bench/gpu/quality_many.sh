@@ -7,10 +7,12 @@
 #
 # Driver i serves on port 31400 + 10 i and writes /tmp/quality-many/NAMEi/ (records.jsonl.gz, quality.json,
 # quality.md, the server log) and NAMEi.log; ARCHIVE (.tar.gz) holds them all. Give every driver its
-# --mem-fraction (the shares must add up to less than 0.9), --seed, --deadline and --commit. A driver starts once
-# the one before it has allocated its KV pool (at most 150 s later): SGLang sizes its pool from the memory free
-# when it starts, and two servers measuring at once would count the same free memory. Exit status 1 when a
-# driver failed.
+# --seed, --deadline and --commit, and a KV pool of its own size: --mem-fraction 0.85
+# --server-extra=--max-total-tokens=N. SGLang sizes its pool as what is free after loading minus a share of what
+# was free before it (model_runner's profile_max_num_token), so servers starting together would each count the
+# same free memory; a high fraction keeps that difference positive and --max-total-tokens caps what each takes
+# (N x 18.4 KB on Gemma 3 270M; leave a few GB per server for CUDA graphs and activations). All drivers start at
+# once. Exit status 1 when a driver failed.
 set -uo pipefail
 [ $# -ge 3 ] && [ $(($# % 2)) -eq 1 ] || { echo "usage: $0 ARCHIVE NAME ARGS [NAME ARGS ...]" >&2; exit 2; }
 archive=$1
@@ -26,13 +28,6 @@ while [ $# -gt 0 ]; do
   python3 -m bench.gpu.quality $args --port $((31400 + 10 * i)) --out "$work/$name" >"$work/$name.log" 2>&1 &
   pids+=($!) names+=("$name")
   i=$((i + 1))
-  if [ $# -gt 0 ]; then
-    for _ in $(seq 150); do
-      grep -qs "KV Cache is allocated" "$work/$name"/server-*.log && break
-      kill -0 "${pids[-1]}" 2>/dev/null || break
-      sleep 1
-    done
-  fi
 done
 status=0
 for k in "${!pids[@]}"; do
