@@ -180,9 +180,11 @@ def plot(summary: dict, path: Path) -> None:
     panels += [("turns", *p) for p in by_length(summary["turns"])]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    legend_in = 0.3 * (1 + -(-(len(labels) + len(budgets) + 1) // 4))
+    dashes = budgets if summary["turns"] else []  # line styles mean budgets only in per-turn panels
+    legend_in = 0.3 * (1 + -(-(len(labels) + len(dashes) + 1) // 4))
     height = 3.5 * rows + 0.5 + legend_in
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height), squeeze=False)
+    # at least 9 inches wide: the title and the four-column legend must fit above and below one panel
+    fig, axes = plt.subplots(rows, cols, figsize=(max(9.0, 4.6 * cols), height), squeeze=False)
     for ax, (kind, family, target) in zip(axes.flat, panels):
         (_accuracy_panel if kind == "accuracy" else _turn_panel)(ax, summary, family, target, style)
     for ax in list(axes.flat)[len(panels):]:
@@ -192,7 +194,7 @@ def plot(summary: dict, path: Path) -> None:
 
     handles = [Patch(color="0.85", label="full cache (95% CI)")]
     handles += [Line2D([], [], color=style["colour"][lab], marker=style["marker"][lab], label=lab) for lab in labels]
-    handles += [Line2D([], [], color="0.3", ls=style["dash"][b], label=f"budget {b} (per turn)") for b in budgets]
+    handles += [Line2D([], [], color="0.3", ls=style["dash"][b], label=f"budget {b} (per turn)") for b in dashes]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("Answers through the server against the full cache (higher is better; bands: 95% Wilson "
                  "intervals)", fontsize=9)

@@ -275,3 +275,13 @@ def test_records_load_back_from_a_gzipped_copy(server, tmp_path):
 def test_no_turn_starts_after_the_deadline(server, tmp_path):
     assert run_quality(config(deadline_s=0.0), SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path) == []
     assert server.requests == []
+
+
+def test_a_single_panel_plot_is_wide_enough_for_its_title_and_legend(server, tmp_path):
+    from PIL import Image
+
+    run_quality(config(families=["single"]), SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
+    summary = summarize(load_records(tmp_path / "records.jsonl"))
+    assert not summary["turns"]  # one accuracy panel, no per-turn panel
+    plot(summary, tmp_path / "q.png")
+    assert Image.open(tmp_path / "q.png").width >= 9 * 110  # 9 inches at the plot's 110 dpi
