@@ -10,10 +10,11 @@ from sgl_evict.policies.laq import LookaheadQCache  # isort: skip
 from sgl_evict.policies.dapq import PositionAwarePseudoQueries  # isort: skip
 from sgl_evict.policies.laprox import OutputAwareProxy  # isort: skip
 from sgl_evict.policies.judgeq import JudgeQ  # isort: skip
+from sgl_evict.policies.tova import TOVA  # isort: skip
 from sgl_evict.policies.baselines import NoEviction, RandomEviction, StreamingLLM  # isort: skip
 
 __all__ = [
     "POLICIES", "EvictionPolicy", "make_policy", "policy_class", "register",
     "NoEviction", "RandomEviction", "StreamingLLM", "SnapKV", "LookaheadQCache",
-    "PositionAwarePseudoQueries", "OutputAwareProxy", "JudgeQ",
+    "PositionAwarePseudoQueries", "OutputAwareProxy", "JudgeQ", "TOVA",
 ]
