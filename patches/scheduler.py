@@ -50,7 +50,7 @@ def init_around(original, self, server_args, *args, **kwargs):
             logging.getLogger("sgl_evict").info(
                 "sgl-evict: this model has sliding-window layers: every request keeps its last %d prompt tokens "
                 "(within its budget, above it for short prompts)", STATE.protected_recent)
-        STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy == "dapq")
+        STATE.rope = _model_rope(self.model_config.hf_text_config, STATE.config.policy_object.uses("rope"))
         STATE.soft_tokens = load_soft_tokens(self)
         if STATE.config.granularity == "per_layer":
             check_per_layer_pool(self.token_to_kv_pool_allocator, STATE.window_layers)

@@ -57,9 +57,9 @@ def _int_at_least(low: int):
 def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV eviction (sgl-evict)")
     group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
-                       help="Token-level KV eviction policy applied after prefill (the server runs none, snapkv, "
-                            "laq, dapq, laprox, judgeq, streaming and random, one keep-set for all layers and "
-                            "heads; judgeq needs --kv-evict-soft-tokens).")
+                       help=f"Token-level KV eviction policy applied after prefill (the server runs "
+                            f"{', '.join(POLICY_NAMES[:-1])} and {POLICY_NAMES[-1]}, one keep-set for all layers and heads; judgeq needs "
+                            "--kv-evict-soft-tokens; `sgl-evict policies` describes each).")
     group.add_argument("--kv-evict-budget", type=_budget, default=None,
                        help="KV kept per request: a fraction (0.1, 10%%) or a token count (1024).")
     group.add_argument("--kv-evict-window", type=_int_at_least(1), default=_DEFAULTS.window,
@@ -121,9 +121,9 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
     """ValueError (message starting with the flag) for settings the engine cannot evict with (yet)."""
     if config.soft_tokens:
         _check_soft_token_file(config.soft_tokens)
-    if config.policy == "judgeq" and (getattr(args, "page_size", None) or 1) > 1:
+    if config.policy_object.uses("soft_token_queries") and (getattr(args, "page_size", None) or 1) > 1:
         # a paged pool frees whole pages, and the soft tokens' temporary slots share the prompt's last page
-        raise ValueError("argument --page-size: --kv-evict-policy judgeq runs with --page-size 1 only")
+        raise ValueError(f"argument --page-size: --kv-evict-policy {config.policy} runs with --page-size 1 only")
     if config.enabled:
         for flag, working, why in _UNSUPPORTED_WITH_EVICTION:
             value = getattr(args, flag.lstrip("-").replace("-", "_"), working[0])

@@ -7,17 +7,20 @@ import functools
 import hashlib
 import os
 
+from sgl_evict.policies import POLICIES, EvictionPolicy, make_policy
+from sgl_evict.policies.base import LOOKAHEAD
 from sgl_evict.selection import Budget
 
-POLICY_NAMES = ("none", "snapkv", "laq", "dapq", "laprox", "judgeq", "streaming", "random")
+#: the registered policies (:data:`sgl_evict.policies.POLICIES`), in registration order
+POLICY_NAMES = tuple(POLICIES)
 GRANULARITIES = ("uniform", "per_layer")
 #: what a request that starts from a cached compressed prefix (a later turn) does with it: ``rescore`` the whole
 #: history to the budget of its full length, or ``keep`` the prefix as the radix cache holds it and spend the
 #: budget on its own new tokens (docs/quality.md measures both)
 HISTORY_RULES = ("rescore", "keep")
-#: policies whose per_layer path is not built: laq evicts after its lookahead steps (uniform only), judgeq scores in
-#: an extra forward of its soft tokens (uniform only)
-NOT_PER_LAYER = ("laq", "judgeq")
+#: config fields the server's policy object takes, as its own option names (where the policy has that option)
+POLICY_OPTIONS = {"pooling_kernel": "pooling_kernel", "lookahead_steps": "lookahead_steps",
+                  "soft_tokens": "soft_tokens_path"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +44,7 @@ class EvictionConfig:
         self._check_types()
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy: {self.policy!r} is not one of {', '.join(POLICY_NAMES)}")
-        if self.policy != "none" and self.budget is None:
+        if POLICIES[self.policy].compresses and self.budget is None:
             raise ValueError(f"budget: policy {self.policy!r} needs a budget (a fraction such as 0.1 or a token count)")
         for name in ("window", "pooling_kernel", "lookahead_steps"):
             if getattr(self, name) < 1:
@@ -53,9 +56,9 @@ class EvictionConfig:
             raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
         if self.history not in HISTORY_RULES:
             raise ValueError(f"history: {self.history!r} is not one of {', '.join(HISTORY_RULES)}")
-        if self.policy == "judgeq":
+        if POLICIES[self.policy].uses("soft_token_queries"):
             if not self.soft_tokens:
-                raise ValueError("soft_tokens: policy 'judgeq' needs a soft-token file")
+                raise ValueError(f"soft_tokens: policy {self.policy!r} needs a soft-token file")
             if not os.path.isfile(self.soft_tokens):
                 raise ValueError(f"soft_tokens: file {self.soft_tokens!r} does not exist")
         self._check_granularity()
@@ -90,15 +93,24 @@ class EvictionConfig:
             if self.layer_groups is not None:
                 raise ValueError("layer_groups: applies to granularity per_layer only")
             return
-        if self.policy in NOT_PER_LAYER:
-            raise ValueError(f"granularity: per_layer is not built for policy {self.policy!r} (laq's lookahead path "
-                             "and judgeq's soft-token forward are uniform only)")
+        if not POLICIES[self.policy].scores_at_prefill():
+            raise ValueError(f"granularity: per_layer is not built for policy {self.policy!r} (its "
+                             f"{POLICIES[self.policy].query_source} queries score after the prefill: uniform only)")
         if self.history != "rescore":
             raise ValueError(f"history: {self.history!r} is not built for granularity per_layer (rescore only)")
 
     @property
     def enabled(self) -> bool:
-        return self.policy != "none"
+        return POLICIES[self.policy].compresses
+
+    @functools.cached_property
+    def policy_object(self) -> EvictionPolicy:
+        """The policy this config runs, built once with the config's settings that are its options (the pooling
+        kernel, laq's lookahead steps, judgeq's soft-token file): what the engine asks for traits and scores."""
+        cls = POLICIES[self.policy]
+        fields = getattr(cls, "__dataclass_fields__", {})
+        options = {option: getattr(self, name) for name, option in POLICY_OPTIONS.items() if option in fields}
+        return make_policy(self.policy, **options)
 
     def fingerprint(self) -> str | None:
         """Radix-cache namespace of KV compressed under this config; None when nothing is evicted.
@@ -109,9 +121,10 @@ class EvictionConfig:
         if not self.enabled:
             return None
         # judgeq's keep-set depends on the soft tokens' content: a file rewritten in place is another namespace
-        soft = soft_token_file_id(self.soft_tokens) if self.policy == "judgeq" else ""
+        policy = POLICIES[self.policy]
+        soft = soft_token_file_id(self.soft_tokens) if policy.uses("soft_token_queries") else ""
         parts = [self.policy, repr(self.budget), self.window, self.sinks, self.pooling_kernel,
-                 self.lookahead_steps if self.policy == "laq" else 0, soft, self.page_granular]
+                 self.lookahead_steps if policy.query_source == LOOKAHEAD else 0, soft, self.page_granular]
         if self.granularity != "uniform":  # uniform keeps the fingerprints it always had
             parts += [self.granularity, self.layer_groups]
         if self.history != "rescore":  # likewise

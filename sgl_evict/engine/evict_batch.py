@@ -1,8 +1,10 @@
 """Eviction of the requests whose prefill a batch finished: score, select, punch holes, free slots.
 
-laq requests are only marked pending after prefill (their snapkv keep-set hidden, nothing freed) and evicted
-after their lookahead decode steps by :func:`evict_after_lookahead`. judgeq requests are scored after the loop over
-the batch, all from one extra forward of their soft tokens (:mod:`sgl_evict.engine.judgeq`).
+Each request's policy object (``config.policy_object``) says how it is scored: its query source, its value
+weighting, whether it can score in one read. Lookahead policies (laq) are only marked pending after prefill (their
+snapkv keep-set hidden, nothing freed) and evicted after their lookahead decode steps by
+:func:`evict_after_lookahead`. Soft-token policies (judgeq) are scored after the loop over the batch, all from one
+extra forward of their soft tokens (:mod:`sgl_evict.engine.judgeq`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from sgl_evict.engine.runtime import EngineState
 from sgl_evict.env import env_setting
 from sgl_evict.holes import HOLE, count_live
 from sgl_evict.layer_groups import GroupLayout
+from sgl_evict.policies import EvictionPolicy
+from sgl_evict.policies.base import LOOKAHEAD, POSITIONS, REROTATED_WINDOW, SOFT_TOKENS, WINDOW
 
 logger = logging.getLogger("sgl_evict")
 
@@ -78,7 +82,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         row = req_to_token[req.req_pool_idx, :seq_len]
         if not config.enabled or seq_len < config.min_prompt_len:
             continue
-        missing = _missing_model_input(config.policy, state, page_size, soft_token_forward)
+        policy = config.policy_object
+        missing = _missing_model_input(policy, state, page_size, soft_token_forward)
         if missing:
             logger.warning("sgl-evict: request %s asks for %s, but %s: its cache is kept in full", req.rid,
                            config.policy, missing)
@@ -88,7 +93,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         live = count_live(row)
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= live:
             continue
-        if config.policy == "judgeq":
+        if policy.query_source == SOFT_TOKENS:
             if seq_len + state.soft_tokens.count > req_to_token.shape[1]:
                 logger.warning("sgl-evict: request %s: no room after its prompt for %d soft tokens: its cache is "
                                "kept in full", req.rid, state.soft_tokens.count)
@@ -96,16 +101,16 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                 judged.append((i, req, config, seq_len))
             continue
         if layered is not None:
-            modes.add(config.policy, {}, "per_layer pool (scored through each group's slots)")
+            modes.add(policy, {}, "per_layer pool (scored through each group's slots)")
             freed += _evict_per_layer(req, row, config, capture.queries_of(i), capture.scaling, state, key_buffer,
                                       value_buffer, attention_mass, all_reduce, layered)
             continue
-        row_lse, why = _window_lse(capture, i, config.policy, live)
-        modes.add(config.policy, row_lse, why)
+        row_lse, why = _window_lse(capture, i, policy, live)
+        modes.add(policy, row_lse, why)
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass, row_lse=row_lse)
         keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
-        if config.policy == "laq":
+        if policy.query_source == LOOKAHEAD:
             # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
             # copies: a view would keep the whole batch's window queries alive
             window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}
@@ -121,17 +126,15 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     return freed
 
 
-#: policies that score the prompt's window queries, causal, over the request's live keys: exactly what the prefill
-#: attention normalised those queries over, so its LSE lets the kernel read the keys once (laq: its provisional
-#: snapkv scores at prefill; dapq re-rotates the queries first, so their logits are not the prefill's)
-ONE_READ_POLICIES = ("snapkv", "laq", "laprox")
-
-
-def _window_lse(capture, index: int, policy: str, live: int) -> tuple[dict[int, torch.Tensor], str | None]:
+def _window_lse(capture, index: int, policy: EvictionPolicy,
+                live: int) -> tuple[dict[int, torch.Tensor], str | None]:
     """Layer id -> ``[num_q_heads, n]`` natural LSE of the ``index``-th request's window queries that the scorer may
-    use (:meth:`~sgl_evict.engine.capture.WindowQueryCapture.lse_of`), and why some or all layers have none."""
-    if policy not in ONE_READ_POLICIES:
-        return {}, f"{policy} does not score the window queries as the prefill attended them"
+    use (:meth:`~sgl_evict.engine.capture.WindowQueryCapture.lse_of`), and why some or all layers have none.
+
+    Only a ``one_read`` policy scores the prompt's window queries, causal, over the request's live keys: exactly
+    what the prefill attention normalised those queries over (dapq re-rotates them first: other logits)."""
+    if not policy.one_read:
+        return {}, f"{policy.name} does not score the window queries as the prefill attended them"
     return capture.lse_of(index, live)
 
 
@@ -143,9 +146,9 @@ class ScoringModes:
         self.counts = {"one-read": 0, "mixed": 0, "two-pass": 0}
         self.reasons: dict[str, int] = {}
 
-    def add(self, policy: str, row_lse: dict, why: str | None) -> None:
-        if policy not in ("snapkv", "laq", "dapq", "laprox"):
-            return  # scored from positions, or (judgeq) from its soft tokens' queries, never from an LSE
+    def add(self, policy: EvictionPolicy, row_lse: dict, why: str | None) -> None:
+        if policy.query_source not in (WINDOW, REROTATED_WINDOW, LOOKAHEAD):
+            return  # scored from positions, or from soft tokens' queries, never from the prefill's window LSE
         mode = "one-read" if row_lse and why is None else "mixed" if row_lse else "two-pass"
         self.counts[mode] += 1
         if why is not None:
@@ -171,25 +174,26 @@ def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, 
     for (_, req, config, seq_len), queries in zip(judged, found.queries):
         row = req_to_token[req.req_pool_idx, :seq_len]
         # the soft tokens come after the prompt: each of their queries sees every prompt key, as laq's steps do
-        scores = lookahead_scores(queries, found.scaling, key_buffer, row, config.pooling_kernel, attention_mass)
+        scores = lookahead_scores(queries, found.scaling, key_buffer, row, config.policy_object.pool_width,
+                                  attention_mass)
         keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
         freed += _evict(req, row, keep, state, free)
     return freed
 
 
-def _missing_model_input(policy: str, state: EngineState, page_size: int,
+def _missing_model_input(policy: EvictionPolicy, state: EngineState, page_size: int,
                          soft_token_forward: Callable | None) -> str | None:
-    """Why ``policy`` cannot run here (a fact read at start failed, or judgeq without its soft tokens or on a paged
-    pool), or None when it can."""
-    if policy == "judgeq":
+    """Why ``policy`` cannot run here (a model input it ``uses`` was not read at start, or soft tokens missing or on
+    a paged pool), or None when it can."""
+    if policy.uses("soft_token_queries"):
         if state.soft_tokens is None or soft_token_forward is None:
             return "this server loaded no soft-token file (--kv-evict-soft-tokens)"
         if page_size > 1:
             # a paged pool frees whole pages: the temporary slots share the prompt's last page
-            return "judgeq runs with --page-size 1 only"
-    if policy == "dapq" and state.rope is None:
+            return f"{policy.name} runs with --page-size 1 only"
+    if policy.uses("rope") and state.rope is None:
         return "this model's RoPE could not be read at start"
-    if policy == "laprox" and state.value_norm_factors is None:
+    if policy.uses("o_proj_weight") and state.value_norm_factors is None:
         return "this model's output projections could not be read at start"
     return None
 
@@ -198,20 +202,28 @@ def _prefill_scores(config, queries: dict, scaling: dict, state: EngineState, ro
                     key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable,
                     row_of: Callable[[int], torch.Tensor] | None = None,
                     row_lse: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of one request's prompt under ``config.policy``
-    (laq: its provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``).
-    ``row_of``: layered pool, each layer's slots of ``row`` (:func:`layer_rows`); None: ``row`` for all layers.
-    ``row_lse``: layer id -> the window queries' natural LSE (:func:`_window_lse`; snapkv, laq, laprox only)."""
-    if config.policy in ("snapkv", "dapq", "laq"):
-        return window_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
-                             state.rope if config.policy == "dapq" else None, row_of=row_of, row_lse=row_lse)
-    if config.policy == "laprox":
+    """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of one request's prompt under its policy (laq: its
+    provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``), of which
+    the policy scores with its ``used_window``. ``row_of``: layered pool, each layer's slots of ``row``
+    (:func:`layer_rows`); None: ``row`` for all layers. ``row_lse``: layer id -> the window queries' natural LSE
+    (:func:`_window_lse`; ``one_read`` policies only)."""
+    policy = config.policy_object
+    if policy.query_source == POSITIONS:
+        return position_scores(policy, row)
+    if policy.query_source not in (WINDOW, REROTATED_WINDOW, LOOKAHEAD):
+        raise ValueError(f"policy {policy.name!r} is not scored from the prompt's window queries")
+    queries = {layer: policy.used_window(q) for layer, q in queries.items()}
+    if row_lse:
+        row_lse = {layer: policy.used_window(lse) for layer, lse in row_lse.items()}
+    if policy.value_weighted:
         factors = state.value_norm_factors
         slots = (lambda layer: row) if row_of is None else row_of
-        return laprox_scores(queries, scaling, key_buffer, row, config.pooling_kernel, attention_mass,
+        return laprox_scores(queries, scaling, key_buffer, row, policy.pool_width, attention_mass,
                              lambda layer: projected_norms(value_buffer(layer), slots(layer), factors[layer]),
                              row_of=row_of, row_lse=row_lse)
-    return position_scores(config.policy, row)
+    rope = state.rope if policy.query_source == REROTATED_WINDOW else None
+    return window_scores(queries, scaling, key_buffer, row, policy.pool_width, attention_mass, rope,
+                         row_of=row_of, row_lse=row_lse)
 
 
 def layer_rows(layered, row: torch.Tensor) -> Callable[[int], torch.Tensor]:
@@ -238,7 +250,7 @@ def per_layer_keep(scores: torch.Tensor, layers: list[int] | None, config, row: 
     :func:`~sgl_evict.engine.group_keep.layout_keep_masks`; laprox, whose raw scores are comparable across layers,
     with its global split over the scored groups (the harness's ``per_layer`` with ``global_budget``, floor 0).
     Groups of sliding-window layers only keep the prompt's last ``state.protected_recent`` tokens."""
-    comparable = config.policy == "laprox"
+    comparable = config.policy_object.comparable_across_layers
     grouped = layout_group_scores(scores, layers, layout, comparable)
     if all_reduce is not None:
         grouped = all_reduce(grouped)
@@ -260,8 +272,8 @@ def _evict_per_layer(req, row: torch.Tensor, config, queries: dict, scaling: dic
     into holes in ``row``, in place, and their logical slots freed). Returns group-slots freed."""
     row_of = layer_rows(layered, row)
     scores = _prefill_scores(config, queries, scaling, state, row, key_buffer, value_buffer, attention_mass, row_of)
-    # streaming and random score positions: one row, not one per layer
-    layers = None if config.policy in ("streaming", "random") else sorted(queries)
+    # a policy that scores positions gives one row, not one per layer
+    layers = None if config.policy_object.query_source == POSITIONS else sorted(queries)
     keep = per_layer_keep(scores, layers, config, row, group_layout(layered, state.window_layers), state,
                           all_reduce)
     if env_setting("SGL_EVICT_LOG_KEEP") == "1":
@@ -301,7 +313,8 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
                            entry.decoded - len(entry.steps), entry.decoded)
         del state.pending[req.rid]
         row = req_to_token[req.req_pool_idx, :entry.prompt_len]
-        scores = lookahead_keep_scores(entry, key_buffer, row, config.pooling_kernel, attention_mass)
+        policy = config.policy_object
+        scores = lookahead_keep_scores(entry, key_buffer, row, policy.pool_width, attention_mass, policy)
         keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
         freed += _evict(req, row, keep, state, free)
     return freed

@@ -15,6 +15,7 @@ from sgl_evict.env import env_setting
 from sgl_evict.holes import is_live
 from sgl_evict.kernels.rope_rerotate import rerotate_triton
 from sgl_evict.kernels.selection import select_pages
+from sgl_evict.policies import EvictionPolicy, make_policy
 from sgl_evict.rope import RopeSpec
 from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import Budget, select_keep
@@ -198,19 +199,12 @@ def check_one_read(layer: int, one_read: torch.Tensor, two_pass: torch.Tensor, t
     return max(largest, totals)
 
 
-def position_scores(policy: str, row: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Scores of the query-free baselines, ``[1, 1, seq_len]`` float32, zero at holes.
-
-    ``streaming``: the token's position (the budget goes to the latest tokens after the sinks); ``random``: a
-    seeded draw on the CPU generator, so every tensor-parallel rank draws the same keep-set.
-    """
+def position_scores(policy: EvictionPolicy | str, row: torch.Tensor) -> torch.Tensor:
+    """Scores of a query-free policy (a policy object or a registered name), ``[1, 1, seq_len]`` float32, zero at
+    holes: its :meth:`~sgl_evict.policies.base.EvictionPolicy.score_positions`."""
+    policy = make_policy(policy) if isinstance(policy, str) else policy
     seq_len = row.shape[0]
-    if policy == "streaming":
-        scores = torch.arange(seq_len, dtype=torch.float32, device=row.device) + 1.0
-    elif policy == "random":
-        scores = torch.rand(seq_len, generator=torch.Generator().manual_seed(seed)).to(row.device)
-    else:
-        raise ValueError(f"policy {policy!r} is scored from queries, not positions")
+    scores = policy.score_positions(seq_len).to(row.device)
     return (scores * is_live(row).float()).view(1, 1, seq_len)
 
 

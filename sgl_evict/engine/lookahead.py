@@ -4,8 +4,8 @@ After prefill, a laq request's snapkv keep mask only *hides* the dropped prompt 
 whole, every slot stays owned): :class:`PendingLookahead` holds the mask, the prompt's window scores and the
 decode queries captured so far. Its first ``lookahead_steps`` decode forwards attend over the snapkv view (the
 compacted view leaves the hidden positions out) and their queries are recorded. After the last of
-them, :func:`lookahead_keep_scores` scores the full prompt with window and lookahead queries (0.5 / 0.5, as
-``sgl_evict.policies.laq``) and the request is evicted for real. No forward beyond the request's own decode steps.
+them, :func:`lookahead_keep_scores` scores the full prompt with window and lookahead queries, mixed by the
+policy's own :meth:`~sgl_evict.policies.laq.LookaheadQCache.mix`, and the request is evicted for real. No forward beyond the request's own decode steps.
 
 A request that ends before (finished, aborted, retracted) simply keeps its full cache: its row was never changed.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sgl_evict.engine.keep import MassFn, lookahead_scores, window_scores
+from sgl_evict.policies.laq import LookaheadQCache
 
 
 @dataclass
@@ -73,8 +74,10 @@ def record_step(rids: list[str], positions: list[int], taken: dict[int, torch.Te
 
 
 def lookahead_keep_scores(entry: PendingLookahead, key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor,
-                          pooling_kernel: int, attention_mass: MassFn) -> torch.Tensor:
-    """laq's ``[num_layers, num_kv_heads, prompt_len]`` scores: mean of lookahead and window scores per layer.
+                          pooling_kernel: int, attention_mass: MassFn,
+                          policy: LookaheadQCache | None = None) -> torch.Tensor:
+    """laq's ``[num_layers, num_kv_heads, prompt_len]`` scores: lookahead and window scores per layer, mixed by
+    ``policy.mix`` (the request's :class:`LookaheadQCache`; None: its defaults).
 
     ``row`` is the ``[prompt_len]`` logical slot row of the prompt. Without recorded queries (a decode forward
     that captured nothing), the window scores alone: the snapkv keep-set the request already decoded with.
@@ -84,4 +87,4 @@ def lookahead_keep_scores(entry: PendingLookahead, key_buffer: Callable[[int], t
     if not queries:
         return window
     ahead = lookahead_scores(queries, entry.scaling, key_buffer, row, pooling_kernel, attention_mass)
-    return 0.5 * (ahead + window)
+    return (policy or LookaheadQCache()).mix(ahead, window)

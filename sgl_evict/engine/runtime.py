@@ -15,6 +15,7 @@ from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import DecodeQueryCapture, WindowQueryCapture
 from sgl_evict.engine.judgeq import ServedSoftTokens
 from sgl_evict.engine.lookahead import PendingLookahead
+from sgl_evict.policies import POLICIES
 from sgl_evict.rope import RopeSpec
 
 logger = logging.getLogger("sgl_evict")
@@ -106,9 +107,11 @@ def request_config(server: EvictionConfig, custom_params) -> EvictionConfig:
     if isinstance(raw, dict):
         if "soft_tokens" in raw and raw["soft_tokens"] != server.soft_tokens:
             raise ValueError("soft_tokens: set by the server (--kv-evict-soft-tokens), not per request")
-        if raw.get("policy") == "judgeq" and not server.soft_tokens:
-            raise ValueError("policy: 'judgeq' needs a server started with --kv-evict-soft-tokens FILE (soft tokens "
-                             "trained for its model); this one has none")
+        name = raw.get("policy")
+        asked = POLICIES.get(name) if isinstance(name, str) else None  # an unknown name fails in override
+        if asked is not None and asked.uses("soft_token_queries") and not server.soft_tokens:
+            raise ValueError(f"policy: {name!r} needs a server started with --kv-evict-soft-tokens FILE (soft "
+                             "tokens trained for its model); this one has none")
     config = server.override(params)
     if config.enabled and not server.enabled:
         raise ValueError("policy: this server was started without --kv-evict-policy, so it cannot evict per "

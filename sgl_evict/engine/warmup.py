@@ -16,7 +16,7 @@ It reads no pool, allocator or ``req_to_token`` contents: only the key buffer's 
 It never stops the server: an error is logged as a warning and the first requests compile instead. On CPU it does
 nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off. By default it warms the server's
 policy and every other policy a request may pick with ``custom_params`` (:data:`REQUEST_POLICIES`; each is
-skipped where the server cannot run it, e.g. judgeq without a soft-token file), so an override does not stall
+skipped where the server cannot run it, e.g. a soft-token policy without a soft-token file), so an override does not stall
 either; ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq`` warms those policies only.
 """
 
@@ -30,20 +30,22 @@ from dataclasses import dataclass, replace
 import torch
 
 from sgl_evict.engine.capture import WindowQueryCapture
-from sgl_evict.engine.evict_batch import ONE_READ_POLICIES, _keep_of, _prefill_scores
+from sgl_evict.engine.evict_batch import _keep_of, _prefill_scores
 from sgl_evict.engine.keep import lookahead_scores, one_read_check_off
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.env import env_setting
+from sgl_evict.policies import POLICIES, policy_class
+from sgl_evict.policies.base import LOOKAHEAD, POSITIONS, SOFT_TOKENS
 
 logger = logging.getLogger("sgl_evict")
 
 SKIP_ENV = "SGL_EVICT_SKIP_WARMUP"
 #: comma-separated policies to warm up instead of the default (the server's own and :data:`REQUEST_POLICIES`)
 POLICIES_ENV = "SGL_EVICT_WARMUP_POLICIES"
-#: policies a request can switch to whose scoring runs Triton kernels of its own variant (dapq, laq's lookahead and
-#: judgeq score without the causal mask; laprox weights by values): warmed after the server's policy
-REQUEST_POLICIES = ("snapkv", "dapq", "laprox", "laq", "judgeq")
+#: policies a request can switch to whose scoring runs Triton kernels (every registered policy scored from queries:
+#: each source and transform has its own kernel variant): warmed after the server's policy
+REQUEST_POLICIES = tuple(name for name, cls in POLICIES.items() if cls.compresses and cls.query_source != POSITIONS)
 #: keys of the dummy prompt (at least twice the window): enough for every kernel path, cheap on any GPU
 NUM_KEYS = 512
 
@@ -91,9 +93,10 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
         attention_mass, page_size: as :func:`sgl_evict.engine.evict_batch.evict_after_prefill` gets them.
         policy: another policy than the server's (its other settings kept).
     """
-    if policy == "judgeq" and state.soft_tokens is None:
-        return False  # judgeq requests are refused without a soft-token file (and the config would not build)
-    config = state.config if policy in (None, state.config.policy) else replace(state.config, policy=policy)
+    if policy is not None and policy_class(policy).uses("soft_token_queries") and state.soft_tokens is None:
+        return False  # such requests are refused without a soft-token file (and the config would not build)
+    config = state.config if policy is None else replace(state.config, policy=policy)
+    chosen = config.policy_object
     device = key_buffer.device
     window = config.window
     num_keys = max(num_keys, 2 * window + config.sinks)
@@ -108,30 +111,30 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
     key_of = {lid: keys}.__getitem__
     value_of = {lid: values}.__getitem__ if values is not None else None
     scaling = {lid: layer.scaling}
-    if config.policy == "judgeq":
-        if state.soft_tokens is None or page_size > 1:  # judgeq requests are refused then: nothing to compile
+    if chosen.query_source == SOFT_TOKENS:
+        if state.soft_tokens is None or page_size > 1:  # such requests are refused then: nothing to compile
             return False
-        scores = lookahead_scores(queries(state.soft_tokens.count), scaling, key_of, row, config.pooling_kernel,
+        scores = lookahead_scores(queries(state.soft_tokens.count), scaling, key_of, row, chosen.pool_width,
                                   attention_mass)
     else:
-        if config.policy == "laprox" and (value_of is None or state.value_norm_factors is None
-                                          or lid not in state.value_norm_factors):
+        if chosen.uses("o_proj_weight") and (value_of is None or state.value_norm_factors is None
+                                             or lid not in state.value_norm_factors):
             return False
-        if config.policy == "dapq" and state.rope is None:
+        if chosen.uses("rope") and state.rope is None:
             return False
         window_queries = queries(window)
         scores = _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass)
-        if config.policy in ONE_READ_POLICIES:  # on FlashInfer the same scores run the one-read variant
+        if chosen.one_read:  # on FlashInfer the same scores run the one-read variant
             with one_read_check_off():
                 _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass,
                                 row_lse=_dummy_window_lse(lid, window_queries[lid], num_keys, layer.scaling))
-        if config.policy == "laq":
+        if chosen.query_source == LOOKAHEAD:
             keep = _keep_of(scores, config, row, page_size, state, None)
             steps = max(1, config.lookahead_steps)
             step_queries = queries(steps)[lid]  # one forward's captured queries per step: [1 request, heads, d]
             entry = PendingLookahead(None, num_keys, window_queries, keep, scaling, decoded=steps,
                                      steps=[({lid: step_queries[:, s].unsqueeze(0)}, 0) for s in range(steps)])
-            scores = lookahead_keep_scores(entry, key_of, row, config.pooling_kernel, attention_mass)
+            scores = lookahead_keep_scores(entry, key_of, row, chosen.pool_width, attention_mass, chosen)
     _keep_of(scores, config, row, page_size, state, None)
     return True
 

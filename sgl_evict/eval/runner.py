@@ -8,10 +8,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sgl_evict.eval.tasks import TASKS, generate_sample, score_answer
-from sgl_evict.policies import EvictionPolicy, make_policy
+from sgl_evict.policies import POLICIES, EvictionPolicy, make_policy, policy_class
 from sgl_evict.selection import GRANULARITIES, Budget
 
 FULL = "full"  # budget label of the uncompressed reference run
+
+
+def default_policies() -> list[str]:
+    """Every registered policy that compresses and needs no file of its own (soft tokens are trained per model)."""
+    return [name for name, cls in POLICIES.items() if cls.compresses and not cls.uses("soft_token_queries")]
 
 
 @dataclass
@@ -21,7 +26,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     context_tokens: int = 2048
     samples_per_task: int = 1
-    policies: list[str] = field(default_factory=lambda: ["snapkv", "laq", "dapq", "laprox", "streaming", "random"])
+    policies: list[str] = field(default_factory=default_policies)
     budgets: list[str] = field(default_factory=lambda: ["0.05", "0.1", "0.2", "0.5"])
     granularity: str = "uniform"
     window: int = 32
@@ -47,8 +52,9 @@ class EvalConfig:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.layer_groups is not None and (self.granularity != "per_layer" or self.layer_groups < 1):
             raise ValueError(f"layer groups ({self.layer_groups}) need granularity per_layer and at least 1 group")
-        if "judgeq" in self.policies and not self.soft_tokens:
-            raise ValueError("policy 'judgeq' needs --soft-tokens FILE (Judge Q soft tokens trained for this model)")
+        for name in self.policies:
+            if policy_class(name).uses("soft_token_queries") and not self.soft_tokens:
+                raise ValueError(f"policy {name!r} needs --soft-tokens FILE (soft tokens trained for this model)")
         for name, value in (("context tokens", self.context_tokens), ("samples per task", self.samples_per_task),
                             ("max new tokens", self.max_new_tokens), ("window", self.window)):
             if value < 1:
@@ -58,8 +64,9 @@ class EvalConfig:
         self.build_policies()
 
     def build_policies(self) -> dict[str, EvictionPolicy]:
-        options = {"judgeq": {"soft_tokens_path": self.soft_tokens}}
-        return {name: make_policy(name, **options.get(name, {})) for name in self.policies}
+        return {name: make_policy(name, **({"soft_tokens_path": self.soft_tokens}
+                                          if policy_class(name).uses("soft_token_queries") else {}))
+                for name in self.policies}
 
 
 @dataclass

@@ -19,6 +19,7 @@ from sgl_evict.harness.capture import CaptureContext, install
 from sgl_evict.layer_groups import GroupLayout
 from sgl_evict.observation import LayerObservation
 from sgl_evict.policies import EvictionPolicy
+from sgl_evict.policies.base import LOOKAHEAD, SOFT_TOKENS
 from sgl_evict.policies.judgeq import JudgeQ
 from sgl_evict.policies.laq import LookaheadQCache
 from sgl_evict.policies.snapkv import SnapKV
@@ -209,9 +210,9 @@ class EvictionHarness:
                 keys=entry.keys[0], scaling=float(attn.scaling), num_q_heads=state.window_queries[layer].shape[0],
                 window_queries=state.window_queries[layer], values=entry.values[0],
                 o_proj_weight=attn.o_proj.weight, rope=self.rope, logit_softcap=self.softcap))
-        if isinstance(policy, LookaheadQCache):
+        if policy.query_source == LOOKAHEAD:
             self._add_lookahead_queries(state, policy, budget, granularity, obs)
-        if isinstance(policy, JudgeQ):
+        if policy.query_source == SOFT_TOKENS:
             self._add_soft_token_queries(state, policy, obs)
         return obs
 

@@ -38,6 +38,10 @@ class StreamingLLM(EvictionPolicy):
         pos = torch.arange(obs.seq_len, dtype=torch.float32, device=obs.keys.device)
         return pos.expand(obs.num_kv_heads, -1).clone()
 
+    def score_positions(self, seq_len: int) -> torch.Tensor:
+        # + 1: the engine zeroes holes, and the first token must still outrank them
+        return torch.arange(seq_len, dtype=torch.float32) + 1.0
+
 
 @register
 @dataclass
@@ -50,3 +54,6 @@ class RandomEviction(EvictionPolicy):
     def score(self, obs: LayerObservation) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.rand(obs.num_kv_heads, obs.seq_len, generator=gen).to(obs.keys.device)
+
+    def score_positions(self, seq_len: int) -> torch.Tensor:
+        return torch.rand(seq_len, generator=torch.Generator().manual_seed(self.seed))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sgl_evict.observation import LayerObservation
-from sgl_evict.policies.base import register
+from sgl_evict.policies.base import REROTATED_WINDOW, register
 from sgl_evict.policies.window import QueryScoringPolicy
 from sgl_evict.rope import rerotate
 
@@ -30,6 +30,7 @@ class PositionAwarePseudoQueries(QueryScoringPolicy):
 
     name = "dapq"
     needs = ("window_queries", "rope")
+    query_source = REROTATED_WINDOW
     offset: int = 0
 
     def pseudo_queries(self, obs: LayerObservation) -> torch.Tensor:

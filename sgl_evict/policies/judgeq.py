@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sgl_evict.observation import LayerObservation
-from sgl_evict.policies.base import register
+from sgl_evict.policies.base import SOFT_TOKENS, register
 from sgl_evict.policies.window import QueryScoringPolicy
 from sgl_evict.soft_tokens import SoftTokens
 
@@ -29,6 +29,7 @@ class JudgeQ(QueryScoringPolicy):
 
     name = "judgeq"
     needs = ("soft_token_queries",)
+    query_source = SOFT_TOKENS
     soft_tokens_path: str | None = None
     soft_tokens: SoftTokens | None = field(default=None, repr=False)
 

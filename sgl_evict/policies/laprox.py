@@ -27,6 +27,8 @@ class OutputAwareProxy(QueryScoringPolicy):
     name = "laprox"
     needs = ("window_queries", "values", "o_proj_weight")
     comparable_across_layers = True
+    value_weighted = True
+    one_read = True
     gqa_reduce: str = "sum"
 
     def score(self, obs: LayerObservation) -> torch.Tensor:

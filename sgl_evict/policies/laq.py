@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sgl_evict.observation import LayerObservation
-from sgl_evict.policies.base import register
+from sgl_evict.policies.base import LOOKAHEAD, register
 from sgl_evict.policies.window import QueryScoringPolicy
 
 
@@ -35,6 +35,9 @@ class LookaheadQCache(QueryScoringPolicy):
 
     name = "laq"
     needs = ("lookahead_queries", "window_queries")
+    query_source = LOOKAHEAD
+    #: its provisional keep-set (snapkv's, at prefill) is scored from the window queries as the prefill attended
+    one_read = True
     lookahead_steps: int = 8
     include_window: bool = True
     lookahead_tokens: tuple[int, ...] | None = None
@@ -52,6 +55,12 @@ class LookaheadQCache(QueryScoringPolicy):
     def score(self, obs: LayerObservation) -> torch.Tensor:
         self.check(obs)
         lookahead = self._score(obs, obs.lookahead_queries, None)
-        if not self.include_window:
+        return self.mix(lookahead, self.score_window(obs) if self.include_window else None)
+
+    def mix(self, lookahead: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
+        """laq's score from its lookahead and window scores (same shapes; both mean attention, so one scale):
+        their mean, or the lookahead scores alone without ``include_window``. The harness and the server both
+        score through this."""
+        if not self.include_window or window is None:
             return lookahead
-        return 0.5 * (lookahead + self.score_window(obs))
+        return 0.5 * (lookahead + window)

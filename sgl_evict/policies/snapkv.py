@@ -26,6 +26,7 @@ class SnapKV(QueryScoringPolicy):
 
     name = "snapkv"
     needs = ("window_queries",)
+    one_read = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         self.check(obs)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sgl_evict.observation import LayerObservation
-from sgl_evict.policies.base import EvictionPolicy
+from sgl_evict.policies.base import WINDOW, EvictionPolicy
 from sgl_evict.scoring import score_queries
 
 
@@ -21,9 +22,28 @@ class QueryScoringPolicy(EvictionPolicy):
         gqa_reduce: how a KV head combines its query heads' scores: ``"mean"``, ``"max"`` or ``"sum"``.
     """
 
+    query_source = WINDOW
+    #: False: scores are not pooled over neighbouring tokens, whatever ``pooling_kernel`` says (the server's
+    #: ``--kv-evict-pooling-kernel`` then does not apply to this policy either).
+    pooled: ClassVar[bool] = True
+    #: how many of the prompt's last window queries score (None: the whole observation window).
+    window_queries_used: ClassVar[int | None] = None
+
     pooling_kernel: int = 7
     pooling_mode: str = "max"
     gqa_reduce: str = "mean"
+
+    @property
+    def pool_width(self) -> int:
+        """The pooling width the scores use: ``pooling_kernel``, or 1 for a policy that does not pool."""
+        return self.pooling_kernel if self.pooled else 1
+
+    def used_window(self, window_queries: torch.Tensor) -> torch.Tensor:
+        """The scoring part of ``[..., window, ...]`` window queries (or their LSE): the last
+        ``window_queries_used`` along dim 1, or all of them."""
+        if self.window_queries_used is None:
+            return window_queries
+        return window_queries[:, -self.window_queries_used:]
 
     def _score(
         self,
@@ -37,7 +57,7 @@ class QueryScoringPolicy(EvictionPolicy):
             obs.keys,
             obs.scaling,
             query_positions=query_positions,
-            pooling_kernel=self.pooling_kernel,
+            pooling_kernel=self.pool_width,
             pooling_mode=self.pooling_mode,
             gqa_reduce=self.gqa_reduce,
             value_weights=value_weights,
@@ -46,4 +66,6 @@ class QueryScoringPolicy(EvictionPolicy):
 
     def score_window(self, obs: LayerObservation) -> torch.Tensor:
         """Scores from the prompt's last-window queries, each seeing only keys up to its own position."""
-        return self._score(obs, obs.window_queries, obs.window_positions())
+        queries = self.used_window(obs.window_queries)
+        positions = obs.window_positions()[obs.window_queries.shape[1] - queries.shape[1]:]
+        return self._score(obs, queries, positions)

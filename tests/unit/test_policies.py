@@ -20,7 +20,8 @@ def _obs(seq_len=64, hq=4, hkv=2, window=8, seed=0, **extra):
 
 
 def test_registry_lists_every_policy():
-    assert set(POLICIES) == {"none", "snapkv", "laq", "dapq", "laprox", "judgeq", "streaming", "random"}
+    assert set(POLICIES) == {"none", "snapkv", "laq", "dapq", "laprox", "judgeq", "tova", "streaming",
+                             "random"}
 
 
 def test_unknown_policy_and_option_fail_clearly():
