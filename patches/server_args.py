@@ -140,6 +140,52 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")
 
 
+#: attention backends eviction was verified on, end to end on an H100 (bench/results/evict_e2e_*, quality runs)
+VERIFIED_BACKENDS = ("flashinfer", "triton")
+_BACKEND_FLAGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+
+
+def choose_attention_backend(args: argparse.Namespace) -> str | None:
+    """On a GPU, eviction runs only on a verified attention backend: with none given, sets one (Triton for
+    per_layer and for models with sliding-window layers, whose batches SGLang 0.5.17's FlashInfer prefill rejects;
+    FlashInfer otherwise)
+    and returns the line to log; an explicit other backend is a ValueError naming its flag (unless
+    ``SGL_EVICT_UNVERIFIED_BACKEND=1``). SGLang would pick fa3 on Hopper, which nothing here has verified.
+    The CPU device (and others) is left alone."""
+    if getattr(args, "device", None) not in (None, "cuda"):
+        return None
+    given = {flag: getattr(args, flag, None) for flag in _BACKEND_FLAGS if getattr(args, flag, None)}
+    if given:
+        for flag, backend in given.items():
+            if backend not in VERIFIED_BACKENDS and env_setting("SGL_EVICT_UNVERIFIED_BACKEND") != "1":
+                raise ValueError(f"argument --{flag.replace('_', '-')}: eviction is verified with "
+                                 f"{' and '.join(VERIFIED_BACKENDS)} only (got {backend}); pass one of them, or "
+                                 "set SGL_EVICT_UNVERIFIED_BACKEND=1 to try this backend")
+        return None
+    if getattr(args, "kv_evict_granularity", "uniform") == "per_layer":
+        args.attention_backend, why = "triton", "the layered pool runs on Triton"
+    elif _has_sliding_window_layers(args):
+        args.attention_backend, why = "triton", "the model has sliding-window layers"
+    else:
+        args.attention_backend, why = "flashinfer", "verified with eviction"
+    return (f"kv eviction: --attention-backend {args.attention_backend} ({why}; SGLang's own default is not "
+            "verified with eviction)")
+
+
+def _has_sliding_window_layers(args: argparse.Namespace) -> bool:
+    """Whether the model's HF config declares sliding-window attention (False when it cannot be read here)."""
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(
+            args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+    except Exception:  # a hub id without network, an unknown architecture: SGLang reports those itself
+        return False
+    config = getattr(config, "text_config", None) or config
+    return bool(getattr(config, "sliding_window", None)) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ())
+
+
 def check_per_layer_support(config: EvictionConfig, server_args) -> EvictionConfig:
     """ValueError (message starting with the flag) for what ``--kv-evict-granularity per_layer`` does not run with
     (Triton with full decode CUDA graphs or eager, eager prefill, page size 1, one GPU, no torch.compile;
@@ -221,10 +267,14 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
     """AROUND hook on the classmethod ``ServerArgs.from_cli_args(args)``."""
     try:
         config = config_from_namespace(args)
+        # first: the page-size check reads the backend this picks
+        chosen = choose_attention_backend(args) if config.enabled else None
         check_server_support(config, args)
     except ValueError as err:
         # argparse's own error format and exit status, no traceback.
         raise SystemExit(f"sglang serve: error: {err}") from None
+    if chosen:
+        logging.getLogger("sgl_evict").info(chosen)
     if config.enabled and (getattr(args, "page_size", None) or 1) > 1 and not config.page_granular:
         # a page whose tokens are only partly dropped cannot be freed: with pages, eviction is page-granular
         config = dataclasses.replace(config, page_granular=True)

@@ -317,3 +317,41 @@ def test_per_layer_server_refuses_per_request_granularity_and_laq():
     uniform = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
     with pytest.raises(ValueError, match=re.escape("granularity: set by the server")):
         uniform.override({"kv_evict": {"granularity": "per_layer"}})
+
+
+def _launch_args(model: str, **flags) -> SimpleNamespace:
+    return SimpleNamespace(**{"device": None, "attention_backend": None, "prefill_attention_backend": None,
+                              "decode_attention_backend": None, "model_path": model, **flags})
+
+
+def test_without_a_backend_a_gpu_server_gets_a_verified_one(model_dir, tmp_path):
+    from sgl_evict.patches.server_args import choose_attention_backend
+
+    args = _launch_args(model_dir)
+    assert "--attention-backend flashinfer" in choose_attention_backend(args)
+    assert args.attention_backend == "flashinfer"  # SGLang would pick fa3 on Hopper
+    transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=512,
+                                  architectures=["Gemma3ForCausalLM"]).save_pretrained(tmp_path)
+    gemma = _launch_args(str(tmp_path))
+    assert "sliding-window" in choose_attention_backend(gemma) and gemma.attention_backend == "triton"
+    layered = _launch_args(model_dir, kv_evict_granularity="per_layer")
+    assert "layered pool" in choose_attention_backend(layered) and layered.attention_backend == "triton"
+    cpu = _launch_args(model_dir, device="cpu")
+    assert choose_attention_backend(cpu) is None and cpu.attention_backend is None
+    given = _launch_args(model_dir, attention_backend="triton")
+    assert choose_attention_backend(given) is None and given.attention_backend == "triton"
+
+
+@pytest.mark.parametrize("flag", ["--attention-backend", "--decode-attention-backend", "--prefill-attention-backend"])
+def test_an_unverified_backend_is_refused_at_launch_naming_its_flag(prepare, capsys, monkeypatch, flag):
+    flags = ("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--device", "cuda", flag, "fa3")
+    with pytest.raises(SystemExit) as exit_info:
+        prepare(*flags)
+    printed = capsys.readouterr().err + str(exit_info.value.code)
+    assert f"argument {flag}: eviction is verified with flashinfer and triton only (got fa3)" in printed
+    assert "Traceback" not in printed
+    from sgl_evict.patches.server_args import choose_attention_backend
+
+    monkeypatch.setenv("SGL_EVICT_UNVERIFIED_BACKEND", "1")  # the opt-in
+    assert choose_attention_backend(_launch_args("m", **{flag[2:].replace("-", "_"): "fa3"})) is None
