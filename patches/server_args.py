@@ -58,8 +58,9 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV eviction (sgl-evict)")
     group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
                        help=f"Token-level KV eviction policy applied after prefill (the server runs "
-                            f"{', '.join(POLICY_NAMES[:-1])} and {POLICY_NAMES[-1]}, one keep-set for all layers and heads; judgeq needs "
-                            "--kv-evict-soft-tokens; `sgl-evict policies` describes each).")
+                            f"{', '.join(POLICY_NAMES[:-1])} and {POLICY_NAMES[-1]}, one keep-set for all "
+                            "layers and heads; judgeq needs --kv-evict-soft-tokens; `sgl-evict policies` "
+                            "describes each).")
     group.add_argument("--kv-evict-budget", type=_budget, default=None,
                        help="KV kept per request: a fraction (0.1, 10%%) or a token count (1024).")
     group.add_argument("--kv-evict-window", type=_int_at_least(1), default=_DEFAULTS.window,
