@@ -30,8 +30,8 @@ def initialize_after(result, runner, *args, **kwargs):
         projections = find_output_projections(runner.model, RadixAttention)
     except ValueError as err:
         if STATE.config.policy_object.uses("o_proj_weight"):
-            raise RuntimeError(f"sgl-evict: --kv-evict-policy {STATE.config.policy} cannot read this model's output projections: "
-                               f"{err}") from err
+            raise RuntimeError(f"sgl-evict: --kv-evict-policy {STATE.config.policy} cannot read this model's "
+                               f"output projections: {err}") from err
         logger.warning("sgl-evict: cannot read this model's output projections (%s): laprox requests will not "
                        "evict", err)
         return None

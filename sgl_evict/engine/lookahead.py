@@ -5,7 +5,8 @@ whole, every slot stays owned): :class:`PendingLookahead` holds the mask, the pr
 decode queries captured so far. Its first ``lookahead_steps`` decode forwards attend over the snapkv view (the
 compacted view leaves the hidden positions out) and their queries are recorded. After the last of
 them, :func:`lookahead_keep_scores` scores the full prompt with window and lookahead queries, mixed by the
-policy's own :meth:`~sgl_evict.policies.laq.LookaheadQCache.mix`, and the request is evicted for real. No forward beyond the request's own decode steps.
+policy's own :meth:`~sgl_evict.policies.laq.LookaheadQCache.mix`, and the request is evicted for real. No
+forward beyond the request's own decode steps.
 
 A request that ends before (finished, aborted, retracted) simply keeps its full cache: its row was never changed.
 """

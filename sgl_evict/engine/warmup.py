@@ -16,8 +16,8 @@ It reads no pool, allocator or ``req_to_token`` contents: only the key buffer's 
 It never stops the server: an error is logged as a warning and the first requests compile instead. On CPU it does
 nothing (no Triton compile to hide), and ``SGL_EVICT_SKIP_WARMUP=1`` turns it off. By default it warms the server's
 policy and every other policy a request may pick with ``custom_params`` (:data:`REQUEST_POLICIES`; each is
-skipped where the server cannot run it, e.g. a soft-token policy without a soft-token file), so an override does not stall
-either; ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq`` warms those policies only.
+skipped where the server cannot run it, e.g. a soft-token policy without a soft-token file), so an override does
+not stall either; ``SGL_EVICT_WARMUP_POLICIES=snapkv,dapq`` warms those policies only.
 """
 
 from __future__ import annotations
