@@ -53,9 +53,11 @@ from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 # server answers are cut exactly as the harness cuts its own
 from sgl_evict.eval.runner import answer_tokens
 from sgl_evict.layer_groups import GroupLayout
+from sgl_evict.policies import POLICIES as REGISTRY
 
 POLICIES = ("snapkv", "dapq", "streaming", "random", "laq")
-NOT_PER_LAYER = ("laq", "judgeq")  # a per_layer server aborts their requests (their paths are uniform)
+#: a per_layer server aborts their requests: they score after the prefill (lookahead, soft tokens), uniform only
+NOT_PER_LAYER = tuple(name for name, cls in REGISTRY.items() if cls.compresses and not cls.scores_at_prefill())
 BUDGETS = ("0.05", "0.1", "0.2", "0.5")
 CONTEXTS = (1024, 2048, 4096, 8192, 16384)
 FULL = "full"
