@@ -10,12 +10,12 @@ and report token-equivalents; admission on ``available + evictable`` is backed b
 ``evict`` reports what it freed; the tree's content, holes and per-group liveness equal an explicit model.
 """
 
-import dataclasses
 from array import array
 from types import SimpleNamespace
 
 import pytest
 from sglang_guard import sglang_or_skip
+from sim_req import SimReq
 
 with sglang_or_skip("sglang's radix cache"):
     import torch
@@ -143,26 +143,6 @@ def test_evict_groups_frees_owned_drops_and_hides_prefix_tokens_no_group_keeps()
 
 
 # ---- a real RadixCache over the layered allocator -----------------------------------------------------------------
-
-@dataclasses.dataclass
-class SimReq:
-    """The fields of SGLang's Req that ReqToTokenPool and RadixCache.cache_{un,}finished_req read and write."""
-
-    origin_input_ids: array
-    extra_key: str | None
-    rid: str = "req"
-    output_ids: array = dataclasses.field(default_factory=lambda: array("q"))
-    req_pool_idx: int | None = None
-    cache_protected_len: int = 0
-    last_node: object = None
-    prefix_indices: torch.Tensor = None
-    priority: int = 0
-    inflight_middle_chunks: int = 0
-    kv_committed_len: int = 0
-
-    def get_fill_ids(self) -> array:
-        return self.origin_input_ids + self.output_ids
-
 
 class LayeredPool:
     """RadixCache + layered allocator + req_to_token pool (page_size 1)."""
