@@ -24,12 +24,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 from sgl_evict.quality.client import SGLangClient
 from sgl_evict.quality.report import markdown_tables, summarize
-from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, run_quality
+from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, read_records, run_quality
 from sgl_evict.quality.tasks import ANSWER_TOKENS
 
 PORT = 31400
@@ -74,11 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=15.0,
                         help="seconds idle before the leak check (SGLang's scheduler checks its pool when idle)")
     parser.add_argument("--commit", default="", help="the sgl-evict commit being run (the host has no .git)")
+    parser.add_argument("--resume-from", default="",
+                        help="records (.jsonl or .jsonl.gz) of an earlier run with the same seed: the requests they "
+                             "answered are not asked again, and they count in the summary")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/quality"))
     args = parser.parse_args(argv)
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.resume_from:  # the runner resumes from out/records.jsonl
+        (out / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n"
+                                                   for r in read_records(Path(args.resume_from))))
     arms = [Arm.parse(a) for a in args.arms.split(",") if a]
     contexts = [int(c) for c in args.contexts.split(",")]
     if any(a.policy == "judgeq" for a in arms) and not args.soft_tokens:
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 done["n"] += n
                 if done["n"] % 500 == 0:
                     print(f"[quality] {done['n']} requests, {time.monotonic() - t0:.0f} s", flush=True)
-            records = run_quality(config, SGLangClient(f"http://127.0.0.1:{args.port}"), tokens, out, progress=progress)
+            records = run_quality(config, SGLangClient(f"http://127.0.0.1:{args.port}"), tokens, out,
+                                  resume=bool(args.resume_from), progress=progress)
             report["served_s"] = round(time.monotonic() - t0, 1)
             report["requests"] = len(records)
             report["prompt_tokens"] = sum(r.prompt_tokens for r in records)
