@@ -53,8 +53,8 @@ def req_row_free_before(pool, req, *args, **kwargs):
     entry = STATE.pending_of(req) if STATE.enabled else None
     if entry is not None:
         del STATE.pending[req.rid]
-        logger.info("sgl-evict: request %s ended after %d of its laq lookahead steps: its cache was kept in full",
-                    req.rid, entry.decoded)
+        logger.info("sgl-evict: request %s ended after %d of its laq lookahead steps: its cache was kept as "
+                    "after prefill (in full, or its --kv-evict-lookahead-reserve)", req.rid, entry.decoded)
     return None
 
 

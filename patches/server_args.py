@@ -28,6 +28,7 @@ FLAG_OF_FIELD = {
     "policy": "--kv-evict-policy", "budget": "--kv-evict-budget", "window": "--kv-evict-window",
     "sinks": "--kv-evict-sinks", "pooling_kernel": "--kv-evict-pooling-kernel",
     "min_prompt_len": "--kv-evict-min-prompt-len", "lookahead_steps": "--kv-evict-lookahead-steps",
+    "lookahead_reserve": "--kv-evict-lookahead-reserve",
     "soft_tokens": "--kv-evict-soft-tokens", "page_granular": "--kv-evict-page-granular",
     "granularity": "--kv-evict-granularity", "layer_groups": "--kv-evict-layer-groups",
     "history": "--kv-evict-history",
@@ -54,6 +55,16 @@ def _int_at_least(low: int):
     return parse
 
 
+def _reserve(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != 0 and not value >= 1:
+        raise argparse.ArgumentTypeError(f"0 (off) or a factor of at least 1, got {text}")
+    return value
+
+
 def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV eviction (sgl-evict)")
     group.add_argument("--kv-evict-policy", choices=POLICY_NAMES, default="none",
@@ -74,6 +85,9 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-evict-lookahead-steps", type=_int_at_least(1), default=_DEFAULTS.lookahead_steps,
                        help="laq: decode steps run on the snapkv view before re-scoring (a request that ends "
                             "sooner keeps its full cache).")
+    group.add_argument("--kv-evict-lookahead-reserve", type=_reserve, default=_DEFAULTS.lookahead_reserve,
+                       help="laq: right after prefill, free all but the snapkv-best RESERVE x budget tokens; the "
+                            "lookahead re-score chooses among them (0: hold the whole prompt until then).")
     group.add_argument("--kv-evict-soft-tokens", default=None,
                        help="judgeq: soft-token file trained for the served model (sgl-evict train-judgeq); with it, "
                             "requests of a server of another policy may also ask for judgeq.")

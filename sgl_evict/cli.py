@@ -37,7 +37,8 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--context", type=int, default=d.context_tokens, help="prompt length in tokens")
     p.add_argument("--samples", type=int, default=d.samples_per_task, help="samples per task")
     p.add_argument("--policies", type=_csv, default=d.policies,
-                   help=f"comma-separated, from: {', '.join(sorted(POLICIES))}")
+                   help=f"comma-separated, from: {', '.join(sorted(POLICIES))}; a variant takes options of its "
+                        "policy, e.g. laq+reserve=2")
     p.add_argument("--budgets", type=_csv, default=d.budgets,
                    help="comma-separated budgets: fractions (0.1, 10%%) or token counts (256)")
     p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,

@@ -20,6 +20,7 @@ GRANULARITIES = ("uniform", "per_layer")
 HISTORY_RULES = ("rescore", "keep")
 #: config fields the server's policy object takes, as its own option names (where the policy has that option)
 POLICY_OPTIONS = {"pooling_kernel": "pooling_kernel", "lookahead_steps": "lookahead_steps",
+                  "lookahead_reserve": "reserve",
                   "soft_tokens": "soft_tokens_path"}
 
 
@@ -34,6 +35,9 @@ class EvictionConfig:
     pooling_kernel: int = 7
     min_prompt_len: int = 0
     lookahead_steps: int = 8
+    #: laq: after prefill keep only the provisional best ``lookahead_reserve x budget`` tokens (0: all) for the
+    #: lookahead re-score, so a pending request holds that much KV, not its whole prompt
+    lookahead_reserve: float = 0.0
     soft_tokens: str | None = None
     page_granular: bool = False
     granularity: str = "uniform"
@@ -52,6 +56,8 @@ class EvictionConfig:
         for name in ("sinks", "min_prompt_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be at least 0, got {getattr(self, name)}")
+        if self.lookahead_reserve != 0 and self.lookahead_reserve < 1:
+            raise ValueError(f"lookahead_reserve: 0 (off) or a factor of at least 1, got {self.lookahead_reserve}")
         if self.pooling_kernel % 2 == 0:
             raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
         if self.history not in HISTORY_RULES:
@@ -71,6 +77,9 @@ class EvictionConfig:
             if not (isinstance(value, int) and not isinstance(value, bool)) and not (value is None and
                                                                                     name == "layer_groups"):
                 raise ValueError(f"{name}: expected an integer, got {value!r}")
+        reserve = self.lookahead_reserve
+        if isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or reserve != reserve:
+            raise ValueError(f"lookahead_reserve: expected a number, got {reserve!r}")
         for name in ("policy", "granularity", "history"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
@@ -129,6 +138,8 @@ class EvictionConfig:
             parts += [self.granularity, self.layer_groups]
         if self.history != "rescore":  # likewise
             parts.append(f"history={self.history}")
+        if self.lookahead_reserve and policy.query_source == LOOKAHEAD:  # likewise
+            parts.append(f"reserve={float(self.lookahead_reserve):g}")
         return "kv_evict:" + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
     def override(self, request_params: dict | None) -> "EvictionConfig":

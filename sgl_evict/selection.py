@@ -72,6 +72,14 @@ class Budget:
             return min(self.tokens, seq_len)
         return min(seq_len, max(1, math.ceil(self.fraction * seq_len)))
 
+    def scaled(self, factor: float) -> "Budget":
+        """This budget ``factor`` (>= 1) times over: a fraction capped at 1, a token count rounded up."""
+        if factor < 1:
+            raise ValueError(f"a budget scales by a factor of at least 1, got {factor}")
+        if self.tokens is not None:
+            return Budget(tokens=math.ceil(self.tokens * factor))
+        return Budget(fraction=min(1.0, self.fraction * factor))
+
     def __str__(self) -> str:
         return f"{self.fraction:g}" if self.fraction is not None else str(self.tokens)
 

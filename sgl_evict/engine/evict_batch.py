@@ -9,6 +9,7 @@ extra forward of their soft tokens (:mod:`sgl_evict.engine.judgeq`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -111,7 +112,14 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                                  value_buffer, attention_mass, row_lse=row_lse)
         keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
         if policy.query_source == LOOKAHEAD:
-            # the lookahead steps decode on the snapkv view; nothing is dropped before they have run
+            # the lookahead steps decode on the snapkv view; before they have run, only what falls outside the
+            # reserve (the provisional best reserve x budget, when one is set) is dropped
+            if config.lookahead_reserve:
+                wide = _keep_of(scores, dataclasses.replace(config, budget=config.budget.scaled(
+                    config.lookahead_reserve)), row, page_size, state, all_reduce, req.cache_protected_len)
+                if not bool(wide.all()):  # a reserve as large as the prompt drops nothing
+                    freed += _evict(req, row, wide, state, free)
+                    keep = keep & wide
             # copies: a view would keep the whole batch's window queries alive
             window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}
             state.pending[req.rid] = PendingLookahead(req, seq_len, window, keep, dict(capture.scaling))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +13,23 @@ from sgl_evict.policies import POLICIES, EvictionPolicy, make_policy, policy_cla
 from sgl_evict.selection import GRANULARITIES, Budget
 
 FULL = "full"  # budget label of the uncompressed reference run
+
+
+def policy_variant(text: str) -> tuple[str, dict]:
+    """``laq`` or ``laq+reserve=2``: a registered policy name and options of it (values read as JSON where they
+    parse, e.g. ``2`` or ``true``, else as text); ValueError naming an unknown policy or option."""
+    name, *extras = text.split("+")
+    options = {}
+    for item in extras:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy {text!r}: an option is key=value, e.g. laq+reserve=2")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    make_policy(name, **{k: v for k, v in options.items()})  # unknown names and options fail here, listed
+    return name, options
 
 
 def default_policies() -> list[str]:
@@ -53,7 +71,7 @@ class EvalConfig:
         if self.layer_groups is not None and (self.granularity != "per_layer" or self.layer_groups < 1):
             raise ValueError(f"layer groups ({self.layer_groups}) need granularity per_layer and at least 1 group")
         for name in self.policies:
-            if policy_class(name).uses("soft_token_queries") and not self.soft_tokens:
+            if policy_class(policy_variant(name)[0]).uses("soft_token_queries") and not self.soft_tokens:
                 raise ValueError(f"policy {name!r} needs --soft-tokens FILE (soft tokens trained for this model)")
         for name, value in (("context tokens", self.context_tokens), ("samples per task", self.samples_per_task),
                             ("max new tokens", self.max_new_tokens), ("window", self.window)):
@@ -64,9 +82,14 @@ class EvalConfig:
         self.build_policies()
 
     def build_policies(self) -> dict[str, EvictionPolicy]:
-        return {name: make_policy(name, **({"soft_tokens_path": self.soft_tokens}
-                                          if policy_class(name).uses("soft_token_queries") else {}))
-                for name in self.policies}
+        """Each entry of ``policies`` (a name, or a variant such as ``laq+reserve=2``) as its policy object."""
+        out = {}
+        for text in self.policies:
+            name, options = policy_variant(text)
+            if policy_class(name).uses("soft_token_queries"):
+                options["soft_tokens_path"] = self.soft_tokens
+            out[text] = make_policy(name, **options)
+        return out
 
 
 @dataclass

@@ -256,6 +256,12 @@ class EvictionHarness:
 
     def _select(self, state, policy: EvictionPolicy, budget: Budget, granularity: str, obs) -> KeepSet:
         scores = torch.stack([policy.score(o) for o in obs])  # [layers, kv_heads, seq_len]
+        if getattr(policy, "reserve", 0):
+            # laq's reserve: only the provisional cache's best reserve x budget tokens stay candidates
+            provisional = SnapKV(pooling_kernel=policy.pooling_kernel, pooling_mode=policy.pooling_mode,
+                                 gqa_reduce=policy.gqa_reduce)
+            wide = self._select(state, provisional, budget.scaled(policy.reserve), granularity, obs)
+            scores = scores * torch.stack([wide.mask(i) for i in range(len(obs))]).to(scores.dtype)
         global_budget = granularity == "per_layer" and policy.comparable_across_layers
         recent = max(self.window, self.protected_recent)
         if granularity == "per_layer" and self.layout is not None:

@@ -31,6 +31,10 @@ class LookaheadQCache(QueryScoringPolicy):
             greedy ones (at least ``lookahead_steps``; the first is the answer's first token). To
             compare with a server that decoded its own tokens: on a model whose greedy choices are
             near-ties, a few differing tokens change the lookahead queries.
+        reserve: 0, or a factor >= 1: right after prefill only the provisional (SnapKV) cache's best
+            ``reserve x budget`` tokens stay candidates, and the lookahead re-score chooses among them.
+            The server frees the others before the lookahead steps, so a pending request holds
+            ``reserve x budget`` of KV instead of its whole prompt (``--kv-evict-lookahead-reserve``).
     """
 
     name = "laq"
@@ -41,10 +45,13 @@ class LookaheadQCache(QueryScoringPolicy):
     lookahead_steps: int = 8
     include_window: bool = True
     lookahead_tokens: tuple[int, ...] | None = None
+    reserve: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lookahead_steps < 1:
             raise ValueError(f"laq needs lookahead_steps >= 1, got {self.lookahead_steps}")
+        if self.reserve != 0 and self.reserve < 1:
+            raise ValueError(f"laq needs reserve 0 (off) or at least 1, got {self.reserve}")
         if self.lookahead_tokens is not None and len(self.lookahead_tokens) < self.lookahead_steps:
             raise ValueError(f"laq needs at least lookahead_steps={self.lookahead_steps} lookahead_tokens, "
                              f"got {len(self.lookahead_tokens)}")

@@ -94,6 +94,9 @@ def test_no_flags_means_no_eviction(prepare):
     (["--kv-evict-policy", "h2o"], "argument --kv-evict-policy: invalid choice: 'h2o'"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "lots"], "argument --kv-evict-budget: invalid budget 'lots'"),
     (["--kv-evict-window", "0"], "argument --kv-evict-window: must be at least 1, got 0"),
+    (["--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-lookahead-reserve", "0.5"],
+     "argument --kv-evict-lookahead-reserve: 0 (off) or a factor of at least 1, got 0.5"),
+    (["--kv-evict-lookahead-reserve", "lots"], "argument --kv-evict-lookahead-reserve: expected a number"),
     (["--kv-evict-sinks", "x"], "argument --kv-evict-sinks: expected an integer, got 'x'"),
     (["--kv-evict-policy", "snapkv"], "argument --kv-evict-budget: policy 'snapkv' needs a budget"),
     (["--kv-evict-pooling-kernel", "4"], "argument --kv-evict-pooling-kernel: must be odd, got 4"),
@@ -119,6 +122,8 @@ def test_laq_is_served_with_its_lookahead_steps(prepare):
     assert config == EvictionConfig(policy="laq", budget=Budget.parse("0.1"), lookahead_steps=4)
     assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
     assert eviction_config(prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1")).lookahead_steps == 8
+    reserved = prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-lookahead-reserve", "3")
+    assert eviction_config(reserved).lookahead_reserve == 3.0
 
 
 def test_laprox_is_served(prepare):

@@ -89,3 +89,22 @@ def test_eval_help_gives_every_default(capsys):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "task seed (default: 0)" in text and "(default: uniform)" in text
+
+
+def test_a_policy_variant_runs_with_its_options_under_its_own_name(checkpoint, tmp_path):
+    out = tmp_path / "v.json"
+    code = main(["eval", "--model", str(checkpoint), *ARGS[:6], "--policies", "laq,laq+reserve=1.5+lookahead_steps=2",
+                 "--budgets", "0.1", "--window", "8", "--max-new-tokens", "4", "--fidelity-tokens", "6",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["summary"]) == {"full", "laq", "laq+reserve=1.5+lookahead_steps=2"}
+
+
+@pytest.mark.parametrize("variant, message", [("laq+reserve=0.5", "reserve 0 (off) or at least 1"),
+                                              ("laq+bogus=1", "has no option bogus"),
+                                              ("laq+reserve", "an option is key=value")])
+def test_a_bad_policy_variant_is_named_before_the_model_loads(tmp_path, capsys, variant, message):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "missing"), "--policies", variant, "--out", str(tmp_path / "x.json")])
+    assert message in capsys.readouterr().err

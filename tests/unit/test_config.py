@@ -24,6 +24,10 @@ SERVER = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
     ({"page_granular": True}, "page_granular: set by the server"),
     ({"granularity": "per_layer"}, "granularity: set by the server"),
     ({"bogus": 1}, "kv_evict: unknown field(s) bogus"),
+    ({"lookahead_reserve": "2"}, "lookahead_reserve: expected a number, got '2'"),
+    ({"lookahead_reserve": True}, "lookahead_reserve: expected a number, got True"),
+    ({"lookahead_reserve": 0.5}, "lookahead_reserve: 0 (off) or a factor of at least 1, got 0.5"),
+    ({"lookahead_reserve": float("nan")}, "lookahead_reserve: expected a number, got nan"),
 ])
 def test_a_malformed_override_is_a_value_error_naming_its_field(raw, message):
     with pytest.raises(ValueError) as info:
@@ -43,3 +47,22 @@ def test_construction_checks_types_too():
     with pytest.raises(ValueError, match="layer_groups: expected an integer"):
         EvictionConfig(layer_groups="2")
     assert EvictionConfig(layer_groups=None).layer_groups is None
+
+
+def test_a_laq_reserve_is_its_own_radix_namespace_and_its_policy_option():
+    laq = EvictionConfig(policy="laq", budget=Budget.parse("0.1"))
+    reserved = laq.override({"kv_evict": {"lookahead_reserve": 3}})
+    assert reserved.policy_object.reserve == 3 and laq.policy_object.reserve == 0
+    assert reserved.fingerprint() != laq.fingerprint()  # it changes which tokens are kept
+    assert reserved.override({"kv_evict": {"lookahead_reserve": 3.0}}).fingerprint() == reserved.fingerprint()
+    # a policy without lookahead ignores it, and keeps its namespace
+    assert SERVER.override({"kv_evict": {"lookahead_reserve": 3}}).fingerprint() == SERVER.fingerprint()
+
+
+def test_budgets_scale_up_capped_at_the_whole_prompt():
+    assert Budget.parse("0.1").scaled(3) == Budget(fraction=0.1 * 3)
+    assert Budget.parse("0.4").scaled(3) == Budget(fraction=1.0)
+    assert Budget.parse("100").scaled(2.5) == Budget(tokens=250)
+    assert Budget.parse("3").scaled(1.1) == Budget(tokens=4)
+    with pytest.raises(ValueError):
+        Budget.parse("0.1").scaled(0.5)

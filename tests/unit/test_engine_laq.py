@@ -41,7 +41,7 @@ class Setup:
     """Two requests after prefill: ``a`` (laq, 40 prompt tokens, 6 of them a tree-owned prefix) and ``b`` (snapkv
     by its own override, 30 tokens), their keys in a per-layer pool, their window queries captured."""
 
-    def __init__(self, seed=0, budget=10):
+    def __init__(self, seed=0, budget=10, reserve=0.0):
         gen = _gen(seed)
         self.lens = [40, 30]
         self.pools = {layer: torch.randn(200, KV_HEADS, DIM, generator=gen) for layer in LAYERS}
@@ -49,9 +49,10 @@ class Setup:
         perm = torch.randperm(150, generator=gen).to(torch.int32) + 1
         self.table[1, :40], self.table[2, :30] = perm[:40], perm[40:70]
         self.decode_slots = perm[70:]  # slots the decode tokens take
+        self.row_a = self.table[1, :40].clone()  # a's slots before any eviction (the harness reads these keys)
         self.state = EngineState()
         self.config = EvictionConfig(policy="laq", budget=Budget(tokens=budget), window=WINDOW, sinks=SINKS,
-                                     pooling_kernel=5, lookahead_steps=STEPS)
+                                     pooling_kernel=5, lookahead_steps=STEPS, lookahead_reserve=reserve)
         self.state.configure(self.config)
         self.state.shadow_offset = 4
         self.state.forward_id = 1
@@ -83,7 +84,7 @@ class Setup:
 
     def observation(self, layer):
         """The harness's view of request a's prompt in ``layer``."""
-        row = self.table[1, :40].long()
+        row = self.row_a.long()
         start = 40 - WINDOW
         window = self.prefill_q[layer][start:40].view(WINDOW, Q_HEADS, DIM).transpose(0, 1)
         return LayerObservation(keys=self.pools[layer][row].transpose(0, 1), scaling=SCALING[layer],
@@ -91,9 +92,12 @@ class Setup:
                                 lookahead_queries=self.lookahead_q[layer].transpose(0, 1))
 
 
-def _harness_mask(setup, policy):
+def _harness_mask(setup, policy, budget=None, among=None):
+    """The harness policy's keep mask of request a; ``among``: a candidate mask outside which nothing is kept."""
     scores = torch.stack([policy.score(setup.observation(layer)) for layer in LAYERS])
-    return select_keep(scores, setup.config.budget, SINKS, WINDOW, "uniform").mask(0)[0]
+    if among is not None:
+        scores = scores * among
+    return select_keep(scores, budget or setup.config.budget, SINKS, WINDOW, "uniform").mask(0)[0]
 
 
 def test_laq_request_is_pending_after_prefill_with_the_snapkv_view_hidden_not_freed():
@@ -288,3 +292,61 @@ def test_a_batch_with_more_pending_requests_than_a_replay_gathers_runs_eagerly(m
     assert can_run_graph_around(lambda *a: True, None, None)
     capture.begin([0, 1], "cpu")
     assert not can_run_graph_around(lambda *a: True, None, None)
+
+
+def test_a_reserve_frees_all_but_the_snapkv_best_before_the_lookahead_and_chooses_among_them_after():
+    setup = Setup(seed=1, reserve=2.0)
+    row_before = setup.table[1, :40].clone()
+    snapkv = make_policy("snapkv", pooling_kernel=5)
+    wide = _harness_mask(setup, snapkv, budget=Budget(tokens=20))
+    setup.prefill()
+    entry = setup.state.pending["a"]
+    owned = torch.arange(40) >= 6
+    # right after prefill: a's row keeps its 20 snapkv-best (owned slots outside freed, the tree's prefix hidden)
+    assert torch.equal(setup.table[1, :40] != HOLE, wide)
+    assert torch.equal(setup.freed[0], row_before[~wide & owned].long())
+    assert torch.equal(entry.visible, _harness_mask(setup, snapkv)) and not (entry.visible & ~wide).any()
+    for step in range(STEPS):
+        setup.decode_step(step)
+    freed = setup.finish_lookahead()
+    # the re-score runs over the 20 candidates only (the others are gone, so attention renormalizes over them):
+    # it keeps the budget, the protected sinks and window among them, and frees each dropped slot once
+    kept = setup.table[1, :40] != HOLE
+    assert int(kept.sum()) == 10 and not (kept & ~wide).any()
+    assert kept[:SINKS].all() and kept[-WINDOW:].all()
+    assert torch.equal(setup.freed[2], row_before[wide & ~kept & owned].long()) and freed == len(setup.freed[2])
+    everything = torch.cat([setup.freed[0], setup.freed[2]])
+    assert torch.equal(torch.sort(everything).values, torch.sort(row_before[~kept & owned].long()).values)
+    assert setup.state.hidden_tokens == int((~kept & ~owned).sum())  # the tree's prefix: hidden, never freed
+
+
+def test_a_reserve_covering_the_prompt_keeps_what_laq_keeps_without_one():
+    setup = Setup(seed=1, reserve=4.0)  # 4 x 10 tokens: every one of the 40
+    setup.prefill()
+    assert len(setup.freed) == 1  # only b's eviction: a's reserve holds its whole prompt
+    for step in range(STEPS):
+        setup.decode_step(step)
+    setup.finish_lookahead()
+    expected = _harness_mask(setup, make_policy("laq", pooling_kernel=5, lookahead_steps=STEPS))
+    assert torch.equal(setup.table[1, :40] != HOLE, expected)
+
+
+def test_the_reserve_changes_the_keep_set_here_so_the_test_above_sees_it():
+    setup = Setup(seed=1)
+    wide = _harness_mask(setup, make_policy("snapkv", pooling_kernel=5), budget=Budget(tokens=20))
+    laq = make_policy("laq", pooling_kernel=5, lookahead_steps=STEPS)
+    assert (_harness_mask(setup, laq) & ~wide).any()  # laq alone keeps tokens outside the reserve
+
+
+def test_a_request_ending_during_its_lookahead_keeps_its_reserve(monkeypatch):
+    from sgl_evict.patches.lookahead import req_row_free_before
+
+    setup = Setup(reserve=2.0)
+    monkeypatch.setattr(STATE, "config", setup.state.config)
+    monkeypatch.setattr(STATE, "pending", setup.state.pending)
+    setup.prefill()
+    after_prefill = setup.table.clone()
+    setup.decode_step(0)
+    assert req_row_free_before(None, setup.reqs[0]) is None
+    assert setup.finish_lookahead() == 0 and len(setup.freed) == 2  # b's eviction and a's reserve, nothing more
+    assert torch.equal(setup.table[1, :40], after_prefill[1, :40])

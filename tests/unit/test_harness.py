@@ -96,6 +96,21 @@ def test_laq_scores_with_lookahead_queries(setup):
     assert harness.select(state, policy, Budget(fraction=0.3), "uniform").indices[0].shape[1] == 19
 
 
+def test_laq_with_a_reserve_chooses_among_the_snapkv_best_only(setup):
+    _, _, _, harness, state = setup
+    budget = Budget(fraction=0.2)
+    laq = harness.select(state, make_policy("laq", lookahead_steps=3), budget, "uniform")
+    reserved = harness.select(state, make_policy("laq", lookahead_steps=3, reserve=1.5), budget, "uniform")
+    wide = harness.select(state, make_policy("snapkv"), budget.scaled(1.5), "uniform")
+    for layer in range(len(harness.layers)):
+        assert reserved.indices[layer].shape == laq.indices[layer].shape
+        assert not (reserved.mask(layer) & ~wide.mask(layer)).any()
+    covering = harness.select(state, make_policy("laq", lookahead_steps=3, reserve=5.0), budget, "uniform")
+    assert all(torch.equal(a, b) for a, b in zip(covering.indices, laq.indices))  # 5 x 20%: every token
+    with pytest.raises(ValueError, match="reserve 0 \\(off\\) or at least 1"):
+        make_policy("laq", reserve=0.5)
+
+
 def test_laq_with_its_own_greedy_tokens_forced_keeps_the_same_set(setup):
     """Teacher-forcing the lookahead (one causal extend) equals decoding it step by step; other tokens change it."""
     _, _, _, harness, state = setup
