@@ -29,7 +29,8 @@ servers started before it too), so the six fit on one GPU:
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
 dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
 per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking for
-laq is evicted after its lookahead steps and one asking for laprox is evicted to the budget; after the servers sit
+laq is evicted after its lookahead steps (with ``lookahead_reserve`` 2: first to twice the budget, then to the
+budget) and one asking for laprox is evicted to the budget; after the servers sit
 idle (SGLang checks available + evictable == total) no leak is reported. Every prefill batch logs how it was
 scored: the FlashInfer servers of snapkv, laq and laprox must read the keys once with the window LSE their prefill
 attention returned (first turns, chunked prefill's last chunk, second turns over a compressed prefix, pages), the
@@ -280,6 +281,20 @@ def check_laq_override(server: Server, ps: list[list[int]], checks: dict) -> Non
         "cached_tokens": body["meta_info"].get("cached_tokens")}
 
 
+def check_laq_reserve_override(server: Server, ps: list[list[int]], checks: dict) -> None:
+    """A laq request with ``lookahead_reserve`` 2 is evicted twice: to twice the budget right after prefill, then
+    to the budget after its lookahead, each dropped slot freed once, in a namespace of its own."""
+    n = PROMPT_LENS[3]
+    before = len(eviction_lines(server.log_path))
+    body = greedy(server, ps[3], {"kv_evict": {"policy": "laq", "lookahead_reserve": 2}})
+    after = eviction_lines(server.log_path)[before:]
+    wide, kept = math.ceil(2 * BUDGET * n), math.ceil(BUDGET * n)
+    checks["snapkv-fi: a laq request with a reserve of 2 holds twice the budget through its lookahead"] = {
+        "ok": after == [(wide, n, n - wide, 0), (kept, n, wide - kept, 0)]
+        and body["meta_info"].get("cached_tokens") == 0, "logged_after": after, "expected": [wide, kept],
+        "cached_tokens": body["meta_info"].get("cached_tokens")}
+
+
 def check_laprox_override(server: Server, ps: list[list[int]], checks: dict) -> None:
     """A request asking a snapkv server for laprox is evicted to the budget at prefill, in laprox's own namespace."""
     before = len(eviction_lines(server.log_path))
@@ -427,6 +442,7 @@ def main() -> int:
                 check_layered_server(name, up[name], ps, answers, checks, groups=num_layers)
         if "snapkv-fi" in up:
             check_laq_override(up["snapkv-fi"], ps, checks)
+            check_laq_reserve_override(up["snapkv-fi"], ps, checks)
             check_laprox_override(up["snapkv-fi"], ps, checks)
         for name in SCORING_MODES:
             if name in up:

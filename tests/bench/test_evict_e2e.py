@@ -126,3 +126,22 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     e2e.launch(tmp_path, tmp_path, set())
     assert {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"} == set(e2e.LSE_CHECKED)
     assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2"} <= set(envs)
+
+
+def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
+    log = tmp_path / "server.log"
+    monkeypatch.setattr(e2e, "PROMPT_LENS", (10, 10, 10, 1000))
+
+    def greedy(server, ids, custom=None):  # the server logs the request's evictions as it answers
+        assert custom == {"kv_evict": {"policy": "laq", "lookahead_reserve": 2}}
+        log.write_text(log.read_text() + lines)
+        return {"meta_info": {"cached_tokens": 0}}
+    monkeypatch.setattr(e2e, "greedy", greedy)
+    name = "snapkv-fi: a laq request with a reserve of 2 holds twice the budget through its lookahead"
+    for lines, ok in (("sgl-evict: request r kept 200 of 1000 tokens, freed 800 slots, hid 0\n"
+                       "sgl-evict: request r kept 100 of 1000 tokens, freed 100 slots, hid 0\n", True),
+                      ("sgl-evict: request r kept 100 of 1000 tokens, freed 900 slots, hid 0\n", False)):
+        log.write_text("")
+        checks = {}
+        e2e.check_laq_reserve_override(SimpleNamespace(log_path=log), [[1]] * 4, checks)
+        assert checks[name]["ok"] is ok, checks
