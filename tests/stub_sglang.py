@@ -15,8 +15,9 @@ class StubSGLang:
     """``/generate`` streaming like SGLang (chunked ``data:`` events, ``[DONE]``), a prefix cache that reports
     ``cached_tokens`` as the longest prefix shared with an earlier prompt + output, and ``/v1/loads``."""
 
-    def __init__(self, ttft_s=0.05, token_s=0.01, incremental=False):
+    def __init__(self, ttft_s=0.05, token_s=0.01, incremental=False, leak_tokens=0):
         self.ttft_s, self.token_s, self.incremental = ttft_s, token_s, incremental
+        self.leak_tokens = leak_tokens  # KV tokens /v1/loads reports in use even when idle (a leaking server)
         self.lock = threading.Lock()
         self.calls = []  # (prompt, output, t_start, t_end)
         self.stored = []  # prompt + output of finished requests
@@ -33,12 +34,17 @@ class StubSGLang:
             def do_GET(self):
                 if self.path.startswith("/v1/loads"):
                     body = json.dumps({"loads": [{"num_running_reqs": stub.active, "num_waiting_reqs": 0,
-                                                  "num_used_tokens": 100 * stub.active, "token_usage": 0.1,
+                                                  "num_used_tokens": 100 * stub.active + stub.leak_tokens,
+                                                  "token_usage": 0.1,
                                                   "max_total_num_tokens": 1000}]}).encode()
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+                elif self.path == "/health":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 else:
                     self.send_error(404)
 
@@ -50,7 +56,11 @@ class StubSGLang:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                stub.handle(self, json.loads(body))
+                req = json.loads(body)
+                if not req.get("stream"):
+                    stub.answer_once(self, req)
+                    return
+                stub.handle(self, req)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -69,6 +79,40 @@ class StubSGLang:
                 k += 1
             best = max(best, k)
         return best
+
+    CONTEXT = 4096
+
+    def answer_once(self, h, req):
+        """A non-streamed ``/generate`` as SGLang 0.5.17 + sgl-evict answer it: an empty or too long prompt is a
+        400; an invalid ``kv_evict`` override is a 200 whose request was aborted with the reason (the plugin's
+        ``Req.__init__`` hook, validated here by the real :func:`sgl_evict.engine.runtime.request_config`)."""
+        from sgl_evict.config import EvictionConfig
+        from sgl_evict.engine.runtime import request_config
+        from sgl_evict.selection import Budget
+
+        prompt = req.get("input_ids") or []
+        params = req.get("sampling_params") or {}
+        status, doc = 200, None
+        if not prompt:
+            status, doc = 400, {"error": {"message": "The input_ids is empty.", "code": 400}}
+        elif len(prompt) > self.CONTEXT:
+            status, doc = 400, {"error": {"message": f"The input ({len(prompt)} tokens) is longer than the "
+                                                     f"model's context length ({self.CONTEXT} tokens).", "code": 400}}
+        else:
+            try:
+                request_config(EvictionConfig(policy="snapkv", budget=Budget.parse("0.1")),
+                               params.get("custom_params"))
+                out = self.output_for(prompt, params.get("max_new_tokens", 4))
+                doc = {"output_ids": out, "meta_info": {"finish_reason": {"type": "length"}}}
+            except ValueError as err:
+                doc = {"output_ids": [], "meta_info": {"finish_reason": {
+                    "type": "abort", "message": f"kv_evict: {err}", "status_code": 400}}}
+        data = json.dumps(doc).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
 
     def handle(self, h, req):
         prompt = req["input_ids"]
