@@ -24,6 +24,7 @@ servers started before it too), so the six fit on one GPU:
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
+| ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (its keep-sets and answers against ``snapkv-fi``'s), opted in with ``SGL_EVICT_UNVERIFIED_BACKEND=1``; run only when named in ``--only`` |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -79,7 +80,9 @@ LOOKAHEAD_STEPS = 8  # --kv-evict-lookahead-steps' default
 #: queries' LSE, so snapkv, laq and laprox read the keys once; Triton attention and dapq (re-rotated queries) two-pass
 SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunked": "one-read",
                  "snapkv-eager": "one-read", "snapkv-page16": "one-read", "dapq": "two-pass", "laq": "one-read",
-                 "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read"}
+                 "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass"}
+#: fa3 is refused with eviction unless opted in (it is what these servers verify)
+UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
 LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "laprox")
 CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
@@ -219,7 +222,15 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "layered-snapkv": ([*per_layer, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET)], {}),
         "layered-laprox": ([*per_layer, "--kv-evict-policy", "laprox", "--kv-evict-budget", str(BUDGET)], {}),
     })
-    named_only = ("-tp2", "plain-tr-eager", "layered-")
+    # SGLang's fa3 backend (needs the full sgl_kernel with flash_ops, docs/gpu.md): plain, budget 1.0 and 10%
+    fa3 = ["--attention-backend", "fa3"]
+    specs.update({
+        "plain-fa3": (fa3, {"SGLANG_PLUGINS": "not-sgl-evict"}),
+        "full-fa3": ([*fa3, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0", *evict], UNVERIFIED),
+        "snapkv-fa3": ([*fa3, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
+                       {"SGL_EVICT_LOG_KEEP": "1", **UNVERIFIED}),
+    })
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -305,6 +316,18 @@ def check_laprox_override(server: Server, ps: list[list[int]], checks: dict) -> 
                                                PROMPT_LENS[3] - math.ceil(BUDGET * PROMPT_LENS[3]), 0)
         and body["meta_info"].get("cached_tokens") == 0, "logged_after": after,
         "cached_tokens": body["meta_info"].get("cached_tokens")}
+
+
+def check_same_keep_sets(name: str, server, reference, ps: list[list[int]], ids: dict, checks: dict) -> None:
+    """``server`` (another attention backend, same policy and budget) keeps the positions ``reference`` keeps for
+    each first-turn prompt, and where they agree answers token for token as ``reference`` does."""
+    ours, theirs = logged_keep_sets(server.log_path)[: len(ps)], logged_keep_sets(reference.log_path)[: len(ps)]
+    overlap = [len(set(a) & set(b)) / max(1, len(set(a) | set(b))) for a, b in zip(ours, theirs)]
+    same = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a == b]
+    checks[f"{name}: keeps what {reference.name} keeps (Jaccard >= 0.98 per prompt)"] = {
+        "ok": len(overlap) == len(ps) and min(overlap) >= 0.98, "jaccard": overlap}
+    checks[f"{name}: answers as {reference.name} where the keep-sets are equal"] = {
+        "ok": bool(same) and all(ids[name][i] == ids[reference.name][i] for i in same), "prompts": same}
 
 
 def logged_keep_sets(log: Path, rank: int = 0) -> list[list[int]]:
@@ -433,6 +456,12 @@ def main() -> int:
         for name in ("snapkv-tp2", "laq-tp2"):
             if name in up:
                 check_ranks_agree(name, up[name], ps, checks)
+        if "plain-fa3" in ids and "full-fa3" in ids:
+            checks["full-fa3 == plain SGLang on fa3, token for token"] = {"ok": ids["plain-fa3"] == ids["full-fa3"]}
+        if "snapkv-fa3" in up:
+            check_server("snapkv-fa3", up["snapkv-fa3"], ps, answers, checks)
+            if "snapkv-fi" in up:
+                check_same_keep_sets("snapkv-fa3", up["snapkv-fa3"], up["snapkv-fi"], ps, ids, checks)
         for name in ("layered-g1-full", "layered-full"):
             if "plain-tr-eager" in ids and name in ids:
                 checks[f"{name} == plain SGLang (Triton, eager), token for token"] = {

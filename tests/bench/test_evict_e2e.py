@@ -1,6 +1,7 @@
 """bench/gpu/evict_e2e.py: reading a tensor-parallel server's log rank by rank, which servers start, and the scoring
 mode checks (one read with the prefill's window LSE on FlashInfer, two passes on Triton)."""
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,7 +126,7 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     monkeypatch.setattr(e2e, "STAGGER_S", 0)
     e2e.launch(tmp_path, tmp_path, set())
     assert {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"} == set(e2e.LSE_CHECKED)
-    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2"} <= set(envs)
+    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2", "snapkv-fa3"} <= set(envs)
 
 
 def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
@@ -145,3 +146,38 @@ def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
         checks = {}
         e2e.check_laq_reserve_override(SimpleNamespace(log_path=log), [[1]] * 4, checks)
         assert checks[name]["ok"] is ok, checks
+
+
+def test_fa3_servers_start_only_when_named_and_opt_in_to_the_unverified_backend(monkeypatch, tmp_path):
+    seen = {}
+
+    def server(name, port, args, out):
+        seen[name] = dict(os.environ)
+        return args
+    monkeypatch.setattr(e2e, "Server", server)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    assert not any(name.endswith("-fa3") for name in e2e.launch(tmp_path, tmp_path, set()))
+    named = e2e.launch(tmp_path, tmp_path, {"plain-fa3", "full-fa3", "snapkv-fa3"})
+    assert all(args[args.index("--attention-backend") + 1] == "fa3" for args in named.values())
+    assert seen["snapkv-fa3"]["SGL_EVICT_UNVERIFIED_BACKEND"] == "1" and seen["plain-fa3"]["SGLANG_PLUGINS"]
+    assert "SGL_EVICT_UNVERIFIED_BACKEND" not in os.environ  # set for the launch only
+
+
+def test_another_backend_is_checked_against_flashinfer_keep_set_by_keep_set(tmp_path):
+    def log(path, sets):
+        path.write_text("".join(f"sgl-evict: request r{i} keeps positions {json.dumps(s)}\n"
+                                for i, s in enumerate(sets)))
+        return SimpleNamespace(log_path=path, name=path.stem)
+    fi = log(tmp_path / "snapkv-fi.log", [[0, 1, 2], [0, 5, 9]])
+    ids = {"snapkv-fi": [[1, 2], [3, 4]], "snapkv-fa3": [[1, 2], [3, 5]]}
+    checks = {}
+    e2e.check_same_keep_sets("snapkv-fa3", log(tmp_path / "snapkv-fa3.log", [[0, 1, 2], [0, 5, 9]]), fi,
+                             [[7], [8]], ids, checks)
+    keep, answers = checks.values()
+    assert keep["ok"] and not answers["ok"]  # same keep-sets, but the second answer differs
+    ids["snapkv-fa3"][1] = [3, 4]
+    checks = {}
+    e2e.check_same_keep_sets("snapkv-fa3", log(tmp_path / "snapkv-fa3.log", [[0, 1, 2], [0, 5, 8]]), fi,
+                             [[7], [8]], ids, checks)
+    keep, answers = checks.values()
+    assert not keep["ok"] and keep["jaccard"][1] == 0.5 and answers["ok"] and answers["prompts"] == [0]
