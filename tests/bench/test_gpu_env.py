@@ -63,3 +63,49 @@ def test_install_gemma_part_is_copied_once_and_marked(tmp_path, repeat):
     assert (site / ".installed-gemma2").exists()
     if repeat == 2:
         assert "already installed" in result.stdout
+
+
+def _fa3_bundles(tmp_path, payload: bytes, sha: str | None = None):
+    """fa3-1, fa3-2 as wheelhouse.sh --fa3 writes them: xz of the library cut in two, its sha256, the part count."""
+    import hashlib
+    import lzma
+
+    packed = lzma.compress(payload)
+    half = len(packed) // 2
+    bundles = []
+    for i, chunk in enumerate((packed[:half], packed[half:]), 1):
+        b = tmp_path / f"fa3-{i}"
+        b.mkdir()
+        (b / f"flash_ops.abi3.so.xz.part{i - 1}").write_bytes(chunk)
+        bundles.append(b)
+    (bundles[0] / "flash_ops.sha256").write_text((sha or hashlib.sha256(payload).hexdigest()) + "\n")
+    (bundles[0] / "parts").write_text("2\n")
+    return bundles
+
+
+def test_fa3_parts_join_into_sgl_kernel_once_all_are_there_in_any_order(tmp_path):
+    payload = bytes(range(256)) * 400
+    first, second = _fa3_bundles(tmp_path, payload)
+    site = tmp_path / "site"
+    (site / "sgl_kernel").mkdir(parents=True)
+    (site / ".installed-c").touch()
+    result = _install(second, site)
+    assert result.returncode == 0, result.stderr
+    assert not (site / "sgl_kernel" / "flash_ops.abi3.so").exists()  # one part of two: nothing joined yet
+    result = _install(first, site)
+    assert result.returncode == 0, result.stderr and "joined" in result.stdout
+    assert (site / "sgl_kernel" / "flash_ops.abi3.so").read_bytes() == payload
+    assert not (site / "fa3-parts").exists()
+
+
+def test_fa3_parts_are_refused_before_sgl_kernel_and_checked_by_sha256(tmp_path):
+    first, second = _fa3_bundles(tmp_path, b"flash" * 1000, sha="0" * 64)
+    site = tmp_path / "site"
+    result = _install(first, site)
+    assert result.returncode == 3 and "bundle c" in result.stderr
+    (site / "sgl_kernel").mkdir(parents=True)
+    (site / ".installed-c").touch()
+    _install(first, site)
+    result = _install(second, site)
+    assert result.returncode == 6 and "sha256" in result.stderr
+    assert not (site / "sgl_kernel" / "flash_ops.abi3.so").exists()
