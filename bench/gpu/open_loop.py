@@ -43,9 +43,8 @@ from bench.gpu.throughput import (
     STOP_MARGIN_S,
     ServerProcess,
     check_setup,
-    evictions_logged,
     gpu_query,
-    wait_gpu_released,
+    stop_and_record,
     warm_up,
     write_model_config,
 )
@@ -102,14 +101,7 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, wo
     except Exception as err:  # noqa: BLE001 - the JSON must say what failed
         result["error"] = repr(err)
     finally:
-        result["alive_at_end"] = server.proc.poll() is None
-        server.stop()
-        wait_gpu_released()
-        result["evictions"] = evictions_logged(server.log_path)
-        log = server.log_path.read_text(errors="replace")
-        result["log_tracebacks"] = log.count("Traceback")
-        if result["log_tracebacks"] or not result["alive_at_end"]:
-            result.setdefault("log_tail", log[-4000:])
+        stop_and_record(server, result)
     return result
 
 

@@ -37,7 +37,7 @@ from bench.gpu.throughput import (
     ServerProcess,
     check_setup,
     gpu_query,
-    wait_gpu_released,
+    stop_and_record,
     write_model_config,
 )
 from bench.soak import parse_override, run_soak
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - the JSON must say what failed
             result["error"] = repr(err)
         finally:
-            result["alive_at_end"] = server.proc.poll() is None
-            server.stop()
-            wait_gpu_released()
+            stop_and_record(server, result)
             result["log"] = log_checks(server.log_path)
         summary = result.get("soak", {}).get("summary", {})
         result["ok"] = bool(summary.get("ok")) and result["alive_at_end"] and result["log"]["tracebacks"] == 0 \

@@ -205,15 +205,22 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, ou
     except Exception as err:  # the JSON must say what failed, and the other config still runs
         result["error"] = repr(err)
     finally:
-        result["alive_at_end"] = server.proc.poll() is None
-        server.stop()
-        wait_gpu_released()
-        result["evictions"] = evictions_logged(server.log_path)
-        log = server.log_path.read_text(errors="replace")
-        result["log_tracebacks"] = log.count("Traceback")
-        if result["log_tracebacks"] or not result["alive_at_end"] or result.get("summary", {}).get("errors"):
-            result.setdefault("log_tail", log[-4000:])
+        stop_and_record(server, result, keep_tail=bool(result.get("summary", {}).get("errors")))
     return result
+
+
+def stop_and_record(server: ServerProcess, result: dict, keep_tail: bool = False) -> str:
+    """Stops ``server`` and waits for its GPU memory; records in ``result`` whether it was alive, the evictions it
+    logged and its tracebacks, and the log's tail when something went wrong (or ``keep_tail``); returns the log."""
+    result["alive_at_end"] = server.proc.poll() is None
+    server.stop()
+    wait_gpu_released()
+    result["evictions"] = evictions_logged(server.log_path)
+    log = server.log_path.read_text(errors="replace")
+    result["log_tracebacks"] = log.count("Traceback")
+    if keep_tail or result["log_tracebacks"] or not result["alive_at_end"]:
+        result.setdefault("log_tail", log[-4000:])
+    return log
 
 
 def main() -> int:
