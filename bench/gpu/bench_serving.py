@@ -1,6 +1,6 @@
 """SGLang's own benchmark client against plain and evicting Gemma 3 270M servers (GPU host, issue 21 item 4).
 
-    PYTHONPATH=/tmp/site python3 -m bench.gpu.bench_serving --configs plain --window 30 --trace-rates 0.5,2 \\
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.bench_serving --configs plain --window 20 --trace-rates 0.5,2 \\
         --gsp-rates 8,32 --random-rates 2,6 --deadline 560 --commit SHA --out $OUT
 
 (from the repository root; bundles a, b, c, the Gemma parts and tokenizer, and for evicting configs the sgl-evict
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", default="plain,evict-laq-0.1", help="comma-separated, bench/gpu/open_loop.py's")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Gemma 3 270M HF checkpoint (tokenizer)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, run in this order")
-    parser.add_argument("--window", type=float, default=30, help="seconds of arrivals per run (requests = rate x it)")
+    parser.add_argument("--window", type=float, default=20, help="seconds of arrivals per run (requests = rate x it)")
     parser.add_argument("--run-overhead", type=float, default=30,
                         help="seconds a run takes beyond its window (client start, data, warm-up, drain)")
     parser.add_argument("--run-timeout", type=float, default=240, help="a client still running after it is stopped")
