@@ -107,9 +107,8 @@ from bench.gpu.throughput import (
     STOP_MARGIN_S,
     ServerProcess,
     check_setup,
-    evictions_logged,
     gpu_query,
-    wait_gpu_released,
+    stop_and_record,
     warm_up,
 )
 
@@ -362,16 +361,9 @@ def run_config(name: str, port: int, server_args: list[str], env: dict, args, pl
     except Exception as err:  # noqa: BLE001 - the JSON must say what failed, and the next config still runs
         result["error"] = repr(err)
     finally:
-        result["alive_at_end"] = server.proc.poll() is None
-        server.stop()
-        wait_gpu_released()
-        log = server.log_path.read_text(errors="replace")
-        result["evictions"] = evictions_logged(server.log_path)
+        log = stop_and_record(server, result)
         result["pool_lines"] = [ln[-300:] for ln in log.splitlines()
                                 if "KV Cache is allocated" in ln or "max_total_num_tokens" in ln][:8]
-        result["log_tracebacks"] = log.count("Traceback")
-        if result["log_tracebacks"] or not result["alive_at_end"]:
-            result.setdefault("log_tail", log[-4000:])
     return result
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.gpu import bench_serving as bs
+from bench.gpu import throughput
 
 TRACE = Path("/tmp/trace.json")
 
@@ -245,7 +246,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(bs, "ServerProcess", FakeServer)
     monkeypatch.setattr(bs, "run_client", fake_client(calls))
     monkeypatch.setattr(bs, "warm_up", lambda port, vocab: 0.5)
-    monkeypatch.setattr(bs, "wait_gpu_released", lambda: None)
+    monkeypatch.setattr(throughput, "wait_gpu_released", lambda: None)  # used by stop_and_record
     monkeypatch.setattr(bs, "check_setup", lambda: None)
     monkeypatch.setattr(bs, "prepare_client", lambda work: ({"E": "1"}, {"rc": 0, "datasets_stub": None, "tail": ""}))
     model = tmp_path / "model"

@@ -50,6 +50,7 @@ import transformers
 from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
 from sglang.srt.parser.conversation import chat_template_exists, generate_chat_conv
 
+from bench.gpu import throughput
 from bench.gpu.open_loop import config_server
 from bench.workloads import AgentMix
 
@@ -319,7 +320,7 @@ def test_the_driver_end_to_end_with_a_stub_in_place_of_the_server(tmp_path, word
 
     monkeypatch.setattr(bs, "ServerProcess", StubProcess)
     monkeypatch.setattr(bs, "warm_up", lambda port, vocab: 0.0)
-    monkeypatch.setattr(bs, "wait_gpu_released", lambda: None)
+    monkeypatch.setattr(throughput, "wait_gpu_released", lambda: None)  # used by stop_and_record
     out = tmp_path / "out"
     rc = bs.main(["--configs", "plain", "--model", str(words_tokenizer), "--datasets",
                   "agentic-trace,generated-shared-prefix", "--trace-rates", "20", "--gsp-rates", "20",
