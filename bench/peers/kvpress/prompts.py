@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sgl_evict.quality.tasks import generate
+from sgl_evict.quality.tasks import conversations
 
 
 @dataclass
@@ -69,11 +69,19 @@ def split_tokens(tokenizer, text: str, cut: int) -> tuple[torch.Tensor, int]:
     return ids, split
 
 
-def build_prompts(tokenizer, target_tokens: int, seed: int, count: int) -> list[Prompt]:
-    """``count`` single-turn prompts of at most ``target_tokens`` tokens (the tasks in turn), split."""
+def build_prompts(tokenizer, target_tokens: int, seed: int, count: int,
+                  shard: tuple[int, int] = (0, 1)) -> list[Prompt]:
+    """``count`` single-turn prompts of at most ``target_tokens`` tokens (the tasks in turn), split.
+
+    ``shard=(k, n)``: only prompts ``k, k + n, k + 2n, ...`` of those ``count`` (each prompt depends on the seed and
+    its index alone, so the ``n`` shards together are the unsharded list)."""
+    k, n = shard
+    if not 0 <= k < n:
+        raise ValueError(f"shard {k}/{n}: need 0 <= k < n")
     length = lambda s: len(tokenizer(s).input_ids)  # noqa: E731
     out = []
-    for conv in generate("single", target_tokens, length, seed, count):
+    for i in range(k, count, n):
+        conv = conversations("single", target_tokens, length, seed, i)[0]
         turn = conv.turns[0]
         task = turn.meta["task"]
         ids, split = split_tokens(tokenizer, turn.question, question_start(turn.question, task))

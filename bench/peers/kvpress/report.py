@@ -1,11 +1,12 @@
 """Tables (markdown, on stdout) and a plot of a kvpress comparison's JSON (bench/peers/kvpress/run.py's output).
 
-Usage: python -m bench.peers.kvpress.report bench/results/kvpress_....json [--plot docs/img/kvpress_....png]
+Usage: python -m bench.peers.kvpress.report bench/results/kvpress_....json[.gz] [--plot docs/img/kvpress_....png]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,19 @@ def _ci(values: list[float]) -> tuple[float, float, float]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def load_json(path: Path) -> dict:
+    """A comparison's JSON, plain or gzipped (``.gz``)."""
+    data = Path(path).read_bytes()
+    return json.loads(gzip.decompress(data) if str(path).endswith(".gz") else data)
+
+
+def save_json(path: Path, doc: dict) -> None:
+    """Writes ``doc`` as JSON, gzipped when ``path`` ends with ``.gz`` (200 prompts a cell make ~7 MB of JSON)."""
+    text = json.dumps(doc, indent=1).encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(gzip.compress(text, mtime=0) if str(path).endswith(".gz") else text)
 
 
 def rows_by(doc: dict) -> dict:
@@ -200,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("json", type=Path)
     ap.add_argument("--plot", type=Path, default=None, help="PNG path (default: none)")
     args = ap.parse_args(argv)
-    doc = json.loads(args.json.read_text())
+    doc = load_json(args.json)
     print(tables(doc))
     if any(r["family"] == "cross" for r in doc["records"]):
         print("\nCross-check\n\n" + cross_table(doc))

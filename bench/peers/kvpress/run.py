@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -55,7 +56,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kvpress_<date>_<device>_...json)")
     ap.add_argument("--resume", action="store_true", help="keep the prompts already in --out")
     ap.add_argument("--plot", default=None, help="PNG path, or auto: docs/img/<the JSON's name>.png (default: none)")
+    ap.add_argument("--shard", type=shard_arg, default=None, metavar="K/N",
+                    help="only prompts K, K+N, K+2N, ... (N processes together run all; the sweep only in shard 0); "
+                         "python -m bench.peers.kvpress.merge joins their JSONs")
     return ap.parse_args(argv)
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants K/N, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Writes ``doc`` to ``path`` through a temporary file, so that a run stopped mid-write (a timeout) leaves the
+    previous complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
 
 
 def git_commit() -> str:
@@ -182,7 +206,8 @@ class Runner:
 
 def default_out(args) -> Path:
     date = dt.date.today().isoformat()
-    return ROOT / "bench" / "results" / f"kvpress_{date}_{args.device}_gemma3-270m_{args.context // 1024}k.json"
+    shard = f"_shard{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
+    return ROOT / "bench" / "results" / f"kvpress_{date}_{args.device}_gemma3-270m_{args.context // 1024}k{shard}.json"
 
 
 def main(argv=None) -> int:
@@ -199,6 +224,7 @@ def main(argv=None) -> int:
         "cpu_threads": torch.get_num_threads(), "versions": versions(),
         "seeds": {"eval": args.seed, "development": DEV_SEEDS},
         "settings": {k: getattr(args, k) for k in ("context", "prompts", "budgets", "horizon", "max_new_tokens")},
+        "model": args.model,
         "ours": {"policies": list(runner.ours), "window": M.OUR_WINDOW, "sinks": M.OUR_SINKS,
                  "granularity": "uniform", "protected_recent": 0, "judgeq": runner.judgeq_note},
         "presses": list(runner.presses), "compressed_layers": runner.layers, "nearest": M.NEAREST,
@@ -211,13 +237,15 @@ def main(argv=None) -> int:
         # the commits of every invocation that wrote to this file, the first one's first
         doc["git_commit"] = [*([old["git_commit"]] if isinstance(old["git_commit"], str) else old["git_commit"]),
                              doc["git_commit"]]
-    if not args.no_sweep and not doc.get("sweep"):
+    if args.shard:
+        doc["shard"] = list(args.shard)
+    if not args.no_sweep and not doc.get("sweep") and (not args.shard or args.shard[0] == 0):
         from bench.peers.kvpress.sweep import sweep
 
         doc["sweep"] = sweep(args.model, args.device)
-        out.write_text(json.dumps(doc, indent=1))
+        write_json(out, doc)
     done = {p["key"] for p in doc["prompts"]}
-    prompts = build_prompts(tok, args.context, args.seed, args.prompts)
+    prompts = build_prompts(tok, args.context, args.seed, args.prompts, args.shard or (0, 1))
     start = time.time()
     for i, p in enumerate(prompts):
         if p.key in done:
@@ -227,10 +255,14 @@ def main(argv=None) -> int:
         doc["prompts"].append({"key": p.key, "task": p.task, "seq_len": p.seq_len, "split": p.split,
                                "answers": list(p.answers)})
         doc["summary"] = summarise(doc["records"])
-        out.write_text(json.dumps(doc, indent=1))
+        write_json(out, doc)
         print(f"[kvpress] prompt {i + 1}/{len(prompts)} {p.task} {p.seq_len} tokens: {time.time() - t0:.0f} s "
               f"(total {time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    if not doc["records"]:  # a shard with no prompt of its own (N above the prompt count)
+        write_json(out, doc)
     print(f"[kvpress] wrote {out}", file=sys.stderr)
+    if not doc["records"]:
+        return 0
     from bench.peers.kvpress import report
 
     print(report.tables(doc) + "\n\n" + report.cross_table(doc) + "\n\n" + report.goal_table(doc))

@@ -7,6 +7,8 @@
 #   bash bench/peers/kvpress/run.sh --prompts 40 --context 4096
 #   KVPRESS_TORCH='torch==2.13.0 --index-url <your CUDA wheel index>' \
 #     bash bench/peers/kvpress/run.sh --device cuda --prompts 200 --context 8192   # GPU run (>= 200 per cell)
+# On the project's offline GPU host (no pip index) use bench/peers/kvpress/gpu.sh instead: docs/kvpress.md,
+# "On the GPU host".
 #
 # Needs the Gemma 3 270M checkpoint at ~/.cache/sgl-evict/gemma3-270m-hf (built once in the project's venv by
 # sgl_evict.harness.load_gemma3_270m(); nothing is downloaded at run time). Extra arguments go to run.py
