@@ -64,7 +64,7 @@ if [ "$KVPRESS" = 1 ]; then
 On the GPU host (carry $DEST/kvpress): bash bench/gpu/install.sh $DEST/kvpress /tmp/kvsite
   then PYTHONPATH=/tmp/kvsite:. (never /tmp/site: SGLang's transformers 5.12.1 is there); docs/kvpress.md says the rest
 HOW
-  [ "$GEMMA" = 1 ] || exit 0
+  [ "$GEMMA" = 1 ] || [ "$FA3" = 1 ] || exit 0
 fi
 
 if [ "$KVPRESS" = 0 ]; then
