@@ -54,7 +54,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.workloads import AgentMix
+from bench.workloads import AgentMix, int_range
 
 # 249 common English words, each a single Gemma 3 token with and without a leading space (tests check this against
 # the real tokenizer when it is available offline)
@@ -188,14 +188,6 @@ def write_trace(path: Path, conversations: int, seed: int = 0, mix: AgentMix = A
     return doc["metadata"]
 
 
-def _pair(text: str, flag: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise SystemExit(f"agentic_trace: {flag}: LOW,HIGH, got {text!r}") from None
-    return lo, hi
-
-
 def add_mix_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """The mix's flags (``prefix`` e.g. ``trace-`` for a driver that has flags of its own)."""
     d = AgentMix()
@@ -210,12 +202,13 @@ def add_mix_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
 def mix_from_args(args, prefix: str = "") -> AgentMix:
     """The :class:`AgentMix` of :func:`add_mix_args`'s flags; SystemExit naming a bad one."""
     a = prefix.replace("-", "_")
-    mix = AgentMix(system_tokens=_pair(getattr(args, f"{a}system_tokens"), f"--{prefix}system-tokens"),
-                   group_size=getattr(args, f"{a}group_size"),
-                   turns=_pair(getattr(args, f"{a}turns"), f"--{prefix}turns"),
-                   tool_tokens=_pair(getattr(args, f"{a}tool_tokens"), f"--{prefix}tool-tokens"),
-                   instruction_tokens=_pair(getattr(args, f"{a}instruction_tokens"), f"--{prefix}instruction-tokens"))
     try:
+        mix = AgentMix(
+            system_tokens=int_range(getattr(args, f"{a}system_tokens"), f"--{prefix}system-tokens"),
+            group_size=getattr(args, f"{a}group_size"),
+            turns=int_range(getattr(args, f"{a}turns"), f"--{prefix}turns"),
+            tool_tokens=int_range(getattr(args, f"{a}tool_tokens"), f"--{prefix}tool-tokens"),
+            instruction_tokens=int_range(getattr(args, f"{a}instruction_tokens"), f"--{prefix}instruction-tokens"))
         mix.validate()
     except ValueError as err:
         raise SystemExit(f"agentic_trace: {err}") from None

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.serve_bench import OpenStreams, RequestRecord, percentiles, read_server_load, stream_generate
-from bench.workloads import DEFAULT_VOCAB, AgentMix, next_prompt, open_agent_session
+from bench.workloads import DEFAULT_VOCAB, AgentMix, int_range, next_prompt, open_agent_session
 
 HOST = "127.0.0.1"
 #: per-rate headline numbers whose mean and spread over runs the sweep reports
@@ -285,14 +285,6 @@ def _floats(text: str, flag: str) -> list[float]:
     return vals
 
 
-def _pair(text: str, flag: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise SystemExit(f"open_loop: {flag}: LOW,HIGH, got {text!r}") from None
-    return lo, hi
-
-
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """The sweep's and the workload's flags (shared with bench/gpu/open_loop.py)."""
     d = AgentMix()
@@ -318,17 +310,18 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
 def workload_from_args(args) -> tuple[list[float], AgentMix, Slo, tuple[int, int]]:
     """The rates, mix, SLO and vocabulary the flags ask for; SystemExit naming the flag on a bad value."""
     rates = _floats(args.rates, "--rates")
-    mix = AgentMix(system_tokens=_pair(args.system_tokens, "--system-tokens"), group_size=args.group_size,
-                   turns=_pair(args.turns, "--turns"), tool_tokens=_pair(args.tool_tokens, "--tool-tokens"),
-                   reply_median=args.reply_median, think_mean_s=args.think_mean)
     try:
+        mix = AgentMix(system_tokens=int_range(args.system_tokens, "--system-tokens"), group_size=args.group_size,
+                       turns=int_range(args.turns, "--turns"), tool_tokens=int_range(args.tool_tokens, "--tool-tokens"),
+                       reply_median=args.reply_median, think_mean_s=args.think_mean)
         mix.validate()
         Point(rates[0], args.warmup, args.window, args.drain)
+        vocab = int_range(args.vocab, "--vocab")
     except ValueError as err:
         raise SystemExit(f"open_loop: {err}") from None
     if args.runs < 1:
         raise SystemExit("open_loop: --runs: at least 1")
-    return rates, mix, Slo(args.slo_ttft, args.slo_tpot), _pair(args.vocab, "--vocab")
+    return rates, mix, Slo(args.slo_ttft, args.slo_tpot), vocab
 
 
 def main(argv: list[str] | None = None) -> int:

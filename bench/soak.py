@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.open_loop import arrival_times, flush_cache
 from bench.serve_bench import OpenStreams, RequestRecord, read_server_load, stream_generate
-from bench.workloads import DEFAULT_VOCAB, AgentMix, next_prompt, open_agent_session
+from bench.workloads import DEFAULT_VOCAB, AgentMix, int_range, next_prompt, open_agent_session
 
 HOST = "127.0.0.1"
 #: (name, request body builder given a valid prompt and the server's context length): each must fail by itself
@@ -259,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [o for o in args.overrides.split(",") if o]
         for o in overrides:
             parse_override(o)
-        turns = tuple(int(v) for v in args.turns.split(","))
-        tools = tuple(int(v) for v in args.tool_tokens.split(","))
-        vocab = tuple(int(v) for v in args.vocab.split(","))
+        turns = int_range(args.turns, "--turns")
+        tools = int_range(args.tool_tokens, "--tool-tokens")
+        vocab = int_range(args.vocab, "--vocab")
         mix = AgentMix(system_tokens=(256, 2048), group_size=4, turns=turns, tool_tokens=tools,
                        reply_median=32, reply_tokens=(4, 256), think_mean_s=args.think_mean)
         mix.validate()

@@ -95,6 +95,15 @@ def long_context_requests(n_requests: int, seed: int = 0, **ranges) -> Iterator[
     return (long_context_request(i, seed, **ranges) for i in range(n_requests))
 
 
+def int_range(text: str, flag: str) -> tuple[int, int]:
+    """A ``LOW,HIGH`` flag value (e.g. ``--turns 6,30``) as two integers; ValueError naming ``flag`` otherwise."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag}: LOW,HIGH, got {text!r}") from None
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class AgentMix:
     """The open-loop agent workload's distributions (ranges are inclusive token counts)."""

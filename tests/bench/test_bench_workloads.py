@@ -65,3 +65,13 @@ def test_long_context_requests_bounds_and_determinism():
         assert 16 <= s.turns[0].max_new_tokens <= 32
     small = list(long_context_requests(3, seed=1, prompt_tokens=(100, 200), answer_tokens=(4, 4), vocab=VOCAB))
     assert all(100 <= len(s.turns[0].new_tokens) <= 200 and s.turns[0].max_new_tokens == 4 for s in small)
+
+
+def test_a_range_flag_is_two_integers_or_an_error_naming_the_flag():
+    import pytest
+
+    from bench.workloads import int_range
+    assert int_range("6,30", "--turns") == (6, 30)
+    for bad in ("6", "6,30,40", "a,b", ""):
+        with pytest.raises(ValueError, match="--turns: LOW,HIGH"):
+            int_range(bad, "--turns")

@@ -41,8 +41,8 @@ def test_a_bad_input_must_fail_by_itself_with_a_message(status, text, alone):
 
 
 def _run(stub, **kw):
-    args = dict(duration_s=2.5, rate=4.0, seed=3, mix=MIX, overrides=["server", "none", "laq@0.1"],
-                abort_fraction=0.3, flush_every_s=0.7, bad_every_s=0.25, context_len=stub.CONTEXT, vocab=VOCAB,
+    args = dict(duration_s=3.5, rate=4.0, seed=3, mix=MIX, overrides=["server", "none", "laq@0.1"],
+                abort_fraction=0.3, flush_every_s=0.7, bad_every_s=0.2, context_len=stub.CONTEXT, vocab=VOCAB,
                 idle_timeout_s=10.0, settle_s=2.0)
     args.update(kw)
     return asyncio.run(soak.run_soak(stub.port, **args))
@@ -60,13 +60,31 @@ def test_a_soak_against_a_sound_server_passes_every_check():
     assert set(s["by_override"]) <= {"server", "none", "laq@0.1"}
     aborted = [r for r in result["requests"] if r["client_abort"]]
     assert all(not r["finished"] or r["output_tokens"] <= r["max_new_tokens"] for r in aborted)
-    # every bad input was sent and failed alone with its reason (the real override validation's message)
+    # bad inputs went out in their order while the traffic ran (each one's answer: the test below)
     names = [b["input"] for b in result["bad_inputs"]]
-    assert len(names) >= 8 and "unknown policy" in names
-    by_name = {b["input"]: b for b in result["bad_inputs"]}
-    assert "budget" in by_name["budget above 1"]["message"] and by_name["empty prompt"]["status"] == 400
+    assert len(names) >= 8 and names[:8] == [name for name, _ in soak.BAD_INPUTS[:8]]
     assert stub.flushes >= 2 and sum(result["flushes"].values()) >= 2
     assert result["idle"]["used_kv_tokens"] == 0 and result["health"].get("failed", 0) == 0
+
+
+@pytest.mark.parametrize("name", [name for name, _ in soak.BAD_INPUTS])
+def test_every_bad_input_fails_alone_with_its_reason(name):
+    """Each malformed request against the stub, whose answers come from the plugin's own override validation."""
+    stub = StubSGLang()
+    try:
+        body = dict(soak.BAD_INPUTS)[name](list(range(100, 164)), stub.CONTEXT)
+        status, text = soak.post_json(stub.port, "/generate", body)
+        alive = soak.healthy(stub.port)
+    finally:
+        stub.close()
+    assert soak.bad_input_failed_alone(status, text) and alive, (status, text)
+    expected = {"budget above 1": "budget", "unknown policy": "h2o", "unknown key": "windoww",
+                "granularity per request": "set by the server", "empty prompt": "empty",
+                "prompt longer than the context": "context length"}
+    if name in expected:
+        assert expected[name] in text
+    if name in ("empty prompt", "prompt longer than the context"):
+        assert status == 400
 
 
 def test_kv_still_in_use_once_idle_fails_the_soak():
