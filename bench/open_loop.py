@@ -41,7 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.serve_bench import OpenStreams, RequestRecord, percentiles, read_server_load, stream_generate
+from bench.serve_bench import (OpenStreams, RequestRecord, percentiles, read_server_load, sample_mean, sample_peak,
+                               stream_generate)
 from bench.workloads import DEFAULT_VOCAB, AgentMix, int_range, next_prompt, open_agent_session
 
 HOST = "127.0.0.1"
@@ -114,12 +115,10 @@ def summarize_window(records: list[RequestRecord], point: Point, slo: Slo, sampl
     in_window = [s for s in samples if lo <= s["t_s"] < hi]
 
     def mean(key):
-        vals = [s[key] for s in in_window if s.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
+        return sample_mean(in_window, key)
 
     def peak(key):
-        vals = [s[key] for s in in_window if s.get(key) is not None]
-        return max(vals) if vals else None
+        return sample_peak(in_window, key)
 
     return {
         "rate": point.rate, "window_s": point.window_s,

@@ -250,6 +250,18 @@ def percentiles(values: Iterable[float | None], qs: tuple[int, ...] = QUANTILES)
     return out
 
 
+def sample_peak(samples: list[dict], key: str) -> float | None:
+    """The largest ``key`` over the load samples that have it, or None."""
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return max(vals) if vals else None
+
+
+def sample_mean(samples: list[dict], key: str) -> float | None:
+    """The mean ``key`` over the load samples that have it, or None."""
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def summarize(records: list[RequestRecord], duration_s: float, samples: list[dict]) -> dict:
     """Aggregates of one run (rates per second of ``duration_s``, latencies in seconds)."""
     done = [r for r in records if r.finished and r.error is None]
@@ -257,12 +269,10 @@ def summarize(records: list[RequestRecord], duration_s: float, samples: list[dic
     cached = sum(r.cached_tokens for r in done if r.cached_tokens is not None)
 
     def peak(key):
-        vals = [s[key] for s in samples if s.get(key) is not None]
-        return max(vals) if vals else None
+        return sample_peak(samples, key)
 
     def mean(key):
-        vals = [s[key] for s in samples if s.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
+        return sample_mean(samples, key)
 
     return {
         "duration_s": duration_s,
