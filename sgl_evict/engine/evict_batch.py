@@ -110,13 +110,14 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         modes.add(policy, row_lse, why)
         scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
                                  value_buffer, attention_mass, row_lse=row_lse)
-        keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
+        combined = _rank_combined(scores, all_reduce)
+        keep = keep_mask(combined, config, row, page_size, state.protected_recent, req.cache_protected_len)
         if policy.query_source == LOOKAHEAD:
             # the lookahead steps decode on the snapkv view; before they have run, only what falls outside the
             # reserve (the provisional best reserve x budget, when one is set) is dropped
             if config.lookahead_reserve:
-                wide = _keep_of(scores, dataclasses.replace(config, budget=config.budget.scaled(
-                    config.lookahead_reserve)), row, page_size, state, all_reduce, req.cache_protected_len)
+                reserve = dataclasses.replace(config, budget=config.budget.scaled(config.lookahead_reserve))
+                wide = keep_mask(combined, reserve, row, page_size, state.protected_recent, req.cache_protected_len)
                 if not bool(wide.all()):  # a reserve as large as the prompt drops nothing
                     freed += _evict(req, row, wide, state, free)
                     keep = keep & wide
@@ -333,10 +334,13 @@ def _keep_of(scores: torch.Tensor, config, row: torch.Tensor, page_size: int, st
     """``[seq_len]`` bool keep mask of one request from its ``scores [num_layers, num_kv_heads, seq_len]``, their
     combination summed over tensor-parallel ranks first: every rank must keep the same tokens. ``prefix``: the
     tokens it found in the radix cache (``req.cache_protected_len``; :func:`~sgl_evict.engine.keep.keep_mask`)."""
+    return keep_mask(_rank_combined(scores, all_reduce), config, row, page_size, state.protected_recent, prefix)
+
+
+def _rank_combined(scores: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``[seq_len]`` combined scores, summed over tensor-parallel ranks (every rank must keep the same tokens)."""
     combined = combined_scores(scores)
-    if all_reduce is not None:
-        combined = all_reduce(combined)
-    return keep_mask(combined, config, row, page_size, state.protected_recent, prefix)
+    return combined if all_reduce is None else all_reduce(combined)
 
 
 def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None]) -> int:
