@@ -1,12 +1,13 @@
 """The soak (bench/soak.py) against evicting servers on the GPU host, one server at a time (issue 24).
 
-    PYTHONPATH=/tmp/site python3 -m bench.gpu.soak --configs page1,page16 --duration 240 --rate 0.6 \\
-        --deadline 560 --commit SHA --out $OUT
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.soak --configs page1,page16 --duration 120 --rate 0.6 \\
+        --deadline 550 --commit SHA --out $OUT
 
 (from the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point). Servers run
 Llama-3.2-1B shapes with random weights (``--load-format dummy``), FlashInfer unless the config says otherwise,
-``--kv-evict-policy snapkv --kv-evict-budget 0.1``, a pool small enough (``--max-total-tokens``) that the traffic
-forces the scheduler to retract requests, and chunked prefill of ``--chunked-prefill-size`` tokens:
+``--kv-evict-policy snapkv --kv-evict-budget 0.1``, a capped pool (``--max-total-tokens``) meant to make the
+scheduler retract requests (the default 150,000 retracted none at the default rate on an H100, 2026-12-06: lower it
+or raise ``--rate``), and chunked prefill of ``--chunked-prefill-size`` tokens:
 
 | config | server |
 | --- | --- |
@@ -103,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
            "settings": vars(args), "configs": {}}
     for i, name in enumerate(names):
         left = args.deadline - (time.monotonic() - t_start)
-        if left < args.duration + 120 + STOP_MARGIN_S:
-            doc["configs"][name] = {"error": f"skipped: {left:.0f} s left, the soak needs {args.duration:.0f} s "
-                                             "plus the server's start"}
+        need = args.duration + 120 + STOP_MARGIN_S  # 120 s: a server's start, 62-150 s seen on the H100
+        if left < need:
+            doc["configs"][name] = {"error": f"skipped: {left:.0f} s left, the soak needs {need:.0f} s "
+                                             f"({args.duration:.0f} s of soak, 120 s to start the server, "
+                                             f"{STOP_MARGIN_S} s to stop it)"}
+            print(f"[soak] {name}: {doc['configs'][name]['error']}", file=sys.stderr, flush=True)
             continue
         server_args = ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
                        "--context-length", str(args.context_len), "--max-total-tokens", str(args.max_total_tokens),
