@@ -17,7 +17,8 @@ mix; groups share system prompts, so compressed prefixes are reused and shared) 
   context): each must fail alone, with a message, and the server must stay healthy.
 
 Checked: ``/health`` every second (failures counted); no request of the normal traffic fails except by its own
-abort; after the traffic, once the server is idle and its cache flushed, **no KV slot is in use** (``/v1/loads``:
+abort; no session's first turn takes a prefix cached under another override (:func:`namespace_check`); after the
+traffic, once the server is idle and its cache flushed, **no KV slot is in use** (``/v1/loads``:
 ``num_used_tokens`` back to 0) and the server is healthy. The GPU driver adds the server log's checks (SGLang's own
 idle leak check raises there, and no traceback may appear).
 """
@@ -189,9 +190,37 @@ async def run_soak(port: int, duration_s: float, rate: float, seed: int, mix: Ag
     await fault_task
     pool.shutdown(wait=True)
     idle = await loop.run_in_executor(None, wait_idle, port, idle_timeout_s, settle_s)
-    return {"summary": summarize(records, bad, flushes, health, idle, len(times)),
-            "requests": [{**r.to_json(), "override": o, "client_abort": a} for r, o, a in records],
-            "bad_inputs": bad, "flushes": dict(flushes), "health": dict(health), "idle": idle}
+    requests = [{**r.to_json(), "override": o, "client_abort": a} for r, o, a in records]
+    namespaces = namespace_check(requests, mix.group_size)
+    return {"summary": summarize(records, bad, flushes, health, idle, len(times), namespaces),
+            "requests": requests, "bad_inputs": bad, "flushes": dict(flushes), "health": dict(health), "idle": idle}
+
+
+#: cached tokens of a first turn beyond a chance match of its first tokens: a hit on a system prompt (256-8K tokens)
+PREFIX_HIT_TOKENS = 64
+
+
+def namespace_check(requests: list[dict], group_size: int) -> dict:
+    """No session's first turn reads a prefix cached under another ``kv_evict`` override (another radix namespace).
+
+    ``requests``: the soak's request rows (``session_id``, ``turn``, ``start_s``, ``cached_tokens``, ``override``);
+    sessions ``i`` and ``j`` share a system prompt when ``i // group_size == j // group_size``. A first turn may
+    take a prefix from the cache only if a session of its group with the same override started before it; one
+    that took ``PREFIX_HIT_TOKENS`` or more without such a session read another namespace's prefix (``leaks``).
+    ``exposed``: first turns started after another namespace of their group had sent the same system prompt, and
+    none of their own: where a leak would show. (An override equal to the server's own setting shares its
+    namespace; the soak's default overrides differ from it.)"""
+    firsts = [r for r in requests if r["turn"] == 0]
+    leaks, exposed = [], 0
+    for r in firsts:
+        group = r["session_id"] // group_size
+        earlier = [q for q in requests if q["session_id"] // group_size == group and q["start_s"] < r["start_s"]]
+        own = any(q["override"] == r["override"] for q in earlier)
+        exposed += bool(earlier) and not own
+        if not own and (r.get("cached_tokens") or 0) >= PREFIX_HIT_TOKENS:
+            leaks.append({"session_id": r["session_id"], "override": r["override"],
+                          "cached_tokens": r["cached_tokens"]})
+    return {"first_turns": len(firsts), "exposed": exposed, "leaks": leaks}
 
 
 def wait_idle(port: int, timeout_s: float, settle_s: float = 30.0) -> dict:
@@ -217,8 +246,9 @@ def wait_idle(port: int, timeout_s: float, settle_s: float = 30.0) -> dict:
             "used_kv_tokens": used, "healthy": healthy(port)}
 
 
-def summarize(records, bad, flushes, health, idle, sessions: int) -> dict:
-    """Counts and the verdicts: no unexpected error, every bad input failed alone, health, KV back to idle."""
+def summarize(records, bad, flushes, health, idle, sessions: int, namespaces: dict | None = None) -> dict:
+    """Counts and the verdicts: no unexpected error, every bad input failed alone, health, KV back to idle, and
+    (given :func:`namespace_check`'s result) no first turn read another namespace's prefix."""
     ours = [r for r, _, aborted in records if not aborted]
     unexpected = Counter((r.error or "")[:120] for r in ours if r.error is not None or not r.finished)
     checks = {
@@ -229,11 +259,14 @@ def summarize(records, bad, flushes, health, idle, sessions: int) -> dict:
         "no KV in use once idle and flushed": idle.get("flushed") and idle.get("used_kv_tokens") == 0,
         "healthy at the end": bool(idle.get("healthy")),
     }
+    if namespaces is not None:
+        checks["no first turn read another namespace's prefix"] = not namespaces["leaks"]
     return {"sessions": sessions, "requests": len(records), "completed": sum(r.finished and not r.error
                                                                           for r, _, _ in records),
             "client_aborts": sum(a for _, _, a in records),
             "by_override": dict(Counter(o for _, o, _ in records)),
             "unexpected_errors": dict(unexpected), "bad_inputs": len(bad), "flushes": dict(flushes),
+            **({"namespaces": namespaces} if namespaces is not None else {}),
             "checks": {k: bool(v) for k, v in checks.items()}, "ok": all(bool(v) for v in checks.values())}
 
 

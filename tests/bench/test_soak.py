@@ -115,3 +115,19 @@ def test_cli_refuses_bad_flags_naming_them():
         with pytest.raises(SystemExit) as err:
             soak.main(["--port", "1", *flags])
         assert text in str(err.value)
+
+
+def _first(session, start, override, cached, turn=0):
+    return {"session_id": session, "turn": turn, "start_s": start, "override": override, "cached_tokens": cached}
+
+
+def test_namespace_check_flags_a_first_turn_that_read_another_overrides_prefix():
+    rows = [_first(0, 0.0, "none", 0), _first(1, 1.0, "none", 900),      # same namespace: a legitimate hit
+            _first(2, 2.0, "laq@0.1", 0),                                # exposed, read nothing: fine
+            _first(3, 3.0, "snapkv@0.2", 700),                           # exposed, read 700 tokens: a leak
+            _first(4, 0.5, "snapkv@0.2", 12),                            # another group: a chance match
+            _first(3, 9.0, "snapkv@0.2", 5000, turn=1)]                  # its own history: not a first turn
+    result = soak.namespace_check(rows, group_size=4)
+    assert result == {"first_turns": 5, "exposed": 2,
+                      "leaks": [{"session_id": 3, "override": "snapkv@0.2", "cached_tokens": 700}]}
+    assert soak.namespace_check(rows[:3], group_size=4)["leaks"] == []
