@@ -1,13 +1,15 @@
 """The soak (bench/soak.py) against evicting servers on the GPU host, one server at a time (issue 24).
 
-    PYTHONPATH=/tmp/site python3 -m bench.gpu.soak --configs page1,page16 --duration 120 --rate 0.6 \\
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.soak --configs page1,page16 --duration 120 --rate 2 \\
         --deadline 550 --commit SHA --out $OUT
 
 (from the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point). Servers run
 Llama-3.2-1B shapes with random weights (``--load-format dummy``), FlashInfer unless the config says otherwise,
 ``--kv-evict-policy snapkv --kv-evict-budget 0.1``, a capped pool (``--max-total-tokens``) meant to make the
-scheduler retract requests (the default 150,000 retracted none at the default rate on an H100, 2026-12-06: lower it
-or raise ``--rate``), and chunked prefill of ``--chunked-prefill-size`` tokens:
+scheduler retract requests, and chunked prefill of ``--chunked-prefill-size`` tokens. The defaults come from the
+first H100 run (2026-12-06): at 0.6 sessions/s at most 5 requests ran and at most 10% of a 150,000-token pool was in
+use (15K tokens), so nothing was retracted; 2 sessions/s (about 7.5 requests/s, the issue's 10,000 requests in 22
+minutes) against a 40,000-token pool (above the 32K context) should run out of pool. Not yet run at these settings.
 
 | config | server |
 | --- | --- |
@@ -67,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="page1,page16", help=f"comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama-3.2-1b")
     parser.add_argument("--duration", type=float, default=240, help="seconds of soak per config")
-    parser.add_argument("--rate", type=float, default=0.6, help="session arrivals per second")
+    parser.add_argument("--rate", type=float, default=2.0, help="session arrivals per second")
     parser.add_argument("--overrides", default="server,none,snapkv@0.2,laq@0.1,dapq@0.1")
     parser.add_argument("--abort-fraction", type=float, default=0.15)
-    parser.add_argument("--max-total-tokens", type=int, default=150_000, help="KV pool, small enough to retract")
+    parser.add_argument("--max-total-tokens", type=int, default=40_000, help="KV pool, small enough to retract")
     parser.add_argument("--chunked-prefill-size", type=int, default=4096)
     parser.add_argument("--context-len", type=int, default=32768)
     parser.add_argument("--start-timeout", type=float, default=300)
