@@ -57,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="runs/quality", help="folder for records.jsonl, quality.json/.md/.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--report", action="store_true", help="only summarize the records in --out (no requests)")
+    p.add_argument("--records", type=_csv, default=[],
+                   help="with --report: summarize these records files (.jsonl or .jsonl.gz, comma-separated, merged "
+                        "one answer per request) instead of --out's records.jsonl; the report goes to --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -84,10 +87,15 @@ def _tokens(name: str | None):
 
 def run(args) -> int:
     from sgl_evict.quality.client import ServerError, SGLangClient
-    from sgl_evict.quality.report import load_records, markdown_tables, plot, summarize
+    from sgl_evict.quality.report import load_records, markdown_tables, merge_records, plot, summarize
     from sgl_evict.quality.runner import Arm, QualityConfig, plan_jobs, requests_in, run_quality
 
     out = Path(args.out)
+    if args.records and not args.report:
+        raise ValueError("--records: summarizes existing records, so it goes with --report")
+    missing = [f for f in args.records if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"--records: no such file: {', '.join(missing)}")
     config = QualityConfig(families=args.families, contexts=args.contexts, samples=args.samples,
                            arms=[Arm.parse(a) for a in args.arms], seed=args.seed, turns=args.turns,
                            group_size=args.group_size, horizon=args.horizon, answer_tokens=args.answer_tokens,
@@ -121,7 +129,8 @@ def run(args) -> int:
                              "sglang": info.get("version")},
                 "config": {**{k: v for k, v in vars(config).items() if k != "arms"},
                            "arms": [a.name for a in config.arms]}}
-    records = load_records(out / "records.jsonl")
+    records = merge_records([Path(f) for f in args.records]) if args.records else load_records(out / "records.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, config.horizon)
     previous = out / "quality.json"
     if args.report and previous.exists():

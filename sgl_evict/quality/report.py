@@ -34,6 +34,17 @@ def load_records(path: Path) -> list[Record]:
     return list(latest.values())
 
 
+def merge_records(paths: list[Path]) -> list[Record]:
+    """The records of several runs as one: per request, the answer :func:`load_records` keeps in the first file that
+    has one without error (else the last file's). Runs resumed from one another hold the same records again."""
+    merged: dict[tuple, Record] = {}
+    for path in paths:
+        for r in load_records(path):
+            if r.key not in merged or (merged[r.key].error is not None and r.error is None):
+                merged[r.key] = r
+    return list(merged.values())
+
+
 def _cell(records: list[Record], reference: dict[tuple, Record], horizon: int) -> dict:
     """Statistics of one arm's ``records`` against the reference records of the same requests."""
     errors = [r for r in records if r.error is not None]

@@ -285,3 +285,26 @@ def test_a_single_panel_plot_is_wide_enough_for_its_title_and_legend(server, tmp
     assert not summary["turns"]  # one accuracy panel, no per-turn panel
     plot(summary, tmp_path / "q.png")
     assert Image.open(tmp_path / "q.png").width >= 9 * 110  # 9 inches at the plot's 110 dpi
+
+
+def test_report_merges_records_files_one_answer_per_request(server, tmp_path, capsys):
+    import dataclasses
+
+    from sgl_evict.cli import main
+    from sgl_evict.quality.report import merge_records
+
+    run_quality(config(families=["doc_qa"], samples=1), SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
+    records = load_records(tmp_path / "records.jsonl")
+    failed = tmp_path / "failed.jsonl"  # a run whose first request failed, and one that holds the rest again
+    failed.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(records[0], error="boom"))) + "\n")
+    merged = merge_records([failed, tmp_path / "records.jsonl", tmp_path / "records.jsonl"])
+    assert sorted(r.key for r in merged) == sorted(r.key for r in records) and all(r.error is None for r in merged)
+    out = tmp_path / "report"
+    assert main(["quality", "--report", "--records", f"{failed},{tmp_path / 'records.jsonl'}", "--out", str(out)]) == 0
+    whole = summarize(records)
+    assert json.loads((out / "quality.json").read_text())["summary"] == json.loads(json.dumps(whole))
+    for bad, message in ((["--records", str(failed)], "goes with --report"),
+                         (["--report", "--records", str(tmp_path / "nope.jsonl")], "no such file")):
+        with pytest.raises(SystemExit):
+            main(["quality", *bad, "--out", str(out)])
+        assert message in capsys.readouterr().err
