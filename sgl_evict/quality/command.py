@@ -87,7 +87,7 @@ def _tokens(name: str | None):
 
 def run(args) -> int:
     from sgl_evict.quality.client import ServerError, SGLangClient
-    from sgl_evict.quality.report import load_records, markdown_tables, merge_records, plot, summarize
+    from sgl_evict.quality.report import load_records, markdown_tables, plot, summarize
     from sgl_evict.quality.runner import Arm, QualityConfig, plan_jobs, requests_in, run_quality
 
     out = Path(args.out)
@@ -129,7 +129,7 @@ def run(args) -> int:
                              "sglang": info.get("version")},
                 "config": {**{k: v for k, v in vars(config).items() if k != "arms"},
                            "arms": [a.name for a in config.arms]}}
-    records = merge_records([Path(f) for f in args.records]) if args.records else load_records(out / "records.jsonl")
+    records = load_records(*([Path(f) for f in args.records] or [out / "records.jsonl"]))
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, config.horizon)
     previous = out / "quality.json"

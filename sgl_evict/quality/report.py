@@ -22,27 +22,18 @@ from sgl_evict.selection import Budget
 TARGET_RETENTION = 0.95
 
 
-def load_records(path: Path) -> list[Record]:
-    """The records of a run (``records.jsonl`` or ``.jsonl.gz``), the last answer of each request (a resumed run
-    may have asked a failed one again)."""
-    if not path.exists():
-        raise ValueError(f"{path}: no such file (the runner writes records.jsonl into its --out folder)")
+def load_records(*paths: Path) -> list[Record]:
+    """The records of a run (``records.jsonl`` or ``.jsonl.gz``), or of several read as one, one answer per
+    request: the first without error, else the last (a resumed run may have asked a failed one again; runs
+    topped up from one another hold the same records again)."""
     latest: dict[tuple, Record] = {}
-    for r in read_records(path):
-        if r.key not in latest or latest[r.key].error is not None:
-            latest[r.key] = r
-    return list(latest.values())
-
-
-def merge_records(paths: list[Path]) -> list[Record]:
-    """The records of several runs as one: per request, the answer :func:`load_records` keeps in the first file that
-    has one without error (else the last file's). Runs resumed from one another hold the same records again."""
-    merged: dict[tuple, Record] = {}
     for path in paths:
-        for r in load_records(path):
-            if r.key not in merged or (merged[r.key].error is not None and r.error is None):
-                merged[r.key] = r
-    return list(merged.values())
+        if not path.exists():
+            raise ValueError(f"{path}: no such file (the runner writes records.jsonl into its --out folder)")
+        for r in read_records(path):
+            if r.key not in latest or latest[r.key].error is not None:
+                latest[r.key] = r
+    return list(latest.values())
 
 
 def _cell(records: list[Record], reference: dict[tuple, Record], horizon: int) -> dict:

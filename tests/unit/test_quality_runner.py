@@ -291,13 +291,12 @@ def test_report_merges_records_files_one_answer_per_request(server, tmp_path, ca
     import dataclasses
 
     from sgl_evict.cli import main
-    from sgl_evict.quality.report import merge_records
 
     run_quality(config(families=["doc_qa"], samples=1), SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
     records = load_records(tmp_path / "records.jsonl")
     failed = tmp_path / "failed.jsonl"  # a run whose first request failed, and one that holds the rest again
     failed.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(records[0], error="boom"))) + "\n")
-    merged = merge_records([failed, tmp_path / "records.jsonl", tmp_path / "records.jsonl"])
+    merged = load_records(failed, tmp_path / "records.jsonl", tmp_path / "records.jsonl")
     assert sorted(r.key for r in merged) == sorted(r.key for r in records) and all(r.error is None for r in merged)
     out = tmp_path / "report"
     assert main(["quality", "--report", "--records", f"{failed},{tmp_path / 'records.jsonl'}", "--out", str(out)]) == 0
