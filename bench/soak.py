@@ -210,11 +210,13 @@ def namespace_check(requests: list[dict], group_size: int) -> dict:
     ``exposed``: first turns started after another namespace of their group had sent the same system prompt, and
     none of their own: where a leak would show. (An override equal to the server's own setting shares its
     namespace; the soak's default overrides differ from it.)"""
+    by_group: dict[int, list[dict]] = {}
+    for q in requests:
+        by_group.setdefault(q["session_id"] // group_size, []).append(q)
     firsts = [r for r in requests if r["turn"] == 0]
     leaks, exposed = [], 0
     for r in firsts:
-        group = r["session_id"] // group_size
-        earlier = [q for q in requests if q["session_id"] // group_size == group and q["start_s"] < r["start_s"]]
+        earlier = [q for q in by_group[r["session_id"] // group_size] if q["start_s"] < r["start_s"]]
         own = any(q["override"] == r["override"] for q in earlier)
         exposed += bool(earlier) and not own
         if not own and (r.get("cached_tokens") or 0) >= PREFIX_HIT_TOKENS:
