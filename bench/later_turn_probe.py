@@ -1,7 +1,7 @@
 """Is the later-turn loss of ``per_layer`` in its keep-sets? Gemma 3 270M in the HF harness, no server.
 
     python -m bench.later_turn_probe --target 4096 --samples 24 --seed 20261209 --budget 0.2 \\
-        --policies snapkv,laprox --json OUT.json [--png OUT.png]
+        --policies snapkv,laprox --json OUT.json
 
 Through the server, ``per_layer`` answered first turns of ``doc_qa`` as ``uniform`` did and later turns 18-26 points
 worse (docs/quality.md). This asks the same kind of conversations with the server's settings (window 32, 4 sinks,
@@ -16,7 +16,10 @@ Wilson intervals and the paired count between the two granularities.
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -35,13 +38,12 @@ def _commit() -> str:
         return ""
 
 
+@functools.cache
 def newline_tokens(tokens) -> frozenset[int]:
     """Ids whose text holds a new line: :meth:`Tokens.answer` cuts an answer at the first of them."""
-    if not hasattr(tokens, "_newlines"):
-        vocab = tokens.tok.convert_ids_to_tokens(list(range(len(tokens.tok))))
-        tokens._newlines = frozenset(i for i, piece in enumerate(vocab) if piece and "\n" in
-                                     tokens.tok.convert_tokens_to_string([piece]))
-    return tokens._newlines
+    vocab = tokens.tok.convert_ids_to_tokens(list(range(len(tokens.tok))))
+    return frozenset(i for i, piece in enumerate(vocab) if piece and "\n" in
+                     tokens.tok.convert_tokens_to_string([piece]))
 
 
 def ask_conversation(harness, tokens, conv, arms: dict, answer_tokens: int) -> list[dict]:
@@ -164,10 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows, list(arms))
     print(table(summary))
     if args.json:
+        import torch
+        import transformers
+
         doc = {"what": "later turns of doc_qa on one compressed turn-1 cache, uniform vs per_layer keep-sets "
                        "(HF harness, CPU)", "command": " ".join(["python -m bench.later_turn_probe", *sys.argv[1:]]),
-               "commit": _commit(), "settings": vars(args), "window": 32, "sinks": 4, "protected_recent": window,
-               "wall_s": round(time.monotonic() - started, 1), "summary": summary, "records": rows}
+               "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "device": f"{harness.device} ({torch.get_num_threads()} threads), {next(model.parameters()).dtype}",
+               "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__},
+               "settings": vars(args), "window": harness.window, "sinks": harness.sinks,
+               "protected_recent": harness.protected_recent, "wall_s": round(time.monotonic() - started, 1),
+               "summary": summary, "records": rows}
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
