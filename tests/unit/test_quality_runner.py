@@ -213,7 +213,7 @@ def test_a_refused_arm_is_recorded_as_errors_not_as_wrong_answers(server, tmp_pa
 
 
 def test_resume_sends_only_the_missing_requests(server, tmp_path):
-    cfg = config(families=["doc_qa"], samples=2)
+    cfg = config(families=["single"], samples=4)
     run_quality(cfg, SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
     path = tmp_path / "records.jsonl"
     lines = path.read_text().splitlines()
@@ -222,6 +222,30 @@ def test_resume_sends_only_the_missing_requests(server, tmp_path):
     try:
         records = run_quality(cfg, SGLangClient(second.url), Tokens(CharTokenizer()), tmp_path, resume=True)
         assert len(second.requests) == 5 and len(records) == len(lines)
+    finally:
+        second.close()
+
+
+def test_resume_asks_an_unfinished_conversation_again_from_its_first_turn(server, tmp_path):
+    """An arm's later turn must start from its own compressed prefix, which a new server does not hold."""
+    cfg = config(families=["doc_qa"], samples=1)
+    run_quality(cfg, SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
+    path = tmp_path / "records.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    cut = [r for r in rows if not (r["arm"] == "snapkv@0.1" and r["turn"] == cfg.turns - 1)]
+    assert len(cut) == len(rows) - 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in cut))
+    second = FakeSGLang()
+    try:
+        records = run_quality(cfg, SGLangClient(second.url), Tokens(CharTokenizer()), tmp_path, resume=True)
+        asked = second.requests
+        assert len(asked) == cfg.turns  # the arm's three turns; the reference and the other arm not again
+        assert {r["sampling_params"]["custom_params"]["kv_evict"]["policy"] for r in asked} == {"snapkv"}
+        assert len(records) == len(rows) and len({r.key for r in records}) == len(rows)
+        again = [r for r in load_records(path) if r.arm == "snapkv@0.1"]
+        assert sorted(r.turn for r in again) == list(range(cfg.turns))
+        assert all(r.cached_tokens > 0 for r in again if r.turn > 0)  # each from the turn before it
+        assert len(path.read_text().splitlines()) == len(rows)  # the stale turns left the file
     finally:
         second.close()
 
