@@ -29,8 +29,8 @@ from pathlib import Path
 
 from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 from sgl_evict.quality.client import SGLangClient
-from sgl_evict.quality.report import markdown_tables, summarize
-from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, read_records, run_quality
+from sgl_evict.quality.report import load_records, markdown_tables, summarize
+from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, run_quality
 from sgl_evict.quality.tasks import ANSWER_TOKENS
 
 PORT = 31400
@@ -76,16 +76,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds idle before the leak check (SGLang's scheduler checks its pool when idle)")
     parser.add_argument("--commit", default="", help="the sgl-evict commit being run (the host has no .git)")
     parser.add_argument("--resume-from", default="",
-                        help="records (.jsonl or .jsonl.gz) of an earlier run with the same seed: the requests they "
-                             "answered are not asked again, and they count in the summary")
+                        help="records (.jsonl or .jsonl.gz; A,B,...: several, merged one answer per request) of "
+                             "earlier runs with the same seed: the requests they answered are not asked again, and "
+                             "they count in the summary")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/quality"))
     args = parser.parse_args(argv)
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume_from:  # the runner resumes from out/records.jsonl
-        (out / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n"
-                                                   for r in read_records(Path(args.resume_from))))
+        try:
+            earlier = load_records(*(Path(p) for p in args.resume_from.split(",") if p))
+        except ValueError as err:
+            raise SystemExit(f"quality: --resume-from: {err}") from None
+        (out / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in earlier))
     arms = [Arm.parse(a) for a in args.arms.split(",") if a]
     contexts = [int(c) for c in args.contexts.split(",")]
     if any(a.policy == "judgeq" for a in arms) and not args.soft_tokens:

@@ -20,14 +20,18 @@ def test_server_flags_per_granularity(tmp_path):
     assert "per_layer" in layered and "--disable-cuda-graph" in layered and "--kv-evict-soft-tokens" not in layered
 
 
-def test_runs_the_suite_against_a_fake_server_and_writes_its_results(tmp_path, checkpoint):
+def run_driver(tmp_path, checkpoint, out, *extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_sglang"), str(ROOT),
                                                         os.environ.get("PYTHONPATH", "")])}
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu.quality", "--model", str(checkpoint), "--families",
+    return subprocess.run([sys.executable, "-m", "bench.gpu.quality", "--model", str(checkpoint), "--families",
                            "single,doc_qa", "--contexts", "400", "--samples", "2", "--turns", "2", "--arms",
                            "snapkv@0.1,laq@0.2", "--seed", "5", "--idle", "0", "--commit", "abc123", "--out",
-                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(out), *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_runs_the_suite_against_a_fake_server_and_writes_its_results(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    proc = run_driver(tmp_path, checkpoint, out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((out / "quality.json").read_text())
     assert doc["commit"] == "abc123" and doc["config"]["seed"] == 5 and "--kv-evict-policy snapkv" in doc["server"]
@@ -40,3 +44,19 @@ def test_runs_the_suite_against_a_fake_server_and_writes_its_results(tmp_path, c
             for line in (out / "server-quality.log").read_text().splitlines()
             if line.startswith("[fake] custom_params")]
     assert sorted(s["kv_evict"]["policy"] for s in sent) == sorted(["none", "snapkv", "laq"] * 6)
+
+
+def test_resumes_from_several_record_files_merged(tmp_path, checkpoint):
+    first = tmp_path / "first"
+    assert run_driver(tmp_path, checkpoint, first).returncode == 0
+    lines = (first / "records.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[5:]) + "\n")  # overlapping: one answer per request
+    out = tmp_path / "out"
+    proc = run_driver(tmp_path, checkpoint, out, "--resume-from", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((out / "quality.json").read_text())["requests"] == len(lines)
+    assert not any(line.startswith("[fake] custom_params")
+                   for line in (out / "server-quality.log").read_text().splitlines())  # nothing asked again
+    missing = run_driver(tmp_path, checkpoint, tmp_path / "x", "--resume-from", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode != 0 and "--resume-from" in missing.stderr and "Traceback" not in missing.stderr
