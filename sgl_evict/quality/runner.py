@@ -242,18 +242,22 @@ class RecordFile:
         self.path = path
         self.lock = threading.Lock()
 
-    def load(self, turns: int) -> dict[tuple, Record]:
+    def load(self, config: QualityConfig) -> dict[tuple, Record]:
         """The requests that got an answer (failed ones are asked again), less the turns of a multi-turn
-        conversation an arm did not finish: its next turn must start from the compressed prefix its own earlier
-        turns left in the server's radix cache, which a new run (a new server, new namespaces) does not have, so
-        the arm asks the conversation again from its first turn. The file is rewritten without them."""
+        conversation an arm of ``config`` did not finish: its next turn must start from the compressed prefix its
+        own earlier turns left in the server's radix cache, which a new run (a new server, new namespaces) does
+        not have, so the arm asks the conversation again from its first turn. Records this run would not ask
+        (other seeds, lengths, arms) stay as they are. The file is rewritten without the dropped turns."""
         if not self.path.exists():
             return {}
         done = {r.key: r for r in read_records(self.path) if r.error is None}
         asked: dict[tuple, int] = {}
         for key in done:
             asked[_arm_conversation(key)] = asked.get(_arm_conversation(key), 0) + 1
-        unfinished = {c for c, n in asked.items() if c[0] in MULTI_TURN and c[-1] != REFERENCE and n < turns}
+        arms = {a.name for a in config.arms}
+        unfinished = {c for c, n in asked.items()
+                      if c[0] in MULTI_TURN and c[0] in config.families and c[1] in config.contexts
+                      and c[2] == config.seed and c[4] in arms and c[3] < config.samples and n < config.turns}
         kept = {k: r for k, r in done.items() if _arm_conversation(k) not in unfinished}
         if len(kept) < len(done):
             self.path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in kept.values()))
@@ -273,7 +277,7 @@ def run_quality(config: QualityConfig, client: SGLangClient, tokens: Tokens, out
     config.validate()
     out.mkdir(parents=True, exist_ok=True)
     records = RecordFile(out / "records.jsonl")
-    done = records.load(config.turns) if resume else {}
+    done = records.load(config) if resume else {}
     if not resume and records.path.exists():
         records.path.unlink()
     run_id = _run_id(out, resume)

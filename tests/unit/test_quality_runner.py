@@ -234,18 +234,20 @@ def test_resume_asks_an_unfinished_conversation_again_from_its_first_turn(server
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     cut = [r for r in rows if not (r["arm"] == "snapkv@0.1" and r["turn"] == cfg.turns - 1)]
     assert len(cut) == len(rows) - 1
-    path.write_text("".join(json.dumps(r) + "\n" for r in cut))
+    other_seed = [dict(r, seed=r["seed"] + 1) for r in cut if r["arm"] == "snapkv@0.1"]  # not this run's to ask
+    path.write_text("".join(json.dumps(r) + "\n" for r in cut + other_seed))
     second = FakeSGLang()
     try:
         records = run_quality(cfg, SGLangClient(second.url), Tokens(CharTokenizer()), tmp_path, resume=True)
         asked = second.requests
         assert len(asked) == cfg.turns  # the arm's three turns; the reference and the other arm not again
         assert {r["sampling_params"]["custom_params"]["kv_evict"]["policy"] for r in asked} == {"snapkv"}
-        assert len(records) == len(rows) and len({r.key for r in records}) == len(rows)
-        again = [r for r in load_records(path) if r.arm == "snapkv@0.1"]
+        n = len(rows) + len(other_seed)
+        assert len(records) == n and len({r.key for r in records}) == n
+        again = [r for r in load_records(path) if r.arm == "snapkv@0.1" and r.seed == cfg.seed]
         assert sorted(r.turn for r in again) == list(range(cfg.turns))
         assert all(r.cached_tokens > 0 for r in again if r.turn > 0)  # each from the turn before it
-        assert len(path.read_text().splitlines()) == len(rows)  # the stale turns left the file
+        assert len(path.read_text().splitlines()) == n  # the stale turns left the file, the other seed's stayed
     finally:
         second.close()
 
