@@ -3,7 +3,7 @@ SchedulerInvariantChecker._check_full_pool`` (AROUND).
 
 SGLang checks ``available + evictable + protected + session_held + uncached == total`` in tokens, at idle and
 (opt-in, ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``) every busy step, and reports a leak otherwise. With a
-layered allocator (``sgl_evict.engine.layered_allocator``, issue 9; not built by the server yet) a token is up to G
+layered allocator (``sgl_evict.engine.layered_allocator``, ``--kv-evict-granularity per_layer``) a token is up to G
 group-slots and the counts it reads are rounded token-equivalents (``available_size() = min(free logical, free
 group-slots // G)``, the tree's ``evictable_size_ // G``), so the sum misses by a few tokens once some token lost
 some groups: a false leak. The hook compares **group-slots** instead: free group-slots + the tree's evictable and

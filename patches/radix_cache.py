@@ -28,7 +28,7 @@ Counting (SGLang counts a node's tokens as ``len(node.key)``; the scheduler admi
   evictable, and reports the live slots freed.
 - ``RadixCache.total_size`` (REPLACE): live slots in the tree.
 
-Layered pool (``sgl_evict.engine.layered_allocator``, issue 9; not built by the server yet): tree values stay
+Layered pool (``sgl_evict.engine.layered_allocator``, built with ``--kv-evict-granularity per_layer``): tree values stay
 logical slots, but a node's memory is its live group-slots (up to G per token). With such an allocator the
 counters above (``evictable_size_``, ``protected_size_``, lock deltas) count group-slots, ``evict(n)`` frees
 ``n x G`` of them, and what the scheduler reads is in token-equivalents (``// G``); with a plain allocator every
