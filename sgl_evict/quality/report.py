@@ -153,7 +153,32 @@ def markdown_tables(summary: dict, sinks: int = 4, protected_tail: int = 0) -> s
                          f"{paired} | {fid} | {'-' if arm == REFERENCE else _pct(f['identical'])} | "
                          f"{_pct(s['cached_fraction_mean'])} | {kept} |"
                          + (f" {s['errors']} errors" if s["errors"] else ""))
+    lines += _smallest_budget_table(summary["cells"])
     return "\n".join(lines).lstrip("\n")
+
+
+def _smallest_budget_table(cells: dict) -> list[str]:
+    """Per family, prompt length and policy, the smallest budget tried whose retention reaches
+    :data:`TARGET_RETENTION` (the summary's ``smallest_budgets`` pools lengths, where a short prompt's protected
+    tail can decide alone)."""
+    by_length, order = {}, {}
+    for key, stats in cells.items():
+        family, target, arm = key.split("/", 2)
+        by_length[f"{family}, {target} tokens/{arm}"] = stats
+        order[f"{family}, {target} tokens"] = (family, int(target))
+    rows = smallest_budgets(by_length)
+    if not rows:
+        return []
+    lines = [f"\n### Smallest budget tried with retention >= {TARGET_RETENTION:.0%}\n",
+             "| family, length | policy | budget | retention [95% CI] | lower bound >= target | tried |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, row in sorted(rows.items(), key=lambda kv: (order[kv[0].rsplit("/", 1)[0]], kv[0])):
+        where, policy = key.rsplit("/", 1)
+        reached = row["reached"] or "none"
+        retention = _fmt(row["retention"]) if row["retention"] else "-"
+        lines.append(f"| {where} | {policy} | {reached} | {retention} | {'yes' if row['sure'] else 'no'} | "
+                     f"{', '.join(row['tried'])} |")
+    return lines
 
 
 def _pct(x: float | None) -> str:

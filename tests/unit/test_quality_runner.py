@@ -200,6 +200,9 @@ def test_summary_counts_retention_pairs_and_fidelity(server, tmp_path):
     assert best["reached"] == "0.2" and best["tried"] == ["0.2"]
     table = markdown_tables(summary, protected_tail=0)
     assert f"### doc_qa, {CTX} tokens" in table and "| reference | 1.00" in table
+    smallest = table[table.index("### Smallest budget tried"):]
+    assert f"| doc_qa, {CTX} tokens | laq+history=keep | 0.2 | 1.00 [" in smallest
+    assert f"| doc_qa, {CTX} tokens | snapkv | none | - | no | 0.1 |" in smallest  # some answers lost at 0.1
     plot(summary, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 0
 
