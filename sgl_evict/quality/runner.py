@@ -294,8 +294,18 @@ def run_quality(config: QualityConfig, client: SGLangClient, tokens: Tokens, out
     def late() -> bool:
         return stop_at is not None and time.monotonic() > stop_at
 
+    names = [REFERENCE, *(a.name for a in config.arms)]
+
+    def answered(spec: Job) -> bool:
+        """Every request of ``spec`` is in ``done``: a top-up run need not generate it (0.2 s a 32K prompt)."""
+        if spec.family == "shared_system":  # a group's sessions have their own indices
+            return False
+        turns = config.turns if spec.family in MULTI_TURN else 1
+        return all((spec.family, spec.target, config.seed, spec.index, k, n) in done
+                   for k in range(turns) for n in names)
+
     def job(spec: Job) -> None:
-        if late():
+        if late() or answered(spec):
             return
         for conv in spec.conversations(config, tokens):
             ids = list(tokens.bos)

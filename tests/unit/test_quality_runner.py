@@ -229,6 +229,26 @@ def test_resume_sends_only_the_missing_requests(server, tmp_path):
         second.close()
 
 
+def test_resume_generates_only_the_prompts_it_asks(server, tmp_path, monkeypatch):
+    from sgl_evict.quality import runner
+
+    cfg = config(families=["single"], samples=4)
+    run_quality(cfg, SGLangClient(server.url), Tokens(CharTokenizer()), tmp_path)
+    path = tmp_path / "records.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if not (r["index"] == 2 and r["arm"] == "snapkv@0.1")))
+    generated = []
+    real = runner.Job.conversations
+    monkeypatch.setattr(runner.Job, "conversations", lambda job, *a: generated.append(job.index) or real(job, *a))
+    second = FakeSGLang()
+    try:
+        records = run_quality(cfg, SGLangClient(second.url), Tokens(CharTokenizer()), tmp_path, resume=True)
+        assert len(second.requests) == 1 and len(records) == len(rows)
+        assert sorted(generated) == [0, 2]  # index 0: the up-front length check; 2: the one prompt asked
+    finally:
+        second.close()
+
+
 def test_resume_asks_an_unfinished_conversation_again_from_its_first_turn(server, tmp_path):
     """An arm's later turn must start from its own compressed prefix, which a new server does not hold."""
     cfg = config(families=["doc_qa"], samples=1)
