@@ -36,7 +36,7 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -q)
 dl() { local d=$1; shift; for p in "$@"; do python3 -m pip download "${P[@]}" -d "$d" "$p"; done; }
 hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
-# A device call carries the working tree (tracked files: 17.5 MiB on 2026-12-06, growing with bench/results) and
+# A device call carries the working tree (tracked files: 19 MiB on 2026-12-06, growing with bench/results) and
 # one bundle in one 64 MiB transfer: what is left for a bundle, with 1 MiB to spare
 top=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 tree_mib=$(( ($(cd "$top" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + 1048575) / 1048576 ))

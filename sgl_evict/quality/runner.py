@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -251,9 +252,7 @@ class RecordFile:
         if not self.path.exists():
             return {}
         done = {r.key: r for r in read_records(self.path) if r.error is None}
-        asked: dict[tuple, int] = {}
-        for key in done:
-            asked[_arm_conversation(key)] = asked.get(_arm_conversation(key), 0) + 1
+        asked = Counter(_arm_conversation(key) for key in done)
         arms = {a.name for a in config.arms}
         unfinished = {c for c, n in asked.items()
                       if c[0] in MULTI_TURN and c[0] in config.families and c[1] in config.contexts
