@@ -1,6 +1,6 @@
 """Draws bench/gpu/throughput.py's JSON: throughput bars, latency percentiles, load over time; prints a table.
 
-    python -m bench.plot_throughput bench/results/throughput_DATE.json [--png docs/img/throughput.png]
+    python -m bench.plot_throughput bench/results/throughput_DATE.json[.gz] [--png docs/img/throughput.png]
 
 Two runs of ``throughput.py --only plain`` and ``--only evict`` (same settings otherwise, e.g. one device call each
 for a long run) are joined into one document: ``plot_throughput.py PLAIN.json EVICT.json --merged-json BOTH.json``.
@@ -9,6 +9,7 @@ for a long run) are joined into one document: ``plot_throughput.py PLAIN.json EV
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -151,6 +152,12 @@ def merge_runs(docs: list[dict]) -> dict:
     return merged
 
 
+def read_doc(path: Path) -> dict:
+    """A throughput JSON, or one gzipped (``.json.gz``: the large raw results kept in bench/results)."""
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="throughput.json written by bench/gpu/throughput.py (several: "
@@ -158,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", help="output PNG (default: next to the (first) JSON)")
     parser.add_argument("--merged-json", help="where to write the joined document (several JSON files)")
     args = parser.parse_args(argv)
-    docs = [json.loads(Path(p).read_text()) for p in args.json]
+    docs = [read_doc(Path(p)) for p in args.json]
     try:
         doc = merge_runs(docs) if len(docs) > 1 else docs[0]
     except ValueError as err:
         parser.error(str(err))
     if args.merged_json:
         Path(args.merged_json).write_text(json.dumps(doc, indent=1))
-    png = args.png or str(Path(args.merged_json or args.json[0]).with_suffix(".png"))
+    first = Path(args.merged_json or args.json[0])
+    png = args.png or str((first.with_suffix("") if first.suffix == ".gz" else first).with_suffix(".png"))
     plot(doc, png)
     print(markdown_table(doc))
     readings = readings_table(doc)

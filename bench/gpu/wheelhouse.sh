@@ -36,7 +36,7 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -q)
 dl() { local d=$1; shift; for p in "$@"; do python3 -m pip download "${P[@]}" -d "$d" "$p"; done; }
 hf=${SGL_EVICT_GEMMA_HF:-$HOME/.cache/sgl-evict/gemma3-270m-hf}
-# A device call carries the working tree (tracked files: 19 MiB on 2026-12-06, growing with bench/results) and
+# A device call carries the working tree (tracked files: 15 MiB on 2026-12-06, growing with bench/results) and
 # one bundle in one 64 MiB transfer: what is left for a bundle, with 1 MiB to spare
 top=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 tree_mib=$(( ($(cd "$top" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + 1048575) / 1048576 ))
@@ -45,7 +45,7 @@ part_mib=$((room - 1 < 44 ? room - 1 : 44))  # MiB per GGUF or FlashAttention-3 
 fits() {  # fits BUNDLE_DIR: fails naming both sizes when the bundle and the tree pass one transfer
   local size
   size=$(du -sm "$1" | cut -f1)
-  [ "$size" -le "$room" ] || { echo "wheelhouse.sh: bundle $(basename "$1") is $size MiB and the tracked tree $tree_mib MiB: together past one 64 MiB transfer (move old records out of bench/results, or cut the bundle)" >&2; exit 5; }
+  [ "$size" -le "$room" ] || { echo "wheelhouse.sh: bundle $(basename "$1") is $size MiB and the tracked tree $tree_mib MiB: together past one 64 MiB transfer (gzip large raw results or move old ones out of bench/results, or cut the bundle)" >&2; exit 5; }
 }
 need_tok() {
   [ -f "$hf/tokenizer.json" ] || { echo "wheelhouse.sh: no $hf/tokenizer.json: load Gemma once with sgl_evict.harness.load_gemma3_270m" >&2; exit 4; }

@@ -1,5 +1,6 @@
 """bench/gpu/throughput.py (against a fake ``sglang.launch_server``) and bench/plot_throughput.py, on CPU."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -63,7 +64,8 @@ def _summary(rps, tps, ttft, tpot, running, kv):
     return {"duration_s": 100, "requests_sent": 10, "requests_completed": 9, "requests_cut_at_deadline": 1,
             "errors": 0, "requests_per_s": rps, "output_tokens_per_s": tps, "prompt_tokens_mean": 5000,
             "ttft_s": q(ttft), "tpot_s": q(tpot), "latency_s": q(1.0), "cache_hit_rate": 0.8,
-            "retracted_requests": 0, "peak_in_flight": 48, "peak_running_reqs": running, "mean_running_reqs": running / 2,
+            "retracted_requests": 0, "peak_in_flight": 48, "peak_running_reqs": running,
+            "mean_running_reqs": running / 2,
             "peak_used_kv_tokens": kv, "mean_used_kv_tokens": kv / 2, "max_total_kv_tokens": 120000}
 
 
@@ -100,6 +102,15 @@ def test_plot_cli_and_failed_config(tmp_path):
     assert main([str(path)]) == 0
     assert (tmp_path / "run.png").exists()
     assert "| evict | failed: not healthy |" in markdown_table(doc)
+
+
+def test_plot_cli_reads_a_gzipped_json(tmp_path):
+    from bench.plot_throughput import main
+
+    path = tmp_path / "run.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(_doc()).encode()))
+    assert main([str(path)]) == 0
+    assert (tmp_path / "run.png").exists()
 
 
 def _single(config: str, **settings) -> dict:
@@ -159,7 +170,7 @@ def test_runs_plain_then_evict_against_a_fake_server(tmp_path):
         lines = [json.loads(x) for x in (out / f"server-{name}.log").read_text().splitlines() if x.startswith("{")]
         return lines[0]["start"], lines[-1]["stop"]
 
-    (p_start, p_stop), (e_start, _) = times("plain"), times("evict")
+    (_, p_stop), (e_start, _) = times("plain"), times("evict")
     assert p_stop < e_start, "the servers must run one after the other"
     assert json.loads((out / "server-plain.log").read_text().splitlines()[0])["SGLANG_PLUGINS"] == "not-sgl-evict"
     assert (out / "throughput.png").exists()
