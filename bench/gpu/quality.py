@@ -14,6 +14,9 @@ turn starts after it), idles 15 s and checks that the server is alive with no le
 
 Writes to ``--out``: ``records.jsonl`` (every request), ``quality.json`` (command, commit, device, versions, seeds,
 server command, checks, summary), ``quality.md`` (tables) and the server log. Exit status 1 when a check fails.
+
+``--left`` starts nothing: it prints how many of the run's prompts (conversations, groups) the ``--resume-from``
+records leave to ask and exits 0, or 10 when none is left (``quality_many.sh`` then skips the driver).
 """
 
 from __future__ import annotations
@@ -30,11 +33,34 @@ from pathlib import Path
 from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 from sgl_evict.quality.client import SGLangClient
 from sgl_evict.quality.report import load_records, markdown_tables, summarize
-from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, run_quality
+from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, jobs_left, plan_jobs, resumable, run_quality
 from sgl_evict.quality.tasks import ANSWER_TOKENS
 
 PORT = 31400
 WINDOW, SINKS = 32, 4
+NOTHING_LEFT = 10  # --left's exit status when the resumed records answer the whole run
+
+
+def _config(args: argparse.Namespace) -> QualityConfig:
+    config = QualityConfig(families=args.families.split(","), contexts=[int(c) for c in args.contexts.split(",")],
+                           samples=args.samples, arms=[Arm.parse(a) for a in args.arms.split(",") if a],
+                           seed=args.seed, turns=args.turns, group_size=args.group_size, horizon=args.horizon,
+                           concurrency=args.concurrency)
+    config.validate()
+    return config
+
+
+def print_left(args: argparse.Namespace) -> int:
+    """``--left``: the run's jobs that its ``--resume-from`` records leave (no server, no model)."""
+    try:
+        config = _config(args)
+        paths = [Path(p) for p in args.resume_from.split(",") if p]
+        earlier = load_records(*paths) if paths else []
+    except ValueError as err:
+        raise SystemExit(f"quality: {err}") from None
+    left, total = jobs_left(config, resumable(earlier, config)), plan_jobs(config)
+    print(f"quality: {len(left)} of {len(total)} prompts left to ask")
+    return 0 if left else NOTHING_LEFT
 
 
 def server_args(model: Path, context: int, soft_tokens: str, granularity: str, extra: list[str],
@@ -80,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                              "earlier runs with the same seed: the requests they answered are not asked again, and "
                              "they count in the summary")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/quality"))
+    parser.add_argument("--left", action="store_true",
+                        help="start nothing: print how many prompts the --resume-from records leave to ask; "
+                             f"exit {NOTHING_LEFT} when none")
     args = parser.parse_args(argv)
+    if args.left:
+        return print_left(args)
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = Tokens(AutoTokenizer.from_pretrained(model))
     # the tail the server protects: the model's sliding window (HF's window = SGLang's window_left + 1)
     tail = int(json.loads((model / "config.json").read_text()).get("sliding_window") or 0)
-    config = QualityConfig(families=args.families.split(","), contexts=contexts, samples=args.samples, arms=arms,
-                           seed=args.seed, turns=args.turns, group_size=args.group_size, horizon=args.horizon,
-                           concurrency=args.concurrency)
-    config.validate()
+    config = _config(args)
     soft = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
     context = max(contexts) + args.turns * ANSWER_TOKENS + args.horizon + 64
     server = Server("quality", args.port,

@@ -12,7 +12,8 @@
 # was free before it (model_runner's profile_max_num_token), so servers starting together would each count the
 # same free memory; a high fraction keeps that difference positive and --max-total-tokens caps what each takes
 # (N x 18.4 KB on Gemma 3 270M; leave a few GB per server for CUDA graphs and activations). All drivers start at
-# once. Exit status 1 when a driver failed.
+# once, but one whose --resume-from records leave nothing to ask (bench.gpu.quality --left) is skipped. Exit
+# status 1 when a driver failed.
 set -uo pipefail
 [ $# -ge 3 ] && [ $(($# % 2)) -eq 1 ] || { echo "usage: $0 ARCHIVE NAME ARGS [NAME ARGS ...]" >&2; exit 2; }
 archive=$1
@@ -21,15 +22,22 @@ work=/tmp/quality-many
 rm -rf "$work" && mkdir -p "$work"
 pids=() names=()
 i=0
+status=0
 while [ $# -gt 0 ]; do
   name=$1 args=$2
   shift 2
+  # a driver whose --resume-from records already answer its whole run starts no server
   # shellcheck disable=SC2086  # the driver's arguments are one string on purpose, split here
+  left=$(python3 -m bench.gpu.quality $args --left 2>&1)
+  rc=$?
+  echo "== $name: ${left##*$'\n'}"
+  [ "$rc" -eq 10 ] && continue
+  [ "$rc" -eq 0 ] || { status=1; continue; }
+  # shellcheck disable=SC2086
   python3 -m bench.gpu.quality $args --port $((31400 + 10 * i)) --out "$work/$name" >"$work/$name.log" 2>&1 &
   pids+=($!) names+=("$name")
   i=$((i + 1))
 done
-status=0
 for k in "${!pids[@]}"; do
   wait "${pids[$k]}"
   rc=$?

@@ -221,6 +221,36 @@ def requests_in(jobs: list[Job], config: QualityConfig) -> int:
     return sum(j.requests(config) for j in jobs)
 
 
+def answered(job: Job, config: QualityConfig, done: dict[tuple, Record]) -> bool:
+    """Every request of ``job`` is in ``done``, so a resumed run need not generate it (0.2 s a 32K prompt).
+    Never for a ``shared_system`` group, whose sessions have indices of their own."""
+    if job.family == "shared_system":
+        return False
+    turns = config.turns if job.family in MULTI_TURN else 1
+    names = [REFERENCE, *(a.name for a in config.arms)]
+    return all((job.family, job.target, config.seed, job.index, k, n) in done for k in range(turns) for n in names)
+
+
+def jobs_left(config: QualityConfig, done: dict[tuple, Record]) -> list[Job]:
+    """The jobs of the run that a run resumed from ``done`` (see :func:`resumable`) would still take up."""
+    return [j for j in plan_jobs(config) if not answered(j, config, done)]
+
+
+def resumable(records: Iterable[Record], config: QualityConfig) -> dict[tuple, Record]:
+    """The records a run of ``config`` resumes from, by key: those that got an answer (failed ones are asked
+    again), less the turns of a multi-turn conversation an arm of ``config`` did not finish: its next turn must
+    start from the compressed prefix its own earlier turns left in the server's radix cache, which a new run (a
+    new server, new namespaces) does not have, so the arm asks the conversation again from its first turn.
+    Records this run would not ask (other seeds, lengths, arms) stay as they are."""
+    done = {r.key: r for r in records if r.error is None}
+    asked = Counter(_arm_conversation(key) for key in done)
+    arms = {a.name for a in config.arms}
+    unfinished = {c for c, n in asked.items()
+                  if c[0] in MULTI_TURN and c[0] in config.families and c[1] in config.contexts
+                  and c[2] == config.seed and c[4] in arms and c[3] < config.samples and n < config.turns}
+    return {k: r for k, r in done.items() if _arm_conversation(k) not in unfinished}
+
+
 def read_records(path: Path) -> list[Record]:
     """Every record in ``path`` (``records.jsonl``, or a gzipped ``.jsonl.gz`` as kept in bench/results), in
     order; ValueError naming the line that is no record."""
@@ -244,20 +274,12 @@ class RecordFile:
         self.lock = threading.Lock()
 
     def load(self, config: QualityConfig) -> dict[tuple, Record]:
-        """The requests that got an answer (failed ones are asked again), less the turns of a multi-turn
-        conversation an arm of ``config`` did not finish: its next turn must start from the compressed prefix its
-        own earlier turns left in the server's radix cache, which a new run (a new server, new namespaces) does
-        not have, so the arm asks the conversation again from its first turn. Records this run would not ask
-        (other seeds, lengths, arms) stay as they are. The file is rewritten without the dropped turns."""
+        """What a run of ``config`` resumes from (:func:`resumable`); the file is rewritten without the turns of
+        the conversations it will ask again."""
         if not self.path.exists():
             return {}
         done = {r.key: r for r in read_records(self.path) if r.error is None}
-        asked = Counter(_arm_conversation(key) for key in done)
-        arms = {a.name for a in config.arms}
-        unfinished = {c for c, n in asked.items()
-                      if c[0] in MULTI_TURN and c[0] in config.families and c[1] in config.contexts
-                      and c[2] == config.seed and c[4] in arms and c[3] < config.samples and n < config.turns}
-        kept = {k: r for k, r in done.items() if _arm_conversation(k) not in unfinished}
+        kept = resumable(done.values(), config)
         if len(kept) < len(done):
             self.path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in kept.values()))
         return kept
@@ -293,18 +315,8 @@ def run_quality(config: QualityConfig, client: SGLangClient, tokens: Tokens, out
     def late() -> bool:
         return stop_at is not None and time.monotonic() > stop_at
 
-    names = [REFERENCE, *(a.name for a in config.arms)]
-
-    def answered(spec: Job) -> bool:
-        """Every request of ``spec`` is in ``done``: a top-up run need not generate it (0.2 s a 32K prompt)."""
-        if spec.family == "shared_system":  # a group's sessions have their own indices
-            return False
-        turns = config.turns if spec.family in MULTI_TURN else 1
-        return all((spec.family, spec.target, config.seed, spec.index, k, n) in done
-                   for k in range(turns) for n in names)
-
     def job(spec: Job) -> None:
-        if late() or answered(spec):
+        if late() or answered(spec, config, done):
             return
         for conv in spec.conversations(config, tokens):
             ids = list(tokens.bos)

@@ -60,3 +60,38 @@ def test_resumes_from_several_record_files_merged(tmp_path, checkpoint):
                    for line in (out / "server-quality.log").read_text().splitlines())  # nothing asked again
     missing = run_driver(tmp_path, checkpoint, tmp_path / "x", "--resume-from", str(tmp_path / "nope.jsonl"))
     assert missing.returncode != 0 and "--resume-from" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_left_counts_what_the_resumed_records_leave(tmp_path, checkpoint):
+    first = tmp_path / "first"
+    assert run_driver(tmp_path, checkpoint, first).returncode == 0
+    records = first / "records.jsonl"
+    done = run_driver(tmp_path, checkpoint, tmp_path / "x", "--resume-from", str(records), "--left")
+    assert done.returncode == 10 and "0 of 4 prompts left" in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())  # no server, nothing written
+    lines = records.read_text().splitlines()
+    keep = [x for x in lines if not (json.loads(x)["family"] == "doc_qa" and json.loads(x)["index"] == 1
+                                     and json.loads(x)["turn"] == 1 and json.loads(x)["arm"] == "laq@0.2")]
+    keep = [x for x in keep if not (json.loads(x)["family"] == "single" and json.loads(x)["index"] == 0
+                                    and json.loads(x)["arm"] == "reference")]
+    assert len(keep) == len(lines) - 2
+    (tmp_path / "part.jsonl").write_text("\n".join(keep) + "\n")
+    # one single-turn prompt lacks its reference; one conversation's arm stopped after its first turn
+    left = run_driver(tmp_path, checkpoint, tmp_path / "y", "--resume-from", str(tmp_path / "part.jsonl"), "--left")
+    assert left.returncode == 0 and "2 of 4 prompts left" in left.stdout, left.stdout + left.stderr
+    missing = run_driver(tmp_path, checkpoint, tmp_path / "z", "--resume-from", str(tmp_path / "no.jsonl"), "--left")
+    assert missing.returncode not in (0, 10) and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_quality_many_skips_a_driver_with_nothing_left(tmp_path, checkpoint):
+    first = tmp_path / "first"
+    assert run_driver(tmp_path, checkpoint, first).returncode == 0
+    args = (f"--model {checkpoint} --families single,doc_qa --contexts 400 --samples 2 --turns 2 "
+            f"--arms snapkv@0.1,laq@0.2 --seed 5 --idle 0 --resume-from {first / 'records.jsonl'}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_sglang"), str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "quality_many.sh"), str(tmp_path / "q.tgz"),
+                           "done", args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== done: quality: 0 of 4 prompts left to ask" in proc.stdout and "driver exit" not in proc.stdout
+    assert (tmp_path / "q.tgz").exists()
