@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=48)
     parser.add_argument("--granularity", choices=("uniform", "per_layer"), default="uniform")
     parser.add_argument("--soft-tokens", default="", help="judgeq soft-token file (needed by judgeq arms)")
-    parser.add_argument("--server-extra", default="", help="more server flags, space-separated")
+    parser.add_argument("--server-extra", action="append", default=[],
+                        help="more server flags, space-separated; repeatable, so that quality_many.sh (which "
+                             "splits a driver's arguments on spaces) can pass several: --server-extra=--a=1 "
+                             "--server-extra=--b=2")
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--mem-fraction", type=float, default=0.7,
                         help="the server's --mem-fraction-static (lower it to run several drivers on one GPU)")
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     soft = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
     context = max(contexts) + args.turns * ANSWER_TOKENS + args.horizon + 64
     server = Server("quality", args.port,
-                    server_args(model, context, soft, args.granularity, args.server_extra.split(), args.mem_fraction),
+                    server_args(model, context, soft, args.granularity,
+                                [f for extra in args.server_extra for f in extra.split()], args.mem_fraction),
                     out)
     report = {"command": "python3 -m bench.gpu.quality " + " ".join(sys.argv[1:] if argv is None else argv),
               "commit": args.commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

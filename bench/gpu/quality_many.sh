@@ -6,11 +6,11 @@
 #   bash bench/gpu/quality_many.sh ARCHIVE NAME1 "DRIVER ARGS 1" [NAME2 "DRIVER ARGS 2" ...]
 #
 # Driver i serves on port 31400 + 10 i and writes /tmp/quality-many/NAMEi/ (records.jsonl.gz, quality.json,
-# quality.md, the server log) and NAMEi.log; ARCHIVE (.tar.gz) holds them all. Give every driver its
-# --seed, --deadline and --commit, and a KV pool of its own size: --mem-fraction 0.85
-# --server-extra=--max-total-tokens=N. SGLang sizes its pool as what is free after loading minus a share of what
-# was free before it (model_runner's profile_max_num_token), so servers starting together would each count the
-# same free memory; a high fraction keeps that difference positive and --max-total-tokens caps what each takes
+# quality.md, the server log) and NAMEi.log; ARCHIVE (.tar.gz) holds them all. Give every driver its --seed,
+# --deadline and --commit, and a KV pool of its own size: --mem-fraction 0.85 --server-extra=--max-total-tokens=N
+# (repeat --server-extra for more flags). SGLang sizes its pool as what is free after loading minus a share of
+# what was free before it (model_runner's profile_max_num_token), so servers starting together would each count
+# the same free memory; a high fraction keeps that difference positive and --max-total-tokens caps what each takes
 # (N x 18.4 KB on Gemma 3 270M; leave a few GB per server for CUDA graphs and activations). All drivers start at
 # once, but one whose --resume-from records leave nothing to ask (bench.gpu.quality --left) is skipped. Exit
 # status 1 when a driver failed.

@@ -31,9 +31,13 @@ def run_driver(tmp_path, checkpoint, out, *extra):
 
 def test_runs_the_suite_against_a_fake_server_and_writes_its_results(tmp_path, checkpoint):
     out = tmp_path / "out"
-    proc = run_driver(tmp_path, checkpoint, out)
+    # --server-extra repeats: quality_many.sh splits a driver's arguments on spaces
+    proc = run_driver(tmp_path, checkpoint, out, "--server-extra=--max-total-tokens=9000",
+                      "--server-extra=--cuda-graph-max-bs=16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((out / "quality.json").read_text())
+    argv = json.loads((out / "server-quality.log").read_text().splitlines()[0])["argv"]
+    assert argv[-2:] == ["--max-total-tokens=9000", "--cuda-graph-max-bs=16"]
     assert doc["commit"] == "abc123" and doc["config"]["seed"] == 5 and "--kv-evict-policy snapkv" in doc["server"]
     assert doc["requests"] == (2 * 1 + 2 * 2) * 3 and all(c["ok"] for c in doc["checks"].values())
     assert set(doc["summary"]["cells"]) == {f"{f}/400/{a}" for f in ("single", "doc_qa")
