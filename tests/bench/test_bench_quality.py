@@ -73,13 +73,11 @@ def test_left_counts_what_the_resumed_records_leave(tmp_path, checkpoint):
     done = run_driver(tmp_path, checkpoint, tmp_path / "x", "--resume-from", str(records), "--left")
     assert done.returncode == 10 and "0 of 4 prompts left" in done.stdout, done.stdout + done.stderr
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())  # no server, nothing written
-    lines = records.read_text().splitlines()
-    keep = [x for x in lines if not (json.loads(x)["family"] == "doc_qa" and json.loads(x)["index"] == 1
-                                     and json.loads(x)["turn"] == 1 and json.loads(x)["arm"] == "laq@0.2")]
-    keep = [x for x in keep if not (json.loads(x)["family"] == "single" and json.loads(x)["index"] == 0
-                                    and json.loads(x)["arm"] == "reference")]
-    assert len(keep) == len(lines) - 2
-    (tmp_path / "part.jsonl").write_text("\n".join(keep) + "\n")
+    rows = [json.loads(x) for x in records.read_text().splitlines()]
+    dropped = [("doc_qa", 1, 1, "laq@0.2"), ("single", 0, 0, "reference")]  # (family, index, turn, arm)
+    keep = [r for r in rows if (r["family"], r["index"], r["turn"], r["arm"]) not in dropped]
+    assert len(keep) == len(rows) - 2
+    (tmp_path / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     # one single-turn prompt lacks its reference; one conversation's arm stopped after its first turn
     left = run_driver(tmp_path, checkpoint, tmp_path / "y", "--resume-from", str(tmp_path / "part.jsonl"), "--left")
     assert left.returncode == 0 and "2 of 4 prompts left" in left.stdout, left.stdout + left.stderr
