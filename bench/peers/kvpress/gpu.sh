@@ -13,10 +13,12 @@
 #   KVPRESS_PER_GPU=8                    processes per GPU; KVPRESS_SHARDS (default GPUs x KVPRESS_PER_GPU) sets N
 #                                        itself: keep N the same over the calls that resume one run
 #   KVPRESS_DEADLINE=530                 seconds after this script's start when the shards are stopped
-#   KVPRESS_RESUME=FOLDER                shard JSONs of an earlier call (carried back in): copied to OUT, continued
+#   KVPRESS_RESUME=FOLDER                an earlier call's CONTEXT_shards.tgz (or its shard JSONs), carried back
+#                                        in: unpacked or copied to OUT and continued
 #   KVPRESS_DEVICE=cuda                 cpu: the same on the CPU, one process group (a local check of this script)
-#   OUT (the device tool sets it)        shard JSONs and logs, the merged kvpress_<date>_cuda_gemma3-270m_<K>k.json.gz
-#                                        and its tables (default /tmp/kvpress-out)
+#   OUT (the device tool sets it)        kvpress_cuda_CONTEXT_shards.tgz (the shard JSONs and logs), the merged
+#                                        kvpress_<date>_cuda_gemma3-270m_<K>k.json.gz and its tables, convert.log
+#                                        (default /tmp/kvpress-out)
 set -euo pipefail
 CONTEXT=${1:?usage: gpu.sh CONTEXT PROMPTS [run.py args ...]}
 PROMPTS=${2:?usage: gpu.sh CONTEXT PROMPTS [run.py args ...]}
@@ -50,8 +52,13 @@ if [ "$DEVICE" = cpu ]; then G=1; else G=$(python3 -c 'import torch; print(torch
 N=${KVPRESS_SHARDS:-$(( G * ${KVPRESS_PER_GPU:-8} ))}
 NAME="kvpress_${DEVICE}_${CONTEXT}"
 if [ -n "${KVPRESS_RESUME:-}" ]; then
+  # an earlier call's shards: its archive as it came back, or the shard JSONs themselves
+  packed="$KVPRESS_RESUME/${NAME}_shards.tgz"
+  [ ! -f "$packed" ] || tar xzf "$packed" -C "$OUTDIR" --wildcards "${NAME}_shard*-of-$N.json" \
+    || { echo "gpu.sh: $packed holds no shard of $N (N must stay the same over one run)" >&2; exit 2; }
   n=0
-  for f in "$KVPRESS_RESUME/${NAME}"_shard*-of-"$N".json; do [ -f "$f" ] && cp "$f" "$OUTDIR/" && n=$((n + 1)); done
+  for f in "$KVPRESS_RESUME/${NAME}"_shard*-of-"$N".json; do [ -f "$f" ] && cp "$f" "$OUTDIR/"; done
+  for f in "$OUTDIR/${NAME}"_shard*-of-"$N".json; do [ -f "$f" ] && n=$((n + 1)); done
   echo "[gpu.sh] resuming $n shard files of $N from $KVPRESS_RESUME" >&2
 fi
 left=$(( ${KVPRESS_DEADLINE:-530} - ($(date +%s) - start) ))
@@ -82,7 +89,10 @@ echo "[gpu.sh] shards: $((N - stopped - failed)) finished, $stopped stopped at t
 merged="$OUTDIR/kvpress_$(date -u +%F)_${DEVICE}_gemma3-270m_$((CONTEXT / 1024))k.json.gz"
 shards=("$OUTDIR/${NAME}"_shard*-of-"$N".json)
 if [ -f "${shards[0]}" ]; then
-  python3 -m bench.peers.kvpress.merge --out "$merged" "${shards[@]}" > "$OUTDIR/${NAME}_tables.md"
+  python3 -m bench.peers.kvpress.merge --out "$merged" "${shards[@]}" > "$OUTDIR/${NAME}_tables.md" \
+    || { echo "[gpu.sh] merge failed" >&2; failed=$((failed + 1)); }
   head -c 3000 "$OUTDIR/${NAME}_tables.md"
+  # a device call brings back at most 8 files: the shards' JSONs and logs travel as one archive
+  (cd "$OUTDIR" && tar czf "${NAME}_shards.tgz" --remove-files "${NAME}"_shard*-of-"$N".*)
 fi
 [ "$failed" = 0 ]
