@@ -7,10 +7,10 @@ layered allocator (``sgl_evict.engine.layered_allocator``, ``--kv-evict-granular
 group-slots and the counts it reads are rounded token-equivalents (``available_size() = min(free logical, free
 group-slots // G)``, the tree's ``evictable_size_ // G``), so the sum misses by a few tokens once some token lost
 some groups: a false leak. The hook compares **group-slots** instead: free group-slots + the tree's evictable and
-protected group-slots (the radix hooks count them, ``patches/radix_cache.py``) == the heap. KV held outside the tree
-(running requests: ``uncached`` > 0, the busy check; session-held tokens) would have to be counted from its rows
-after per-group eviction; that is not built, and the check is skipped then rather than misreported. With a plain
-allocator the hook is SGLang's check unchanged.
+protected group-slots (the radix tree counts them: ``sgl_evict/engine/hole_radix_cache.py``) == the heap. KV held
+outside the tree (running requests: ``uncached`` > 0, the busy check; session-held tokens) would have to be counted
+from its rows after per-group eviction; that is not built, and the check is skipped then rather than misreported.
+With a plain allocator the hook is SGLang's check unchanged.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """laq inside the server: the hooks that carry a request from prefill through its lookahead steps to eviction.
 
 After prefill a laq request is *pending* (:mod:`sgl_evict.engine.lookahead`): the snapkv keep-set is only hidden
-from its first ``lookahead_steps`` decode forwards, its row keeps every slot. Registered by :mod:`sgl_evict.plugin`:
+from its first ``lookahead_steps`` decode forwards, its row keeps every slot, and the radix tree leaves its prompt
+to it (:meth:`sgl_evict.engine.hole_radix_cache.HoleAwareRadixCache.cache_unfinished_req`). Registered by
+:mod:`sgl_evict.plugin`:
 
-- ``sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req`` (AROUND, :func:`cache_unfinished_req_around`):
-  at prefill end SGLang inserts the prompt into the radix tree, which then owns its slots, so the eviction after
-  the lookahead could only hide them. A pending request keeps its prompt instead, as SGLang's ``ChunkCache`` does
-  (``prefix_indices`` = its own row; ``cache_protected_len`` and ``last_node`` stay those of its matched prefix):
-  its final ``cache_finished_req`` inserts the row, holes and all, and frees what it owns, as for any request.
-  A request of a sliding-window model whose insert would bring the tree's holes into its protected tail
-  (:func:`sgl_evict.patches.radix_cache.tree_holes_in_tail`) keeps its prompt the same way.
 - ``sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free`` (BEFORE, :func:`req_row_free_before`): every way a
   request leaves (finished, aborted, retracted) ends by freeing its row there. A request that leaves while pending
   drops its entry, so its row can be handed to another request; it kept its full cache, which SGLang releases
@@ -29,24 +24,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from sgl_evict.engine.evict_batch import evict_after_lookahead
 from sgl_evict.engine.runtime import STATE
-from sgl_evict.patches.radix_cache import tree_holes_in_tail
 from sgl_evict.patches.scheduler import pool_arguments
 
 logger = logging.getLogger("sgl_evict")
 
 #: pending laq requests one decode graph replay can gather queries for; more in one batch run eagerly
 GRAPH_CAPACITY = 32
-
-
-def cache_unfinished_req_around(original, cache, req, *args, **kwargs):
-    if not STATE.enabled or (STATE.pending_of(req) is None and not tree_holes_in_tail(cache, req)):
-        return original(cache, req, *args, **kwargs)
-    row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(req.get_fill_ids())]
-    req.prefix_indices = row.to(dtype=torch.int64, copy=True)
 
 
 def req_row_free_before(pool, req, *args, **kwargs):

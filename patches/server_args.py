@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import logging
 
-from sgl_evict.config import GRANULARITIES, HISTORY_RULES, POLICY_NAMES, EvictionConfig
+from sgl_evict.config import GRANULARITIES, HISTORY_RULES, POLICY_NAMES, RADIX_CACHE_BACKEND, EvictionConfig
 from sgl_evict.env import env_setting
 from sgl_evict.selection import Budget
 
@@ -126,6 +126,11 @@ def add_cli_args_after(result, parser: argparse.ArgumentParser):
 _UNSUPPORTED_WITH_EVICTION = (
     ("--speculative-algorithm", (None,), "draft and verify forwards would read the compacted rows untested"),
     ("--enable-hierarchical-cache", (False,), "the host-memory radix cache does not know about holes"),
+    ("--enable-lmcache", (False,), "LMCache's radix cache does not know about holes"),
+    ("--enable-flexkv", (False,), "FlexKV's radix cache does not know about holes"),
+    # "sgl-evict" is RADIX_CACHE_BACKEND, written out: tests/unit/test_docs_refusals.py reads this tuple as a literal
+    ("--radix-cache-backend", (None, "sgl-evict"),
+     "eviction selects its own radix cache, sgl-evict: another tree would count holes as memory"),
     ("--enable-dp-attention", (False,), "not run with eviction"),
     ("--pp-size", (1,), "not run with eviction"),
     ("--kv-cache-dtype", ("auto", "bf16", "bfloat16", "fp16", "float16"), "the scoring kernel reads 16-bit keys"),
@@ -304,9 +309,12 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
         args.disable_overlap_schedule = True
         args.cuda_graph_backend_prefill = "disabled"
         args.disable_hybrid_swa_memory = True
+        # the radix tree that counts live slots, not tokens (sgl_evict.engine.hole_radix_cache), from SGLang's
+        # radix-cache registry, where the plugin put it
+        args.radix_cache_backend = RADIX_CACHE_BACKEND
         logging.getLogger("sgl_evict").info(
             "kv eviction %s (budget %s): overlap scheduling, prefill CUDA graphs and the hybrid SWA memory pool are "
-            "turned off", config.policy, config.budget)
+            "turned off; radix cache: %s", config.policy, config.budget, RADIX_CACHE_BACKEND)
     server_args = original(cls, args)
     try:
         config = check_per_layer_support(config, server_args)

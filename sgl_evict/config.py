@@ -14,6 +14,9 @@ from sgl_evict.selection import Budget
 #: the registered policies (:data:`sgl_evict.policies.POLICIES`), in registration order
 POLICY_NAMES = tuple(POLICIES)
 GRANULARITIES = ("uniform", "per_layer")
+#: the name SGLang's radix-cache registry knows the hole-aware tree by (``--radix-cache-backend``), which every
+#: evicting server selects (sgl_evict.engine.hole_radix_cache)
+RADIX_CACHE_BACKEND = "sgl-evict"
 #: what a request that starts from a cached compressed prefix (a later turn) does with it: ``rescore`` the whole
 #: history to the budget of its full length, or ``keep`` the prefix as the radix cache holds it and spend the
 #: budget on its own new tokens (docs/quality.md measures both)

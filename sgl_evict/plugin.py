@@ -2,10 +2,14 @@
 
 SGLang calls :func:`register` through ``sglang.srt.plugins.load_plugins`` in ``launch_server`` before it
 parses arguments and again in every scheduler process; ``HookRegistry.apply_hooks`` then applies the hooks. Every
-SGLang symbol the plugin wraps is one row of :func:`hook_table`; each hook module in ``patches/`` says why.
+SGLang symbol the plugin wraps is one row of :func:`hook_table`; each hook module in ``patches/`` says why. The
+radix tree is not hooked: :func:`register` adds SGLang's ``RadixCache`` subclassed
+(:class:`sgl_evict.engine.hole_radix_cache.HoleAwareRadixCache`) to SGLang's radix-cache registry, and an evicting
+server selects it (``--radix-cache-backend sgl-evict``, set by ``patches/server_args.py``).
 
 SGLang logs and skips a hook whose target is missing, which would leave eviction half installed (a hole freed as
-slot -1, say). So :func:`register` first checks the SGLang version and resolves every target; when one fails it
+slot -1, say), and a subclass method whose base method was renamed would never be called. So :func:`register`
+first checks the SGLang version and resolves every target and every :data:`SUBCLASSED` symbol; when one fails it
 installs nothing but the flags, and a launch that asks for eviction is refused naming the symbol and the supported
 SGLang version (a launch without eviction runs as plain SGLang).
 """
@@ -25,6 +29,18 @@ _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 _RESULTS = "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
 _RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
 _REQ_TO_TOKEN = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool"
+_RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
+#: SGLang symbols the plugin builds on without hooking them: the radix-cache registry and ServerArgs field that
+#: select a tree, and the RadixCache methods HoleAwareRadixCache overrides (a test keeps the list in step)
+SUBCLASSED = (
+    "sglang.srt.mem_cache.registry.register_radix_cache_backend",
+    "sglang.srt.mem_cache.registry.get_radix_cache_factory",
+    "sglang.srt.mem_cache.registry.default_radix_cache_factory",
+    f"{SERVER_ARGS}.radix_cache_backend",
+    *(f"{_RADIX}.{method}" for method in (
+        "_insert_helper", "inc_lock_ref", "dec_lock_ref", "_delete_leaf", "evict", "total_size", "evictable_size",
+        "protected_size", "_split_node", "match_prefix", "cache_unfinished_req")),
+)
 
 logger = logging.getLogger("sgl_evict")
 
@@ -43,24 +59,14 @@ def hook_table() -> tuple[Hook, ...]:
     """Every hook of the plugin, in registration order."""
     from sgl_evict.patches import flashinfer_lse, invariant_checker, layered_backend, layered_pool, radix_cache
 
-    radix, alloc, paged = radix_cache.RADIX_CACHE, radix_cache.TOKEN_ALLOCATOR, radix_cache.PAGED_ALLOCATOR
+    alloc, paged = radix_cache.TOKEN_ALLOCATOR, radix_cache.PAGED_ALLOCATOR
     return (
         # --kv-evict-* flags and the one EvictionConfig (patches/server_args.py)
         Hook(f"{SERVER_ARGS}.add_cli_args", "server_args.add_cli_args_after", "after"),
         Hook(f"{SERVER_ARGS}.from_cli_args", "server_args.from_cli_args_around", "around"),
-        # radix cache and allocators with holes (patches/radix_cache.py)
+        # allocators with holes, and the request's radix namespace (patches/radix_cache.py)
         Hook(f"{alloc}.free", "radix_cache.token_free_before", "before"),
         Hook(f"{paged}._release_page_ids", "radix_cache.paged_release_before", "before"),
-        Hook(f"{radix}._insert_helper", "radix_cache.insert_helper_around", "around"),
-        Hook(f"{radix}.inc_lock_ref", "radix_cache.inc_lock_ref_around", "around"),
-        Hook(f"{radix}.dec_lock_ref", "radix_cache.dec_lock_ref_around", "around"),
-        Hook(f"{radix}._delete_leaf", "radix_cache.delete_leaf_around", "around"),
-        Hook(f"{radix}.evict", "radix_cache.evict_around", "around"),
-        Hook(f"{radix}.total_size", "radix_cache.live_total_size", "replace"),
-        Hook(f"{radix}.evictable_size", "radix_cache.evictable_size_in_tokens", "replace"),
-        Hook(f"{radix}.protected_size", "radix_cache.protected_size_in_tokens", "replace"),
-        Hook(f"{radix}._split_node", "radix_cache.split_node_after", "after"),
-        Hook(f"{radix}.match_prefix", "radix_cache.match_prefix_around", "around"),
         Hook(f"{radix_cache.REQ}.__init__", "radix_cache.req_init_after", "after"),
         # the scheduler's memory check over a layered pool (patches/invariant_checker.py)
         Hook(f"{invariant_checker.CHECKER}._check_full_pool", "invariant_checker.check_full_pool_around", "around"),
@@ -81,7 +87,6 @@ def hook_table() -> tuple[Hook, ...]:
         Hook(f"{layered_backend.BACKEND_SETUP}._build_full_attention_backend_from_str",
              "layered_backend.build_full_attention_backend_around", "around"),
         # laq: pending requests from prefill through their lookahead steps to eviction (patches/lookahead.py)
-        Hook(f"{radix}.cache_unfinished_req", "lookahead.cache_unfinished_req_around", "around"),
         Hook(f"{_REQ_TO_TOKEN}.free", "lookahead.req_row_free_before", "before"),
         Hook(f"{_RUNNER}.init_cuda_graphs", "lookahead.init_cuda_graphs_before", "before"),
         Hook("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
@@ -124,14 +129,14 @@ def unsupported(hooks: tuple[Hook, ...], version: str | None) -> str | None:
     if version != SUPPORTED_SGLANG and env_setting("SGL_EVICT_ANY_SGLANG") != "1":
         return (f"sgl-evict {_own_version()} supports SGLang {SUPPORTED_SGLANG} only, this is SGLang {version} "
                 "(SGL_EVICT_ANY_SGLANG=1 tries anyway)")
-    for hook in hooks:
+    for target in (*(hook.target for hook in hooks), *SUBCLASSED):
         try:
-            resolve(hook.target)
+            resolve(target)
         except LookupError as err:
-            return (f"SGLang {version} has no {err.args[0]} (hooked as {hook.target}); sgl-evict {_own_version()} "
+            return (f"SGLang {version} has no {err.args[0]} (used as {target}); sgl-evict {_own_version()} "
                     f"supports SGLang {SUPPORTED_SGLANG}")
         except Unverifiable as err:
-            logger.debug("sgl-evict: hook target %s not checked here (%s)", hook.target, err)
+            logger.debug("sgl-evict: target %s not checked here (%s)", target, err)
     return None
 
 
@@ -151,6 +156,18 @@ def register() -> None:
         module, function = hook.hook.split(".")
         fn = getattr(importlib.import_module(f"sgl_evict.patches.{module}"), function)
         HookRegistry.register(hook.target, fn, HookType[hook.kind.upper()])
+    register_radix_cache()
+
+
+def register_radix_cache() -> None:
+    """Adds the hole-aware tree to SGLang's radix-cache registry (once a process: the registry refuses a name twice,
+    and ``load_plugins`` may run again in one process)."""
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    from sgl_evict.engine import hole_radix_cache
+
+    if get_radix_cache_factory(hole_radix_cache.BACKEND) is None:
+        register_radix_cache_backend(hole_radix_cache.BACKEND, hole_radix_cache.build)
 
 
 def _sglang_version() -> str | None:

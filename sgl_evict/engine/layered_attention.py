@@ -89,7 +89,7 @@ class LayeredTritonAttnBackend(TritonAttnBackend):
         sliding-window layers): SGLang's list (the last ``sliding_window_size`` entries of each compacted row,
         logical slots) translated, not compacted.
         Every group keeps the prompt's last ``protected_recent`` tokens and every later token, and a radix match
-        is cut where a group dropped part of its tail (``patches/radix_cache.py``), so each entry is live in every
+        is cut where a group dropped part of its tail (``engine/hole_radix_cache.py``), so each entry is live in every
         group: lengths, ``window_kv_indptr`` and ``window_kv_offsets`` (the extend kernel's mask) stay SGLang's."""
         window = self.forward_metadata.window_kv_indices
         if window is None:

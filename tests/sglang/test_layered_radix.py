@@ -22,8 +22,10 @@ with sglang_or_skip("sglang's radix cache"):
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
-    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+    from sglang.srt.mem_cache.radix_cache import RadixKey
     from sglang.srt.plugins import load_plugins
+
+    from sgl_evict.engine.hole_radix_cache import HoleAwareRadixCache
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -142,17 +144,17 @@ def test_evict_groups_frees_owned_drops_and_hides_prefix_tokens_no_group_keeps()
     assert hidden.row.tolist() == [HOLE, HOLE] and hidden.group_slots_freed == hidden.logical_freed == 0
 
 
-# ---- a real RadixCache over the layered allocator -----------------------------------------------------------------
+# ---- the evicting server's RadixCache over the layered allocator ----------------------------------------------
 
 class LayeredPool:
-    """RadixCache + layered allocator + req_to_token pool (page_size 1)."""
+    """HoleAwareRadixCache + layered allocator + req_to_token pool (page_size 1)."""
 
     def __init__(self, logical: int, group_slots: int, groups: int, max_reqs: int = 4, max_len: int = 64):
         self.allocator = new_allocator(logical, group_slots, groups)
         self.groups = groups
         self.req_to_token = ReqToTokenPool(size=max_reqs, max_context_len=max_len, device="cpu",
                                            enable_memory_saver=False)
-        self.cache = RadixCache(CacheInitParams(disable=False, req_to_token_pool=self.req_to_token,
+        self.cache = HoleAwareRadixCache(CacheInitParams(disable=False, req_to_token_pool=self.req_to_token,
                                                 token_to_kv_pool_allocator=self.allocator, page_size=1))
 
     def nodes(self):

@@ -56,6 +56,16 @@ def test_another_version_or_a_missing_symbol_is_named(monkeypatch):
     assert unsupported(table, "0.5.18") is None
 
 
+def test_a_renamed_radix_cache_method_the_tree_overrides_is_named(monkeypatch):
+    """An override whose base method SGLang renamed would never be called: refused like a missing hook target."""
+    import sgl_evict.plugin as plugin
+
+    monkeypatch.setattr(plugin, "SUBCLASSED", (*plugin.SUBCLASSED,
+                                               "sglang.srt.mem_cache.radix_cache.RadixCache._insert_helper_v2"))
+    problem = unsupported(hook_table(), SUPPORTED_SGLANG)
+    assert "has no sglang.srt.mem_cache.radix_cache.RadixCache._insert_helper_v2" in problem
+
+
 def test_a_launch_asking_for_eviction_is_refused_when_a_symbol_is_missing(tmp_path):
     """In a fresh process (SGLang applies hooks once per process): the table gains a symbol SGLang lacks."""
     import transformers

@@ -70,6 +70,16 @@ def test_evicting_server_turns_off_overlap_and_prefill_cuda_graphs(prepare):
     assert not plain.disable_overlap_schedule and plain.cuda_graph_backend_prefill is None
 
 
+def test_evicting_server_selects_the_hole_aware_radix_cache(prepare):
+    from sgl_evict.config import RADIX_CACHE_BACKEND
+
+    assert prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1").radix_cache_backend == \
+        RADIX_CACHE_BACKEND
+    assert prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--radix-cache-backend",
+                   RADIX_CACHE_BACKEND).radix_cache_backend == RADIX_CACHE_BACKEND
+    assert prepare().radix_cache_backend is None  # a plain server keeps SGLang's own choice
+
+
 def test_pages_make_eviction_page_granular(prepare, monkeypatch, capsys):
     flags = ("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--page-size", "16",
              "--attention-backend", "triton")
@@ -104,6 +114,9 @@ def test_no_flags_means_no_eviction(prepare):
      "argument --kv-evict-soft-tokens: file '/no/such/file' does not exist"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--enable-hierarchical-cache"],
      "argument --enable-hierarchical-cache: not supported together with --kv-evict-policy yet"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--radix-cache-backend", "flexkv"],
+     "argument --radix-cache-backend: not supported together with --kv-evict-policy yet (eviction selects its own "
+     "radix cache, sgl-evict"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3"],
      "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet"),
 ])

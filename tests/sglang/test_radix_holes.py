@@ -1,7 +1,9 @@
-"""SGLang 0.5.17's real RadixCache and token allocators with holes (HOLE) in KV index rows, through the plugin.
+"""SGLang 0.5.17's real RadixCache, subclassed (HoleAwareRadixCache), and token allocators with holes (HOLE) in
+KV index rows, through the plugin.
 
-Everything here is SGLang's own code over a real CPU KV pool (MHATokenToKVPool on device "cpu"), with the hooks of
-patches/radix_cache.py applied the way a server applies them (load_plugins). A simulated request goes through the
+Everything here is SGLang's own code over a real CPU KV pool (MHATokenToKVPool on device "cpu"), with the tree of
+sgl_evict/engine/hole_radix_cache.py and the hooks of patches/radix_cache.py applied the way a server applies them
+(load_plugins). A simulated request goes through the
 scheduler's steps: match_prefix, inc_lock_ref, evict-then-alloc, holes punched in its own part of the row (its slots
 freed, as the engine does), then cache_unfinished_req / cache_finished_req.
 """
@@ -27,10 +29,12 @@ with sglang_or_skip("sglang's radix cache"):
     from sglang.srt.runtime_context import get_context, get_parallel
     from sglang.srt.sampling.sampling_params import SamplingParams
 
+    from sgl_evict.engine.hole_radix_cache import HoleAwareRadixCache, build
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgl_evict.config import EvictionConfig
+from sgl_evict.config import RADIX_CACHE_BACKEND, EvictionConfig
 from sgl_evict.holes import HOLE, count_live, live, namespaced_extra_key
 from sgl_evict.patches import radix_cache as hooks
 from sgl_evict.selection import Budget
@@ -57,9 +61,11 @@ def evicting_process():
 
 
 class Pool:
-    """RadixCache + allocator + req_to_token pool; ``slots`` real KV slots in pages of ``page_size``."""
+    """The evicting server's tree (or ``tree``: SGLang's own) + allocator + req_to_token pool; ``slots`` real KV
+    slots in pages of ``page_size``."""
 
-    def __init__(self, page_size: int, slots: int, max_reqs: int = 4, max_len: int = 128):
+    def __init__(self, page_size: int, slots: int, max_reqs: int = 4, max_len: int = 128,
+                 tree=HoleAwareRadixCache):
         self.page_size = page_size
         self.slots = slots
         kv = MHATokenToKVPool(size=slots, page_size=page_size, dtype=torch.bfloat16, head_num=1, head_dim=4,
@@ -72,7 +78,7 @@ class Pool:
                                                          device="cpu", kvcache=kv, need_sort=False)
         self.req_to_token = ReqToTokenPool(size=max_reqs, max_context_len=max_len, device="cpu",
                                            enable_memory_saver=False)
-        self.cache = RadixCache(CacheInitParams(disable=False, req_to_token_pool=self.req_to_token,
+        self.cache = tree(CacheInitParams(disable=False, req_to_token_pool=self.req_to_token,
                                                 token_to_kv_pool_allocator=self.allocator, page_size=page_size))
 
     # -- what the allocator and the tree hold --
@@ -310,13 +316,81 @@ def test_random_request_sequences_keep_every_slot_accounted_for_page_size_16(ops
 
 # ---- targeted: one per hook --------------------------------------------------------------------------------------
 
-def test_plugin_applies_the_radix_hooks():
-    for method in ("_insert_helper", "inc_lock_ref", "dec_lock_ref", "_delete_leaf", "evict", "total_size",
-                   "match_prefix", "evictable_size", "protected_size", "_split_node"):
-        assert f"{hooks.RADIX_CACHE}.{method}" in HookRegistry._patched
+def test_plugin_hooks_the_allocators_and_requests_and_leaves_sglangs_tree_alone():
+    assert not any(".RadixCache." in target for target in HookRegistry._patched), HookRegistry._patched
     assert f"{hooks.TOKEN_ALLOCATOR}.free" in HookRegistry._patched
     assert f"{hooks.PAGED_ALLOCATOR}._release_page_ids" in HookRegistry._patched
     assert f"{hooks.REQ}.__init__" in HookRegistry._patched
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_sglangs_own_tree_counts_holes_as_memory_and_the_evicting_tree_only_live_slots(page_size):
+    """Why the subclass exists: SGLang's RadixCache over the same rows would over-admit."""
+    counts = {}
+    for tree in (RadixCache, HoleAwareRadixCache):
+        pool = Pool(page_size, slots=8 * page_size, tree=tree)
+        req = pool.admit(list(range(1, 4 * page_size + 1)), NS_COMPRESSED, hole_units=(1, 2))
+        pool.finish(req)
+        counts[tree] = (pool.cache.evictable_size(), pool.cache.total_size())
+    assert counts[RadixCache] == (4 * page_size, 4 * page_size)  # holes counted as if they held KV
+    assert counts[HoleAwareRadixCache] == (2 * page_size, 2 * page_size)  # the slots it holds
+
+
+def test_evicting_tree_evicts_live_slots_where_sglangs_stops_at_logical_tokens():
+    freed = {}
+    for tree in (RadixCache, HoleAwareRadixCache):
+        pool = Pool(1, slots=32, tree=tree)
+        for start in (0, 100):  # two leaves of 8 tokens, 4 live slots each
+            pool.finish(pool.admit(list(range(start + 1, start + 9)), NS_COMPRESSED, hole_units=(1, 3, 5, 7)))
+        available = pool.allocator.available_size()
+        pool.cache.evict(EvictParams(num_tokens=6))
+        freed[tree] = pool.allocator.available_size() - available
+    assert freed[RadixCache] == 4  # one leaf: 8 logical tokens "evicted", 4 slots freed
+    assert freed[HoleAwareRadixCache] == 8  # both leaves: at least the 6 slots asked for
+
+
+def tree_build_context(radix_cache_backend, **overrides):
+    """What SGLang's kv_cache_builder hands the radix-cache registry, over a real CPU pool."""
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+    pool = Pool(1, slots=16)
+    params = CacheInitParams(disable=False, req_to_token_pool=pool.req_to_token,
+                             token_to_kv_pool_allocator=pool.allocator, page_size=1)
+    server_args = SimpleNamespace(radix_cache_backend=radix_cache_backend, enable_session_radix_cache=False,
+                                  enable_streaming_session=False, enable_lmcache=False, enable_flexkv=False)
+    fields = dict(server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
+                  enable_hierarchical_cache=False, disable_radix_cache=False, effective_chunked_prefill_size=None,
+                  tp_worker=None, model_config=None, tp_size=1, tp_rank=0, tp_group=None)
+    return TreeCacheBuildContext(**{**fields, **overrides})
+
+
+def test_sglangs_registry_builds_the_hole_aware_tree_for_the_evicting_servers_backend():
+    from sglang.srt.mem_cache.registry import create_tree_cache, registered_radix_cache_backends
+
+    assert RADIX_CACHE_BACKEND in registered_radix_cache_backends()  # load_plugins registered it
+    assert type(create_tree_cache(tree_build_context(RADIX_CACHE_BACKEND))) is HoleAwareRadixCache
+    assert type(create_tree_cache(tree_build_context(None))) is RadixCache  # a plain server: SGLang's own
+
+
+def test_the_hole_aware_backend_leaves_a_server_without_radix_cache_its_chunk_cache_and_refuses_other_trees():
+    from sglang.srt.mem_cache.chunk_cache import ChunkCache
+
+    chunked = tree_build_context(RADIX_CACHE_BACKEND, disable_radix_cache=True, effective_chunked_prefill_size=64)
+    assert type(build(chunked)) is ChunkCache
+    for overrides, named in (({"enable_hierarchical_cache": True}, "--enable-hierarchical-cache"),
+                             ({"is_hybrid_swa": True}, "--disable-hybrid-swa-memory"),
+                             ({"is_hybrid_ssm": True}, "state-space")):
+        with pytest.raises(ValueError, match=f"--radix-cache-backend {RADIX_CACHE_BACKEND}: .*{named}"):
+            build(tree_build_context(RADIX_CACHE_BACKEND, **overrides))
+
+
+def test_the_overridden_methods_are_the_ones_the_plugin_checks_sglang_for():
+    from sgl_evict.plugin import SUBCLASSED
+
+    overridden = {name for name, value in vars(HoleAwareRadixCache).items()
+                  if callable(value) and not name.startswith("__") and hasattr(RadixCache, name)}
+    checked = {s.rsplit(".", 1)[1] for s in SUBCLASSED if ".RadixCache." in s}
+    assert overridden == checked
 
 
 def row_with_hole_pages(pool, pages, hole_pages):
@@ -566,8 +640,7 @@ def test_decode_capture_buffers_are_allocated_for_the_full_attention_layers_befo
 
 
 def test_plugin_applies_the_laq_hooks():
-    for target in ("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req",
-                   "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free",
+    for target in ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free",
                    "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
                    "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
                    "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
@@ -790,7 +863,7 @@ def test_judgeq_override_needs_the_servers_soft_token_file(server_config, tmp_pa
     assert make_req({"kv_evict": {"policy": "judgeq"}}).extra_key != req.extra_key
 
 
-def test_without_eviction_the_allocator_and_tree_hooks_hand_straight_over(evicting_process):
+def test_without_eviction_the_allocator_hooks_hand_straight_over(evicting_process):
     # no hole can exist then, and dropping holes would cost SGLang's free paths a device sync
     evicting_process.configure(EvictionConfig())
     assert hooks.token_free_before(None, torch.tensor([3, HOLE])) is None
