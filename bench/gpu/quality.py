@@ -43,11 +43,16 @@ NOTHING_LEFT = 10  # --left's exit status when the resumed records answer the wh
 
 
 def _config(args: argparse.Namespace) -> QualityConfig:
-    config = QualityConfig(families=args.families.split(","), contexts=[int(c) for c in args.contexts.split(",")],
-                           samples=args.samples, arms=[Arm.parse(a) for a in args.arms.split(",") if a],
-                           seed=args.seed, turns=args.turns, group_size=args.group_size, horizon=args.horizon,
-                           concurrency=args.concurrency)
-    config.validate()
+    """The run's checked config; a bad setting exits naming it (no traceback)."""
+    try:
+        config = QualityConfig(families=args.families.split(","),
+                               contexts=[int(c) for c in args.contexts.split(",")], samples=args.samples,
+                               arms=[Arm.parse(a) for a in args.arms.split(",") if a], seed=args.seed,
+                               turns=args.turns, group_size=args.group_size, horizon=args.horizon,
+                               concurrency=args.concurrency)
+        config.validate()
+    except ValueError as err:
+        raise SystemExit(f"quality: {err}") from None
     return config
 
 
@@ -63,10 +68,7 @@ def _earlier(args: argparse.Namespace) -> list[Record]:
 
 def print_left(args: argparse.Namespace) -> int:
     """``--left``: the run's jobs that its ``--resume-from`` records leave (no server, no model)."""
-    try:
-        config = _config(args)
-    except ValueError as err:
-        raise SystemExit(f"quality: {err}") from None
+    config = _config(args)
     left, total = jobs_left(config, resumable(_earlier(args), config)), plan_jobs(config)
     print(f"quality: {len(left)} of {len(total)} prompts left to ask")
     return 0 if left else NOTHING_LEFT
@@ -125,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.left:
         return print_left(args)
     started = time.monotonic()
+    config = _config(args)
+    if any(a.policy == "judgeq" for a in config.arms) and not args.soft_tokens:
+        raise SystemExit("quality: judgeq arms need --soft-tokens FILE")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume_from:  # the runner resumes from out/records.jsonl
         (out / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in _earlier(args)))
-    config = _config(args)
-    if any(a.policy == "judgeq" for a in config.arms) and not args.soft_tokens:
-        raise SystemExit("quality: judgeq arms need --soft-tokens FILE")
 
     import torch
     from transformers import AutoTokenizer

@@ -85,6 +85,14 @@ def test_left_counts_what_the_resumed_records_leave(tmp_path, checkpoint):
     assert missing.returncode not in (0, 10) and "no such file" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_a_bad_setting_exits_naming_it_before_anything_is_written(tmp_path, checkpoint):
+    for extra in ((), ("--left",)):
+        out = tmp_path / f"bad{len(extra)}"
+        bad = run_driver(tmp_path, checkpoint, out, "--arms", "snapkv@lots", *extra)
+        assert bad.returncode not in (0, 10) and bad.stderr.strip().splitlines()[-1].startswith("quality: ")
+        assert "Traceback" not in bad.stderr and not out.exists(), bad.stderr
+
+
 def test_quality_many_skips_a_driver_with_nothing_left(tmp_path, checkpoint):
     first = tmp_path / "first"
     assert run_driver(tmp_path, checkpoint, first).returncode == 0
