@@ -217,10 +217,12 @@ class HoleAwareRadixCache(RadixCache):
 
 def build(ctx):
     """SGLang's radix-cache factory for ``--radix-cache-backend sgl-evict`` (``TreeCacheBuildContext`` ->
-    cache): the hole-aware tree, or SGLang's own chunk cache when the radix cache is off (no tree, no counts to
-    correct). ValueError naming the flag for a server whose default would be another tree (hierarchical,
-    hybrid, LMCache or FlexKV caches), which counts tokens without knowing of holes."""
-    if ctx.disable_radix_cache:
+    cache): the hole-aware tree, or SGLang's own chunk cache where SGLang's default would build one (radix cache
+    off with chunked prefill: no tree, no counts to correct; without chunked prefill SGLang builds a disabled
+    ``RadixCache``, and this its subclass, whose ``cache_unfinished_req`` still leaves a pending laq request its
+    prompt). ValueError naming the flag for a server whose default would be another tree (hierarchical, hybrid,
+    LMCache or FlexKV caches), which counts tokens without knowing of holes."""
+    if ctx.disable_radix_cache and ctx.effective_chunked_prefill_size is not None:
         from sglang.srt.mem_cache.registry import default_radix_cache_factory
 
         return default_radix_cache_factory(ctx)

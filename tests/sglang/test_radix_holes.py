@@ -377,6 +377,10 @@ def test_the_hole_aware_backend_leaves_a_server_without_radix_cache_its_chunk_ca
 
     chunked = tree_build_context(RADIX_CACHE_BACKEND, disable_radix_cache=True, effective_chunked_prefill_size=64)
     assert type(build(chunked)) is ChunkCache
+    # without chunked prefill SGLang builds a disabled RadixCache: the subclass, which keeps a pending laq prompt
+    unchunked = tree_build_context(RADIX_CACHE_BACKEND, disable_radix_cache=True)
+    unchunked.params.disable = True
+    assert type(build(unchunked)) is HoleAwareRadixCache and build(unchunked).disable
     for overrides, named in (({"enable_hierarchical_cache": True}, "--enable-hierarchical-cache"),
                              ({"is_hybrid_swa": True}, "--disable-hybrid-swa-memory"),
                              ({"is_hybrid_ssm": True}, "state-space")):
