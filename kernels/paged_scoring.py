@@ -323,9 +323,10 @@ def attention_mass_paged(
                req_to_token.stride(0), s_pr, s_pn)
     grid = (num_reqs, hpl, splits)
     # chunks' statistics combined per step of pass 1's last program: sized by the most splits a launch of this
-    # batch and head count can have, not by this prompt's (a constexpr that followed the prompt length would
-    # compile a variant per power of two of short prompts); the combine loop masks the splits past num_splits
-    split_block = min(_next_pow2(max(1, triton.cdiv(num_programs, num_reqs * hpl))), max(1, 4096 // rows))
+    # head count can have (one request's), not by this prompt's or this batch's (a constexpr that followed the
+    # prompt length or the number of requests would compile a variant per power of two of either: a batch of
+    # requests shares a launch, sgl_evict/engine/score_plan.py); the combine loop masks the splits past num_splits
+    split_block = min(_next_pow2(max(1, triton.cdiv(num_programs, hpl))), max(1, 4096 // rows))
     for kvh0 in range(0, num_kv_heads, hpl):
         if row_lse is None:
             last_compiled["row_stats"] = _row_stats[grid](

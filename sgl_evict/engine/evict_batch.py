@@ -19,11 +19,11 @@ from sgl_evict.engine.apply import evict_from_row
 from sgl_evict.engine.group_evict import evict_groups
 from sgl_evict.engine.group_keep import layout_group_scores, layout_keep_masks
 from sgl_evict.engine.judgeq import SoftTokenQueries
-from sgl_evict.engine.keep import (combined_scores, keep_mask, laprox_scores, lookahead_scores, position_scores,
-                                   window_scores)
+from sgl_evict.engine.keep import combined_scores, keep_mask, one_read_check, position_scores, window_request
 from sgl_evict.engine.laprox import projected_norms
-from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
+from sgl_evict.engine.lookahead import PendingLookahead, lookahead_requests, mixed_scores
 from sgl_evict.engine.runtime import EngineState
+from sgl_evict.engine.score_plan import ScoreRequest, score_requests
 from sgl_evict.env import env_setting
 from sgl_evict.holes import HOLE, count_live
 from sgl_evict.layer_groups import GroupLayout
@@ -74,6 +74,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         return 0
     freed = 0
     judged = []
+    scored: list[PromptToScore] = []
     modes = ScoringModes()
     for i, req in enumerate(batch.reqs):
         if not finishes_prefill(req, batch):
@@ -103,35 +104,61 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             continue
         if layered is not None:
             modes.add(policy, {}, "per_layer pool (scored through each group's slots)")
-            freed += _evict_per_layer(req, row, config, capture.queries_of(i), capture.scaling, state, key_buffer,
-                                      value_buffer, attention_mass, all_reduce, layered)
+            scored.append(PromptToScore(req, config, row, capture.queries_of(i), {}, layer_rows(layered, row)))
             continue
         row_lse, why = _window_lse(capture, i, policy, live)
         modes.add(policy, row_lse, why)
-        scores = _prefill_scores(config, capture.queries_of(i), capture.scaling, state, row, key_buffer,
-                                 value_buffer, attention_mass, row_lse=row_lse)
-        combined = _rank_combined(scores, all_reduce)
-        keep = keep_mask(combined, config, row, page_size, state.protected_recent, req.cache_protected_len)
-        if policy.query_source == LOOKAHEAD:
-            # the lookahead steps decode on the snapkv view; before they have run, only what falls outside the
-            # reserve (the provisional best reserve x budget, when one is set) is dropped
-            if config.lookahead_reserve:
-                reserve = dataclasses.replace(config, budget=config.budget.scaled(config.lookahead_reserve))
-                wide = keep_mask(combined, reserve, row, page_size, state.protected_recent, req.cache_protected_len)
-                if not bool(wide.all()):  # a reserve as large as the prompt drops nothing
-                    freed += _evict(req, row, wide, state, free)
-                    keep = keep & wide
-            # copies: a view would keep the whole batch's window queries alive
-            window = {layer: q.clone() for layer, q in capture.queries_of(i).items()}
-            state.pending[req.rid] = PendingLookahead(req, seq_len, window, keep, dict(capture.scaling))
-            logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
-                        config.lookahead_steps, int(keep.sum()), seq_len)
-            continue
-        freed += _evict(req, row, keep, state, free)
+        scored.append(PromptToScore(req, config, row, capture.queries_of(i), row_lse))
+    # every request's scores at once: one kernel launch per layer for the requests that share its constants
+    all_scores = prefill_scores(scored, capture.scaling, state, key_buffer, value_buffer, attention_mass)
+    for entry, scores in zip(scored, all_scores):
+        if layered is not None:
+            freed += _evict_per_layer(entry, scores, state, all_reduce, layered)
+        else:
+            freed += _evict_scored(entry, scores, state, free, all_reduce, page_size, capture.scaling)
     if judged:
         freed += _evict_judged(judged, state, req_to_token, key_buffer, free, attention_mass, all_reduce, page_size,
                                soft_token_forward)
     modes.log()
+    return freed
+
+
+@dataclasses.dataclass
+class PromptToScore:
+    """A request of the batch scored from its prompt: its window queries (layer id -> ``[num_q_heads, n, d]``),
+    the window LSE it may read its keys once with, and (layered pool) its slots in each layer's buffer."""
+
+    req: object
+    config: object
+    row: torch.Tensor
+    queries: dict[int, torch.Tensor]
+    row_lse: dict[int, torch.Tensor]
+    row_of: Callable[[int], torch.Tensor] | None = None
+
+
+def _evict_scored(entry: PromptToScore, scores: torch.Tensor, state: EngineState, free: Callable,
+                  all_reduce: Callable | None, page_size: int, scaling: dict) -> int:
+    """Keeps ``entry``'s best tokens by its ``scores`` and frees the rest; laq: marks it pending instead (its
+    lookahead steps decode on the snapkv view first). Returns slots freed."""
+    req, config, row = entry.req, entry.config, entry.row
+    combined = _rank_combined(scores, all_reduce)
+    keep = keep_mask(combined, config, row, page_size, state.protected_recent, req.cache_protected_len)
+    if config.policy_object.query_source != LOOKAHEAD:
+        return _evict(req, row, keep, state, free)
+    # the lookahead steps decode on the snapkv view; before they have run, only what falls outside the reserve
+    # (the provisional best reserve x budget, when one is set) is dropped
+    freed = 0
+    if config.lookahead_reserve:
+        reserve = dataclasses.replace(config, budget=config.budget.scaled(config.lookahead_reserve))
+        wide = keep_mask(combined, reserve, row, page_size, state.protected_recent, req.cache_protected_len)
+        if not bool(wide.all()):  # a reserve as large as the prompt drops nothing
+            freed += _evict(req, row, wide, state, free)
+            keep = keep & wide
+    # copies: a view would keep the whole batch's window queries alive
+    window = {layer: q.clone() for layer, q in entry.queries.items()}
+    state.pending[req.rid] = PendingLookahead(req, row.shape[0], window, keep, dict(scaling))
+    logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
+                config.lookahead_steps, int(keep.sum()), row.shape[0])
     return freed
 
 
@@ -179,12 +206,13 @@ def _evict_judged(judged: list, state: EngineState, req_to_token: torch.Tensor, 
     found = soft_token_forward([(i, req.req_pool_idx, seq_len) for i, req, _, seq_len in judged])
     if found is None:
         return 0
+    rows = [req_to_token[req.req_pool_idx, :seq_len] for _, req, _, seq_len in judged]
+    # the soft tokens come after the prompt: each of their queries sees every prompt key, as laq's steps do
+    requests = [ScoreRequest(row, queries, causal=False, pooling_kernel=config.policy_object.pool_width)
+                for row, (_, _, config, _), queries in zip(rows, judged, found.queries)]
     freed = 0
-    for (_, req, config, seq_len), queries in zip(judged, found.queries):
-        row = req_to_token[req.req_pool_idx, :seq_len]
-        # the soft tokens come after the prompt: each of their queries sees every prompt key, as laq's steps do
-        scores = lookahead_scores(queries, found.scaling, key_buffer, row, config.policy_object.pool_width,
-                                  attention_mass)
+    for row, (_, req, config, _), scores in zip(rows, judged, score_requests(requests, found.scaling, key_buffer,
+                                                                              attention_mass)):
         keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
         freed += _evict(req, row, keep, state, free)
     return freed
@@ -207,32 +235,41 @@ def _missing_model_input(policy: EvictionPolicy, state: EngineState, page_size: 
     return None
 
 
-def _prefill_scores(config, queries: dict, scaling: dict, state: EngineState, row: torch.Tensor,
-                    key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable,
-                    row_of: Callable[[int], torch.Tensor] | None = None,
-                    row_lse: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of one request's prompt under its policy (laq: its
-    provisional snapkv scores), from its window ``queries`` (layer id -> ``[num_q_heads, window, d]``), of which
-    the policy scores with its ``used_window``. ``row_of``: layered pool, each layer's slots of ``row``
-    (:func:`layer_rows`); None: ``row`` for all layers. ``row_lse``: layer id -> the window queries' natural LSE
-    (:func:`_window_lse`; ``one_read`` policies only)."""
-    policy = config.policy_object
+def prefill_scores(scored: list[PromptToScore], scaling: dict, state: EngineState, key_buffer: Callable,
+                   value_buffer: Callable | None, attention_mass: Callable) -> list[torch.Tensor]:
+    """Each request's ``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of its prompt under its policy
+    (laq: its provisional snapkv scores): position policies directly, the rest from their window queries (of which
+    each policy scores its ``used_window``) through one :func:`~sgl_evict.engine.score_plan.score_requests`: one
+    kernel launch per layer for all requests that share its constants."""
+    requests, index = [], []
+    for entry in scored:
+        request = _score_request(entry, state, value_buffer)
+        index.append(None if request is None else len(requests))
+        if request is not None:
+            requests.append(request)
+    by_query = score_requests(requests, scaling, key_buffer, attention_mass, one_read_check()) if requests else []
+    return [position_scores(entry.config.policy_object, entry.row) if k is None else by_query[k]
+            for entry, k in zip(scored, index)]
+
+
+def _score_request(entry: PromptToScore, state: EngineState, value_buffer: Callable | None) -> ScoreRequest | None:
+    """The :class:`~sgl_evict.engine.score_plan.ScoreRequest` of one request's prompt under its policy, or None for
+    a policy scored from positions."""
+    policy = entry.config.policy_object
     if policy.query_source == POSITIONS:
-        return position_scores(policy, row)
+        return None
     if policy.query_source not in (WINDOW, REROTATED_WINDOW, LOOKAHEAD):
         raise ValueError(f"policy {policy.name!r} is not scored from the prompt's window queries")
-    queries = {layer: policy.used_window(q) for layer, q in queries.items()}
-    if row_lse:
-        row_lse = {layer: policy.used_window(lse) for layer, lse in row_lse.items()}
+    queries = {layer: policy.used_window(q) for layer, q in entry.queries.items()}
+    row_lse = {layer: policy.used_window(lse) for layer, lse in entry.row_lse.items()}
+    row, row_of = entry.row, entry.row_of
+    value_norms = None
     if policy.value_weighted:
         factors = state.value_norm_factors
         slots = (lambda layer: row) if row_of is None else row_of
-        return laprox_scores(queries, scaling, key_buffer, row, policy.pool_width, attention_mass,
-                             lambda layer: projected_norms(value_buffer(layer), slots(layer), factors[layer]),
-                             row_of=row_of, row_lse=row_lse)
+        value_norms = lambda layer: projected_norms(value_buffer(layer), slots(layer), factors[layer])  # noqa: E731
     rope = state.rope if policy.query_source == REROTATED_WINDOW else None
-    return window_scores(queries, scaling, key_buffer, row, policy.pool_width, attention_mass, rope,
-                         row_of=row_of, row_lse=row_lse)
+    return window_request(queries, row, policy.pool_width, rope, value_norms, row_of, row_lse)
 
 
 def layer_rows(layered, row: torch.Tensor) -> Callable[[int], torch.Tensor]:
@@ -273,16 +310,14 @@ def group_layout(layered, window_layers: frozenset[int]) -> GroupLayout:
     return GroupLayout(pool.layer_num, pool.num_groups, window_layers)
 
 
-def _evict_per_layer(req, row: torch.Tensor, config, queries: dict, scaling: dict, state: EngineState,
-                     key_buffer: Callable, value_buffer: Callable | None, attention_mass: Callable,
-                     all_reduce: Callable | None, layered) -> int:
-    """One request of a ``per_layer`` server: per-group scores and keep masks, applied by
+def _evict_per_layer(entry: PromptToScore, scores: torch.Tensor, state: EngineState, all_reduce: Callable | None,
+                     layered) -> int:
+    """One request of a ``per_layer`` server, from its :func:`prefill_scores`: per-group keep masks, applied by
     :func:`~sgl_evict.engine.group_evict.evict_groups` (dropped group-slots freed, tokens no group keeps turned
     into holes in ``row``, in place, and their logical slots freed). Returns group-slots freed."""
-    row_of = layer_rows(layered, row)
-    scores = _prefill_scores(config, queries, scaling, state, row, key_buffer, value_buffer, attention_mass, row_of)
+    req, config, row = entry.req, entry.config, entry.row
     # a policy that scores positions gives one row, not one per layer
-    layers = None if config.policy_object.query_source == POSITIONS else sorted(queries)
+    layers = None if config.policy_object.query_source == POSITIONS else sorted(entry.queries)
     keep = per_layer_keep(scores, layers, config, row, group_layout(layered, state.window_layers), state,
                           all_reduce)
     if env_setting("SGL_EVICT_LOG_KEEP") == "1":
@@ -309,7 +344,7 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
     Called after the decode forward and before SGLang processes its result (so a request that finishes in this
     step is released with its holes). Arguments as :func:`evict_after_prefill`. Returns slots freed.
     """
-    freed = 0
+    ready = []
     for req in batch.reqs:
         entry = state.pending_of(req)
         if entry is None:
@@ -322,8 +357,16 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
                            entry.decoded - len(entry.steps), entry.decoded)
         del state.pending[req.rid]
         row = req_to_token[req.req_pool_idx, :entry.prompt_len]
-        policy = config.policy_object
-        scores = lookahead_keep_scores(entry, key_buffer, row, policy.pool_width, attention_mass, policy)
+        ready.append((req, config, row, entry.scaling,
+                      lookahead_requests(entry, row, config.policy_object.pool_width)))
+    if not ready:
+        return 0
+    # every ready request's window and lookahead queries in one plan: one launch per layer and kind of query
+    scored = iter(score_requests([r for *_, requests in ready for r in requests],
+                                 ready[0][3], key_buffer, attention_mass))  # scales: the model's, per layer
+    freed = 0
+    for req, config, row, _, requests in ready:
+        scores = mixed_scores([next(scored) for _ in requests], config.policy_object)
         keep = _keep_of(scores, config, row, page_size, state, all_reduce, req.cache_protected_len)
         freed += _evict(req, row, keep, state, free)
     return freed

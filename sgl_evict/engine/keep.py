@@ -11,21 +11,15 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from sgl_evict.config import EvictionConfig
+from sgl_evict.engine.score_plan import MassFn, ScoreRequest, score_requests
 from sgl_evict.env import env_setting
 from sgl_evict.holes import is_live
-from sgl_evict.kernels.rope_rerotate import rerotate_triton
 from sgl_evict.kernels.selection import select_pages
 from sgl_evict.policies import EvictionPolicy, make_policy
 from sgl_evict.rope import RopeSpec
-from sgl_evict.scoring import finish_scores
 from sgl_evict.selection import Budget, select_keep
 
 logger = logging.getLogger("sgl_evict")
-
-MassFn = Callable[..., torch.Tensor]
-"""``attention_mass_paged``'s signature: (queries, k_buffer, req_to_token, seq_lens, scaling, query_positions), and
-its keyword ``row_lse`` when a window LSE is given."""
-
 
 def window_scores(
     window_queries: Mapping[int, torch.Tensor],
@@ -61,19 +55,21 @@ def window_scores(
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
     """
+    request = window_request(window_queries, row, pooling_kernel, rope, row_of=row_of, row_lse=row_lse)
+    return score_requests([request], scaling, key_buffer, attention_mass, one_read_check())[0]
+
+
+def window_request(window_queries: Mapping[int, torch.Tensor], row: torch.Tensor, pooling_kernel: int,
+                   rope: RopeSpec | None = None, value_norms: Callable[[int], torch.Tensor] | None = None,
+                   row_of: Callable[[int], torch.Tensor] | None = None,
+                   row_lse: Mapping[int, torch.Tensor] | None = None) -> ScoreRequest:
+    """The :class:`~sgl_evict.engine.score_plan.ScoreRequest` of one request scored from its prompt's window
+    queries: snapkv (causal), dapq (``rope``: re-rotated after the prompt) or laprox (``value_norms``); arguments
+    as :func:`window_scores` and :func:`laprox_scores`."""
     if rope is not None and row_lse:
         raise ValueError("dapq's re-rotated queries are not the prefill's: their window LSE does not apply")
-    seq_len = row.shape[0]
-    per_layer = {}
-    for layer, q in window_queries.items():
-        positions = torch.arange(seq_len - q.shape[1], seq_len, device=row.device)
-        if rope is not None:
-            per_layer[layer] = (rerotate_triton(q, positions, torch.arange(q.shape[1], device=row.device) + seq_len,
-                                                rope), None)
-        else:
-            per_layer[layer] = (q, positions.view(1, -1))
-    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, row_of=row_of,
-                         row_lse=row_lse)
+    return ScoreRequest(row, window_queries, causal=rope is None, pooling_kernel=pooling_kernel,
+                        lse=dict(row_lse or {}), rope=rope, value_norms=value_norms, row_of=row_of)
 
 
 def lookahead_scores(
@@ -98,8 +94,8 @@ def lookahead_scores(
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
     """
-    return _query_scores({layer: (q, None) for layer, q in lookahead_queries.items()}, scaling, key_buffer, row,
-                         pooling_kernel, attention_mass)
+    request = ScoreRequest(row, lookahead_queries, causal=False, pooling_kernel=pooling_kernel)
+    return score_requests([request], scaling, key_buffer, attention_mass)[0]
 
 
 def laprox_scores(
@@ -125,53 +121,19 @@ def laprox_scores(
     Returns:
         ``[num_layers, num_kv_heads, seq_len]`` float32, zero at holes.
     """
-    seq_len = row.shape[0]
-    per_layer = {layer: (q, torch.arange(seq_len - q.shape[1], seq_len, device=row.device).view(1, -1))
-                 for layer, q in window_queries.items()}
-    return _query_scores(per_layer, scaling, key_buffer, row, pooling_kernel, attention_mass, value_norms, row_of,
-                         row_lse)
-
-
-def _query_scores(queries: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]], scaling: Mapping[int, float],
-                  key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor, pooling_kernel: int,
-                  attention_mass: MassFn, value_norms: Callable[[int], torch.Tensor] | None = None,
-                  row_of: Callable[[int], torch.Tensor] | None = None,
-                  row_lse: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean attention of each layer's ``(queries [num_q_heads, n, head_dim], positions [1, n] or None)`` over the
-    keys of ``row``, pooled and GQA-reduced; ``[num_layers, num_kv_heads, seq_len]`` in layer order, zero at holes.
-    ``positions`` None: every query sees every key. With ``value_norms`` (laprox) each head's attention is
-    weighted by them before pooling and a GQA group is summed, as the harness's laprox does; otherwise averaged.
-    ``row_of`` (layered pool): each layer's keys are read through its own slots of ``row``. ``row_lse``: layer id
-    -> ``[num_q_heads, n]`` natural LSE of those queries over those keys; those layers are scored in one read."""
-    if row_lse and row_of is not None:
-        raise ValueError("the window LSE is over the logical row's keys, not a layer group's")
-    seq_len = row.shape[0]
-    table = row.view(1, seq_len)
-    lens = torch.tensor([seq_len], dtype=torch.int32, device=row.device)
-    per_layer = []
-    for layer in sorted(queries):
-        q, positions = queries[layer]
-        keys = key_buffer(layer)
-        layer_table = table if row_of is None else row_of(layer).view(1, seq_len)
-        lse = None if row_lse is None else row_lse.get(layer)
-        if lse is None:
-            mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions)[0, :, :seq_len]
-        else:
-            mass = attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer], positions,
-                                  row_lse=lse.unsqueeze(0))[0, :, :seq_len]
-            if env_setting("SGL_EVICT_CHECK_LSE") == "1" and _CHECK_ONE_READ.get():
-                check_one_read(layer, mass, attention_mass(q.unsqueeze(0), keys, layer_table, lens, scaling[layer],
-                                                           positions)[0, :, :seq_len])
-        weights = None if value_norms is None else value_norms(layer)
-        per_layer.append(finish_scores(mass, keys.shape[1], pooling_kernel, "max",
-                                       "mean" if weights is None else "sum", weights))
-    scores = torch.stack(per_layer)
-    # pooling spreads a neighbour's score onto a hole; a hole has no KV to keep
-    return scores * is_live(row).to(scores.dtype)
+    request = window_request(window_queries, row, pooling_kernel, value_norms=value_norms, row_of=row_of,
+                             row_lse=row_lse)
+    return score_requests([request], scaling, key_buffer, attention_mass, one_read_check())[0]
 
 
 #: off while the warm-up scores with a placeholder LSE (its one-read scores are meant to be wrong)
 _CHECK_ONE_READ = contextvars.ContextVar("sgl_evict_check_one_read", default=True)
+
+
+def one_read_check() -> Callable[[int, torch.Tensor, torch.Tensor], float] | None:
+    """:func:`check_one_read` when ``SGL_EVICT_CHECK_LSE=1`` asks for it (and no :func:`one_read_check_off` block
+    is running), else None: what :func:`~sgl_evict.engine.score_plan.score_requests` takes."""
+    return check_one_read if env_setting("SGL_EVICT_CHECK_LSE") == "1" and _CHECK_ONE_READ.get() else None
 
 
 @contextlib.contextmanager

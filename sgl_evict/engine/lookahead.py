@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgl_evict.engine.keep import MassFn, lookahead_scores, window_scores
+from sgl_evict.engine.keep import window_request
+from sgl_evict.engine.score_plan import MassFn, ScoreRequest, score_requests
 from sgl_evict.policies.laq import LookaheadQCache
 
 
@@ -74,18 +75,33 @@ def record_step(rids: list[str], positions: list[int], taken: dict[int, torch.Te
             entry.steps.append((taken, row))
 
 
+def lookahead_requests(entry: PendingLookahead, row: torch.Tensor, pooling_kernel: int) -> list[ScoreRequest]:
+    """What laq scores of one pending request: its prompt's window queries (causal) and, when any were recorded, its
+    lookahead queries (after the prompt), both over the ``[prompt_len]`` logical slot ``row`` of the prompt."""
+    requests = [window_request(entry.window_queries, row, pooling_kernel)]
+    queries = entry.queries()
+    if queries:
+        requests.append(ScoreRequest(row, queries, causal=False, pooling_kernel=pooling_kernel))
+    return requests
+
+
+def mixed_scores(scores: list[torch.Tensor], policy: LookaheadQCache | None = None) -> torch.Tensor:
+    """laq's scores from :func:`lookahead_requests`' scored ``[window, ahead]`` (or ``[window]`` alone: the snapkv
+    keep-set the request already decoded with), mixed by ``policy.mix`` (None: its defaults)."""
+    if len(scores) == 1:
+        return scores[0]
+    window, ahead = scores
+    return (policy or LookaheadQCache()).mix(ahead, window)
+
+
 def lookahead_keep_scores(entry: PendingLookahead, key_buffer: Callable[[int], torch.Tensor], row: torch.Tensor,
                           pooling_kernel: int, attention_mass: MassFn,
                           policy: LookaheadQCache | None = None) -> torch.Tensor:
-    """laq's ``[num_layers, num_kv_heads, prompt_len]`` scores: lookahead and window scores per layer, mixed by
-    ``policy.mix`` (the request's :class:`LookaheadQCache`; None: its defaults).
+    """laq's ``[num_layers, num_kv_heads, prompt_len]`` scores of one pending request: lookahead and window scores
+    per layer, mixed by ``policy.mix`` (the request's :class:`LookaheadQCache`; None: its defaults).
 
     ``row`` is the ``[prompt_len]`` logical slot row of the prompt. Without recorded queries (a decode forward
     that captured nothing), the window scores alone: the snapkv keep-set the request already decoded with.
     """
-    window = window_scores(entry.window_queries, entry.scaling, key_buffer, row, pooling_kernel, attention_mass)
-    queries = entry.queries()
-    if not queries:
-        return window
-    ahead = lookahead_scores(queries, entry.scaling, key_buffer, row, pooling_kernel, attention_mass)
-    return (policy or LookaheadQCache()).mix(ahead, window)
+    requests = lookahead_requests(entry, row, pooling_kernel)
+    return mixed_scores(score_requests(requests, entry.scaling, key_buffer, attention_mass), policy)

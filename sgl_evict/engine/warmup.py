@@ -3,7 +3,7 @@
 Triton compiles a kernel the first time it is launched with a new specialisation (dtypes, constexprs such as the
 window and head sizes, the specialised strides). On an H100 that took 0.4 to 2.9 s of a fresh server's first
 requests (bench/results/prefill_overhead_2026-11-24_llama-3.1-8b_warm.json). :func:`warm_up` runs the same
-engine functions as a real eviction (:func:`sgl_evict.engine.evict_batch._prefill_scores`, ``_keep_of``, laq's
+engine functions as a real eviction (:func:`sgl_evict.engine.evict_batch.prefill_scores`, ``_keep_of``, laq's
 :func:`~sgl_evict.engine.lookahead.lookahead_keep_scores`, judgeq's
 :func:`~sgl_evict.engine.keep.lookahead_scores`) on a scratch key (and, for laprox, value) tensor shaped and strided
 like one layer's pool buffer, a few hundred slots, with the model's query heads, head size, dtype and scaling, and
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from sgl_evict.engine.capture import WindowQueryCapture
-from sgl_evict.engine.evict_batch import _keep_of, _prefill_scores
+from sgl_evict.engine.evict_batch import PromptToScore, _keep_of, prefill_scores
 from sgl_evict.engine.keep import lookahead_scores, one_read_check_off
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_keep_scores
 from sgl_evict.engine.runtime import EngineState
@@ -123,11 +123,12 @@ def warm_up_layer(state: EngineState, layer: LayerShape, key_buffer: torch.Tenso
         if chosen.uses("rope") and state.rope is None:
             return False
         window_queries = queries(window)
-        scores = _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass)
+        prompt = PromptToScore(None, config, row, window_queries, {})
+        scores = prefill_scores([prompt], scaling, state, key_of, value_of, attention_mass)[0]
         if chosen.one_read:  # on FlashInfer the same scores run the one-read variant
+            lse = _dummy_window_lse(lid, window_queries[lid], num_keys, layer.scaling)
             with one_read_check_off():
-                _prefill_scores(config, window_queries, scaling, state, row, key_of, value_of, attention_mass,
-                                row_lse=_dummy_window_lse(lid, window_queries[lid], num_keys, layer.scaling))
+                prefill_scores([replace(prompt, row_lse=lse)], scaling, state, key_of, value_of, attention_mass)
         if chosen.query_source == LOOKAHEAD:
             keep = _keep_of(scores, config, row, page_size, state, None)
             steps = max(1, config.lookahead_steps)

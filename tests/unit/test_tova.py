@@ -35,12 +35,17 @@ def test_tova_scores_the_last_query_alone_unpooled():
     assert torch.equal(make_policy("tova").score(other), got)
 
 
+def _server_scores(config, row, queries, pool, row_lse=None):
+    prompt = evict_batch.PromptToScore(None, config, row, {0: queries}, row_lse or {})
+    return evict_batch.prefill_scores([prompt], {0: 0.25}, EngineState(), lambda _: pool, None,
+                                      attention_mass_paged)[0]
+
+
 def test_server_scores_equal_the_harness_policy_two_pass_and_one_read():
     pool, row, queries = _setup(1)
     config = EvictionConfig(policy="tova", budget=Budget(fraction=0.3), window=W, pooling_kernel=7)
     assert config.policy_object.pool_width == 1  # the server's pooling flag does not apply to TOVA
-    two_pass = evict_batch._prefill_scores(config, {0: queries}, {0: 0.25}, EngineState(), row,
-                                           lambda _: pool, None, attention_mass_paged)
+    two_pass = _server_scores(config, row, queries, pool)
     keys = pool[row.long()].transpose(0, 1)
     reference = make_policy("tova").score(LayerObservation(keys=keys, scaling=0.25, num_q_heads=HQ,
                                                            window_queries=queries))
@@ -49,9 +54,7 @@ def test_server_scores_equal_the_harness_policy_two_pass_and_one_read():
     positions = torch.arange(N - W, N)
     logits = torch.einsum("hwd,hnd->hwn", queries, keys.repeat_interleave(HQ // H, dim=0)) * 0.25
     logits = logits.masked_fill(torch.arange(N)[None, None] > positions[None, :, None], float("-inf"))
-    one_read = evict_batch._prefill_scores(config, {0: queries}, {0: 0.25}, EngineState(), row,
-                                           lambda _: pool, None, attention_mass_paged,
-                                           row_lse={0: logits.logsumexp(-1)})
+    one_read = _server_scores(config, row, queries, pool, row_lse={0: logits.logsumexp(-1)})
     assert torch.allclose(one_read, two_pass, rtol=1e-4, atol=1e-6)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from sgl_evict.config import Budget, EvictionConfig
 from sgl_evict.engine import keep as keep_module
+from sgl_evict.engine import score_plan
 from sgl_evict.engine import warmup
 from sgl_evict.engine.judgeq import ServedSoftTokens
 from sgl_evict.engine.runtime import EngineState
@@ -25,17 +26,20 @@ class Calls:
 
     def __init__(self, monkeypatch):
         self.mass, self.lse, self.rerotate, self.select = [], [], [], []
-        monkeypatch.setattr(keep_module, "rerotate_triton", self._rerotate)
+        calls = self
+
+        class RecordingRerotatePlan(score_plan.RerotatePlan):
+            def run(self, queries, out=None):
+                calls.rerotate.append(tuple(queries.shape))
+                return queries
+
+        monkeypatch.setattr(score_plan, "RerotatePlan", RecordingRerotatePlan)
         monkeypatch.setattr(keep_module, "select_pages", self._select)
 
     def attention_mass(self, queries, keys, table, lens, scaling, positions=None, row_lse=None):
         self.mass.append((tuple(queries.shape), tuple(keys.shape), keys.dtype, table.dtype, positions is not None))
         self.lse.append(None if row_lse is None else (tuple(row_lse.shape), row_lse.stride()[1:], row_lse.dtype))
         return torch.rand(queries.shape[0], queries.shape[1], table.shape[1])
-
-    def _rerotate(self, q, from_positions, to_positions, spec):
-        self.rerotate.append(tuple(q.shape))
-        return q
 
     def _select(self, scores, table, lens, budget, page_size, sinks, recent):
         self.select.append(page_size)
