@@ -29,7 +29,9 @@ servers started before it too), so the six fit on one GPU:
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
 dropped slot is freed (none only hidden: also across chunks); a second turn hits the compressed first turn;
-per-request overrides (no eviction, another budget) take other namespaces, and on ``snapkv-fi`` a request asking for
+per-request overrides (no eviction, another budget) take other namespaces; new prompts sent to ``snapkv-fi`` at once
+(prefilled in one batch: one scoring launch per layer) keep what ``snapkv-eager`` keeps for them one at a time; and on
+``snapkv-fi`` a request asking for
 laq is evicted after its lookahead steps (with ``lookahead_reserve`` 2: first to twice the budget, then to the
 budget) and one asking for laprox is evicted to the budget; after the servers sit
 idle (SGLang checks available + evictable == total) no leak is reported. Every prefill batch logs how it was
@@ -64,6 +66,7 @@ import random
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.gpu.smoke import Server, _version, write_tiny_llama
@@ -191,7 +194,7 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-chunked": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                             str(BUDGET), "--chunked-prefill-size", "256", *evict], CHECK_LSE),
         "snapkv-eager": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                          str(BUDGET), "--disable-decode-cuda-graph", *evict], {}),
+                          str(BUDGET), "--disable-decode-cuda-graph", *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "streaming": (["--attention-backend", "flashinfer", "--kv-evict-policy", "streaming", "--kv-evict-budget",
                        str(BUDGET), *evict], {}),
         "dapq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "dapq", "--kv-evict-budget",
@@ -328,6 +331,37 @@ def check_same_keep_sets(name: str, server, reference, ps: list[list[int]], ids:
         "ok": len(overlap) == len(ps) and min(overlap) >= 0.98, "jaccard": overlap}
     checks[f"{name}: answers as {reference.name} where the keep-sets are equal"] = {
         "ok": bool(same) and all(ids[name][i] == ids[reference.name][i] for i in same), "prompts": same}
+
+
+def keep_sets_by_length(text: str) -> dict[int, list[int]]:
+    """Prompt length -> kept positions of each eviction in a log excerpt of a server run with
+    ``SGL_EVICT_LOG_KEEP=1`` (requests paired with their lengths by request id)."""
+    kept = dict(re.findall(r"sgl-evict: request (\S+) keeps positions (\[[\d, ]*\])", text))
+    lengths = dict(re.findall(r"sgl-evict: request (\S+) kept \d+ of (\d+) tokens, freed", text))
+    return {int(lengths[rid]): json.loads(found) for rid, found in kept.items() if rid in lengths}
+
+
+def check_batched_scoring(server: Server, reference: Server, checks: dict) -> None:
+    """New prompts sent to ``server`` all at once (so that SGLang prefills them in one batch, which the plugin scores
+    with one kernel launch per layer) keep what ``reference`` (same policy, budget and prefill path) keeps for them
+    one at a time. Fails when no prefill batch held more than one of them (nothing batched to check)."""
+    ps = prompts(seed=2)
+    start = {s.name: len(s.log_path.read_text()) for s in (server, reference)}
+    batches_before = len(scoring_lines(server.log_path))
+    with ThreadPoolExecutor(len(ps)) as pool:
+        list(pool.map(lambda ids: greedy(server, ids), ps))
+    for ids in ps:
+        greedy(reference, ids)
+    batched = keep_sets_by_length(server.log_path.read_text()[start[server.name]:])
+    single = keep_sets_by_length(reference.log_path.read_text()[start[reference.name]:])
+    sizes = [sum(line) for line in scoring_lines(server.log_path)[batches_before:]]
+    jaccard = {n: len(set(batched[n]) & set(single[n])) / max(1, len(set(batched[n]) | set(single[n])))
+               for n in PROMPT_LENS if n in batched and n in single}
+    checks[f"{server.name}: prompts prefilled in one batch keep what {reference.name} keeps one at a time "
+           "(Jaccard >= 0.98)"] = {
+        "ok": max(sizes, default=0) > 1 and len(jaccard) == len(ps) and min(jaccard.values()) >= 0.98,
+        "requests_per_prefill_batch": sizes, "jaccard": jaccard,
+        "equal": sum(batched[n] == single[n] for n in jaccard)}
 
 
 def logged_keep_sets(log: Path, rank: int = 0) -> list[list[int]]:
@@ -469,6 +503,8 @@ def main() -> int:
         for name in ("layered-snapkv", "layered-laprox"):
             if name in up:
                 check_layered_server(name, up[name], ps, answers, checks, groups=num_layers)
+        if "snapkv-fi" in up and "snapkv-eager" in up:
+            check_batched_scoring(up["snapkv-fi"], up["snapkv-eager"], checks)
         if "snapkv-fi" in up:
             check_laq_override(up["snapkv-fi"], ps, checks)
             check_laq_reserve_override(up["snapkv-fi"], ps, checks)

@@ -181,3 +181,40 @@ def test_another_backend_is_checked_against_flashinfer_keep_set_by_keep_set(tmp_
                              [[7], [8]], ids, checks)
     keep, answers = checks.values()
     assert not keep["ok"] and keep["jaccard"][1] == 0.5 and answers["ok"] and answers["prompts"] == [0]
+
+
+class _LoggingServer:
+    """Stands in for a server run with SGL_EVICT_LOG_KEEP=1: each request appends its eviction lines, and
+    ``batch`` requests at a time share one scoring line (what one prefill batch logs)."""
+
+    def __init__(self, tmp_path, name, batch, keep):
+        self.name, self.batch, self.keep, self.count = name, batch, keep, 0
+        self.log_path = tmp_path / f"{name}.log"
+        self.log_path.write_text("")
+
+    def generate(self, payload):
+        n = len(payload["input_ids"])
+        with self.log_path.open("a") as log:
+            self.count += 1
+            if self.count % self.batch == 0:
+                log.write(f"sgl-evict: scoring after prefill: {self.batch} one-read, 0 mixed, 0 two-pass\n")
+            log.write(f"sgl-evict: request {self.name}{self.count} keeps positions {self.keep(n)}\n")
+            log.write(f"sgl-evict: request {self.name}{self.count} kept 3 of {n} tokens, freed {n - 3} slots, "
+                      "hid 0\n")
+        return 0.0, {"output_ids": [1], "meta_info": {}}
+
+
+def test_the_batched_scoring_check_pairs_keep_sets_by_length_and_needs_a_batch(tmp_path):
+    checks = {}
+    same = _LoggingServer(tmp_path, "ref", 1, lambda n: [0, 1, n - 1])
+    e2e.check_batched_scoring(_LoggingServer(tmp_path, "batched", 4, lambda n: [0, 1, n - 1]), same, checks)
+    (name, check), = checks.items()
+    assert check["ok"] and check["requests_per_prefill_batch"] == [4] and check["equal"] == 4
+    # one request per prefill batch: nothing batched, so nothing checked
+    checks.clear()
+    e2e.check_batched_scoring(_LoggingServer(tmp_path, "alone", 1, lambda n: [0, 1, n - 1]), same, checks)
+    assert not next(iter(checks.values()))["ok"]
+    # a batched keep-set that differs in a third of its positions
+    checks.clear()
+    e2e.check_batched_scoring(_LoggingServer(tmp_path, "wrong", 2, lambda n: [0, 2, n - 1]), same, checks)
+    assert not next(iter(checks.values()))["ok"]
