@@ -156,7 +156,7 @@ def _evict_scored(entry: PromptToScore, scores: torch.Tensor, state: EngineState
             keep = keep & wide
     # copies: a view would keep the whole batch's window queries alive
     window = {layer: q.clone() for layer, q in entry.queries.items()}
-    state.pending[req.rid] = PendingLookahead(req, row.shape[0], window, keep, dict(scaling))
+    state.pending[req.rid] = PendingLookahead(req, row.shape[0], window, keep, dict(scaling), config)
     logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
                 config.lookahead_steps, int(keep.sum()), row.shape[0])
     return freed
@@ -349,7 +349,7 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
         entry = state.pending_of(req)
         if entry is None:
             continue
-        config = state.config_of(req)
+        config = entry.config if entry.config is not None else state.config_of(req)
         if entry.decoded < config.lookahead_steps:
             continue
         if len(entry.steps) < entry.decoded:

@@ -36,6 +36,8 @@ class PendingLookahead:
             eviction recomputes the scores from O(window) memory.
         visible: ``[prompt_len]`` bool snapkv keep mask: what the lookahead steps attend to.
         scaling: layer id -> attention logit scale.
+        config: the request's config (its ``EvictionConfig``), kept so that its decode steps do not parse its
+            override again.
         decoded: decode forwards run so far on the snapkv view.
         steps: decode steps whose queries were recorded, each ``(layer id -> [n, num_q_heads, head_dim], row)``:
             the forward's captured queries and this request's row in them.
@@ -46,6 +48,7 @@ class PendingLookahead:
     window_queries: dict[int, torch.Tensor]
     visible: torch.Tensor
     scaling: Mapping[int, float]
+    config: object = None
     decoded: int = 0
     steps: list[tuple[dict[int, torch.Tensor], int]] = field(default_factory=list)
 

@@ -345,3 +345,18 @@ def test_a_request_ending_during_its_lookahead_keeps_its_reserve(monkeypatch):
     assert req_row_free_before(None, setup.reqs[0]) is None
     assert setup.finish_lookahead() == 0 and len(setup.freed) == 2  # b's eviction and a's reserve, nothing more
     assert torch.equal(setup.table[1, :40], after_prefill[1, :40])
+
+
+def test_a_pending_request_keeps_its_config_so_its_decode_steps_do_not_parse_its_override_again(monkeypatch):
+    setup = Setup()
+    setup.prefill()
+    assert setup.state.pending["a"].config == setup.state.config_of(setup.reqs[0])
+
+    def parse_again(req):
+        raise AssertionError(f"config_of({req.rid}) called during the lookahead steps")
+
+    monkeypatch.setattr(setup.state, "config_of", parse_again)
+    for step in range(STEPS):
+        setup.decode_step(step)
+        setup.finish_lookahead()
+    assert "a" not in setup.state.pending and len(setup.freed) == 2
