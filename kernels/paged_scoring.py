@@ -106,6 +106,7 @@ def _logits(q, K, ReqToTok, req, kvh, n, seq_len, qpos, row_ok, scale, s_kt, s_k
     live = slot >= 0  # holes (HOLE = -1, sgl_evict.holes) and positions past the end
     k = tl.load(K + slot[:, None] * s_kt + kvh * s_kh + d[None, :], mask=live[:, None] & (d[None, :] < HEAD_DIM),
                 other=0.0)
+    k = k.to(q.dtype)  # FP8 keys (a float8 pool) widen to the queries' 16-bit type; a no-op otherwise
     if TRANS:
         logits = _dot(k, q, DOT_FP32, IEEE) * scale
         ok = live[:, None] & row_ok[None, :]
@@ -229,6 +230,18 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+#: FP8 KV cache dtypes (SGLang's ``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+
+
+def _query_dtype(query_dtype: torch.dtype, key_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the queries enter the kernel in: the keys' (as the tensor cores take them), except over an FP8 pool,
+    whose keys widen to the queries' 16-bit type (bfloat16 for float32 queries)."""
+    if key_dtype not in FP8_DTYPES:
+        return key_dtype
+    return query_dtype if query_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 def attention_mass_paged(
     queries: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -245,6 +258,7 @@ def attention_mass_paged(
     reverse_pass2: bool = True,
     num_programs: int = 512,
     transpose_pass2: bool = False,
+    key_scale: float = 1.0,
 ) -> torch.Tensor:
     """Mean attention each query head's observation queries pay to each key, from a paged pool.
 
@@ -270,6 +284,9 @@ def attention_mass_paged(
         num_programs: programs per launch to aim for (a long request is split into that many chunks).
         transpose_pass2: pass 2 computes ``keys @ queries^T`` (keys as the product's M dimension) instead of
             ``queries @ keys^T``.
+        key_scale: the pool's key scale: the keys are ``k_buffer * key_scale`` (SGLang's ``k_scale`` of an FP8 KV
+            cache, which stores ``k / k_scale``; 1.0 for a 16-bit pool). Folded into the logit scale; a
+            ``row_lse`` must be of the scaled keys' logits (as the attention that returned it computed them).
 
     Returns:
         ``[num_reqs, num_q_heads, max_len]`` float32; zero past each request's length and at holes.
@@ -288,8 +305,8 @@ def attention_mass_paged(
     rows = group * nq_p
     dev = queries.device
     # no-ops (no kernel) for the usual inputs: queries in the KV dtype, contiguous; seq_lens and positions are read in
-    # whatever int dtype they come in
-    queries = queries.to(k_buffer.dtype).contiguous()
+    # whatever int dtype they come in. An FP8 pool's keys are widened in the kernel to the queries' 16-bit type.
+    queries = queries.to(_query_dtype(queries.dtype, k_buffer.dtype)).contiguous()
     seq_lens = seq_lens.contiguous()
     causal = query_positions is not None
     qpos = query_positions if causal else seq_lens  # not read unless causal
@@ -314,7 +331,7 @@ def attention_mass_paged(
         ticket = torch.zeros(num_reqs, num_kv_heads, dtype=torch.int32, device=dev)
         lse = row_c  # placeholder argument, not read
     out = torch.empty(num_reqs, num_q_heads, max_len, dtype=torch.float32, device=dev)
-    scale = scaling * _LOG2E  # the kernels use exp2 (one instruction, no extra multiply)
+    scale = scaling * key_scale * _LOG2E  # the kernels use exp2 (one instruction, no extra multiply)
     log2_nq = math.log2(num_queries)
     common = dict(num_warps=num_warps, num_stages=num_stages, NUM_Q=num_queries, GROUP=group, NQ_P=nq_p,
                   HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=block_n, CAUSAL=causal,

@@ -317,3 +317,36 @@ def test_bad_options_are_refused():
         attention_mass_paged(*args, row_lse=torch.zeros(1, 4, 3))
     with pytest.raises(ValueError, match="row_lse must be a float tensor"):
         attention_mass_paged(*args, row_lse=torch.zeros(1, 4, 2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("one_read", [False, True])
+def test_fp8_keys_with_their_scale_match_the_reference_on_the_dequantised_keys(device, fp8, one_read):
+    """An FP8 KV pool (SGLang stores ``k / k_scale``): the kernel widens the keys to the queries' bfloat16 and folds
+    ``key_scale`` into the logit scale; the reference scores the dequantised keys ``stored * k_scale``."""
+    gen = torch.Generator().manual_seed(41)
+    num_kv_heads, group, head_dim, num_queries, key_scale = 2, 2, 32, 4, 0.37
+    seq_lens = [45, 90]
+    pool, table = _paged_pool(seq_lens, num_kv_heads, head_dim, torch.float32, device, gen)
+    stored = (pool / key_scale).to(fp8)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, num_queries, head_dim, generator=gen)
+    q = q.to(torch.bfloat16).to(device)
+    qpos = torch.stack([torch.arange(n - num_queries, n) for n in seq_lens]).to(device)
+    lse = None
+    if one_read:
+        lse = torch.stack([
+            (torch.einsum("hqd,hnd->hqn", q[r].float().cpu(),
+                          (stored[table[r, :n].long()].float() * key_scale).transpose(0, 1).cpu()
+                          .repeat_interleave(group, 0)) * 0.2)
+            .masked_fill(torch.arange(n)[None, None] > qpos[r].cpu()[None, :, None], float("-inf")).logsumexp(-1)
+            for r, n in enumerate(seq_lens)]).to(device)
+    out = attention_mass_paged(q, stored, table, torch.tensor(seq_lens, device=device), 0.2, qpos, block_n=32,
+                               key_scale=key_scale, row_lse=lse)
+    for r, n in enumerate(seq_lens):
+        keys = (stored[table[r, :n].long()].float() * key_scale).transpose(0, 1).cpu()
+        ref = attention_probs(q[r].float().cpu(), keys, 0.2, qpos[r].cpu()).mean(1)
+        assert _rel_err(out[r, :, :n].cpu(), ref) < RTOL[torch.bfloat16]
+    # the scale matters: without it the same keys score otherwise
+    unscaled = attention_mass_paged(q, stored, table, torch.tensor(seq_lens, device=device), 0.2, qpos, block_n=32)
+    assert _rel_err(unscaled[0, :, :45].cpu(), out[0, :, :45].cpu()) > 10 * RTOL[torch.bfloat16]
