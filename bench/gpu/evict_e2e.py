@@ -20,6 +20,7 @@ servers started before it too), so the six fit on one GPU:
 | ``snapkv-eager`` | snapkv at 10%, decode without CUDA graphs |
 | ``dapq`` | dapq at 10% (window queries re-rotated to the answer's positions), FlashInfer |
 | ``snapkv-page16`` | snapkv at 10% with ``--page-size 16``: whole pages evicted, FlashInfer |
+| ``snapkv-page64`` | the same with ``--page-size 64`` (issue 22 item 5); run only when named in ``--only`` |
 | ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
@@ -82,12 +83,13 @@ LOOKAHEAD_STEPS = 8  # --kv-evict-lookahead-steps' default
 #: how each server scores its prompts (the log line per prefill batch): FlashInfer's prefill returns the window
 #: queries' LSE, so snapkv, laq and laprox read the keys once; Triton attention and dapq (re-rotated queries) two-pass
 SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunked": "one-read",
-                 "snapkv-eager": "one-read", "snapkv-page16": "one-read", "dapq": "two-pass", "laq": "one-read",
+                 "snapkv-eager": "one-read", "snapkv-page16": "one-read", "snapkv-page64": "one-read",
+                 "dapq": "two-pass", "laq": "one-read",
                  "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass"}
 #: fa3 is refused with eviction unless opted in (it is what these servers verify)
 UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
-LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "laprox")
+LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", "laprox")
 CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
 
 
@@ -199,6 +201,8 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                        str(BUDGET), *evict], {}),
         "dapq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "dapq", "--kv-evict-budget",
                   str(BUDGET), *evict], {}),
+        "snapkv-page64": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                           str(BUDGET), "--page-size", "64", *evict], {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "snapkv-page16": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                            str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1",
                                                                             **CHECK_LSE}),
@@ -233,7 +237,7 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-fa3": ([*fa3, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
                        {"SGL_EVICT_LOG_KEEP": "1", **UNVERIFIED}),
     })
-    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3")
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -253,18 +257,28 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
 
 def expected_kept(n: int, budget: float, page: int) -> int:
     """Tokens a prompt of ``n`` keeps: the budget, or with pages ``ceil(budget / page)`` whole pages, one of them
-    the prompt's last, partial page (always kept: it holds the protected window)."""
+    the prompt's last, partial page (always kept: it holds the protected window), and never fewer pages than the
+    protected tokens touch (the sinks' first page and the pages of the last ``WINDOW`` tokens: with large pages
+    those can outnumber the budget's)."""
     tokens = math.ceil(budget * n)
     if page == 1:
-        return tokens
+        return max(tokens, min(n, SINKS + WINDOW))
     tail = n % page or page
-    return (math.ceil(tokens / page) - 1) * page + tail
+    window_pages = 1 + (math.ceil((WINDOW - tail) / page) if WINDOW > tail else 0)
+    protected = window_pages + (1 if SINKS and (n - 1) // page - window_pages + 1 > 0 else 0)
+    return (max(math.ceil(tokens / page), protected) - 1) * page + tail
+
+
+def page_size_of(name: str) -> int:
+    """The ``--page-size`` of a server of this script, from its name (``snapkv-page16``: 16; no ``page``: 1)."""
+    found = re.search(r"-page(\d+)$", name)
+    return int(found.group(1)) if found else 1
 
 
 def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, checks: dict) -> None:
     log = server.log_path
     lines = [line for line in eviction_lines(log) if line[1] in PROMPT_LENS]
-    page = PAGE if name.endswith("page16") else 1
+    page = page_size_of(name)
     checks[f"{name}: evicted each prompt to the budget, every dropped slot freed"] = {
         "ok": len(lines) == len(ps) and all(k == expected_kept(n, BUDGET, page) and freed == n - k and hid == 0
                                             for k, n, freed, hid in lines), "logged": lines}
@@ -484,7 +498,7 @@ def main() -> int:
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
         for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming", "dapq",
-                     "snapkv-page16", "random", "laq", "laprox", "snapkv-tp2", "laq-tp2"):
+                     "snapkv-page16", "snapkv-page64", "random", "laq", "laprox", "snapkv-tp2", "laq-tp2"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
         for name in ("snapkv-tp2", "laq-tp2"):

@@ -125,8 +125,13 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     monkeypatch.setattr(e2e, "Server", server)
     monkeypatch.setattr(e2e, "STAGGER_S", 0)
     e2e.launch(tmp_path, tmp_path, set())
-    assert {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"} == set(e2e.LSE_CHECKED)
-    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2", "snapkv-fa3"} <= set(envs)
+    # the servers launched by default (no --only) among those checked
+    checked = {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"}
+    assert checked == set(e2e.LSE_CHECKED) & set(envs)
+    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64"} <= set(envs)
+    envs.clear()
+    e2e.launch(tmp_path, tmp_path, {"snapkv-page64"})  # named: launched, with the check
+    assert envs == {"snapkv-page64": {"SGL_EVICT_CHECK_LSE": "1"}}
 
 
 def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
@@ -218,3 +223,22 @@ def test_the_batched_scoring_check_pairs_keep_sets_by_length_and_needs_a_batch(t
     checks.clear()
     e2e.check_batched_scoring(_LoggingServer(tmp_path, "wrong", 2, lambda n: [0, 2, n - 1]), same, checks)
     assert not next(iter(checks.values()))["ok"]
+
+
+def test_expected_kept_is_what_the_selector_keeps_with_pages_of_1_16_and_64():
+    """The page-64 server (issue 22 item 5) keeps more than the budget where the protected pages outnumber it."""
+    import torch
+
+    from sgl_evict.config import EvictionConfig
+    from sgl_evict.engine.keep import keep_mask
+    from sgl_evict.selection import Budget
+
+    for page in (1, 16, 64):
+        for n in (*e2e.PROMPT_LENS, 764, 130):
+            for budget in (e2e.BUDGET, 0.5):
+                config = EvictionConfig(policy="snapkv", budget=Budget.parse(str(budget)), window=e2e.WINDOW,
+                                        sinks=e2e.SINKS, page_granular=page > 1)
+                kept = keep_mask(torch.rand(n, generator=torch.Generator().manual_seed(n)), config,
+                                 torch.arange(1, n + 1, dtype=torch.int32), page)
+                assert int(kept.sum()) == e2e.expected_kept(n, budget, page), (page, n, budget)
+    assert e2e.page_size_of("snapkv-page64") == 64 and e2e.page_size_of("snapkv-fi") == 1
