@@ -69,6 +69,40 @@ def greedy(harness, cache, first_logits: torch.Tensor, start: int, max_new_token
     return tokens
 
 
+def drafted_greedy(harness, cache, logp: torch.Tensor, draft: list[int], start: int, max_new_tokens: int,
+                   eos: tuple[int, ...], tokenizer=None, answers: tuple[str, ...] = ()) -> list[int]:
+    """:func:`greedy`'s tokens, most of them read off a teacher-forced pass instead of decoded one by one.
+
+    ``logp [H + 1, vocab]`` is this cache's :func:`teacher_forced_logp` over ``draft`` (the full cache's greedy
+    continuation): while the method's greedy tokens equal the draft's, row ``i``'s argmax is its next token, so no
+    decode step is run. At the first token that differs (or past the draft) the cache is extended by the tokens so
+    far in one call and decoding goes on step by step. Same stopping rules as :func:`greedy`. The tokens equal
+    :func:`greedy`'s up to floating-point ties (a row of a many-token extend can round differently from a one-token
+    step); ``cache`` is extended in place: pass a copy."""
+    picks = logp.argmax(-1).tolist()
+    tokens = [picks[0]]
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        if answers and exact_match(answers, tokenizer.decode(tokens, skip_special_tokens=True)):
+            return tokens
+        i = len(tokens)
+        if i >= len(picks) or tokens[:i] != draft[:i]:
+            break
+        tokens.append(picks[i])
+    else:
+        return tokens
+    # off the draft: the tokens so far (but the last) into the cache in one extend, then step by step
+    if len(tokens) > 1:
+        harness._extend(cache, torch.arange(start, start + len(tokens) - 1),
+                        input_ids=torch.tensor([tokens[:-1]], device=harness.device))
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        if answers and exact_match(answers, tokenizer.decode(tokens, skip_special_tokens=True)):
+            break
+        logits = harness._extend(cache, torch.tensor([start + len(tokens) - 1]),
+                                 input_ids=torch.tensor([[tokens[-1]]], device=harness.device))
+        tokens.append(int(logits[-1].argmax()))
+    return tokens
+
+
 def teacher_forced_logp(harness, cache, first_logits: torch.Tensor, continuation: list[int],
                         start: int) -> torch.Tensor:
     """``[H + 1, vocab]`` log-probabilities: ``first_logits`` then one extend of ``continuation`` on ``cache``
@@ -91,12 +125,18 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def score(harness, tokenizer, ref: Reference, cache, first_logits: torch.Tensor, answers: tuple[str, ...],
-          max_new_tokens: int, eos: tuple[int, ...]) -> Scores:
-    """Accuracy and fidelity of a method that left ``cache`` and ``first_logits`` after the prompt (not mutated)."""
+          max_new_tokens: int, eos: tuple[int, ...], drafted: bool = False) -> Scores:
+    """Accuracy and fidelity of a method that left ``cache`` and ``first_logits`` after the prompt (not mutated).
+    ``drafted``: the greedy answer by :func:`drafted_greedy` (the teacher-forced pass as its draft) instead of
+    :func:`greedy`."""
     copy = harness._shallow_copy
-    tokens = greedy(harness, copy(cache), first_logits, ref.seq_len, max_new_tokens, eos, tokenizer, answers)
-    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
     logp = teacher_forced_logp(harness, copy(cache), first_logits, ref.continuation, ref.seq_len)
+    if drafted:
+        tokens = drafted_greedy(harness, copy(cache), logp, ref.continuation, ref.seq_len, max_new_tokens, eos,
+                                tokenizer, answers)
+    else:
+        tokens = greedy(harness, copy(cache), first_logits, ref.seq_len, max_new_tokens, eos, tokenizer, answers)
+    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
     agree = (logp.argmax(-1) == ref.logp.argmax(-1)).float()
     kl = (ref.logp.exp() * (ref.logp - logp)).sum(-1).clamp_min(0)
     head, tail = slice(1, 1 + LOOKAHEAD), slice(1 + LOOKAHEAD, None)

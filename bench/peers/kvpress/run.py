@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length cap (default 32)")
     ap.add_argument("--presses", default="all", help="comma-separated press names of methods.py, or all")
     ap.add_argument("--ours", default=",".join(M.OURS) + ",judgeq", help="our policies (judgeq if a file fits)")
+    ap.add_argument("--greedy", choices=("step", "draft"), default="step",
+                    help="answers decoded token by token (step, default) or read off the teacher-forced pass while "
+                         "they follow the full cache's continuation, decoded from where they leave it (draft: "
+                         "the same tokens up to floating-point ties, far fewer decode steps)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the every-press runs/fails sweep")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kvpress_<date>_<device>_...json)")
     ap.add_argument("--resume", action="store_true", help="keep the prompts already in --out")
@@ -139,7 +143,7 @@ class Runner:
 
     def _score(self, ref, cache, first_logits, prompt) -> dict:
         s = score(self.harness, self.tok, ref, cache, first_logits, prompt.answers, self.args.max_new_tokens,
-                  self.eos)
+                  self.eos, drafted=self.args.greedy == "draft")
         return dataclasses.asdict(s)
 
     def _with_question(self, cache, prompt):
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
         "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(0),
         "cpu_threads": torch.get_num_threads(), "versions": versions(),
         "seeds": {"eval": args.seed, "development": DEV_SEEDS},
-        "settings": {k: getattr(args, k) for k in ("context", "prompts", "budgets", "horizon", "max_new_tokens")},
+        "settings": {k: getattr(args, k) for k in ("context", "prompts", "budgets", "horizon", "max_new_tokens",
+                                                   "greedy")},
         "model": args.model,
         "ours": {"policies": list(runner.ours), "window": M.OUR_WINDOW, "sinks": M.OUR_SINKS,
                  "granularity": "uniform", "protected_recent": 0, "judgeq": runner.judgeq_note},
@@ -232,6 +237,10 @@ def main(argv=None) -> int:
     }
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
+        before = old.get("settings", {}).get("greedy", "step")  # files written before the option decoded by step
+        if before != args.greedy:
+            raise SystemExit(f"run.py: --greedy {args.greedy}, but {out} was written with --greedy {before}: one "
+                             "file holds one way of decoding (start another --out)")
         doc["prompts"], doc["records"] = old["prompts"], old["records"]
         doc["sweep"], doc["commands"] = old.get("sweep"), old["commands"] + doc["commands"]
         # the commits of every invocation that wrote to this file, the first one's first
