@@ -59,14 +59,8 @@ def greedy(harness, cache, first_logits: torch.Tensor, start: int, max_new_token
 
     Stops at an EOS token, after ``max_new_tokens``, or as soon as the text holds every one of ``answers`` (exact
     match cannot change after that; this only saves CPU)."""
-    tokens = [int(first_logits.argmax())]
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        if answers and exact_match(answers, tokenizer.decode(tokens, skip_special_tokens=True)):
-            break
-        logits = harness._extend(cache, torch.tensor([start + len(tokens) - 1]),
-                                 input_ids=torch.tensor([[tokens[-1]]], device=harness.device))
-        tokens.append(int(logits[-1].argmax()))
-    return tokens
+    return _decode([int(first_logits.argmax())], max_new_tokens, eos, tokenizer, answers,
+                   _decode_step(harness, cache, start))
 
 
 def drafted_greedy(harness, cache, logp: torch.Tensor, draft: list[int], start: int, max_new_tokens: int,
@@ -80,26 +74,41 @@ def drafted_greedy(harness, cache, logp: torch.Tensor, draft: list[int], start: 
     :func:`greedy`'s up to floating-point ties (a row of a many-token extend can round differently from a one-token
     step); ``cache`` is extended in place: pass a copy."""
     picks = logp.argmax(-1).tolist()
-    tokens = [picks[0]]
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        if answers and exact_match(answers, tokenizer.decode(tokens, skip_special_tokens=True)):
-            return tokens
+    step = _decode_step(harness, cache, start)
+    off_draft = []  # set once the tokens leave the draft: they never return to it
+
+    def next_token(tokens: list[int]) -> int:
         i = len(tokens)
-        if i >= len(picks) or tokens[:i] != draft[:i]:
-            break
-        tokens.append(picks[i])
-    else:
-        return tokens
-    # off the draft: the tokens so far (but the last) into the cache in one extend, then step by step
-    if len(tokens) > 1:
-        harness._extend(cache, torch.arange(start, start + len(tokens) - 1),
-                        input_ids=torch.tensor([tokens[:-1]], device=harness.device))
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        if answers and exact_match(answers, tokenizer.decode(tokens, skip_special_tokens=True)):
-            break
+        if not off_draft and i < len(picks) and tokens == draft[:i]:
+            return picks[i]
+        if not off_draft:
+            off_draft.append(True)
+            if i > 1:  # the tokens so far (but the last) into the cache in one extend
+                harness._extend(cache, torch.arange(start, start + i - 1),
+                                input_ids=torch.tensor([tokens[:-1]], device=harness.device))
+        return step(tokens)
+
+    return _decode([picks[0]], max_new_tokens, eos, tokenizer, answers, next_token)
+
+
+def _decode_step(harness, cache, start: int):
+    """The next greedy token after ``tokens`` by one decode step on ``cache``, which holds all of them but the
+    last (the prompt's answer starts at position ``start``)."""
+    def next_token(tokens: list[int]) -> int:
         logits = harness._extend(cache, torch.tensor([start + len(tokens) - 1]),
                                  input_ids=torch.tensor([[tokens[-1]]], device=harness.device))
-        tokens.append(int(logits[-1].argmax()))
+        return int(logits[-1].argmax())
+    return next_token
+
+
+def _decode(tokens: list[int], max_new_tokens: int, eos: tuple[int, ...], tokenizer, answers: tuple[str, ...],
+            next_token) -> list[int]:
+    """``tokens`` extended by ``next_token(tokens)`` until an EOS token, ``max_new_tokens``, or a text that holds
+    every one of ``answers``: :func:`greedy`'s stopping rules, shared by both ways of getting the next token."""
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        if answers and exact_match(answers, tokenizer.decode(tokens, skip_special_tokens=True)):
+            break
+        tokens.append(next_token(tokens))
     return tokens
 
 
