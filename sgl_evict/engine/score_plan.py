@@ -76,10 +76,7 @@ class _Launch:
     """Requests of one plan that share a kernel launch per layer; shapes for ``R`` requests, ``n`` queries."""
 
     members: list[int]  # indices into the plan's requests
-    num_queries: int
-    causal: bool
-    rope: RopeSpec | None
-    lse: bool
+    lse: bool  # its requests read their keys once where they have a layer's window LSE
     table: torch.Tensor  # [R, max_len] slot rows, HOLE-padded
     lens: torch.Tensor  # [R] int32
     positions: torch.Tensor | None  # [R, n] query positions (causal), else None
@@ -127,8 +124,8 @@ class ScorePlan:
                 rerotate = RerotatePlan(rope)
                 offsets = torch.arange(num_queries, device=device)
                 rerotate.plan(offsets, offsets + num_queries)
-            launches.append(_Launch(members, num_queries, causal, rope, lse, table,
-                                    torch.tensor(lens, dtype=torch.int32, device=device), positions, rerotate))
+            launches.append(_Launch(members, lse, table, torch.tensor(lens, dtype=torch.int32, device=device),
+                                    positions, rerotate))
         return cls(requests, launches)
 
     @property
