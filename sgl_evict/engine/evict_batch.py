@@ -157,6 +157,8 @@ def _evict_scored(entry: PromptToScore, scores: torch.Tensor, state: EngineState
     # copies: a view would keep the whole batch's window queries alive
     window = {layer: q.clone() for layer, q in entry.queries.items()}
     state.pending[req.rid] = PendingLookahead(req, row.shape[0], window, keep, dict(scaling), config)
+    if env_setting("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: what the lookahead steps attend to
+        logger.info("sgl-evict: request %s looks ahead on positions %s", req.rid, keep.nonzero().flatten().tolist())
     logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,
                 config.lookahead_steps, int(keep.sum()), row.shape[0])
     return freed

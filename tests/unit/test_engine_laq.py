@@ -360,3 +360,23 @@ def test_a_pending_request_keeps_its_config_so_its_decode_steps_do_not_parse_its
         setup.decode_step(step)
         setup.finish_lookahead()
     assert "a" not in setup.state.pending and len(setup.freed) == 2
+
+
+def test_log_keep_logs_the_lookahead_view_and_the_final_keep_set_for_the_soak_replay(monkeypatch, caplog):
+    """With SGL_EVICT_LOG_KEEP=1 a laq request logs what its lookahead steps attend to and what it keeps in the
+    end, in the lines bench/soak_replay.py parses (without the lookahead line a laq answer cannot be replayed)."""
+    from bench.soak_replay import LoggedEvictions
+
+    monkeypatch.setenv("SGL_EVICT_LOG_KEEP", "1")
+    setup = Setup()
+    with caplog.at_level("INFO", logger="sgl_evict"):
+        setup.prefill()
+        view = setup.state.pending["a"].visible.nonzero().flatten().tolist()
+        for step in range(STEPS):
+            setup.decode_step(step)
+            setup.finish_lookahead()
+    logged = LoggedEvictions.parse(caplog.text)
+    assert logged.lookahead == {"a": [view]} and len(view) < 40
+    assert logged.keeps["a"] == [(setup.table[1, :40] != HOLE).nonzero().flatten().tolist()]
+    assert logged.keeps["a"][0] != view  # the lookahead changed the keep-set: both lines are needed
+    assert logged.lengths["a"] == [40] and logged.lengths["b"] == [30] and "b" not in logged.lookahead
