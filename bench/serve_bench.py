@@ -109,13 +109,14 @@ class OpenStreams:
 
 def stream_generate(port: int, record: RequestRecord, prompt: list[int], deadline: float, streams: OpenStreams,
                     timeout_s: float = 600.0, stream_interval: int = 1,
-                    custom_params: dict | None = None) -> RequestRecord:
+                    custom_params: dict | None = None, rid: str | None = None) -> RequestRecord:
     """Sends ``prompt`` with ``stream: true`` and fills ``record`` from the events (blocking: run it in a thread).
 
     ``deadline`` is a ``time.monotonic()`` value: tokens after it are not counted in ``tokens_in_window``.
     ``stream_interval`` > 1 asks SGLang for an event every that many tokens (the first token and the last are
     still sent at once, so TTFT and TPOT stay exact), for when the client's CPU would otherwise limit it.
     ``custom_params``: the request's ``sampling_params.custom_params`` (e.g. ``{"kv_evict": {"policy": "none"}}``).
+    ``rid``: the request id SGLang logs it under (None: SGLang draws one).
     """
     params = {"max_new_tokens": record.max_new_tokens, "temperature": 0, "ignore_eos": True}
     if stream_interval != 1:
@@ -123,6 +124,8 @@ def stream_generate(port: int, record: RequestRecord, prompt: list[int], deadlin
     if custom_params is not None:
         params["custom_params"] = custom_params
     payload = {"input_ids": prompt, "stream": True, "sampling_params": params}
+    if rid is not None:
+        payload["rid"] = rid
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
     streams.add(conn)
     try:

@@ -122,13 +122,15 @@ async def run_soak(port: int, duration_s: float, rate: float, seed: int, mix: Ag
                    abort_fraction: float, flush_every_s: float, bad_every_s: float, context_len: int,
                    vocab: tuple[int, int] = DEFAULT_VOCAB, idle_timeout_s: float = 120.0, settle_s: float = 30.0,
                    progress=None) -> dict:
-    """Runs the soak; returns ``{"summary", "requests", "bad_inputs", "flushes", "health", "idle"}``."""
+    """Runs the soak; returns ``{"summary", "requests", "bad_inputs", "flushes", "health", "idle"}``. Each request
+    row holds its ``rid`` (the id SGLang logs it under, :func:`request_id`) and ``output_ids`` (the answer's
+    tokens, which later turns' prompts hold: :func:`prompt_of`)."""
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=512, thread_name_prefix="soak")
     kinds = [parse_override(o) for o in overrides]
     t0 = time.monotonic()
     end = t0 + duration_s
-    records: list[tuple[RequestRecord, str, bool]] = []  # (record, override, aborted by us)
+    records: list[tuple[RequestRecord, str, bool, str]] = []  # (record, override, aborted by us, request id)
     bad, flushes, health = [], Counter(), Counter()
 
     async def session(index: int, at: float) -> None:
@@ -148,10 +150,11 @@ async def run_soak(port: int, duration_s: float, rate: float, seed: int, mix: Ag
             streams = OpenStreams()
             if abort:  # closed by the client: before the first token or during decode
                 loop.call_later(pick.uniform(0.0, 2.0), streams.close_all)
-            records.append((record, overrides[which], abort))
+            rid = request_id(seed, index, i)
+            records.append((record, overrides[which], abort, rid))
             custom = None if kinds[which] is None else {"kv_evict": kinds[which]}
             await loop.run_in_executor(pool, stream_generate, port, record, prompt, float("inf"), streams, 600.0,
-                                       1, custom)
+                                       1, custom, rid)
             if abort or not record.finished or record.error:
                 return
             reply = record.output_ids
@@ -190,10 +193,28 @@ async def run_soak(port: int, duration_s: float, rate: float, seed: int, mix: Ag
     await fault_task
     pool.shutdown(wait=True)
     idle = await loop.run_in_executor(None, wait_idle, port, idle_timeout_s, settle_s)
-    requests = [{**r.to_json(), "override": o, "client_abort": a} for r, o, a in records]
+    requests = [{**r.to_json(), "override": o, "client_abort": a, "rid": rid, "output_ids": r.output_ids}
+                for r, o, a, rid in records]
     namespaces = namespace_check(requests, mix.group_size)
-    return {"summary": summarize(records, bad, flushes, health, idle, len(times), namespaces),
+    return {"summary": summarize([x[:3] for x in records], bad, flushes, health, idle, len(times), namespaces),
             "requests": requests, "bad_inputs": bad, "flushes": dict(flushes), "health": dict(health), "idle": idle}
+
+
+def request_id(seed: int, session: int, turn: int) -> str:
+    """The ``rid`` the soak sends turn ``turn`` of session ``session`` under (SGLang logs requests by it)."""
+    return f"soak{seed}-{session}-{turn}"
+
+
+def prompt_of(row: dict, rows: list[dict], seed: int, mix: AgentMix, vocab: tuple[int, int] = DEFAULT_VOCAB
+              ) -> list[int]:
+    """The prompt a soak request row was sent with: its session's turns so far (rebuilt from ``seed`` and ``mix``)
+    and the answers of its earlier turns (``rows``: the run's rows, with ``output_ids``)."""
+    session = open_agent_session(row["session_id"], seed, mix, vocab)
+    answers = {r["turn"]: r["output_ids"] for r in rows if r["session_id"] == row["session_id"]}
+    prompt: list[int] = []
+    for i in range(row["turn"] + 1):
+        prompt = next_prompt(prompt, answers[i - 1] if i else [], session.turns[i])
+    return prompt
 
 
 #: cached tokens of a first turn beyond a chance match of its first tokens: a hit on a system prompt (256-8K tokens)

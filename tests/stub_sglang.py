@@ -23,6 +23,7 @@ class StubSGLang:
         self.stored = []  # prompt + output of finished requests
         self.active = self.max_active = 0
         self.flushes = 0  # POST /flush_cache calls
+        self.prompts_by_rid = {}  # the request id a client gave (``rid``) -> the prompt sent with it
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -121,6 +122,8 @@ class StubSGLang:
         assert req["stream"] is True and req["sampling_params"]["ignore_eos"] is True
         t_start = time.monotonic()
         with self.lock:
+            if "rid" in req:
+                self.prompts_by_rid[req["rid"]] = list(prompt)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             cached = self.cached(prompt)

@@ -45,8 +45,9 @@ def write_llama_8b_config(path: Path) -> Path:
     return path
 
 
-def write_tiny_llama(path: Path, initializer_range: float = 0.02) -> Path:
-    """A 4-layer random-weight Llama (hidden 512, GQA 8:4) saved in bf16 (``initializer_range``: weight std)."""
+def write_tiny_llama(path: Path, initializer_range: float = 0.02, max_positions: int = 16384) -> Path:
+    """A 4-layer random-weight Llama (hidden 512, GQA 8:4, vocabulary 32000) saved in bf16 (``initializer_range``:
+    weight std; ``max_positions``: its context)."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -54,7 +55,7 @@ def write_tiny_llama(path: Path, initializer_range: float = 0.02) -> Path:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=16384,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=max_positions,
                       initializer_range=initializer_range)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return path

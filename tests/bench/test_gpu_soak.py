@@ -31,13 +31,33 @@ def test_configs_name_their_server_flags():
     assert soak.CONFIGS["per_layer"][:2] == ["--attention-backend", "triton"]
 
 
-def test_a_config_without_time_left_is_skipped_saying_what_it_needs(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("flags, replay_s", [([], soak.REPLAY_S), (["--replay", "0"], 0),
+                                             (["--model", "llama-3.2-1b"], 0)])
+def test_a_config_without_time_left_is_skipped_saying_what_it_needs(monkeypatch, tmp_path, capsys, flags,
+                                                                    replay_s):
     monkeypatch.setattr(soak, "check_setup", lambda: None)
     monkeypatch.setattr(soak, "write_model_config", lambda name: tmp_path / "model")
+    monkeypatch.setattr(soak, "write_tiny_llama", lambda path, **kw: tmp_path / "tiny")
     monkeypatch.setattr(soak, "gpu_query", lambda field: "no GPU")
     monkeypatch.setattr(soak, "ServerProcess", lambda *a, **k: pytest.fail("started a server without time for it"))
-    rc = soak.main(["--configs", "per_layer", "--duration", "45", "--deadline", "100", "--out", str(tmp_path)])
+    rc = soak.main(["--configs", "per_layer", "--duration", "45", "--deadline", "100", "--out", str(tmp_path),
+                    *flags])
     error = json.loads((tmp_path / "soak.json").read_text())["configs"]["per_layer"]["error"]
     assert rc == 1
-    assert f"needs {45 + 120 + soak.STOP_MARGIN_S} s" in error and "45 s of soak" in error
+    assert f"needs {45 + 120 + soak.STOP_MARGIN_S + replay_s} s" in error and "45 s of soak" in error
+    assert f"{replay_s} s to replay" in error
     assert error in capsys.readouterr().err
+
+
+def test_overrides_name_the_policy_their_requests_ran():
+    assert soak.effective_policies(["server", "none", "laq@0.1", "snapkv@0.2"]) == {
+        "server": "snapkv", "none": "none", "laq@0.1": "laq", "snapkv@0.2": "snapkv"}
+
+
+def test_the_log_loses_its_keep_set_lines_once_parsed_and_nothing_else(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("a\nsgl-evict: request r keeps positions [0, 1]\nsgl-evict: request r looks ahead on positions [0]\n"
+                   "sgl-evict: request r kept 2 of 9 tokens, freed 7 slots, hid 0\nTraceback\n")
+    assert soak.slim_log(log) == 2
+    assert log.read_text() == "a\nsgl-evict: request r kept 2 of 9 tokens, freed 7 slots, hid 0\nTraceback\n"
+    assert soak.log_checks(log)["evictions_logged"] == 1
