@@ -98,8 +98,9 @@ def slim_log(log: Path) -> int:
 
 
 def replay_served(model: Path, soak: dict, log_text: str, overrides: list[str], seed: int, mix: AgentMix,
-                  sample: int, tol: float, deadline: float, progress) -> dict:
-    """Replays up to ``sample`` of the soak's requests on the HF harness (GPU) with the keep-sets in ``log_text``."""
+                  sample: int, tol: float, deadline: float, progress=None, device: str | None = None) -> dict:
+    """Replays up to ``sample`` of the soak's requests on the HF harness with the keep-sets in ``log_text``
+    (``device``: None picks the GPU when there is one)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,13 +112,14 @@ def replay_served(model: Path, soak: dict, log_text: str, overrides: list[str], 
                                 lambda row: prompt_of(row, rows, seed, mix, TINY_VOCAB), sample, seed,
                                 LOOKAHEAD_STEPS)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    harness = EvictionHarness(hf, device="cuda")
+    harness = EvictionHarness(hf, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = replay(harness, cases, tol, deadline, progress)
     report["left_out"] = skipped
     report["logged"] = {"evictions": sum(len(v) for v in logged.keeps.values()),
                         "lookahead_views": sum(len(v) for v in logged.lookahead.values())}
     del harness, hf
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return report
 
 

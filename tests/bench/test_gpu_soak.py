@@ -61,3 +61,49 @@ def test_the_log_loses_its_keep_set_lines_once_parsed_and_nothing_else(tmp_path)
     assert soak.slim_log(log) == 2
     assert log.read_text() == "a\nsgl-evict: request r kept 2 of 9 tokens, freed 7 slots, hid 0\nTraceback\n"
     assert soak.log_checks(log)["evictions_logged"] == 1
+
+
+def test_replay_served_reads_the_log_rebuilds_prompts_and_flags_a_wrong_answer(tmp_path):
+    """The driver's replay end to end on CPU: a checkpoint as the GPU host writes it (smaller), a soak's rows and a
+    server log made by the harness itself with a known keep-set; the right answer passes, a changed token fails."""
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.soak import prompt_of
+    from bench.soak_replay import _keep_set
+    from bench.workloads import AgentMix
+    from sgl_evict.harness import EvictionHarness
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    mix = AgentMix(system_tokens=(40, 60), group_size=2, turns=(2, 3), tool_tokens=(20, 40),
+                   instruction_tokens=(2, 4), reply_median=6, reply_sigma=0.5, reply_tokens=(4, 8), think_mean_s=0.0)
+    row = dict(rid="soak7-0-0", override="server", session_id=0, turn=0, finished=True, error=None,
+               client_abort=False, retractions=0, cached_tokens=0)
+    prompt = prompt_of({**row, "output_ids": []}, [{**row, "output_ids": []}], 7, mix, soak.TINY_VOCAB)
+    n = len(prompt)
+    keep = [0, 1, 2, 3, *range(n // 3, n // 3 + 5), *range(n - 8, n)]
+    harness = EvictionHarness(LlamaForCausalLM.from_pretrained(tmp_path / "model").float(), device="cpu")
+    state = harness.prefill(torch.tensor([prompt]))
+    cache = harness._compressed_cache(state, _keep_set(keep, n, harness))
+    served = harness._greedy(cache, int(state.last_logits.argmax()), n, 6)
+    log = (f"sgl-evict: request soak7-0-0 keeps positions {keep}\n"
+           f"sgl-evict: request soak7-0-0 kept {len(keep)} of {n} tokens, freed {n - len(keep)} slots, hid 0\n")
+    rows = [{**row, "prompt_tokens": n, "output_ids": served},
+            {**row, "rid": "soak7-0-1", "turn": 1, "prompt_tokens": n + 40, "cached_tokens": n + 6,
+             "output_ids": [5, 6]}]
+
+    def run(rows):
+        return soak.replay_served(tmp_path / "model", {"requests": rows}, log, ["server"], 7, mix, 10, 0.5,
+                                  time.monotonic() + 60, device="cpu")
+
+    good = run(rows)
+    assert good["ok"] and good["requests"] == 1 and good["by_policy"] == {"snapkv": 1}
+    assert good["left_out"] == {"read a cached prefix": 1} and good["logged"]["evictions"] == 1
+    wrong = [served[0], served[1], (served[2] + 1) % 32000, *served[3:]]
+    bad = run([{**rows[0], "output_ids": wrong}, rows[1]])
+    assert not bad["ok"] and bad["mismatched_requests"][0]["first_mismatch"] == 2
