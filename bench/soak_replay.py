@@ -24,25 +24,28 @@ import time
 from dataclasses import dataclass, field
 
 KEEPS = re.compile(r"sgl-evict: request (\S+) keeps positions (\[[\d, ]*\])")
+#: a per_layer server's line: one position list per layer group
+KEEPS_PER_GROUP = re.compile(r"sgl-evict: request (\S+) keeps per group (\[[\d, \[\]]*\])")
 LOOKS_AHEAD = re.compile(r"sgl-evict: request (\S+) looks ahead on positions (\[[\d, ]*\])")
-KEPT_OF = re.compile(r"sgl-evict: request (\S+) kept \d+ of (\d+) tokens, freed")
+KEPT_OF = re.compile(r"sgl-evict: request (\S+) kept \d+ of (\d+) tokens(?:, freed| in some group)")
 #: below this gap (nats) under the harness's best token, a served token is a near-tie, not a mismatch
 DEFAULT_TOL = 0.5
 
 
 @dataclass
 class LoggedEvictions:
-    """Per request id, what a server run with ``SGL_EVICT_LOG_KEEP=1`` logged: kept positions of each eviction, the
-    logical length of each, and laq's lookahead views."""
+    """Per request id, what a server run with ``SGL_EVICT_LOG_KEEP=1`` logged: kept positions of each eviction
+    (a list of positions, or on a ``per_layer`` server one list per layer group), the logical length of each, and
+    laq's lookahead views."""
 
-    keeps: dict[str, list[list[int]]] = field(default_factory=dict)
+    keeps: dict[str, list[list]] = field(default_factory=dict)
     lengths: dict[str, list[int]] = field(default_factory=dict)
     lookahead: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> LoggedEvictions:
         out = cls()
-        for pattern, into in ((KEEPS, out.keeps), (LOOKS_AHEAD, out.lookahead)):
+        for pattern, into in ((KEEPS, out.keeps), (KEEPS_PER_GROUP, out.keeps), (LOOKS_AHEAD, out.lookahead)):
             for rid, found in pattern.findall(text):
                 into.setdefault(rid, []).append(json.loads(found))
         for rid, n in KEPT_OF.findall(text):
@@ -52,14 +55,15 @@ class LoggedEvictions:
 
 @dataclass
 class ReplayCase:
-    """One served answer to replay: its prompt and tokens, the kept prompt positions (None: the full cache) and,
-    for laq, the positions its lookahead steps saw and how many steps it took."""
+    """One served answer to replay: its prompt and tokens, the kept prompt positions (None: the full cache; a list
+    per layer group for ``per_layer``) and, for laq, the positions its lookahead steps saw and how many steps it
+    took."""
 
     rid: str
     policy: str
     prompt: list[int]
     output: list[int]
-    keep: list[int] | None
+    keep: list[int] | list[list[int]] | None
     lookahead: list[int] | None = None
     steps: int = 0
 
@@ -111,14 +115,23 @@ def pick_cases(rows: list[dict], policies: dict[str, str], logged: LoggedEvictio
     return cases, skipped
 
 
-def _keep_set(positions: list[int], seq_len: int, harness):
+def _keep_set(positions: list[int] | list[list[int]], seq_len: int, harness):
+    """A :class:`~sgl_evict.selection.KeepSet` of logged positions: one list for every layer, or one per group of
+    consecutive layers (``per_layer``: G groups of L / G layers each)."""
     import torch
 
     from sgl_evict.selection import KeepSet
 
-    idx = torch.tensor(positions, dtype=torch.long, device=harness.device)
+    groups = positions if positions and isinstance(positions[0], list) else [positions]
+    layers = harness.config.num_hidden_layers
+    if layers % len(groups):
+        raise ValueError(f"{len(groups)} logged layer groups do not divide the model's {layers} layers")
     heads = harness.config.num_key_value_heads
-    return KeepSet([idx[None].expand(heads, -1).contiguous() for _ in harness.layers], seq_len)
+    out = []
+    for layer in harness.layers:
+        idx = torch.tensor(groups[layer // (layers // len(groups))], dtype=torch.long, device=harness.device)
+        out.append(idx[None].expand(heads, -1).contiguous())
+    return KeepSet(out, seq_len)
 
 
 def _cat_answer(harness, cache, source, start: int):
@@ -165,6 +178,10 @@ def reference_logprobs(harness, case: ReplayCase):
     return torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
 
 
+def _kept_count(keep: list) -> int | list[int]:
+    return [len(g) for g in keep] if keep and isinstance(keep[0], list) else len(keep)
+
+
 def replay_case(harness, case: ReplayCase, tol: float = DEFAULT_TOL) -> dict:
     """Gap (nats) of each served token under the harness's best token; mismatches above ``tol``."""
     import torch
@@ -174,7 +191,7 @@ def replay_case(harness, case: ReplayCase, tol: float = DEFAULT_TOL) -> dict:
     gaps = (logp.max(dim=-1).values - logp[torch.arange(len(case.output)), tokens]).tolist()
     bad = [i for i, g in enumerate(gaps) if g > tol]
     return {"rid": case.rid, "policy": case.policy, "prompt_tokens": len(case.prompt), "tokens": len(gaps),
-            "kept": None if case.keep is None else len(case.keep), "max_gap": max(gaps),
+            "kept": None if case.keep is None else _kept_count(case.keep), "max_gap": max(gaps),
             "flips": sum(0 < g <= tol for g in gaps), "mismatches": len(bad),
             "first_mismatch": bad[0] if bad else None}
 

@@ -67,6 +67,21 @@ def test_a_laq_answer_replays_through_its_lookahead_view_and_not_without_it(harn
     assert plain["max_gap"] > 1e-3
 
 
+def test_a_per_layer_answer_replays_with_each_group_s_keep_set(harness):
+    """A per_layer server logs one list per layer group (here 2 groups of the 2 layers): each layer is replayed
+    with its group's positions, not with one list for all."""
+    from bench.soak_replay import _keep_set
+
+    state = harness.prefill(torch.tensor([PROMPT]))
+    cache = harness._compressed_cache(state, _keep_set([KEEP, VIEW], N, harness))
+    out = harness._greedy(cache, int(state.last_logits.argmax()), N, 12)
+    r = replay_case(harness, ReplayCase("p", "snapkv", PROMPT, out, [KEEP, VIEW]))
+    assert r["mismatches"] == 0 and r["max_gap"] < 1e-4 and r["kept"] == [len(KEEP), len(VIEW)]
+    assert replay_case(harness, ReplayCase("p", "snapkv", PROMPT, out, KEEP), tol=1e-3)["max_gap"] > 1e-3
+    with pytest.raises(ValueError, match="layer groups"):
+        _keep_set([KEEP, VIEW, KEEP], N, harness)
+
+
 def test_a_corrupted_answer_is_caught_at_the_token_that_went_wrong(harness):
     out = _served(harness, PROMPT, KEEP)
     from bench.soak_replay import reference_logprobs
@@ -94,6 +109,8 @@ LOG = """
 [2026-12-07] sgl-evict: request r3 kept 2 of 9 tokens, freed 7 slots, hid 0
 [2026-12-07] sgl-evict: request r3 keeps positions [0, 1, 12]
 [2026-12-07] sgl-evict: request r3 kept 3 of 13 tokens, freed 10 slots, hid 0
+[2026-12-07] sgl-evict: request r5 keeps per group [[0, 1, 8], [0, 2, 8]]
+[2026-12-07] sgl-evict: request r5 kept 4 of 9 tokens in some group (6 of 18 group-slots), freed 12 group-slots
 """
 
 
@@ -108,6 +125,8 @@ def test_only_requests_whose_caches_the_log_fully_gives_are_replayed():
     logged = LoggedEvictions.parse(LOG)
     assert logged.keeps["r2"] == [[0, 3, 8]] and logged.lookahead == {"r2": [[0, 2, 8]]}
     assert logged.lengths["r3"] == [9, 13]
+    assert logged.keeps["r5"] == [[[0, 1, 8], [0, 2, 8]]] and logged.lengths["r5"] == [9]
+    assert why_not_replayable(_row("r5", "server"), "snapkv", logged) is None
     assert why_not_replayable(_row("r1", "server"), "snapkv", logged) is None
     assert why_not_replayable(_row("r2", "laq@0.1"), "laq", logged) is None
     assert why_not_replayable(_row("r4", "none"), "none", logged) is None
