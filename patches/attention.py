@@ -23,9 +23,17 @@ def forward_around(original, self, q, k, v, forward_batch, *args, **kwargs):
     if self.sliding_window_size == -1:
         capture = STATE.capture
         if capture is not None and capture.active and forward_batch.forward_mode.is_extend():
-            capture.record(self.layer_id, q, self.tp_q_head_num, self.qk_head_dim, self.scaling)
+            capture.record(self.layer_id, q, self.tp_q_head_num, self.qk_head_dim, key_scaled(self))
         decode = STATE.decode_capture
         if decode is not None and forward_batch.forward_mode.is_decode():
             decode.record(self.layer_id, q, self.tp_q_head_num, self.qk_head_dim,
                           q.is_cuda and torch.cuda.is_current_stream_capturing())
     return original(self, q, k, v, forward_batch, *args, **kwargs)
+
+
+def key_scaled(attn) -> float:
+    """The logit scale of ``attn``'s keys as the pool stores them: an FP8 pool holds ``k / k_scale``, so scoring
+    ``q . k_stored`` takes ``scaling x k_scale`` (SGLang's ``k_scale_float``; None when the model has no KV scales,
+    i.e. 1)."""
+    k_scale = getattr(attn, "k_scale_float", None)
+    return attn.scaling if k_scale is None else attn.scaling * float(k_scale)

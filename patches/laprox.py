@@ -6,7 +6,8 @@
   (:mod:`sgl_evict.engine.laprox`), so laprox can score a prompt's values against it, and the memory of the
   factors is already taken when SGLang sizes the pool. Every evicting server does it, since any request may ask
   for laprox. A model whose layout cannot be read fails the launch when the server's policy is laprox; otherwise
-  the hook logs why, and laprox requests keep their full cache.
+  the hook logs why, and laprox requests keep their full cache. A layer with a value scale (an FP8 pool stores
+  ``v / v_scale``) has it folded into its factors.
 """
 
 from __future__ import annotations
@@ -36,5 +37,11 @@ def initialize_after(result, runner, *args, **kwargs):
                        "evict", err)
         return None
     with torch.no_grad():
-        STATE.value_norm_factors = model_norm_factors(projections, runner.device)
+        factors = model_norm_factors(projections, runner.device)
+        # an FP8 pool holds v / v_scale: || R_h v || = v_scale x || R_h v_stored ||
+        for module in runner.model.modules():
+            scale = getattr(module, "v_scale_float", None) if isinstance(module, RadixAttention) else None
+            if scale is not None and module.layer_id in factors:
+                factors[module.layer_id] = factors[module.layer_id] * float(scale)
+        STATE.value_norm_factors = factors
     return None

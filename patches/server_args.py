@@ -133,8 +133,12 @@ _UNSUPPORTED_WITH_EVICTION = (
      "eviction selects its own radix cache, sgl-evict: another tree would count holes as memory"),
     ("--enable-dp-attention", (False,), "not run with eviction"),
     ("--pp-size", (1,), "not run with eviction"),
-    ("--kv-cache-dtype", ("auto", "bf16", "bfloat16", "fp16", "float16"), "the scoring kernel reads 16-bit keys"),
 )
+#: KV cache dtypes: 16-bit ones (eviction verified), and FP8 ones, which the scoring kernels read (keys widened in
+#: the kernel, SGLang's ``k_scale`` folded into the logit scale, ``v_scale`` into laprox's value norms) but which
+#: no GPU run has verified yet
+_KV_DTYPES_16_BIT = ("auto", "bf16", "bfloat16", "fp16", "float16")
+_KV_DTYPES_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 
 def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> None:
@@ -149,6 +153,8 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
             value = getattr(args, flag.lstrip("-").replace("-", "_"), working[0])
             if value not in working:
                 raise ValueError(f"argument {flag}: not supported together with --kv-evict-policy yet ({why})")
+    if config.enabled:
+        _check_kv_cache_dtype(config, getattr(args, "kv_cache_dtype", "auto") or "auto")
     page_size = getattr(args, "page_size", None) or 1
     backend = getattr(args, "attention_backend", None)
     # page-granular eviction ran end to end on FlashInfer (bench/results/evict_e2e_*); other backends' paged
@@ -158,6 +164,23 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
         raise ValueError(f"argument --page-size: page-granular eviction (--page-size {page_size}) is verified with "
                          f"--attention-backend flashinfer only (got {backend or 'the default'}); pass it, use "
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")
+
+
+def _check_kv_cache_dtype(config: EvictionConfig, dtype: str) -> None:
+    """ValueError naming ``--kv-cache-dtype`` for a KV dtype eviction does not run with: FP8 only when opted in
+    (``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``, until a GPU run verifies it) and not with ``per_layer``; others never."""
+    if dtype in _KV_DTYPES_16_BIT:
+        return
+    if dtype not in _KV_DTYPES_FP8:
+        raise ValueError(f"argument --kv-cache-dtype: not supported together with --kv-evict-policy yet (the "
+                         f"scoring kernels read 16-bit or FP8 keys, got {dtype})")
+    if config.granularity == "per_layer":
+        raise ValueError(f"argument --kv-cache-dtype: {dtype} is not built for --kv-evict-granularity per_layer "
+                         "(the layered pool is 16-bit)")
+    if env_setting("SGL_EVICT_UNVERIFIED_KV_DTYPE") != "1":
+        raise ValueError(f"argument --kv-cache-dtype: {dtype} with eviction is not yet verified on a GPU (the "
+                         "scoring kernels read FP8 keys, tested on CPU); use a 16-bit KV cache, or set "
+                         "SGL_EVICT_UNVERIFIED_KV_DTYPE=1 to try it")
 
 
 #: attention backends eviction was verified on, end to end on an H100 (bench/results/evict_e2e_*, quality runs)

@@ -118,7 +118,10 @@ def test_no_flags_means_no_eviction(prepare):
      "argument --radix-cache-backend: not supported together with --kv-evict-policy yet (eviction selects its own "
      "radix cache, sgl-evict"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3"],
-     "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet"),
+     "argument --kv-cache-dtype: fp8_e4m3 with eviction is not yet verified on a GPU"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "nvfp4"],
+     "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet (the scoring kernels read "
+     "16-bit or FP8 keys, got nvfp4)"),
 ])
 def test_bad_values_fail_at_launch_naming_the_flag(prepare, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -373,3 +376,17 @@ def test_an_unverified_backend_is_refused_at_launch_naming_its_flag(prepare, cap
 
     monkeypatch.setenv("SGL_EVICT_UNVERIFIED_BACKEND", "1")  # the opt-in
     assert choose_attention_backend(_launch_args("m", **{flag[2:].replace("-", "_"): "fa3"})) is None
+
+
+def test_an_fp8_kv_cache_is_let_through_by_its_opt_in_but_never_with_per_layer(prepare, monkeypatch, capsys):
+    monkeypatch.setenv("SGL_EVICT_UNVERIFIED_KV_DTYPE", "1")
+    for dtype in ("fp8_e4m3", "fp8_e5m2"):
+        args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", dtype)
+        assert args.kv_cache_dtype == dtype and eviction_config(args).enabled
+    with pytest.raises(SystemExit) as exit_info:
+        prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3",
+                "--kv-evict-granularity", "per_layer")
+    assert "argument --kv-cache-dtype: fp8_e4m3 is not built for --kv-evict-granularity per_layer" in (
+        capsys.readouterr().err + str(exit_info.value.code))
+    # a server without eviction takes any KV dtype, as plain SGLang
+    assert prepare("--kv-cache-dtype", "fp8_e4m3").kv_cache_dtype == "fp8_e4m3"

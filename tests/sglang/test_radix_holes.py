@@ -695,6 +695,42 @@ def test_output_projections_are_factored_when_the_model_is_loaded(evicting_proce
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_an_fp8_pool_s_value_scale_is_folded_into_the_norm_factors(evicting_process, monkeypatch):
+    """An FP8 pool stores v / v_scale: the factors of a layer with a value scale give the norms of the true values
+    from the stored ones (without the fold, laprox would weigh layers of different scales wrongly)."""
+    from sgl_evict.patches.laprox import initialize_after
+
+    monkeypatch.setattr(evicting_process, "value_norm_factors", None)
+    model = llama_style_model()
+    initialize_after(None, SimpleNamespace(model=model, is_draft_worker=False, device="cpu"))
+    plain = dict(evicting_process.value_norm_factors)
+    model[2].attn.v_scale_float = 0.25
+    initialize_after(None, SimpleNamespace(model=model, is_draft_worker=False, device="cpu"))
+    scaled = evicting_process.value_norm_factors
+    assert torch.allclose(scaled[2], plain[2] * 0.25) and torch.equal(scaled[0], plain[0])
+
+
+@pytest.mark.parametrize("k_scale, recorded", [(None, 0.25), (3.0, 0.75)])
+def test_window_queries_are_scored_with_the_pool_s_key_scale(evicting_process, k_scale, recorded):
+    """The attention hook records ``scaling x k_scale`` for a layer with an FP8 key scale (the pool stores
+    k / k_scale), the plain scaling otherwise; scoring, the one-read LSE and laq's lookahead read it from there."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from sgl_evict.patches import attention
+
+    attn = RadixAttention(4, 16, 0.25, 2, layer_id=0)
+    attn.k_scale_float = k_scale
+    capture = evicting_process.capture
+    capture.begin(1, [8], "cpu")
+    mode = SimpleNamespace(is_extend=lambda: True, is_decode=lambda: False)
+    try:
+        q = torch.randn(8, 4 * 16)
+        attention.forward_around(lambda *a, **k: None, attn, q, q, q, SimpleNamespace(forward_mode=mode))
+        assert capture.scaling[0] == recorded
+    finally:
+        capture.end()
+
+
 def test_unreadable_output_projections_fail_a_laprox_launch_and_only_warn_otherwise(evicting_process, monkeypatch,
                                                                                     caplog):
     from sgl_evict.patches.laprox import initialize_after
