@@ -26,6 +26,7 @@ servers started before it too), so the six fit on one GPU:
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (its keep-sets and answers against ``snapkv-fi``'s), opted in with ``SGL_EVICT_UNVERIFIED_BACKEND=1``; run only when named in ``--only`` |
+| ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores), opted in with ``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``; run only when named in ``--only`` |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -85,12 +86,16 @@ LOOKAHEAD_STEPS = 8  # --kv-evict-lookahead-steps' default
 SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunked": "one-read",
                  "snapkv-eager": "one-read", "snapkv-page16": "one-read", "snapkv-page64": "one-read",
                  "dapq": "two-pass", "laq": "one-read",
-                 "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass"}
+                 "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass",
+                 "snapkv-fp8": "one-read"}
 #: fa3 is refused with eviction unless opted in (it is what these servers verify)
 UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
-LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", "laprox")
+LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", "laprox", "snapkv-fp8")
 CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
+#: an FP8 KV cache with eviction is refused unless opted in (what the -fp8 servers verify)
+FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
+UNVERIFIED_FP8 = {"SGL_EVICT_UNVERIFIED_KV_DTYPE": "1"}
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -237,7 +242,15 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-fa3": ([*fa3, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
                        {"SGL_EVICT_LOG_KEEP": "1", **UNVERIFIED}),
     })
-    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64")
+    # an FP8 KV cache (issue 22 item 4): plain, budget 1.0 (token for token as plain) and 10% (against snapkv-fi)
+    fi = ["--attention-backend", "flashinfer"]
+    specs.update({
+        "plain-fp8": ([*fi, *FP8], {"SGLANG_PLUGINS": "not-sgl-evict"}),
+        "full-fp8": ([*fi, *FP8, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0", *evict], UNVERIFIED_FP8),
+        "snapkv-fp8": ([*fi, *FP8, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
+                       {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE, **UNVERIFIED_FP8}),
+    })
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -510,6 +523,16 @@ def main() -> int:
             check_server("snapkv-fa3", up["snapkv-fa3"], ps, answers, checks)
             if "snapkv-fi" in up:
                 check_same_keep_sets("snapkv-fa3", up["snapkv-fa3"], up["snapkv-fi"], ps, ids, checks)
+        if "plain-fp8" in ids and "full-fp8" in ids:
+            checks["full-fp8 == plain SGLang with an FP8 KV cache, token for token"] = {
+                "ok": ids["plain-fp8"] == ids["full-fp8"]}
+        if "snapkv-fp8" in up:
+            check_server("snapkv-fp8", up["snapkv-fp8"], ps, answers, checks)
+            if "snapkv-fi" in up:  # FP8 keys round the scores: near-ties may change, hence a report, not a check
+                ours = logged_keep_sets(up["snapkv-fp8"].log_path)[: len(ps)]
+                theirs = logged_keep_sets(up["snapkv-fi"].log_path)[: len(ps)]
+                report["snapkv-fp8_keep_set_jaccard_with_snapkv-fi"] = [
+                    len(set(a) & set(b)) / max(1, len(set(a) | set(b))) for a, b in zip(ours, theirs)]
         for name in ("layered-g1-full", "layered-full"):
             if "plain-tr-eager" in ids and name in ids:
                 checks[f"{name} == plain SGLang (Triton, eager), token for token"] = {

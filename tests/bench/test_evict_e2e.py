@@ -128,10 +128,10 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     # the servers launched by default (no --only) among those checked
     checked = {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"}
     assert checked == set(e2e.LSE_CHECKED) & set(envs)
-    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64"} <= set(envs)
+    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8"} <= set(envs)
     envs.clear()
-    e2e.launch(tmp_path, tmp_path, {"snapkv-page64"})  # named: launched, with the check
-    assert envs == {"snapkv-page64": {"SGL_EVICT_CHECK_LSE": "1"}}
+    e2e.launch(tmp_path, tmp_path, {"snapkv-page64", "snapkv-fp8"})  # named: launched, with the check
+    assert envs == {"snapkv-page64": {"SGL_EVICT_CHECK_LSE": "1"}, "snapkv-fp8": {"SGL_EVICT_CHECK_LSE": "1"}}
 
 
 def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
@@ -166,6 +166,21 @@ def test_fa3_servers_start_only_when_named_and_opt_in_to_the_unverified_backend(
     assert all(args[args.index("--attention-backend") + 1] == "fa3" for args in named.values())
     assert seen["snapkv-fa3"]["SGL_EVICT_UNVERIFIED_BACKEND"] == "1" and seen["plain-fa3"]["SGLANG_PLUGINS"]
     assert "SGL_EVICT_UNVERIFIED_BACKEND" not in os.environ  # set for the launch only
+
+
+def test_fp8_servers_start_only_when_named_with_an_fp8_pool_and_the_opt_in(monkeypatch, tmp_path):
+    seen = {}
+
+    def server(name, port, args, out):
+        seen[name] = dict(os.environ)
+        return args
+    monkeypatch.setattr(e2e, "Server", server)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    assert not any(name.endswith("-fp8") for name in e2e.launch(tmp_path, tmp_path, set()))
+    named = e2e.launch(tmp_path, tmp_path, {"plain-fp8", "full-fp8", "snapkv-fp8"})
+    assert all(args[args.index("--kv-cache-dtype") + 1] == "fp8_e4m3" for args in named.values())
+    assert seen["snapkv-fp8"]["SGL_EVICT_UNVERIFIED_KV_DTYPE"] == "1" and seen["plain-fp8"]["SGLANG_PLUGINS"]
+    assert "SGL_EVICT_LOG_KEEP" in seen["snapkv-fp8"] and "SGL_EVICT_UNVERIFIED_KV_DTYPE" not in os.environ
 
 
 def test_another_backend_is_checked_against_flashinfer_keep_set_by_keep_set(tmp_path):
