@@ -296,3 +296,13 @@ def test_warm_up_layer_runs_another_policy_than_the_servers(monkeypatch):
     warmup.warm_up_layer(_state("snapkv"), LAYER, KEYS, None, torch.bfloat16, torch.int32, calls.attention_mass,
                          policy="dapq")
     assert len(calls.rerotate) == 1 and [causal for *_, causal in calls.mass] == [False]
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "laprox"])
+def test_warm_up_compiles_the_fp8_variant_over_an_fp8_pool(monkeypatch, policy):
+    """An FP8 pool (--kv-cache-dtype fp8_e4m3) gets FP8 scratch keys (and values), so the kernels its requests
+    launch are the ones compiled at start; the queries stay in the model's dtype."""
+    calls = Calls(monkeypatch)
+    keys = torch.zeros(1000, HKV, D, dtype=torch.float8_e4m3fn)
+    _warm_layer(_state(policy), calls, keys=keys)
+    assert calls.mass and all(dtype == torch.float8_e4m3fn for _, _, dtype, _, _ in calls.mass)
