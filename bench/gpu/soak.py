@@ -70,6 +70,8 @@ TINY_VOCAB = (100, 32000)
 SERVER_POLICY, LOOKAHEAD_STEPS = "snapkv", 8
 #: seconds kept for loading the harness and replaying, on top of the soak
 REPLAY_S = 90
+#: the judgeq override the soak adds on page-1 servers of the real-weight model (judgeq runs with page size 1 only)
+JUDGEQ = "judgeq@0.1"
 
 
 def log_checks(log: Path) -> dict:
@@ -87,6 +89,33 @@ def effective_policies(overrides: list[str]) -> dict[str, str]:
         parsed = parse_override(name)
         out[name] = SERVER_POLICY if parsed is None else parsed["policy"]
     return out
+
+
+def write_soft_tokens(model: Path, count: int = 8) -> Path:
+    """A judgeq soft-token file for the checkpoint ``model`` (random vectors, untrained: the soak exercises judgeq's
+    extra forward and eviction, not its quality), with the model's fingerprint, so the server accepts it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sgl_evict.soft_tokens import SoftTokens, model_fingerprint
+
+    path = model / "soak_soft_tokens.safetensors"
+    if not path.exists():
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        table = hf.get_input_embeddings().weight
+        vectors = torch.randn(count, table.shape[1], generator=torch.Generator().manual_seed(0)) * table.float().std()
+        SoftTokens(vectors, model_fingerprint(hf.config, table)).save(path, {"training": "none (bench/gpu/soak.py)"})
+    return path
+
+
+def config_overrides(name: str, overrides: list[str], soft_tokens: Path | None) -> tuple[list[str], list[str]]:
+    """The overrides a config's soak sends and the server flags they need: judgeq ones (``JUDGEQ`` added) with
+    ``soft_tokens`` on ``page1``, the one config of page size 1 and uniform keep-sets; none elsewhere."""
+    others = [o for o in overrides if not o.startswith("judgeq@")]
+    if soft_tokens is None or name != "page1":
+        return others, []
+    judgeq = [o for o in overrides if o.startswith("judgeq@")] or [JUDGEQ]
+    return [*others, *judgeq], ["--kv-evict-soft-tokens", str(soft_tokens)]
 
 
 def slim_log(log: Path) -> int:
@@ -161,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tiny = args.model == TINY
     replaying = tiny and args.replay > 0
+    soft_tokens = None
     if tiny:
         model = write_tiny_llama(Path("/tmp/tiny-llama-32k"), initializer_range=0.06, max_positions=args.context_len)
         weights, vocab = [], TINY_VOCAB
+        soft_tokens = write_soft_tokens(model)
     else:
         model, weights, vocab = write_model_config(args.model), ["--load-format", "dummy"], DEFAULT_VOCAB
     # the longest session (4K system prompt, 10 turns of 2K) stays below the 32K context
@@ -184,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                                              f"{REPLAY_S if replaying else 0} s to replay)"}
             print(f"[soak] {name}: {doc['configs'][name]['error']}", file=sys.stderr, flush=True)
             continue
+        sent, judgeq_flags = config_overrides(name, overrides, soft_tokens)
         server_args = ["--model-path", str(model), *weights, "--skip-tokenizer-init",
                        "--context-length", str(args.context_len), "--max-total-tokens", str(args.max_total_tokens),
                        "--chunked-prefill-size", str(args.chunked_prefill_size), "--mem-fraction-static", "0.8",
-                       "--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", *CONFIGS[name]]
+                       "--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", *CONFIGS[name], *judgeq_flags]
         env = {"SGL_EVICT_LOG_KEEP": "1"} if replaying else {}
         server = ServerProcess(name, 31600 + i, server_args, env, out)
         result: dict = {"server_command": server.cmd}
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["error"] = "not healthy in time"
             else:
                 result["soak"] = asyncio.run(run_soak(
-                    server.port, args.duration, args.rate, args.seed, mix, overrides, args.abort_fraction,
+                    server.port, args.duration, args.rate, args.seed, mix, sent, args.abort_fraction,
                     flush_every_s=45, bad_every_s=20, context_len=args.context_len, vocab=vocab,
                     progress=lambda text: print(f"[soak] {name}: {text}", file=sys.stderr, flush=True)))
         except Exception as err:  # noqa: BLE001 - the JSON must say what failed
@@ -212,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if replaying and "soak" in result:
             try:
                 result["replay"] = replay_served(
-                    model, result["soak"], server.log_path.read_text(errors="replace"), overrides, args.seed, mix,
+                    model, result["soak"], server.log_path.read_text(errors="replace"), sent, args.seed, mix,
                     args.replay, args.replay_tol, t_start + args.deadline - STOP_MARGIN_S,
                     lambda text: print(f"[soak] {name}: {text}", file=sys.stderr, flush=True))
             except Exception as err:  # noqa: BLE001 - the JSON must say what failed

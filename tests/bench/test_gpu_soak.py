@@ -38,6 +38,7 @@ def test_a_config_without_time_left_is_skipped_saying_what_it_needs(monkeypatch,
     monkeypatch.setattr(soak, "check_setup", lambda: None)
     monkeypatch.setattr(soak, "write_model_config", lambda name: tmp_path / "model")
     monkeypatch.setattr(soak, "write_tiny_llama", lambda path, **kw: tmp_path / "tiny")
+    monkeypatch.setattr(soak, "write_soft_tokens", lambda path: tmp_path / "tiny" / "soft.safetensors")
     monkeypatch.setattr(soak, "gpu_query", lambda field: "no GPU")
     monkeypatch.setattr(soak, "ServerProcess", lambda *a, **k: pytest.fail("started a server without time for it"))
     rc = soak.main(["--configs", "per_layer", "--duration", "45", "--deadline", "100", "--out", str(tmp_path),
@@ -107,3 +108,31 @@ def test_replay_served_reads_the_log_rebuilds_prompts_and_flags_a_wrong_answer(t
     wrong = [served[0], served[1], (served[2] + 1) % 32000, *served[3:]]
     bad = run([{**rows[0], "output_ids": wrong}, rows[1]])
     assert not bad["ok"] and bad["mismatched_requests"][0]["first_mismatch"] == 2
+
+
+def test_judgeq_requests_go_to_the_page1_server_only_with_its_soft_tokens(tmp_path):
+    base = ["server", "none", "laq@0.1"]
+    sent, flags = soak.config_overrides("page1", base, tmp_path / "soft.safetensors")
+    assert sent == [*base, "judgeq@0.1"] and flags == ["--kv-evict-soft-tokens", str(tmp_path / "soft.safetensors")]
+    assert soak.config_overrides("page1", [*base, "judgeq@0.2"], tmp_path)[0] == [*base, "judgeq@0.2"]
+    assert soak.config_overrides("page16", [*base, "judgeq@0.2"], tmp_path) == (base, [])  # judgeq: page size 1
+    assert soak.config_overrides("page1", base, None) == (base, [])  # dummy weights: no soft tokens
+    assert soak.effective_policies([*base, "judgeq@0.1"])["judgeq@0.1"] == "judgeq"
+
+
+def test_soft_tokens_carry_the_fingerprint_the_server_checks(tmp_path):
+    """The file written for the soak's checkpoint loads against the fingerprint the harness (and the server, from
+    the same config and embedding table) computes for it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sgl_evict.soft_tokens import SoftTokens, model_fingerprint
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    path = soak.write_soft_tokens(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = SoftTokens.load(path, model_fingerprint(hf.config, hf.get_input_embeddings().weight))
+    assert loaded.embeddings.shape == (8, 64) and soak.write_soft_tokens(tmp_path) == path
