@@ -122,6 +122,24 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def gemma_harness(probe: str, policy_names: str):
+    """``(harness, tokens, policies)``: Gemma 3 270M in the harness with the server's settings (window 32, 4 sinks,
+    the model's sliding window protected), its quality-runner ``Tokens`` and ``{name: policy}``; a bad policy name
+    exits naming ``probe``'s ``--policies``."""
+    from sgl_evict.harness import EvictionHarness
+    from sgl_evict.harness.models import load_gemma3_270m
+    from sgl_evict.policies import make_policy
+    from sgl_evict.quality.runner import Tokens
+
+    try:
+        policies = {name: make_policy(name) for name in policy_names.split(",") if name}
+    except ValueError as err:
+        raise SystemExit(f"{probe}: --policies: {err}") from None
+    model, tokenizer = load_gemma3_270m()
+    sliding = int(getattr(model.config.get_text_config(), "sliding_window", 0) or 0)
+    return EvictionHarness(model, window=32, sinks=4, protected_recent=sliding), Tokens(tokenizer), policies
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -140,21 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.budget <= 1:
         raise SystemExit(f"later_turn_probe: --budget must be in (0, 1], got {args.budget}")
 
-    from sgl_evict.harness import EvictionHarness
-    from sgl_evict.harness.models import load_gemma3_270m
-    from sgl_evict.policies import make_policy
-    from sgl_evict.quality.runner import Tokens
     from sgl_evict.quality.tasks import doc_qa
     from sgl_evict.selection import Budget
 
-    try:
-        policies = {name: make_policy(name) for name in args.policies.split(",") if name}
-    except ValueError as err:
-        raise SystemExit(f"later_turn_probe: --policies: {err}") from None
-    model, tokenizer = load_gemma3_270m()
-    window = int(getattr(model.config.get_text_config(), "sliding_window", 0) or 0)
-    harness = EvictionHarness(model, window=32, sinks=4, protected_recent=window)
-    tokens = Tokens(tokenizer)
+    harness, tokens, policies = gemma_harness("later_turn_probe", args.policies)
     budget = Budget(fraction=args.budget)
     arms = {f"{name}/{g}": (policy, budget, g) for name, policy in policies.items() for g in GRANULARITIES}
     rows, started = [], time.monotonic()
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"what": "later turns of doc_qa on one compressed turn-1 cache, uniform vs per_layer keep-sets "
                        "(HF harness, CPU)", "command": " ".join(["python -m bench.later_turn_probe", *sys.argv[1:]]),
                "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "device": f"{harness.device} ({torch.get_num_threads()} threads), {next(model.parameters()).dtype}",
+               "device": f"{harness.device} ({torch.get_num_threads()} threads), "
+                         f"{next(harness.model.parameters()).dtype}",
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "transformers": transformers.__version__},
                "settings": vars(args), "window": harness.window, "sinks": harness.sinks,

@@ -400,21 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"reversible_probe: --budgets: {err}") from None
 
-    from sgl_evict.harness import EvictionHarness
-    from sgl_evict.harness.models import load_gemma3_270m
-    from sgl_evict.policies import make_policy
-    from sgl_evict.quality.runner import Tokens
+    from bench.later_turn_probe import gemma_harness
     from sgl_evict.quality.tasks import conversations
 
     torch.set_num_threads(args.threads)
-    try:
-        policies = {name: make_policy(name) for name in args.policies.split(",") if name}
-    except ValueError as err:
-        raise SystemExit(f"reversible_probe: --policies: {err}") from None
-    model, tokenizer = load_gemma3_270m()
-    sliding = int(getattr(model.config.get_text_config(), "sliding_window", 0) or 0)
-    harness = EvictionHarness(model, window=32, sinks=4, protected_recent=sliding)
-    tokens = Tokens(tokenizer)
+    harness, tokens, policies = gemma_harness("reversible_probe", args.policies)
     doc = {"what": "later-turn answers under irreversible, server (rescore with the radix tree) "
                    "and reversible eviction vs the full cache (HF harness, CPU, uniform keep-sets)",
            "command": " ".join(["python -m bench.reversible_probe", *sys.argv[1:]]),
@@ -422,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
            "tracked_files_modified": bool(_git("status", "--porcelain", "--untracked-files=no")),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": f"{harness.device} ({torch.get_num_threads()} threads), "
-                     f"{next(model.parameters()).dtype}",
+                     f"{next(harness.model.parameters()).dtype}",
            "versions": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": __import__("transformers").__version__},
            "settings": {**vars(args), "window": harness.window, "sinks": harness.sinks,

@@ -24,3 +24,28 @@ def tiny_gemma3():
                            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                            max_position_embeddings=1024, initializer_range=0.2)
     return Gemma3ForCausalLM(cfg).eval()
+
+
+class CharTokenizer:
+    """A tokenizer of single characters (id = ``ord(c)``, BOS 1, EOS 2) with the methods the quality runner's
+    ``Tokens`` calls, for the tiny models above (``vocab_size`` as theirs)."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __init__(self, vocab_size: int = 200):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [ord(c) for c in text]})
+
+    def __len__(self):
+        return self.vocab_size
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i > 2)
+
+    def convert_ids_to_tokens(self, ids):
+        return [chr(i) for i in ids]
+
+    def convert_tokens_to_string(self, pieces):
+        return "".join(pieces)

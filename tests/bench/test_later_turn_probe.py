@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import CharTokenizer
 
 from bench import later_turn_probe as probe
 from sgl_evict.quality.runner import Tokens
@@ -24,29 +25,10 @@ def test_summary_counts_first_and_later_turns_retention_and_pairs():
     assert "snapkv/per_layer | 1/1" in probe.table(s)
 
 
-class _Tok:
-    """A tokenizer of single characters: id = ord(c)."""
-
-    bos_token_id, eos_token_id = 1, 2
-
-    def __call__(self, text, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": [ord(c) for c in text]})
-
-    def __len__(self):
-        return 128
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i > 2)
-
-    def convert_ids_to_tokens(self, ids):
-        return [chr(i) for i in ids]
-
-    def convert_tokens_to_string(self, pieces):
-        return "".join(pieces)
 
 
 def test_newline_tokens_are_the_ids_whose_text_holds_a_new_line():
-    assert probe.newline_tokens(Tokens(_Tok())) == frozenset({ord("\n")})
+    assert probe.newline_tokens(Tokens(CharTokenizer(128))) == frozenset({ord("\n")})
 
 
 class _Harness:
@@ -78,7 +60,7 @@ class _Harness:
 def test_every_arm_gets_the_full_caches_answer_and_the_next_question_at_logical_positions():
     conv = Conversation("doc_qa", 64, 0, 0, (Turn("doc ", "q1?", ("X",)), Turn("", "q2?", ("Y",))))
     harness = _Harness()
-    rows = probe.ask_conversation(harness, Tokens(_Tok()), conv, {"a/uniform": (None, None, "uniform")}, 8)
+    rows = probe.ask_conversation(harness, Tokens(CharTokenizer(128)), conv, {"a/uniform": (None, None, "uniform")}, 8)
     assert [(r["turn"], r["arm"], r["correct"]) for r in rows] == [
         (0, "full", True), (0, "a/uniform", False), (1, "full", False), (1, "a/uniform", True)]
     first_len = 1 + len("doc q1?")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_gemma3, tiny_llama
+from tiny_models import CharTokenizer, tiny_gemma3, tiny_llama
 
 from bench import reversible_probe as probe
 from sgl_evict.observation import LayerObservation
@@ -164,32 +164,13 @@ def test_a_sliding_window_model_runs_its_later_turns_through_both_modes():
     assert history[-1][1]["snapkv/0.3/reversible"]["restored"] > 0
 
 
-class _Tok:
-    """A tokenizer of single characters: id = ord(c)."""
-
-    bos_token_id, eos_token_id = 1, 2
-
-    def __call__(self, text, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": [ord(c) for c in text]})
-
-    def __len__(self):
-        return 200
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i > 2)
-
-    def convert_ids_to_tokens(self, ids):
-        return [chr(i) for i in ids]
-
-    def convert_tokens_to_string(self, pieces):
-        return "".join(pieces)
 
 
 def test_a_conversation_gives_one_row_per_turn_and_arm_and_the_summary_counts_them(harness):
     text = "".join(chr(c) for c in _ids(90, 5) if chr(c) != "\n")
     turns = (Turn(text, "q1?", ("zz",)), Turn("", "q2?", ("",)), Turn("", "q3?", ("",)))
     arms = probe.make_arms({"snapkv": make_policy("snapkv")}, [Budget(fraction=0.3)])
-    rows = probe.ask_conversation(harness, Tokens(_Tok()), Conversation("doc_qa", 256, 0, 0, turns),
+    rows = probe.ask_conversation(harness, Tokens(CharTokenizer(200)), Conversation("doc_qa", 256, 0, 0, turns),
                                   arms, 8)
     assert [(r["turn"], r["arm"]) for r in rows][:4] == [(0, "full")] + [
         (0, f"snapkv/0.3/{mode}") for mode in probe.MODES]
