@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 from bench.gpu import evict_e2e as e2e
 
@@ -153,7 +155,13 @@ def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
         assert checks[name]["ok"] is ok, checks
 
 
-def test_fa3_servers_start_only_when_named_and_opt_in_to_the_unverified_backend(monkeypatch, tmp_path):
+@pytest.mark.parametrize("tag, flag, value, opt_in", [
+    ("fa3", "--attention-backend", "fa3", "SGL_EVICT_UNVERIFIED_BACKEND"),
+    ("fp8", "--kv-cache-dtype", "fp8_e4m3", "SGL_EVICT_UNVERIFIED_KV_DTYPE"),
+])
+def test_unverified_settings_start_only_when_named_and_opt_in(monkeypatch, tmp_path, tag, flag, value, opt_in):
+    """fa3 (issue 22 item 1) and an FP8 KV cache (item 4): plain, budget 1.0 and 10% servers, launched only when
+    named, the evicting ones with the opt-in the launch checks want, set for their launch only."""
     seen = {}
 
     def server(name, port, args, out):
@@ -161,26 +169,12 @@ def test_fa3_servers_start_only_when_named_and_opt_in_to_the_unverified_backend(
         return args
     monkeypatch.setattr(e2e, "Server", server)
     monkeypatch.setattr(e2e, "STAGGER_S", 0)
-    assert not any(name.endswith("-fa3") for name in e2e.launch(tmp_path, tmp_path, set()))
-    named = e2e.launch(tmp_path, tmp_path, {"plain-fa3", "full-fa3", "snapkv-fa3"})
-    assert all(args[args.index("--attention-backend") + 1] == "fa3" for args in named.values())
-    assert seen["snapkv-fa3"]["SGL_EVICT_UNVERIFIED_BACKEND"] == "1" and seen["plain-fa3"]["SGLANG_PLUGINS"]
-    assert "SGL_EVICT_UNVERIFIED_BACKEND" not in os.environ  # set for the launch only
-
-
-def test_fp8_servers_start_only_when_named_with_an_fp8_pool_and_the_opt_in(monkeypatch, tmp_path):
-    seen = {}
-
-    def server(name, port, args, out):
-        seen[name] = dict(os.environ)
-        return args
-    monkeypatch.setattr(e2e, "Server", server)
-    monkeypatch.setattr(e2e, "STAGGER_S", 0)
-    assert not any(name.endswith("-fp8") for name in e2e.launch(tmp_path, tmp_path, set()))
-    named = e2e.launch(tmp_path, tmp_path, {"plain-fp8", "full-fp8", "snapkv-fp8"})
-    assert all(args[args.index("--kv-cache-dtype") + 1] == "fp8_e4m3" for args in named.values())
-    assert seen["snapkv-fp8"]["SGL_EVICT_UNVERIFIED_KV_DTYPE"] == "1" and seen["plain-fp8"]["SGLANG_PLUGINS"]
-    assert "SGL_EVICT_LOG_KEEP" in seen["snapkv-fp8"] and "SGL_EVICT_UNVERIFIED_KV_DTYPE" not in os.environ
+    assert not any(name.endswith(f"-{tag}") for name in e2e.launch(tmp_path, tmp_path, set()))
+    named = e2e.launch(tmp_path, tmp_path, {f"plain-{tag}", f"full-{tag}", f"snapkv-{tag}"})
+    assert all(args[args.index(flag) + 1] == value for args in named.values())
+    assert seen[f"snapkv-{tag}"][opt_in] == "1" and seen[f"full-{tag}"][opt_in] == "1"
+    assert seen[f"plain-{tag}"]["SGLANG_PLUGINS"] and "SGL_EVICT_LOG_KEEP" in seen[f"snapkv-{tag}"]
+    assert opt_in not in os.environ  # set for the launch only
 
 
 def test_another_backend_is_checked_against_flashinfer_keep_set_by_keep_set(tmp_path):
