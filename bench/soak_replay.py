@@ -120,16 +120,15 @@ def _keep_set(positions: list[int] | list[list[int]], seq_len: int, harness):
     consecutive layers (``per_layer``: G groups of L / G layers each)."""
     import torch
 
+    from sgl_evict.layer_groups import GroupLayout
     from sgl_evict.selection import KeepSet
 
     groups = positions if positions and isinstance(positions[0], list) else [positions]
-    layers = harness.config.num_hidden_layers
-    if layers % len(groups):
-        raise ValueError(f"{len(groups)} logged layer groups do not divide the model's {layers} layers")
+    layout = GroupLayout(harness.config.num_hidden_layers, len(groups))  # the server's grouping
     heads = harness.config.num_key_value_heads
     out = []
     for layer in harness.layers:
-        idx = torch.tensor(groups[layer // (layers // len(groups))], dtype=torch.long, device=harness.device)
+        idx = torch.tensor(groups[layout.group_of(layer)], dtype=torch.long, device=harness.device)
         out.append(idx[None].expand(heads, -1).contiguous())
     return KeepSet(out, seq_len)
 
