@@ -72,6 +72,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.gpu.smoke import Server, _version, write_tiny_llama
+from bench.soak_replay import KEEPS, KEPT_OF
 
 BUDGET = 0.1
 WINDOW, SINKS = 16, 4
@@ -352,7 +353,7 @@ def check_same_keep_sets(name: str, server, reference, ps: list[list[int]], ids:
     """``server`` (another attention backend, same policy and budget) keeps the positions ``reference`` keeps for
     each first-turn prompt, and where they agree answers token for token as ``reference`` does."""
     ours, theirs = logged_keep_sets(server.log_path)[: len(ps)], logged_keep_sets(reference.log_path)[: len(ps)]
-    overlap = [len(set(a) & set(b)) / max(1, len(set(a) | set(b))) for a, b in zip(ours, theirs)]
+    overlap = [jaccard(a, b) for a, b in zip(ours, theirs)]
     same = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a == b]
     checks[f"{name}: keeps what {reference.name} keeps (Jaccard >= 0.98 per prompt)"] = {
         "ok": len(overlap) == len(ps) and min(overlap) >= 0.98, "jaccard": overlap}
@@ -360,11 +361,15 @@ def check_same_keep_sets(name: str, server, reference, ps: list[list[int]], ids:
         "ok": bool(same) and all(ids[name][i] == ids[reference.name][i] for i in same), "prompts": same}
 
 
+def jaccard(a, b) -> float:
+    """|a & b| / |a | b| of two position lists (1 when both are empty)."""
+    return len(set(a) & set(b)) / max(1, len(set(a) | set(b)))
+
+
 def keep_sets_by_length(text: str) -> dict[int, list[int]]:
     """Prompt length -> kept positions of each eviction in a log excerpt of a server run with
     ``SGL_EVICT_LOG_KEEP=1`` (requests paired with their lengths by request id)."""
-    kept = dict(re.findall(r"sgl-evict: request (\S+) keeps positions (\[[\d, ]*\])", text))
-    lengths = dict(re.findall(r"sgl-evict: request (\S+) kept \d+ of (\d+) tokens, freed", text))
+    kept, lengths = dict(KEEPS.findall(text)), dict(KEPT_OF.findall(text))
     return {int(lengths[rid]): json.loads(found) for rid, found in kept.items() if rid in lengths}
 
 
@@ -382,19 +387,17 @@ def check_batched_scoring(server: Server, reference: Server, checks: dict) -> No
     batched = keep_sets_by_length(server.log_path.read_text()[start[server.name]:])
     single = keep_sets_by_length(reference.log_path.read_text()[start[reference.name]:])
     sizes = [sum(line) for line in scoring_lines(server.log_path)[batches_before:]]
-    jaccard = {n: len(set(batched[n]) & set(single[n])) / max(1, len(set(batched[n]) | set(single[n])))
-               for n in PROMPT_LENS if n in batched and n in single}
+    similar = {n: jaccard(batched[n], single[n]) for n in PROMPT_LENS if n in batched and n in single}
     checks[f"{server.name}: prompts prefilled in one batch keep what {reference.name} keeps one at a time "
            "(Jaccard >= 0.98)"] = {
-        "ok": max(sizes, default=0) > 1 and len(jaccard) == len(ps) and min(jaccard.values()) >= 0.98,
-        "requests_per_prefill_batch": sizes, "jaccard": jaccard,
-        "equal": sum(batched[n] == single[n] for n in jaccard)}
+        "ok": max(sizes, default=0) > 1 and len(similar) == len(ps) and min(similar.values()) >= 0.98,
+        "requests_per_prefill_batch": sizes, "jaccard": similar,
+        "equal": sum(batched[n] == single[n] for n in similar)}
 
 
 def logged_keep_sets(log: Path, rank: int = 0) -> list[list[int]]:
     """Kept positions of each eviction, in order, from a server (TP rank) run with ``SGL_EVICT_LOG_KEEP=1``."""
-    return [json.loads(found) for found in re.findall(r"sgl-evict: request \S+ keeps positions (\[[\d, ]*\])",
-                                                       rank_log(log, rank))]
+    return [json.loads(found) for _, found in KEEPS.findall(rank_log(log, rank))]
 
 
 def check_ranks_agree(name: str, server: Server, ps: list[list[int]], checks: dict) -> None:
@@ -531,8 +534,7 @@ def main() -> int:
             if "snapkv-fi" in up:  # FP8 keys round the scores: near-ties may change, hence a report, not a check
                 ours = logged_keep_sets(up["snapkv-fp8"].log_path)[: len(ps)]
                 theirs = logged_keep_sets(up["snapkv-fi"].log_path)[: len(ps)]
-                report["snapkv-fp8_keep_set_jaccard_with_snapkv-fi"] = [
-                    len(set(a) & set(b)) / max(1, len(set(a) | set(b))) for a, b in zip(ours, theirs)]
+                report["snapkv-fp8_keep_set_jaccard_with_snapkv-fi"] = [jaccard(a, b) for a, b in zip(ours, theirs)]
         for name in ("layered-g1-full", "layered-full"):
             if "plain-tr-eager" in ids and name in ids:
                 checks[f"{name} == plain SGLang (Triton, eager), token for token"] = {
