@@ -26,7 +26,7 @@ import logging
 
 from sgl_evict.engine.evict_batch import evict_after_lookahead
 from sgl_evict.engine.runtime import STATE
-from sgl_evict.patches.scheduler import pool_arguments
+from sgl_evict.patches.scheduler import pool_arguments, wait_for_forward
 
 logger = logging.getLogger("sgl_evict")
 
@@ -64,5 +64,6 @@ def can_run_graph_around(original, graph_runner, forward_batch, *args, **kwargs)
 
 def process_batch_result_decode_around(original, self, batch, result, *args, **kwargs):
     if STATE.enabled and STATE.pending:
+        wait_for_forward(self, result)
         evict_after_lookahead(batch, STATE, **pool_arguments(self))
     return original(self, batch, result, *args, **kwargs)

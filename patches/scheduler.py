@@ -17,6 +17,9 @@
   layered pool, one keep-set per layer group, :func:`layered_allocator`).
   Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes; the
   prefill's result (its logits and sampled tokens) is computed before and untouched.
+- ``sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch`` (AROUND): under the overlap scheduler
+  (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``), the result of a batch whose processing evicts is processed before the
+  next forward launches (:mod:`sgl_evict.engine.overlap`); the result hooks then wait for their forward first.
 - ``sglang.srt.managers.scheduler.Scheduler.stash_chunked_request`` (AROUND): between the chunks of a long prompt
   SGLang inserts the chunks done so far into the radix tree, which then owns their slots, so eviction after the
   last chunk could only hide them. For a request that will be evicted, the hook keeps the chunks with the request
@@ -31,6 +34,7 @@ import logging
 import torch
 
 from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.overlap import must_process_first
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.engine.warmup import layer_shapes, warm_up
 from sgl_evict.patches.judgeq import SoftTokenForward, load_soft_tokens
@@ -174,8 +178,25 @@ def pool_arguments(scheduler) -> dict:
             "attention_mass": attention_mass_paged, "all_reduce": all_reduce, "page_size": allocator.page_size}
 
 
+def wait_for_forward(processor, result) -> None:
+    """Under the overlap scheduler a result is processed while the scheduler's streams run ahead of its forward;
+    eviction reads that forward's keys and captured queries, so it first waits for the forward to finish, on the
+    event SGLang's own processing waits for next (``processor``: SGLang's ``SchedulerBatchResultProcessor``)."""
+    done = getattr(result, "copy_done", None)
+    if getattr(processor, "enable_overlap", False) and done is not None:
+        done.synchronize()
+
+
+def is_disable_overlap_for_batch_around(original, self, batch, *args, **kwargs):
+    """The overlap scheduler processes the last batch's result before launching ``batch`` when SGLang wants it, and
+    when processing it evicts (:func:`sgl_evict.engine.overlap.must_process_first`)."""
+    last_batch = kwargs["last_batch"] if "last_batch" in kwargs else (args[0] if args else None)
+    return original(self, batch, *args, **kwargs) or must_process_first(last_batch, STATE)
+
+
 def process_batch_result_prefill_around(original, self, batch, result, *args, **kwargs):
     if STATE.enabled:
+        wait_for_forward(self, result)
         value_buffer = self.token_to_kv_pool_allocator.get_kvcache().get_value_buffer
         soft_token_forward = SoftTokenForward(self, batch) if STATE.soft_tokens is not None else None
         evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer,

@@ -323,21 +323,25 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
         config = dataclasses.replace(config, page_granular=True)
         logging.getLogger("sgl_evict").info("kv eviction with --page-size %d: whole pages are evicted", args.page_size)
     if config.enabled:
-        # Eviction runs between a prefill's forward and the processing of its result; the overlap scheduler
-        # launches the next forward before that processing, and a prefill CUDA graph would skip the Python hook
-        # that captures the window queries. SGLang's hybrid SWA pool (SWAKVPool, chosen for models such as gpt-oss
-        # and Llama 4; SGLang turns it off for Gemma 2/3 itself) gives sliding-window layers slots of their own,
-        # which the holes and compacted rows do not cover: eviction runs on the one pool all layers share. All
-        # three are turned off before SGLang resolves its arguments.
-        args.disable_overlap_schedule = True
+        # Eviction runs while a prefill's result is processed, and the overlap scheduler launches the next forward
+        # before that processing: with SGL_EVICT_EXPERIMENTAL_OVERLAP=1 it stays on, and the results that evict
+        # are processed first (sgl_evict.engine.overlap; not yet checked on a GPU). A prefill CUDA graph would skip
+        # the Python hook that captures the window queries. SGLang's hybrid SWA pool (SWAKVPool, chosen for models
+        # such as gpt-oss and Llama 4; SGLang turns it off for Gemma 2/3 itself) gives sliding-window layers slots
+        # of their own, which the holes and compacted rows do not cover: eviction runs on the one pool all layers
+        # share. These are turned off before SGLang resolves its arguments.
+        off = ["prefill CUDA graphs", "the hybrid SWA memory pool"]
+        if env_setting("SGL_EVICT_EXPERIMENTAL_OVERLAP") != "1":
+            args.disable_overlap_schedule = True
+            off.insert(0, "overlap scheduling")
         args.cuda_graph_backend_prefill = "disabled"
         args.disable_hybrid_swa_memory = True
         # the radix tree that counts live slots, not tokens (sgl_evict.engine.hole_radix_cache), from SGLang's
         # radix-cache registry, where the plugin put it
         args.radix_cache_backend = RADIX_CACHE_BACKEND
         logging.getLogger("sgl_evict").info(
-            "kv eviction %s (budget %s): overlap scheduling, prefill CUDA graphs and the hybrid SWA memory pool are "
-            "turned off; radix cache: %s", config.policy, config.budget, RADIX_CACHE_BACKEND)
+            "kv eviction %s (budget %s): %s turned off; radix cache: %s", config.policy, config.budget,
+            ", ".join(off[:-1]) + " and " + off[-1], RADIX_CACHE_BACKEND)
     server_args = original(cls, args)
     try:
         config = check_per_layer_support(config, server_args)

@@ -344,15 +344,18 @@ def evict_after_lookahead(batch, state: EngineState, req_to_token: torch.Tensor,
     """Evicts from every pending laq request of the decode ``batch`` whose lookahead steps have all run.
 
     Called after the decode forward and before SGLang processes its result (so a request that finishes in this
-    step is released with its holes). Arguments as :func:`evict_after_prefill`. Returns slots freed.
+    step is released with its holes); each pending request of the batch counts one step processed, and is evicted
+    once its last step is (:attr:`~sgl_evict.engine.lookahead.PendingLookahead.processed`). Arguments as
+    :func:`evict_after_prefill`. Returns slots freed.
     """
     ready = []
     for req in batch.reqs:
         entry = state.pending_of(req)
         if entry is None:
             continue
+        entry.processed = min(entry.processed + 1, entry.decoded)
         config = entry.config if entry.config is not None else state.config_of(req)
-        if entry.decoded < config.lookahead_steps:
+        if entry.processed < config.lookahead_steps:
             continue
         if len(entry.steps) < entry.decoded:
             logger.warning("sgl-evict: request %s: %d of %d lookahead steps recorded no queries", req.rid,

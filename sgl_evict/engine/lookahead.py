@@ -38,7 +38,10 @@ class PendingLookahead:
         scaling: layer id -> attention logit scale.
         config: the request's config (its ``EvictionConfig``), kept so that its decode steps do not parse its
             override again.
-        decoded: decode forwards run so far on the snapkv view.
+        decoded: decode forwards launched so far on the snapkv view.
+        processed: results of those forwards processed so far. Under the overlap scheduler a forward is launched
+            before the previous result is processed, so eviction waits for this count, not ``decoded``: the last
+            step's queries exist only once its forward ran.
         steps: decode steps whose queries were recorded, each ``(layer id -> [n, num_q_heads, head_dim], row)``:
             the forward's captured queries and this request's row in them.
     """
@@ -50,6 +53,7 @@ class PendingLookahead:
     scaling: Mapping[int, float]
     config: object = None
     decoded: int = 0
+    processed: int = 0
     steps: list[tuple[dict[int, torch.Tensor], int]] = field(default_factory=list)
 
     def queries(self) -> dict[int, torch.Tensor]:

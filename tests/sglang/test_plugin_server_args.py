@@ -70,6 +70,29 @@ def test_evicting_server_turns_off_overlap_and_prefill_cuda_graphs(prepare):
     assert not plain.disable_overlap_schedule and plain.cuda_graph_backend_prefill is None
 
 
+def test_the_overlap_opt_in_keeps_sglangs_overlap_scheduler_and_a_users_own_flag_still_turns_it_off(
+        prepare, monkeypatch):
+    import logging
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("sgl_evict")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    monkeypatch.setenv("SGL_EVICT_EXPERIMENTAL_OVERLAP", "1")
+    try:
+        args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")
+    finally:
+        logger.removeHandler(handler)
+    assert not args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
+    said = [line for line in logged if line.startswith("kv eviction snapkv")]
+    assert said and "prefill CUDA graphs and the hybrid SWA memory pool turned off" in said[0]
+    assert "overlap" not in said[0]
+    assert prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1",
+                   "--disable-overlap-schedule").disable_overlap_schedule
+
+
 def test_evicting_server_selects_the_hole_aware_radix_cache(prepare):
     from sgl_evict.config import RADIX_CACHE_BACKEND
 

@@ -587,13 +587,13 @@ def test_pending_laq_request_keeps_its_prompt_through_the_prefill_insert_then_fr
     assert req.cache_protected_len == 8 and torch.equal(req.prefix_indices, row)
     check_slots(pool, [req])
     check_counters(pool)
-    for _ in range(LAQ.lookahead_steps):
-        record_step([req.rid], [0], {0: torch.randn(1, 2, 4)}, evicting_process.pending)
     gen = torch.Generator().manual_seed(1)
     mass = lambda q, keys, table, lens, scaling, positions: torch.rand(1, q.shape[1], table.shape[1], generator=gen)
     available = pool.allocator.available_size()
-    freed = evict_after_lookahead(SimpleNamespace(reqs=[req]), evicting_process, pool.req_to_token.req_to_token,
-                                  lambda _: torch.zeros(66, 1, 4), pool.allocator.free, mass)
+    for _ in range(LAQ.lookahead_steps):  # each step launched, then its result processed; the last one evicts
+        record_step([req.rid], [0], {0: torch.randn(1, 2, 4)}, evicting_process.pending)
+        freed = evict_after_lookahead(SimpleNamespace(reqs=[req]), evicting_process, pool.req_to_token.req_to_token,
+                                      lambda _: torch.zeros(66, 1, 4), pool.allocator.free, mass)
     holes = pool.row(req) == HOLE
     assert int((~holes).sum()) == 10 and req.rid not in evicting_process.pending
     assert freed == int(holes[8:].sum()) == pool.allocator.available_size() - available  # owned part freed

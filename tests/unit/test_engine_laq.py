@@ -163,9 +163,9 @@ def test_steps_without_recorded_queries_still_count_and_fall_back_to_the_snapkv_
     setup = Setup()
     setup.prefill()
     visible = setup.state.pending["a"].visible.clone()
-    for _ in range(STEPS):
+    for _ in range(STEPS):  # each step launched, then its result processed
         record_step(["a", "b"], [0], {}, setup.state.pending)
-    setup.finish_lookahead()
+        setup.finish_lookahead()
     assert torch.equal(setup.table[1, :40] != HOLE, visible)
 
 
@@ -260,21 +260,21 @@ def test_decode_result_hook_evicts_before_sglang_processes_the_result(monkeypatc
     for name in ("config", "pending"):
         monkeypatch.setattr(STATE, name, getattr(setup.state, name))
     setup.prefill()
-    for step in range(STEPS):
-        setup.decode_step(step)
     allocator = SimpleNamespace(get_kvcache=lambda: SimpleNamespace(get_key_buffer=setup.pools.__getitem__),
                                 free=setup.freed.append, page_size=1)
     processor = SimpleNamespace(server_args=SimpleNamespace(tp_size=1), token_to_kv_pool_allocator=allocator,
                                 req_to_token_pool=SimpleNamespace(req_to_token=setup.table))
-    seen = {}
+    seen = []
 
     def process(self, batch, result):  # SGLang's: appends tokens, releases finished requests
-        seen["holes"] = int((setup.table[1, :40] == HOLE).sum())
+        seen.append(int((setup.table[1, :40] == HOLE).sum()))
         return "processed"
 
-    assert hooks.process_batch_result_decode_around(process, processor, SimpleNamespace(reqs=setup.reqs), None) \
-        == "processed"
-    assert seen["holes"] == 40 - 10 and "a" not in STATE.pending
+    for step in range(STEPS):  # each step's result processed after its forward, as SGLang does
+        setup.decode_step(step)
+        assert hooks.process_batch_result_decode_around(process, processor, SimpleNamespace(reqs=setup.reqs),
+                                                        None) == "processed"
+    assert seen == [0] * (STEPS - 1) + [40 - 10] and "a" not in STATE.pending
 
 
 def test_a_batch_with_more_pending_requests_than_a_replay_gathers_runs_eagerly(monkeypatch):

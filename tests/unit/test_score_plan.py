@@ -232,7 +232,7 @@ def test_evict_after_lookahead_scores_every_ready_request_in_one_plan():
         reqs.append(req)
         steps = [({layer: torch.randn(1, HQ, D, generator=gen) for layer in LAYERS}, 0) for _ in range(2)]
         state.pending[req.rid] = PendingLookahead(req, lens[r], _queries(gen, 4), torch.ones(lens[r], dtype=bool),
-                                                  SCALING, decoded=2, steps=steps)
+                                                  SCALING, decoded=2, processed=1, steps=steps)
     mass = CountingMass()
     freed = []
     evict_after_lookahead(SimpleNamespace(reqs=reqs), state, table, pools.__getitem__, freed.append, mass)
