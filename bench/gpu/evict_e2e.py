@@ -27,6 +27,7 @@ servers started before it too), so the six fit on one GPU:
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (its keep-sets and answers against ``snapkv-fi``'s), opted in with ``SGL_EVICT_UNVERIFIED_BACKEND=1``; run only when named in ``--only`` |
 | ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores), opted in with ``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``; run only when named in ``--only`` |
+| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` | SGLang's overlap scheduler kept on (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``, issue 22 item 2): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run without it); run only when named in ``--only`` |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -97,6 +98,8 @@ CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
 #: an FP8 KV cache with eviction is refused unless opted in (what the -fp8 servers verify)
 FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
 UNVERIFIED_FP8 = {"SGL_EVICT_UNVERIFIED_KV_DTYPE": "1"}
+#: SGLang's overlap scheduler stays on with eviction only when opted in (what the -overlap servers verify)
+OVERLAP = {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"}
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -251,7 +254,16 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-fp8": ([*fi, *FP8, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
                        {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE, **UNVERIFIED_FP8}),
     })
-    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8")
+    # SGLang's overlap scheduler kept on (issue 22 item 2): against plain (which runs it), snapkv-fi and laq
+    specs.update({
+        "full-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0", *evict], OVERLAP),
+        "snapkv-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
+                           {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE, **OVERLAP}),
+        "laq-overlap": ([*fi, "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
+                         "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict],
+                        {"SGL_EVICT_LOG_KEEP": "1", **OVERLAP}),
+    })
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -359,6 +371,25 @@ def check_same_keep_sets(name: str, server, reference, ps: list[list[int]], ids:
         "ok": len(overlap) == len(ps) and min(overlap) >= 0.98, "jaccard": overlap}
     checks[f"{name}: answers as {reference.name} where the keep-sets are equal"] = {
         "ok": bool(same) and all(ids[name][i] == ids[reference.name][i] for i in same), "prompts": same}
+
+
+def check_overlap(up: dict, ps: list[list[int]], answers: dict, ids: dict, checks: dict) -> None:
+    """The ``-overlap`` servers ran SGLang's overlap scheduler (their server args say so) and answer as the same
+    setting without it: budget 1.0 token for token as ``plain``; snapkv and laq keep what ``snapkv-fi`` and ``laq``
+    keep and answer token for token where they do."""
+    for name, reference in (("full-overlap", "plain"), ("snapkv-overlap", "snapkv-fi"), ("laq-overlap", "laq")):
+        if name not in up:
+            continue
+        text = up[name].log_path.read_text(errors="replace")
+        checks[f"{name}: SGLang's overlap scheduler on"] = {"ok": "disable_overlap_schedule=False" in text}
+        if name != "full-overlap":
+            check_server(name, up[name], ps, answers, checks)
+        if reference not in up:
+            continue
+        if name == "full-overlap":
+            checks[f"{name} == plain SGLang, token for token"] = {"ok": ids[name] == ids[reference]}
+        else:
+            check_same_keep_sets(name, up[name], up[reference], ps, ids, checks)
 
 
 def jaccard(a, b) -> float:
@@ -526,6 +557,7 @@ def main() -> int:
             check_server("snapkv-fa3", up["snapkv-fa3"], ps, answers, checks)
             if "snapkv-fi" in up:
                 check_same_keep_sets("snapkv-fa3", up["snapkv-fa3"], up["snapkv-fi"], ps, ids, checks)
+        check_overlap(up, ps, answers, ids, checks)
         if "plain-fp8" in ids and "full-fp8" in ids:
             checks["full-fp8 == plain SGLang with an FP8 KV cache, token for token"] = {
                 "ok": ids["plain-fp8"] == ids["full-fp8"]}

@@ -251,3 +251,33 @@ def test_expected_kept_is_what_the_selector_keeps_with_pages_of_1_16_and_64():
                                  torch.arange(1, n + 1, dtype=torch.int32), page)
                 assert int(kept.sum()) == e2e.expected_kept(n, budget, page), (page, n, budget)
     assert e2e.page_size_of("snapkv-page64") == 64 and e2e.page_size_of("snapkv-fi") == 1
+
+
+def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_against_their_twins(
+        monkeypatch, tmp_path):
+    """Issue 22 item 2: the -overlap servers keep SGLang's overlap scheduler (opt-in set for their launch only) and
+    are checked against the same setting without it; a log without the scheduler on fails the check."""
+    seen = {}
+
+    def server(name, port, args, out):
+        seen[name] = dict(os.environ)
+        return args
+    monkeypatch.setattr(e2e, "Server", server)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    names = {"full-overlap", "snapkv-overlap", "laq-overlap"}
+    assert not names & set(e2e.launch(tmp_path, tmp_path, set()))
+    assert set(e2e.launch(tmp_path, tmp_path, names)) == names
+    assert all(seen[n]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" for n in names)
+    assert "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in os.environ
+
+    def up(name, on):
+        path = tmp_path / f"{name}.log"
+        path.write_text(f"server_args=ServerArgs(disable_overlap_schedule={not on})\n")
+        return SimpleNamespace(log_path=path, name=name)
+    ids = {"plain": [[1, 2]], "full-overlap": [[1, 2]]}
+    for on in (True, False):
+        checks = {}
+        e2e.check_overlap({"plain": up("plain", True), "full-overlap": up("full-overlap", on)}, [[7]], {}, ids,
+                          checks)
+        assert checks == {"full-overlap: SGLang's overlap scheduler on": {"ok": on},
+                          "full-overlap == plain SGLang, token for token": {"ok": True}}
