@@ -301,9 +301,9 @@ def test_a_reserve_frees_all_but_the_snapkv_best_before_the_lookahead_and_choose
     assert torch.equal(setup.table[1, :40] != HOLE, wide)
     assert torch.equal(setup.freed[0], row_before[~wide & owned].long())
     assert torch.equal(entry.visible, _harness_mask(setup, snapkv)) and not (entry.visible & ~wide).any()
-    for step in range(STEPS):
+    for step in range(STEPS):  # each step's result processed after it; the last one evicts
         setup.decode_step(step)
-    freed = setup.finish_lookahead()
+        freed = setup.finish_lookahead()
     # the re-score runs over the 20 candidates only (the others are gone, so attention renormalizes over them):
     # it keeps the budget, the protected sinks and window among them, and frees each dropped slot once
     kept = setup.table[1, :40] != HOLE
@@ -321,7 +321,7 @@ def test_a_reserve_covering_the_prompt_keeps_what_laq_keeps_without_one():
     assert len(setup.freed) == 1  # only b's eviction: a's reserve holds its whole prompt
     for step in range(STEPS):
         setup.decode_step(step)
-    setup.finish_lookahead()
+        setup.finish_lookahead()
     expected = _harness_mask(setup, make_policy("laq", pooling_kernel=5, lookahead_steps=STEPS))
     assert torch.equal(setup.table[1, :40] != HOLE, expected)
 
