@@ -6,9 +6,9 @@ to it (:meth:`sgl_evict.engine.hole_radix_cache.HoleAwareRadixCache.cache_unfini
 :mod:`sgl_evict.plugin`:
 
 - ``sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free`` (BEFORE, :func:`req_row_free_before`): every way a
-  request leaves (finished, aborted, retracted) ends by freeing its row there. A request that leaves while pending
-  drops its entry, so its row can be handed to another request; it kept its full cache, which SGLang releases
-  (and caches) as usual.
+  request leaves (finished, aborted, retracted) ends by freeing its row there. Its host-side hole count is dropped
+  (:mod:`sgl_evict.engine.hole_counts`). A request that leaves while pending drops its entry, so its row can be
+  handed to another request; it kept its full cache, which SGLang releases (and caches) as usual.
 - ``sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs`` (BEFORE, :func:`init_cuda_graphs_before`):
   allocates the decode query capture's static buffers before the decode graphs are captured (a graph records the
   tensors it writes; see :class:`sgl_evict.engine.capture.DecodeQueryCapture`).
@@ -17,7 +17,8 @@ to it (:meth:`sgl_evict.engine.hole_radix_cache.HoleAwareRadixCache.cache_unfini
 - ``sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor
   .process_batch_result_decode`` (AROUND, :func:`process_batch_result_decode_around`): after the decode forward
   and before SGLang appends its tokens and releases finished requests, evicts from the pending requests whose
-  lookahead steps have all run (:func:`sgl_evict.engine.evict_batch.evict_after_lookahead`).
+  lookahead steps have all run (:func:`sgl_evict.engine.evict_batch.evict_after_lookahead`) and counts their holes
+  on the host.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ GRAPH_CAPACITY = 32
 
 
 def req_row_free_before(pool, req, *args, **kwargs):
+    if STATE.enabled:
+        STATE.holes.forget(req.rid)
     entry = STATE.pending_of(req) if STATE.enabled else None
     if entry is not None:
         del STATE.pending[req.rid]
@@ -65,5 +68,11 @@ def can_run_graph_around(original, graph_runner, forward_batch, *args, **kwargs)
 def process_batch_result_decode_around(original, self, batch, result, *args, **kwargs):
     if STATE.enabled and STATE.pending:
         wait_for_forward(self, result)
-        evict_after_lookahead(batch, STATE, **pool_arguments(self))
+        prompt_lens = {req.rid: STATE.pending_of(req).prompt_len for req in batch.reqs
+                       if STATE.pending_of(req) is not None}
+        arguments = pool_arguments(self)
+        evict_after_lookahead(batch, STATE, **arguments)
+        evicted = [req for req in batch.reqs if req.rid in prompt_lens and STATE.pending_of(req) is None]
+        if evicted:  # their holes, counted on the host for the decode forwards to come
+            STATE.holes.recount(evicted, arguments["req_to_token"], [prompt_lens[req.rid] for req in evicted])
     return original(self, batch, result, *args, **kwargs)

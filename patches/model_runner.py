@@ -11,7 +11,9 @@ on, the hook
   queries (:mod:`sgl_evict.engine.lookahead`);
 - points the batch at compacted shadow rows with kept lengths (:mod:`sgl_evict.engine.compact_view`), the
   positions a pending laq request hides left out, so FlashInfer and Triton attention, eager or in CUDA graphs,
-  read only kept slots, and puts the logical fields back afterwards.
+  read only kept slots, and puts the logical fields back afterwards. A decode batch takes its kept lengths from
+  the host's hole counts (:mod:`sgl_evict.engine.hole_counts`: no read back from the device), and one whose
+  requests skip nothing reads its logical rows as they are.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def forward_around(original, self, forward_batch, *args, **kwargs):
     if decode:
         STATE.decode_capture.begin(positions, forward_batch.seq_lens.device)
     views = [(i, STATE.pending[rids[i]].visible) for i in positions]
-    saved = enter_compacted(forward_batch, self.req_to_token_pool.req_to_token, STATE.shadow_offset, views)
+    kept_cpu = _decode_kept_lengths(forward_batch, rids) if decode else None
+    saved = None
+    if views or kept_cpu is None or kept_cpu != forward_batch.seq_lens_cpu.tolist():
+        saved = enter_compacted(forward_batch, self.req_to_token_pool.req_to_token, STATE.shadow_offset, views,
+                                kept_cpu)
     try:
         result = original(self, forward_batch, *args, **kwargs)
     finally:
@@ -46,3 +52,12 @@ def forward_around(original, self, forward_batch, *args, **kwargs):
     if decode and positions:
         record_step(rids, positions, STATE.decode_capture.take(), STATE.pending)
     return result
+
+
+def _decode_kept_lengths(forward_batch, rids) -> list[int] | None:
+    """A decode batch's kept lengths from the host's hole counts, or None (a request not counted yet, or no host
+    lengths to start from)."""
+    if forward_batch.seq_lens_cpu is None:
+        return None
+    hidden = {rid: entry.hidden for rid, entry in STATE.pending.items()}
+    return STATE.holes.kept_lengths(rids, forward_batch.seq_lens_cpu.tolist(), hidden)

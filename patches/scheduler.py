@@ -16,7 +16,8 @@
   for judgeq, one extra forward of the soft tokens, :class:`sgl_evict.patches.judgeq.SoftTokenForward`; over a
   layered pool, one keep-set per layer group, :func:`layered_allocator`).
   Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes; the
-  prefill's result (its logits and sampled tokens) is computed before and untouched.
+  prefill's result (its logits and sampled tokens) is computed before and untouched. After SGLang's processing,
+  the holes of the requests still running are counted on the host (:func:`count_prefill_holes`).
 - ``sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch`` (AROUND): under the overlap scheduler
   (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``), the result of a batch whose processing evicts is processed before the
   next forward launches (:mod:`sgl_evict.engine.overlap`); the result hooks then wait for their forward first.
@@ -202,7 +203,20 @@ def process_batch_result_prefill_around(original, self, batch, result, *args, **
         evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer,
                             soft_token_forward=soft_token_forward,
                             layered=layered_allocator(self.token_to_kv_pool_allocator))
-    return original(self, batch, result, *args, **kwargs)
+    processed = original(self, batch, result, *args, **kwargs)
+    if STATE.enabled:
+        count_prefill_holes(batch, self.req_to_token_pool.req_to_token)
+    return processed
+
+
+def count_prefill_holes(batch, req_to_token) -> None:
+    """Counts, on the host, the holes of the batch's requests still running once SGLang processed their prefill
+    (its radix insert may have written the tree's entries into their rows): decode forwards read their kept lengths
+    from these counts (:mod:`sgl_evict.engine.hole_counts`)."""
+    running = [(req, int(n)) for req, n in zip(batch.reqs, batch.seq_lens_cpu)
+               if req.req_pool_idx is not None and not req.finished()]
+    if running:
+        STATE.holes.recount([req for req, _ in running], req_to_token, [n for _, n in running])
 
 
 def stash_chunked_request_around(original, self, req, *args, **kwargs):

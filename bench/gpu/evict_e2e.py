@@ -42,7 +42,8 @@ scored: the FlashInfer servers of snapkv, laq and laprox must read the keys once
 attention returned (first turns, chunked prefill's last chunk, second turns over a compressed prefix, pages), the
 Triton and dapq servers in two passes; ``snapkv-fi``, ``snapkv-chunked``, ``snapkv-page16`` and ``laprox`` run with
 ``SGL_EVICT_CHECK_LSE=1``, which scores every one-read layer in two passes too: they must agree within 1e-2 of the
-largest mass. With ``--tp 2`` every rank logs its
+largest mass. Every evicting server runs with ``SGL_EVICT_CHECK_KEPT=1``: each decode step's kept lengths, counted on
+the host, are checked against the rows' (a mismatch stops the server). With ``--tp 2`` every rank logs its
 evictions (SGLang prefixes its lines with `` TP<rank>``): rank 0's are checked as above, and each rank must keep
 the same positions (scores are all-reduced before selection), equal to what the single-GPU harness selects.
 The layered servers: at budget 1.0 (one group, or one per layer) they answer token for token like
@@ -95,6 +96,8 @@ UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
 LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", "laprox", "snapkv-fp8")
 CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
+#: the evicting servers check the kept lengths counted on the host against the rows' (a mismatch stops them)
+CHECK_KEPT = {"SGL_EVICT_CHECK_KEPT": "1"}
 #: an FP8 KV cache with eviction is refused unless opted in (what the -fp8 servers verify)
 FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
 UNVERIFIED_FP8 = {"SGL_EVICT_UNVERIFIED_KV_DTYPE": "1"}
@@ -270,6 +273,8 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
     for i, (name, (extra, env)) in enumerate(specs.items()):
         if i:
             time.sleep(STAGGER_S)
+        if "--kv-evict-policy" in extra:  # every decode step's host-counted kept lengths checked against the rows
+            env = {**env, **CHECK_KEPT}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         servers[name] = Server(name, 31100 + i, [*common, *extra], out)

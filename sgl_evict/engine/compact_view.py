@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from sgl_evict.env import env_setting
 from sgl_evict.holes import HOLE
 
 
@@ -52,11 +53,13 @@ _FIELDS = ("req_pool_indices", "seq_lens", "seq_lens_cpu", "seq_lens_sum", "exte
 
 
 def enter_compacted(forward_batch, req_to_token: torch.Tensor, shadow_offset: int,
-                    views: list[tuple[int, torch.Tensor]] = ()) -> dict | None:
+                    views: list[tuple[int, torch.Tensor]] = (), kept_cpu: list[int] | None = None) -> dict | None:
     """Points ``forward_batch`` (SGLang's ``ForwardBatch``) at compacted shadow rows.
 
     ``views``: ``(batch position, [n] bool visible mask)`` of requests that see only part of their first ``n``
-    positions (laq's lookahead steps); later positions stay visible.
+    positions (laq's lookahead steps); later positions stay visible. ``kept_cpu``: the kept lengths, known on the
+    host (:mod:`sgl_evict.engine.hole_counts`); None: read back from the device (a host sync).
+    ``SGL_EVICT_CHECK_KEPT=1`` reads them back anyway and raises if the two differ (a debug check).
 
     Returns the replaced logical fields (for :func:`leave_compacted`), or None for an empty batch.
     """
@@ -73,7 +76,13 @@ def enter_compacted(forward_batch, req_to_token: torch.Tensor, shadow_offset: in
             hidden[position, :n] = ~visible[:n]
     kept = compact_rows(req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens, max_len,
                         shadow_offset, hidden)
-    kept_cpu = kept.cpu()
+    if kept_cpu is None:
+        kept_cpu = kept.cpu()
+    else:
+        if env_setting("SGL_EVICT_CHECK_KEPT") == "1" and kept.tolist() != list(kept_cpu):
+            raise RuntimeError(f"sgl-evict: kept lengths counted on the host {list(kept_cpu)} differ from the "
+                               f"rows' {kept.tolist()} (requests {getattr(forward_batch, 'rids', None)})")
+        kept_cpu = torch.tensor(kept_cpu, dtype=kept.dtype)
     forward_batch.req_pool_indices = forward_batch.req_pool_indices + shadow_offset
     forward_batch.seq_lens = kept
     if seq_lens_cpu is not None:

@@ -25,7 +25,7 @@ from sgl_evict.engine.lookahead import PendingLookahead, lookahead_requests, mix
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.engine.score_plan import ScoreRequest, score_requests
 from sgl_evict.env import env_setting
-from sgl_evict.holes import HOLE, count_live
+from sgl_evict.holes import HOLE, count_live, is_live
 from sgl_evict.layer_groups import GroupLayout
 from sgl_evict.policies import EvictionPolicy
 from sgl_evict.policies.base import LOOKAHEAD, POSITIONS, REROTATED_WINDOW, SOFT_TOKENS, WINDOW
@@ -156,7 +156,8 @@ def _evict_scored(entry: PromptToScore, scores: torch.Tensor, state: EngineState
             keep = keep & wide
     # copies: a view would keep the whole batch's window queries alive
     window = {layer: q.clone() for layer, q in entry.queries.items()}
-    state.pending[req.rid] = PendingLookahead(req, row.shape[0], window, keep, dict(scaling), config)
+    hidden = int((is_live(row) & ~keep).sum())
+    state.pending[req.rid] = PendingLookahead(req, row.shape[0], window, keep, dict(scaling), config, hidden=hidden)
     if env_setting("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: what the lookahead steps attend to
         logger.info("sgl-evict: request %s looks ahead on positions %s", req.rid, keep.nonzero().flatten().tolist())
     logger.info("sgl-evict: request %s decodes %d lookahead steps on %d of %d tokens (laq)", req.rid,

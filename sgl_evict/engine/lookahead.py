@@ -44,6 +44,8 @@ class PendingLookahead:
             step's queries exist only once its forward ran.
         steps: decode steps whose queries were recorded, each ``(layer id -> [n, num_q_heads, head_dim], row)``:
             the forward's captured queries and this request's row in them.
+        hidden: live positions of the prompt the view hides (the compacted view's kept length is counted on the
+            host: :mod:`sgl_evict.engine.hole_counts`).
     """
 
     req: object
@@ -55,6 +57,7 @@ class PendingLookahead:
     decoded: int = 0
     processed: int = 0
     steps: list[tuple[dict[int, torch.Tensor], int]] = field(default_factory=list)
+    hidden: int = 0
 
     def queries(self) -> dict[int, torch.Tensor]:
         """Layer id -> ``[num_q_heads, steps, head_dim]`` lookahead queries (empty if none were recorded)."""

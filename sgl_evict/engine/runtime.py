@@ -13,6 +13,7 @@ import torch
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.capture import DecodeQueryCapture, WindowQueryCapture
+from sgl_evict.engine.hole_counts import HoleCounts
 from sgl_evict.engine.judgeq import ServedSoftTokens
 from sgl_evict.engine.lookahead import PendingLookahead
 from sgl_evict.policies import POLICIES
@@ -42,6 +43,8 @@ class EngineState:
             ``--kv-evict-granularity per_layer`` a layer group of these only keeps the ``protected_recent`` tail.
         soft_tokens: judgeq's soft tokens (``--kv-evict-soft-tokens``), loaded for the served model at start; None
             without the flag (judgeq requests are then refused).
+        holes: each request's holes, counted on the host where they change, so decode forwards read no lengths
+            back from the device (:mod:`sgl_evict.engine.hole_counts`).
         freed_slots, hidden_tokens: totals since start, for logs and tests.
         freed_group_slots: ``--kv-evict-granularity per_layer``: group-slots freed since start.
     """
@@ -57,6 +60,7 @@ class EngineState:
     protected_recent: int = 0
     window_layers: frozenset[int] = frozenset()
     soft_tokens: ServedSoftTokens | None = None
+    holes: HoleCounts = field(default_factory=HoleCounts)
     freed_slots: int = 0
     hidden_tokens: int = 0
     freed_group_slots: int = 0
@@ -67,6 +71,7 @@ class EngineState:
         # any request of an evicting server may ask for laq, so every evicting server can capture decode queries
         self.decode_capture = DecodeQueryCapture() if config.enabled else None
         self.pending = {}
+        self.holes = HoleCounts()
         self.protected_recent = 0  # the scheduler sets it once the model is known
         self.window_layers = frozenset()  # likewise
         self.soft_tokens = None  # likewise

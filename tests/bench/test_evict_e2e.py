@@ -267,7 +267,8 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
     names = {"full-overlap", "snapkv-overlap", "laq-overlap"}
     assert not names & set(e2e.launch(tmp_path, tmp_path, set()))
     assert set(e2e.launch(tmp_path, tmp_path, names)) == names
-    assert all(seen[n]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" for n in names)
+    assert all(seen[n]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and seen[n]["SGL_EVICT_CHECK_KEPT"] == "1"
+               for n in names)
     assert "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in os.environ
 
     def up(name, on):

@@ -137,9 +137,11 @@ def test_result_hooks_wait_for_their_forward_under_the_overlap_scheduler_only(mo
     monkeypatch.setattr(scheduler, "pool_arguments", lambda _: {})
     monkeypatch.setattr(scheduler, "layered_allocator", lambda _: None)
     allocator = SimpleNamespace(get_kvcache=lambda: SimpleNamespace(get_value_buffer=None))
-    processor = SimpleNamespace(enable_overlap=overlap, token_to_kv_pool_allocator=allocator)
+    processor = SimpleNamespace(enable_overlap=overlap, token_to_kv_pool_allocator=allocator,
+                                req_to_token_pool=SimpleNamespace(req_to_token=None))
     result = SimpleNamespace(copy_done=SimpleNamespace(synchronize=lambda: order.append("wait")))
+    batch = SimpleNamespace(reqs=[], seq_lens_cpu=[])
     for hook in (lookahead.process_batch_result_decode_around, scheduler.process_batch_result_prefill_around):
         order.clear()
-        hook(lambda *a: order.append("sglang"), processor, None, result)
+        hook(lambda *a: order.append("sglang"), processor, batch, result)
         assert order == (["wait", "evict", "sglang"] if overlap else ["evict", "sglang"])
