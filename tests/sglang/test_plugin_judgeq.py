@@ -170,7 +170,8 @@ def test_prefill_hook_hands_eviction_the_soft_token_forward(state, monkeypatch):
     monkeypatch.setattr(scheduler, "pool_arguments", lambda sched: {})
     state.configure(EvictionConfig(policy="snapkv", budget=Budget(tokens=4)))
     sched = SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(
-        get_kvcache=lambda: SimpleNamespace(get_value_buffer=None)), req_to_token_pool=SimpleNamespace(req_to_token=None))
+        get_kvcache=lambda: SimpleNamespace(get_value_buffer=None)),
+        req_to_token_pool=SimpleNamespace(req_to_token=None))
     batch = SimpleNamespace(reqs=[], seq_lens_cpu=[])
     scheduler.process_batch_result_prefill_around(lambda *args: "result", sched, batch, None)
     assert calls[-1]["soft_token_forward"] is None  # no file: judgeq requests keep their full cache
