@@ -18,6 +18,8 @@ on, the hook
 
 from __future__ import annotations
 
+import logging
+
 from sgl_evict.engine.compact_view import enter_compacted, leave_compacted
 from sgl_evict.engine.lookahead import pending_positions, record_step
 from sgl_evict.engine.runtime import STATE
@@ -44,6 +46,8 @@ def forward_around(original, self, forward_batch, *args, **kwargs):
     if views or kept_cpu is None or kept_cpu != forward_batch.seq_lens_cpu.tolist():
         saved = enter_compacted(forward_batch, self.req_to_token_pool.req_to_token, STATE.shadow_offset, views,
                                 kept_cpu)
+    if kept_cpu is not None:
+        _count_host_lengths(compacted=saved is not None)
     try:
         result = original(self, forward_batch, *args, **kwargs)
     finally:
@@ -61,3 +65,15 @@ def _decode_kept_lengths(forward_batch, rids) -> list[int] | None:
         return None
     hidden = {rid: entry.hidden for rid, entry in STATE.pending.items()}
     return STATE.holes.kept_lengths(rids, forward_batch.seq_lens_cpu.tolist(), hidden)
+
+
+def _count_host_lengths(compacted: bool) -> None:
+    """Counts decode forwards whose kept lengths came from the host, logged at 1, 10, 100, ... (the GPU end-to-end
+    check looks for the line)."""
+    STATE.host_length_forwards += 1
+    STATE.uncompacted_forwards += not compacted
+    n = STATE.host_length_forwards
+    if n == 10 ** (len(str(n)) - 1):
+        logging.getLogger("sgl_evict").info(
+            "sgl-evict: %d decode forwards took their kept lengths from the host's hole counts (%d of them read "
+            "their rows uncompacted: nothing skipped)", n, STATE.uncompacted_forwards)

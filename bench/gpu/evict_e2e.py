@@ -98,6 +98,8 @@ LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", 
 CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
 #: the evicting servers check the kept lengths counted on the host against the rows' (a mismatch stops them)
 CHECK_KEPT = {"SGL_EVICT_CHECK_KEPT": "1"}
+#: what a server logs once decode forwards took their kept lengths from the host (patches/model_runner.py)
+HOST_LENGTHS = "took their kept lengths from the host's hole counts"
 #: an FP8 KV cache with eviction is refused unless opted in (what the -fp8 servers verify)
 FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
 UNVERIFIED_FP8 = {"SGL_EVICT_UNVERIFIED_KV_DTYPE": "1"}
@@ -308,6 +310,8 @@ def page_size_of(name: str) -> int:
 
 def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, checks: dict) -> None:
     log = server.log_path
+    checks[f"{name}: decode forwards took their kept lengths from the host (checked against the rows)"] = {
+        "ok": HOST_LENGTHS in log.read_text(errors="replace")}
     lines = [line for line in eviction_lines(log) if line[1] in PROMPT_LENS]
     page = page_size_of(name)
     checks[f"{name}: evicted each prompt to the budget, every dropped slot freed"] = {

@@ -46,6 +46,8 @@ class EngineState:
         holes: each request's holes, counted on the host where they change, so decode forwards read no lengths
             back from the device (:mod:`sgl_evict.engine.hole_counts`).
         freed_slots, hidden_tokens: totals since start, for logs and tests.
+        host_length_forwards, uncompacted_forwards: decode forwards whose kept lengths came from ``holes``, and
+            those of them that read their rows uncompacted (no request skipped a position); for logs.
         freed_group_slots: ``--kv-evict-granularity per_layer``: group-slots freed since start.
     """
 
@@ -64,6 +66,8 @@ class EngineState:
     freed_slots: int = 0
     hidden_tokens: int = 0
     freed_group_slots: int = 0
+    host_length_forwards: int = 0
+    uncompacted_forwards: int = 0
 
     def configure(self, config: EvictionConfig) -> None:
         self.config = config

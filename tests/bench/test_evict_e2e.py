@@ -282,3 +282,24 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
                           checks)
         assert checks == {"full-overlap: SGLang's overlap scheduler on": {"ok": on},
                           "full-overlap == plain SGLang, token for token": {"ok": True}}
+
+
+def test_the_host_lengths_check_reads_the_line_the_plugin_logs(monkeypatch):
+    import logging
+
+    from sgl_evict.engine.runtime import STATE
+    from sgl_evict.patches import model_runner
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("sgl_evict")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(STATE, "host_length_forwards", 0)
+    logger.addHandler(handler)
+    try:
+        for _ in range(10):
+            model_runner._count_host_lengths(compacted=True)
+    finally:
+        logger.removeHandler(handler)
+    assert len(logged) == 2 and all(e2e.HOST_LENGTHS in line for line in logged)  # at the 1st and the 10th

@@ -75,7 +75,9 @@ def test_after_the_prefill_hook_counts_decode_steps_read_nothing_back_and_see_th
     seen, handed = _decode(monkeypatch, setup, 0)
     assert handed is None  # nothing counted yet: the device's lengths, read back
     count_prefill_holes(SimpleNamespace(reqs=setup.reqs, seq_lens_cpu=torch.tensor(setup.lens)), setup.table)
+    before = STATE.host_length_forwards
     expected, handed = _decode(monkeypatch, setup, 1)
+    assert STATE.host_length_forwards == before + 1
     visible = STATE.pending["a"].visible
     assert handed == [int(visible.sum()) + 2, 30 - 20 + 2] == expected["lens"]  # checked against the rows too
 
