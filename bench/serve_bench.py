@@ -65,6 +65,8 @@ class RequestRecord:
     error: str | None = None
     retractions: int | None = None  # meta_info.num_retractions: times the scheduler evicted it to free KV
     output_ids: list[int] = field(default_factory=list, repr=False)
+    # (time.monotonic(), output tokens so far) of each event, when the caller sets a list here (decode step times)
+    events: list[tuple[float, int]] | None = field(default=None, repr=False)
 
     @property
     def tpot_s(self) -> float | None:
@@ -75,7 +77,7 @@ class RequestRecord:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        del d["output_ids"]
+        del d["output_ids"], d["events"]
         d["tpot_s"] = self.tpot_s
         return d
 
@@ -172,6 +174,8 @@ def _read_events(conn: http.client.HTTPConnection, payload: dict, record: Reques
             record.error = f"server: {event['error']}"
             return
         _apply_event(record, event)
+        if record.events is not None:
+            record.events.append((now, len(record.output_ids)))
         if record.output_ids and record.ttft_s is None:
             record.ttft_s = now - sent
         record.latency_s = now - sent
