@@ -190,9 +190,12 @@ def wait_for_forward(processor, result) -> None:
 
 def is_disable_overlap_for_batch_around(original, self, batch, *args, **kwargs):
     """The overlap scheduler processes the last batch's result before launching ``batch`` when SGLang wants it, and
-    when processing it evicts (:func:`sgl_evict.engine.overlap.must_process_first`)."""
-    last_batch = kwargs["last_batch"] if "last_batch" in kwargs else (args[0] if args else None)
-    return original(self, batch, *args, **kwargs) or must_process_first(last_batch, STATE)
+    when processing it evicts (:func:`sgl_evict.engine.overlap.must_process_first`). The batch judged is the
+    launch-time copy queued with that result (``Scheduler.result_queue``), not ``last_batch``, which
+    ``get_next_batch_to_run`` has already turned into the next decode batch."""
+    queue = getattr(self, "result_queue", None)
+    unprocessed = queue[-1][0] if queue else None
+    return original(self, batch, *args, **kwargs) or must_process_first(unprocessed, STATE)
 
 
 def process_batch_result_prefill_around(original, self, batch, result, *args, **kwargs):

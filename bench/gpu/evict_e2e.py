@@ -85,16 +85,17 @@ PAGE = 16
 POOL_TOKENS = 40000
 LOOKAHEAD_STEPS = 8  # --kv-evict-lookahead-steps' default
 #: how each server scores its prompts (the log line per prefill batch): FlashInfer's prefill returns the window
-#: queries' LSE, so snapkv, laq and laprox read the keys once; Triton attention and dapq (re-rotated queries) two-pass
+#: queries' LSE, so snapkv, laq and laprox read the keys once; Triton attention, dapq (re-rotated queries) and an FP8
+#: pool (attention reads the new keys in bf16, the scorer the stored FP8 ones: patches/flashinfer_lse.py) two-pass
 SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunked": "one-read",
                  "snapkv-eager": "one-read", "snapkv-page16": "one-read", "snapkv-page64": "one-read",
                  "dapq": "two-pass", "laq": "one-read",
                  "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass",
-                 "snapkv-fp8": "one-read"}
+                 "snapkv-fp8": "two-pass"}
 #: fa3 is refused with eviction unless opted in (it is what these servers verify)
 UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
-LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", "laprox", "snapkv-fp8")
+LSE_CHECKED = ("snapkv-fi", "snapkv-chunked", "snapkv-page16", "snapkv-page64", "laprox")
 CHECK_LSE = {"SGL_EVICT_CHECK_LSE": "1"}
 #: the evicting servers check the kept lengths counted on the host against the rows' (a mismatch stops them)
 CHECK_KEPT = {"SGL_EVICT_CHECK_KEPT": "1"}

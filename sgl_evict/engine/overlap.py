@@ -25,14 +25,18 @@ def lookahead_done(state: EngineState) -> bool:
     return False
 
 
-def must_process_first(last_batch, state: EngineState) -> bool:
-    """Whether the result of ``last_batch`` (SGLang's ``ScheduleBatch`` launched last, not yet processed; None: no
-    batch) must be processed before the next forward launches, because processing it evicts: it finished a prompt
-    that evicts, or it ran a pending laq request's last lookahead step."""
-    if not state.enabled or last_batch is None:
+def must_process_first(unprocessed, state: EngineState) -> bool:
+    """Whether the result of ``unprocessed`` must be processed before the next forward launches, because processing
+    it evicts: it finished a prompt that evicts, or it ran a pending laq request's last lookahead step.
+
+    ``unprocessed`` is the batch as it was launched (the copy SGLang queues with its result; None: nothing queued),
+    not ``Scheduler.last_batch``: by the time the next launch is decided, ``get_next_batch_to_run`` has merged the
+    last prefill batch into the running batch, often as that very object, and turned it into a decode batch.
+    """
+    if not state.enabled or unprocessed is None:
         return False
     if lookahead_done(state):
         return True
-    if not last_batch.forward_mode.is_extend():
+    if not unprocessed.forward_mode.is_extend():
         return False
-    return any(finishes_prefill(req, last_batch) and state.config_of(req).enabled for req in last_batch.reqs)
+    return any(finishes_prefill(req, unprocessed) and state.config_of(req).enabled for req in unprocessed.reqs)

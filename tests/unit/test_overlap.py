@@ -6,6 +6,7 @@ The loop below is ``Scheduler.event_loop_overlap``'s order (SGLang 0.5.17): buil
 process the last result if it was not processed yet.
 """
 
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -112,15 +113,19 @@ def test_a_result_is_not_evicted_before_its_last_step_was_processed():
     assert must_process_first(_batch(DECODE, *setup.reqs), setup.state)  # the rest before the next launch
 
 
-def test_the_scheduler_hook_adds_the_rule_to_sglangs_answer(monkeypatch):
+def test_the_scheduler_hook_judges_the_queued_launch_time_batch_not_last_batch(monkeypatch):
     from sgl_evict.patches.scheduler import is_disable_overlap_for_batch_around
 
     monkeypatch.setattr(STATE, "config", _state().config)
-    prefill = _batch(EXTEND, _req("a"))
-    assert is_disable_overlap_for_batch_around(lambda *a, **k: False, None, None, last_batch=prefill)
-    assert is_disable_overlap_for_batch_around(lambda *a, **k: False, None, None, prefill)
-    assert not is_disable_overlap_for_batch_around(lambda *a, **k: False, None, None, last_batch=None)
-    assert is_disable_overlap_for_batch_around(lambda *a, **k: True, None, None, last_batch=None)  # SGLang's own
+    launched = _batch(EXTEND, _req("a"))
+    last_batch = _batch(DECODE, *launched.reqs)  # what get_next_batch_to_run turned the prefill batch into
+    queued = SimpleNamespace(result_queue=deque([(launched, None)]))
+    sglang_says_no, sglang_says_yes = (lambda *a, **k: False), (lambda *a, **k: True)
+    assert is_disable_overlap_for_batch_around(sglang_says_no, queued, None, last_batch=last_batch)
+    assert is_disable_overlap_for_batch_around(sglang_says_no, queued, None, last_batch)
+    nothing_queued = SimpleNamespace(result_queue=deque())
+    assert not is_disable_overlap_for_batch_around(sglang_says_no, nothing_queued, None, last_batch=None)
+    assert is_disable_overlap_for_batch_around(sglang_says_yes, nothing_queued, None, last_batch=None)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
