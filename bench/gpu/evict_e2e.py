@@ -1,6 +1,6 @@
 """End-to-end check of eviction inside a real SGLang server (GPU host, offline install of bench/gpu/).
 
-    PYTHONPATH=/tmp/site python3 -m bench.gpu.evict_e2e [--out DIR]
+    PYTHONPATH=/tmp/site python3 -m bench.gpu.evict_e2e [--out DIR] [--only NAME,...] [--timeout S] [--commit SHA]
 
 (from the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point).
 
@@ -527,12 +527,13 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--timeout", type=float, default=420)
     parser.add_argument("--only", default="", help="comma-separated server names to run (default: all)")
+    parser.add_argument("--commit", default="", help="the sgl-evict commit being run (the host has no .git)")
     args = parser.parse_args()
     out = Path(args.out)
     model = write_tiny_llama(Path("/tmp/tiny-llama-sharp"), initializer_range=0.06)
     servers = launch(model, out, set(filter(None, args.only.split(","))))
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]  # G of a group per layer
-    report = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    report = {"command": " ".join(sys.argv), "commit": args.commit, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "transformers")},
               "servers": {n: s.cmd for n, s in servers.items()}, "checks": {}}
     import torch
