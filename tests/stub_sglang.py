@@ -97,8 +97,7 @@ class StubSGLang:
         if not prompt:
             status, doc = 400, {"error": {"message": "The input_ids is empty.", "code": 400}}
         elif len(prompt) > self.CONTEXT:
-            status, doc = 400, {"error": {"message": f"The input ({len(prompt)} tokens) is longer than the "
-                                                     f"model's context length ({self.CONTEXT} tokens).", "code": 400}}
+            status, doc = 400, self.too_long(prompt)
         else:
             try:
                 request_config(EvictionConfig(policy="snapkv", budget=Budget.parse("0.1")),
@@ -108,6 +107,14 @@ class StubSGLang:
             except ValueError as err:
                 doc = {"output_ids": [], "meta_info": {"finish_reason": {
                     "type": "abort", "message": f"kv_evict: {err}", "status_code": 400}}}
+        self.reply_json(h, status, doc)
+
+    def too_long(self, prompt) -> dict:
+        return {"error": {"message": f"The input ({len(prompt)} tokens) is longer than the model's context length "
+                                     f"({self.CONTEXT} tokens).", "code": 400}}
+
+    @staticmethod
+    def reply_json(h, status, doc):
         data = json.dumps(doc).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
@@ -120,6 +127,9 @@ class StubSGLang:
         n = req["sampling_params"]["max_new_tokens"]
         every = req["sampling_params"].get("stream_interval", 1)
         assert req["stream"] is True and req["sampling_params"]["ignore_eos"] is True
+        if len(prompt) > self.CONTEXT:  # refused before it streams, as SGLang does
+            self.reply_json(h, 400, self.too_long(prompt))
+            return
         t_start = time.monotonic()
         with self.lock:
             if "rid" in req:

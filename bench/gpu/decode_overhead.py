@@ -170,7 +170,7 @@ def serve(name: str, server_args: list[str], env: dict, rounds: list[Round], arg
         if entry["healthy_after_s"] is None:
             entry["error"] = "not healthy"
             return entry
-        entry["warmup_s"] = warm_up(PORT, DEFAULT_VOCAB)
+        entry["warmup_s"] = warm_up(PORT, DEFAULT_VOCAB, warm_up_lengths(args.prompt_len))
         for i, rnd in enumerate(rounds):
             if time.monotonic() > stop_at:
                 entry["stopped_at_deadline_after"] = i
@@ -188,6 +188,11 @@ def serve(name: str, server_args: list[str], env: dict, rounds: list[Round], arg
         server.stop()
         wait_gpu_released(STOP_MARGIN_S)
     return entry
+
+
+def warm_up_lengths(prompt_len: int) -> tuple[int, ...]:
+    """The warm-up prompts: a short one and one as long as the rounds' (the context holds no more)."""
+    return (min(1024, prompt_len), prompt_len)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

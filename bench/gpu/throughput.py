@@ -142,11 +142,12 @@ def check_setup() -> None:
                          "/tmp/site the sgl-evict wheel, then PYTHONPATH=/tmp/site)")
 
 
-def warm_up(port: int, vocab: tuple[int, int]) -> float:
-    """Two requests (1K and 9K prompt tokens: one and two prefill chunks) so that kernel JIT is not timed."""
+def warm_up(port: int, vocab: tuple[int, int], lengths: tuple[int, ...] = (1024, 9000)) -> float:
+    """Requests of ``lengths`` prompt tokens (default 1K and 9K: one and two prefill chunks) so that kernel JIT is
+    not timed; a server with a shorter context takes shorter ones."""
     start = time.monotonic()
     streams = serve_bench.OpenStreams()
-    for i, n in enumerate((1024, 9000)):
+    for i, n in enumerate(lengths):
         prompt = [vocab[0] + (7 * j + i) % (vocab[1] - vocab[0]) for j in range(n)]
         record = serve_bench.RequestRecord(-1, i, 0.0, n, 16)
         serve_bench.stream_generate(port, record, prompt, float("inf"), streams, timeout_s=300)

@@ -103,7 +103,7 @@ def test_one_server_end_to_end_against_the_stub(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "write_model_config", lambda name: tmp_path / "model")
     monkeypatch.setattr(bench, "gpu_query", lambda field: "no GPU")
     monkeypatch.setattr(bench, "wait_gpu_released", lambda margin: None)
-    monkeypatch.setattr(bench, "warm_up", lambda port, vocab: 0.0)
+    stub.CONTEXT = 16 + 12 + 64  # the server's --context-length: the warm-up must fit it too
     rc = bench.main(["--configs", "plain,evict-overlap", "--batches", "1,3", "--rounds", "2", "--prompt-len", "16",
                      "--new-tokens", "12", "--out", str(tmp_path), "--commit", "abc"])
     report = json.loads((tmp_path / "decode_overhead.json").read_text())
