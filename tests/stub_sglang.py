@@ -81,7 +81,7 @@ class StubSGLang:
             best = max(best, k)
         return best
 
-    CONTEXT = 4096
+    CONTEXT = 32768  # a long-context server: the agent workloads fit; tests of the limit set their own
 
     def answer_once(self, h, req):
         """A non-streamed ``/generate`` as SGLang 0.5.17 + sgl-evict answer it: an empty or too long prompt is a
