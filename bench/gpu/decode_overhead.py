@@ -2,7 +2,8 @@
 
     PYTHONPATH=/tmp/site python3 -m bench.gpu.decode_overhead --out $OUT
         [--model llama-3.1-8b] [--batches 1,64] [--prompt-len 2048] [--new-tokens 256] [--rounds 3]
-        [--configs plain,plain-sched,evict,evict-overlap] [--deadline S] --commit SHA
+        [--configs plain,plain-sched,evict,evict-overlap] [--chunked-prefill-size N] [--deadline S] --commit SHA
+    python3 -m bench.gpu.decode_overhead --merge A.json B.json ... --out DIR   (one report from several calls)
 
 (from the repository root; the sgl-evict wheel in /tmp/site gives servers the plugin's entry point). Servers run
 one after another with the same flags (random weights of a public model shape, FlashInfer, decode CUDA graphs):
@@ -76,10 +77,20 @@ class Round:
     index: int
 
 
-def plan_rounds(kinds, batches, rounds: int) -> list[Round]:
-    """A warm-up round per (batch, kind), then ``rounds`` rounds with the kinds alternating, so drift hits all."""
-    return ([Round(k, b, -1) for b in batches for k in kinds]
+def plan_rounds(kinds, batches, rounds: int, split_batch: int | None = None) -> list[Round]:
+    """A warm-up round per (batch, kind), then ``rounds`` rounds with the kinds alternating, so drift hits all.
+
+    ``split_batch``: a first warm-up round per kind whose prompts overflow one prefill chunk, so one request is
+    split across two prefill batches and the kernels of a prefill with a prefix compile before anything is timed
+    (on the H100 that first compile stalled a measured round by 7 s, 2026-12-07)."""
+    split = [Round(k, split_batch, -1) for k in kinds] if split_batch else []
+    return (split + [Round(k, b, -1) for b in batches for k in kinds]
             + [Round(k, b, r) for b in batches for r in range(rounds) for k in kinds])
+
+
+def chunk_split_batch(chunk_tokens: int, prompt_len: int) -> int:
+    """The fewest prompts of ``prompt_len`` tokens sent at once that one prefill chunk cannot hold whole."""
+    return chunk_tokens // prompt_len + 1
 
 
 def step_time(records: list[serve_bench.RequestRecord]) -> dict | None:
@@ -155,9 +166,31 @@ def markdown_table(summary: dict, batches: list[int]) -> str:
                 continue
             over = row["overhead_vs_plain"]
             cells.append(f"{1e3 * row['median_s']:.2f} ({1e3 * row['min_s']:.2f}-{1e3 * row['max_s']:.2f}), "
-                         + ("-" if over is None else f"{100 * over:+.1f}%"))
+                         + ("-" if over is None else f"{100 * over:+.1f}%")
+                         + (f" ({row['rounds']} rounds)" if row["rounds"] < 3 else ""))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from the reports of several calls on one device (a call holds at most 10 minutes, so the configs
+    of one comparison may be split): their servers side by side, the summary recomputed across them, each call's
+    command, date, commit and settings kept. Refuses reports from different devices or repeating a config."""
+    devices = {r.get("device") for r in reports}
+    if len(devices) != 1:
+        raise ValueError(f"reports from different devices {sorted(map(str, devices))}: their timings do not compare")
+    configs: dict = {}
+    for report in reports:
+        for name, entry in report["configs"].items():
+            if name in configs:
+                raise ValueError(f"config {name!r} is in more than one report")
+            configs[name] = dict(entry)
+    calls = [{k: r.get(k) for k in ("command", "date", "commit", "versions", "settings")} | {
+        "configs": list(r["configs"])} for r in reports]
+    for name in configs:
+        configs[name]["call"] = next(i for i, c in enumerate(calls) if name in c["configs"])
+    return {"device": devices.pop(), "driver": reports[0].get("driver"), "model": reports[0].get("model"),
+            "calls": calls, "configs": configs, "summary": summarize(configs)}
 
 
 def serve(name: str, server_args: list[str], env: dict, rounds: list[Round], args, out: Path,
@@ -197,6 +230,8 @@ def warm_up_lengths(prompt_len: int) -> tuple[int, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="merge these decode_overhead.json files (one device) into OUT/decode_overhead.json")
     parser.add_argument("--model", choices=sorted(MODELS), default="llama-3.1-8b")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -206,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attention-backend", default="flashinfer")
     parser.add_argument("--mem-fraction-static", type=float, default=0.8)
+    parser.add_argument("--chunked-prefill-size", type=int, default=8192,
+                        help="the servers' (SGLang's default on an H100); the warm-up overflows one chunk")
     parser.add_argument("--start-timeout", type=float, default=360)
     parser.add_argument("--seed", type=int, default=20261207)
     parser.add_argument("--commit", default="", help="the sgl-evict commit being run (the host has no .git)")
@@ -222,12 +259,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batches takes comma-separated integers")
     if min(batches) < 1 or args.rounds < 1 or args.prompt_len < 1 or args.new_tokens < 8:
         parser.error("--batches, --rounds and --prompt-len must be positive, --new-tokens at least 8")
+    if args.chunked_prefill_size < 1:
+        parser.error("--chunked-prefill-size must be positive")
     args.config_list, args.batch_list = configs, batches
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge_files(args.merge, Path(args.out))
     check_setup()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +277,8 @@ def main(argv=None) -> int:
     common = ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
               "--context-length", str(args.prompt_len + args.new_tokens + 64),
               "--mem-fraction-static", str(args.mem_fraction_static), "--attention-backend", args.attention_backend,
-              "--max-running-requests", str(biggest), "--cuda-graph-max-bs", str(biggest)]
+              "--max-running-requests", str(biggest), "--cuda-graph-max-bs", str(biggest),
+              "--chunked-prefill-size", str(args.chunked_prefill_size)]
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "device": gpu_query("name"), "driver": gpu_query("driver_version"),
         "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "sgl_evict")},
@@ -248,7 +290,8 @@ def main(argv=None) -> int:
         if time.monotonic() > stop_at:
             report["configs"][name] = {"error": "not started: deadline reached", "rounds": []}
         else:
-            rounds = plan_rounds(kinds, args.batch_list, args.rounds)
+            rounds = plan_rounds(kinds, args.batch_list, args.rounds,
+                                 chunk_split_batch(args.chunked_prefill_size, args.prompt_len))
             report["configs"][name] = serve(name, [*common, *extra], env, rounds, args, out, stop_at)
         report["summary"] = summarize(report["configs"])  # after each server: a cut call keeps what finished
         (out / "decode_overhead.json").write_text(json.dumps(report, indent=1))
@@ -257,6 +300,20 @@ def main(argv=None) -> int:
     if failed:
         print(f"[decode_overhead] failed servers: {failed}")
         return 1
+    return 0
+
+
+def merge_files(paths: list[str], out: Path) -> int:
+    try:
+        reports = [json.loads(Path(p).read_text()) for p in paths]
+        merged = merge_reports(reports)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"decode_overhead --merge: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_overhead.json").write_text(json.dumps(merged, indent=1))
+    batches = sorted({int(k.rsplit("/", 1)[1]) for k in merged["summary"]})
+    print(markdown_table(merged["summary"], batches))
     return 0
 
 

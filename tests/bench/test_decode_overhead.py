@@ -57,6 +57,42 @@ def test_rounds_warm_up_first_then_alternate_kinds():
         ("none", 1, 0), ("snapkv", 1, 0), ("none", 1, 1), ("snapkv", 1, 1)]
 
 
+def test_a_chunk_splitting_warm_up_comes_first_per_kind():
+    assert bench.chunk_split_batch(8192, 2048) == 5 and bench.chunk_split_batch(8192, 3000) == 3
+    rounds = bench.plan_rounds(("none", "snapkv"), [1, 64], 2, split_batch=5)
+    assert [(r.kind, r.batch, r.index) for r in rounds[:2]] == [("none", 5, -1), ("snapkv", 5, -1)]
+    assert rounds[2:] == bench.plan_rounds(("none", "snapkv"), [1, 64], 2)
+
+
+def _report(device, configs):
+    return {"device": device, "command": "c", "date": "d", "commit": "abc", "settings": {}, "configs": {
+        name: {"rounds": [{"kind": kind, "batch": 1, "index": i, "measured": {"step_s": s}}
+                          for i, s in enumerate(steps)]} for name, (kind, steps) in configs.items()}}
+
+
+def test_reports_of_two_calls_merge_into_one_comparison():
+    first = _report("H100", {"plain": ("plain", [0.010, 0.010, 0.010])})
+    second = _report("H100", {"evict": ("none", [0.012, 0.012, 0.013])})
+    merged = bench.merge_reports([first, second])
+    assert merged["summary"]["evict/none/1"]["overhead_vs_plain"] == pytest.approx(0.2)
+    assert merged["configs"]["evict"]["call"] == 1 and [c["configs"] for c in merged["calls"]] == [["plain"],
+                                                                                                    ["evict"]]
+    with pytest.raises(ValueError, match="different devices"):
+        bench.merge_reports([first, _report("H200", {"evict": ("none", [0.012])})])
+    with pytest.raises(ValueError, match="'plain' is in more than one report"):
+        bench.merge_reports([first, first])
+
+
+def test_merge_cli_names_the_problem_instead_of_a_traceback(tmp_path, capsys):
+    (tmp_path / "a.json").write_text(json.dumps(_report("H100", {"plain": ("plain", [0.01])})))
+    (tmp_path / "b.json").write_text(json.dumps(_report("H200", {"evict": ("none", [0.01])})))
+    assert bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path)]) == 2
+    assert "different devices" in capsys.readouterr().err
+    assert bench.main(["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    assert bench.main(["--merge", str(tmp_path / "a.json"), "--out", str(tmp_path / "m")]) == 0
+    assert "1 rounds" in capsys.readouterr().out  # fewer than 3 rounds is said in the table
+
+
 def test_the_summary_reports_spread_and_overhead_against_both_plain_servers():
     def rounds(kind, batch, steps):
         return [{"kind": kind, "batch": batch, "index": -1, "measured": {"step_s": 9.0}}] + [
@@ -105,11 +141,14 @@ def test_one_server_end_to_end_against_the_stub(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "wait_gpu_released", lambda margin: None)
     stub.CONTEXT = 16 + 12 + 64  # the server's --context-length: the warm-up must fit it too
     rc = bench.main(["--configs", "plain,evict-overlap", "--batches", "1,3", "--rounds", "2", "--prompt-len", "16",
-                     "--new-tokens", "12", "--out", str(tmp_path), "--commit", "abc"])
+                     "--new-tokens", "12", "--chunked-prefill-size", "40", "--out", str(tmp_path), "--commit", "abc"])
     report = json.loads((tmp_path / "decode_overhead.json").read_text())
     assert rc == 0 and report["commit"] == "abc"
     assert [s[0] for s in started] == ["plain", "evict-overlap"]
     assert started[1][2] == {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"} and "--kv-evict-policy" in started[1][1]
     assert set(report["summary"]) == {"plain/plain/1", "plain/plain/3", "evict-overlap/none/1",
                                       "evict-overlap/none/3", "evict-overlap/snapkv/1", "evict-overlap/snapkv/3"}
-    assert len(report["configs"]["evict-overlap"]["rounds"]) == 2 * 2 + 2 * 2 * 2  # warm-ups, then 2 rounds each
+    assert "--chunked-prefill-size" in started[0][1]
+    rounds = report["configs"]["evict-overlap"]["rounds"]
+    assert len(rounds) == 2 + 2 * 2 + 2 * 2 * 2  # chunk-splitting warm-ups, warm-ups, then 2 rounds each
+    assert [r["batch"] for r in rounds[:2]] == [3, 3]  # 3 prompts of 16 overflow a 40-token chunk
