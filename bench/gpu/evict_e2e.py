@@ -27,7 +27,7 @@ servers started before it too), so the six fit on one GPU:
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (its keep-sets and answers against ``snapkv-fi``'s), opted in with ``SGL_EVICT_UNVERIFIED_BACKEND=1``; run only when named in ``--only`` |
 | ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores), opted in with ``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``; run only when named in ``--only`` |
-| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` | SGLang's overlap scheduler kept on (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``, issue 22 item 2): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run without it); run only when named in ``--only`` |
+| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``snapkv-chunked-overlap`` | SGLang's overlap scheduler kept on (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``, issue 22 item 2): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10%, snapkv in 256-token prefill chunks (keep-sets and answers equal to ``snapkv-fi``'s, ``laq``'s and ``snapkv-chunked``'s, which run without it); run only when named in ``--only`` |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -91,7 +91,7 @@ SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunk
                  "snapkv-eager": "one-read", "snapkv-page16": "one-read", "snapkv-page64": "one-read",
                  "dapq": "two-pass", "laq": "one-read",
                  "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass",
-                 "snapkv-fp8": "two-pass"}
+                 "snapkv-fp8": "two-pass", "snapkv-chunked-overlap": "one-read"}
 #: fa3 is refused with eviction unless opted in (it is what these servers verify)
 UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
@@ -209,7 +209,8 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-tr": (["--attention-backend", "triton", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                        str(BUDGET), *evict], {}),
         "snapkv-chunked": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                            str(BUDGET), "--chunked-prefill-size", "256", *evict], CHECK_LSE),
+                            str(BUDGET), "--chunked-prefill-size", "256", *evict],
+                           {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "snapkv-eager": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                           str(BUDGET), "--disable-decode-cuda-graph", *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "streaming": (["--attention-backend", "flashinfer", "--kv-evict-policy", "streaming", "--kv-evict-budget",
@@ -258,7 +259,7 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "plain-fp8": ([*fi, *FP8], {"SGLANG_PLUGINS": "not-sgl-evict"}),
         "full-fp8": ([*fi, *FP8, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0", *evict], UNVERIFIED_FP8),
         "snapkv-fp8": ([*fi, *FP8, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
-                       {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE, **UNVERIFIED_FP8}),
+                       {"SGL_EVICT_LOG_KEEP": "1", **UNVERIFIED_FP8}),
     })
     # SGLang's overlap scheduler kept on (issue 22 item 2): against plain (which runs it), snapkv-fi and laq
     specs.update({
@@ -268,6 +269,9 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "laq-overlap": ([*fi, "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
                          "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict],
                         {"SGL_EVICT_LOG_KEEP": "1", **OVERLAP}),
+        # chunked prefill: a prompt's last chunk, not its first, finishes it while earlier chunks' results queue
+        "snapkv-chunked-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET),
+                                    "--chunked-prefill-size", "256", *evict], {"SGL_EVICT_LOG_KEEP": "1", **OVERLAP}),
     })
     named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap")
     specs = {name: spec for name, spec in specs.items()
@@ -387,7 +391,8 @@ def check_overlap(up: dict, ps: list[list[int]], answers: dict, ids: dict, check
     """The ``-overlap`` servers ran SGLang's overlap scheduler (their server args say so) and answer as the same
     setting without it: budget 1.0 token for token as ``plain``; snapkv and laq keep what ``snapkv-fi`` and ``laq``
     keep and answer token for token where they do."""
-    for name, reference in (("full-overlap", "plain"), ("snapkv-overlap", "snapkv-fi"), ("laq-overlap", "laq")):
+    for name, reference in (("full-overlap", "plain"), ("snapkv-overlap", "snapkv-fi"), ("laq-overlap", "laq"),
+                            ("snapkv-chunked-overlap", "snapkv-chunked")):
         if name not in up:
             continue
         text = up[name].log_path.read_text(errors="replace")

@@ -130,10 +130,11 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     # the servers launched by default (no --only) among those checked
     checked = {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"}
     assert checked == set(e2e.LSE_CHECKED) & set(envs)
-    assert set(e2e.SCORING_MODES) - {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8"} <= set(envs)
+    named_only = {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8", "snapkv-chunked-overlap"}
+    assert set(e2e.SCORING_MODES) - named_only <= set(envs)
     envs.clear()
-    e2e.launch(tmp_path, tmp_path, {"snapkv-page64", "snapkv-fp8"})  # named: launched, with the check
-    assert envs == {"snapkv-page64": {"SGL_EVICT_CHECK_LSE": "1"}, "snapkv-fp8": {"SGL_EVICT_CHECK_LSE": "1"}}
+    e2e.launch(tmp_path, tmp_path, {"snapkv-page64", "snapkv-fp8"})  # named: launched; FP8 is two-pass, unchecked
+    assert envs == {"snapkv-page64": {"SGL_EVICT_CHECK_LSE": "1"}, "snapkv-fp8": {"SGL_EVICT_CHECK_LSE": None}}
 
 
 def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
@@ -264,7 +265,7 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
         return args
     monkeypatch.setattr(e2e, "Server", server)
     monkeypatch.setattr(e2e, "STAGGER_S", 0)
-    names = {"full-overlap", "snapkv-overlap", "laq-overlap"}
+    names = {"full-overlap", "snapkv-overlap", "laq-overlap", "snapkv-chunked-overlap"}
     assert not names & set(e2e.launch(tmp_path, tmp_path, set()))
     assert set(e2e.launch(tmp_path, tmp_path, names)) == names
     assert all(seen[n]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and seen[n]["SGL_EVICT_CHECK_KEPT"] == "1"
