@@ -27,7 +27,7 @@ servers started before it too), so the six fit on one GPU:
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (its keep-sets and answers against ``snapkv-fi``'s), opted in with ``SGL_EVICT_UNVERIFIED_BACKEND=1``; run only when named in ``--only`` |
 | ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores), opted in with ``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``; run only when named in ``--only`` |
-| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``snapkv-chunked-overlap`` | SGLang's overlap scheduler kept on (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``, issue 22 item 2): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10%, snapkv in 256-token prefill chunks (keep-sets and answers equal to ``snapkv-fi``'s, ``laq``'s and ``snapkv-chunked``'s, which run without it); run only when named in ``--only`` |
+| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``NAME-overlap`` | SGLang's overlap scheduler kept on (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``, issue 22 item 2): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run without it), and every ``OVERLAP_TWINS`` server ``NAME`` (chunked prefill, Triton, page 16, dapq, laprox, streaming) again with it, checked against ``NAME``; run only when named in ``--only`` (with ``NAME`` for the comparison) |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -91,7 +91,7 @@ SCORING_MODES = {"snapkv-fi": "one-read", "snapkv-tr": "two-pass", "snapkv-chunk
                  "snapkv-eager": "one-read", "snapkv-page16": "one-read", "snapkv-page64": "one-read",
                  "dapq": "two-pass", "laq": "one-read",
                  "laprox": "one-read", "snapkv-tp2": "one-read", "laq-tp2": "one-read", "snapkv-fa3": "two-pass",
-                 "snapkv-fp8": "two-pass", "snapkv-chunked-overlap": "one-read"}
+                 "snapkv-fp8": "two-pass"}
 #: fa3 is refused with eviction unless opted in (it is what these servers verify)
 UNVERIFIED = {"SGL_EVICT_UNVERIFIED_BACKEND": "1"}
 #: servers run with SGL_EVICT_CHECK_LSE=1: every one-read layer is scored in two passes too and compared
@@ -104,6 +104,11 @@ HOST_LENGTHS = "took their kept lengths from the host's hole counts"
 #: an FP8 KV cache with eviction is refused unless opted in (what the -fp8 servers verify)
 FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
 UNVERIFIED_FP8 = {"SGL_EVICT_UNVERIFIED_KV_DTYPE": "1"}
+#: servers run again as ``NAME-overlap`` with the overlap scheduler and checked against ``NAME`` (chunked prefill: a
+#: prompt's last chunk finishes it while earlier chunks' results queue; Triton; pages; policies scored otherwise)
+OVERLAP_TWINS = ("snapkv-chunked", "snapkv-tr", "snapkv-page16", "dapq", "laprox", "streaming")
+SCORING_MODES.update({f"{name}-overlap": SCORING_MODES[name] for name in OVERLAP_TWINS if name in SCORING_MODES})
+LSE_CHECKED += tuple(f"{name}-overlap" for name in OVERLAP_TWINS if name in LSE_CHECKED)
 #: SGLang's overlap scheduler stays on with eviction only when opted in (what the -overlap servers verify)
 OVERLAP = {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"}
 
@@ -207,21 +212,21 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-fi": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                        str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "snapkv-tr": (["--attention-backend", "triton", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
-                       str(BUDGET), *evict], {}),
+                       str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "snapkv-chunked": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                             str(BUDGET), "--chunked-prefill-size", "256", *evict],
                            {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "snapkv-eager": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                           str(BUDGET), "--disable-decode-cuda-graph", *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "streaming": (["--attention-backend", "flashinfer", "--kv-evict-policy", "streaming", "--kv-evict-budget",
-                       str(BUDGET), *evict], {}),
+                       str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "dapq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "dapq", "--kv-evict-budget",
-                  str(BUDGET), *evict], {}),
+                  str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "snapkv-page64": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                            str(BUDGET), "--page-size", "64", *evict], {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "snapkv-page16": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                            str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1",
-                                                                            **CHECK_LSE}),
+                                                                            "SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "random": (["--attention-backend", "flashinfer", "--kv-evict-policy", "random", "--kv-evict-budget",
                     str(BUDGET), *evict], {}),
         "laq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
@@ -269,10 +274,9 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "laq-overlap": ([*fi, "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
                          "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict],
                         {"SGL_EVICT_LOG_KEEP": "1", **OVERLAP}),
-        # chunked prefill: a prompt's last chunk, not its first, finishes it while earlier chunks' results queue
-        "snapkv-chunked-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET),
-                                    "--chunked-prefill-size", "256", *evict], {"SGL_EVICT_LOG_KEEP": "1", **OVERLAP}),
     })
+    # every OVERLAP_TWINS server again with the overlap scheduler, checked against it (same args, same keep-sets)
+    specs.update({f"{name}-overlap": (specs[name][0], {**specs[name][1], **OVERLAP}) for name in OVERLAP_TWINS})
     named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
@@ -309,7 +313,7 @@ def expected_kept(n: int, budget: float, page: int) -> int:
 
 def page_size_of(name: str) -> int:
     """The ``--page-size`` of a server of this script, from its name (``snapkv-page16``: 16; no ``page``: 1)."""
-    found = re.search(r"-page(\d+)$", name)
+    found = re.search(r"-page(\d+)(-overlap)?$", name)
     return int(found.group(1)) if found else 1
 
 
@@ -391,8 +395,9 @@ def check_overlap(up: dict, ps: list[list[int]], answers: dict, ids: dict, check
     """The ``-overlap`` servers ran SGLang's overlap scheduler (their server args say so) and answer as the same
     setting without it: budget 1.0 token for token as ``plain``; snapkv and laq keep what ``snapkv-fi`` and ``laq``
     keep and answer token for token where they do."""
-    for name, reference in (("full-overlap", "plain"), ("snapkv-overlap", "snapkv-fi"), ("laq-overlap", "laq"),
-                            ("snapkv-chunked-overlap", "snapkv-chunked")):
+    pairs = (("full-overlap", "plain"), ("snapkv-overlap", "snapkv-fi"), ("laq-overlap", "laq"),
+             *((f"{name}-overlap", name) for name in OVERLAP_TWINS))
+    for name, reference in pairs:
         if name not in up:
             continue
         text = up[name].log_path.read_text(errors="replace")

@@ -130,7 +130,8 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     # the servers launched by default (no --only) among those checked
     checked = {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"}
     assert checked == set(e2e.LSE_CHECKED) & set(envs)
-    named_only = {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8", "snapkv-chunked-overlap"}
+    named_only = {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8"} | {
+        f"{name}-overlap" for name in e2e.OVERLAP_TWINS}
     assert set(e2e.SCORING_MODES) - named_only <= set(envs)
     envs.clear()
     e2e.launch(tmp_path, tmp_path, {"snapkv-page64", "snapkv-fp8"})  # named: launched; FP8 is two-pass, unchecked
@@ -252,6 +253,7 @@ def test_expected_kept_is_what_the_selector_keeps_with_pages_of_1_16_and_64():
                                  torch.arange(1, n + 1, dtype=torch.int32), page)
                 assert int(kept.sum()) == e2e.expected_kept(n, budget, page), (page, n, budget)
     assert e2e.page_size_of("snapkv-page64") == 64 and e2e.page_size_of("snapkv-fi") == 1
+    assert e2e.page_size_of("snapkv-page16-overlap") == 16
 
 
 def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_against_their_twins(
@@ -265,12 +267,20 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
         return args
     monkeypatch.setattr(e2e, "Server", server)
     monkeypatch.setattr(e2e, "STAGGER_S", 0)
-    names = {"full-overlap", "snapkv-overlap", "laq-overlap", "snapkv-chunked-overlap"}
+    twins = {f"{name}-overlap" for name in e2e.OVERLAP_TWINS}
+    names = {"full-overlap", "snapkv-overlap", "laq-overlap"} | twins
     assert not names & set(e2e.launch(tmp_path, tmp_path, set()))
-    assert set(e2e.launch(tmp_path, tmp_path, names)) == names
+    launched = e2e.launch(tmp_path, tmp_path, names | set(e2e.OVERLAP_TWINS))
+    assert set(launched) == names | set(e2e.OVERLAP_TWINS)
     assert all(seen[n]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and seen[n]["SGL_EVICT_CHECK_KEPT"] == "1"
                for n in names)
     assert "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in os.environ
+    for twin in twins:  # a twin is its reference's launch plus the opt-in, and both log their keep-sets
+        reference = twin.removesuffix("-overlap")
+        assert launched[twin] == launched[reference] and seen[reference].get("SGL_EVICT_LOG_KEEP") == "1"
+        assert {k: v for k, v in seen[twin].items() if k != "SGL_EVICT_EXPERIMENTAL_OVERLAP"} == seen[reference]
+        assert e2e.SCORING_MODES.get(twin) == e2e.SCORING_MODES.get(reference)
+        assert (twin in e2e.LSE_CHECKED) == (reference in e2e.LSE_CHECKED)
 
     def up(name, on):
         path = tmp_path / f"{name}.log"
@@ -283,6 +293,11 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
                           checks)
         assert checks == {"full-overlap: SGLang's overlap scheduler on": {"ok": on},
                           "full-overlap == plain SGLang, token for token": {"ok": True}}
+    compared = []
+    monkeypatch.setattr(e2e, "check_server", lambda name, *a: None)
+    monkeypatch.setattr(e2e, "check_same_keep_sets", lambda name, server, ref, *a: compared.append((name, ref.name)))
+    e2e.check_overlap({"dapq": up("dapq", False), "dapq-overlap": up("dapq-overlap", True)}, [[7]], {}, {}, {})
+    assert compared == [("dapq-overlap", "dapq")]
 
 
 def test_the_host_lengths_check_reads_the_line_the_plugin_logs(monkeypatch):
