@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.figures import pyplot, save
+
 #: bar order: plain first, then the evicting servers without and with the overlap scheduler
 ORDER = ("plain/plain", "plain-sched/plain", "evict/none", "evict/snapkv", "evict-overlap/none",
          "evict-overlap/snapkv")
@@ -24,10 +26,7 @@ def bars(summary: dict) -> tuple[list[str], list[int]]:
 
 
 def plot(summary: dict, png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names, batches = bars(summary)
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
@@ -47,10 +46,7 @@ def plot(summary: dict, png: Path, title: str) -> None:
         ax.set_ylabel("ms per decode step")
         ax.set_title(f"batch {batch}")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    save(fig, png, title, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

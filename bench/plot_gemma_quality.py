@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.figures import pyplot, save
+
 FULL = "full@full"
 
 
@@ -44,10 +46,7 @@ def markdown_table(doc: dict) -> str:
 def plot(doc: dict, png: Path) -> None:
     """Accuracy vs budget, one panel per policy: the server (solid) and the harness (dashed), the full cache
     as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     by_policy = rows(doc["summary"])
     full = doc["summary"][FULL]
@@ -66,12 +65,8 @@ def plot(doc: dict, png: Path) -> None:
         ax.set_xlabel("budget (fraction kept)")
     axes[0][0].set_ylabel("task accuracy (thin lines: full cache)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Gemma 3 270M through SGLang vs the HF harness ({doc.get('device', '?')}, "
-                 f"{doc.get('compared_runs', len(doc.get('answers', {})))} runs)", fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png, f"Gemma 3 270M through SGLang vs the HF harness ({doc.get('device', '?')}, "
+                   f"{doc.get('compared_runs', len(doc.get('answers', {})))} runs)", dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

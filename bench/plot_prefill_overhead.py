@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.figures import pyplot, save
+
 PLAIN = "plain"
 
 
@@ -73,10 +75,7 @@ def markdown_table(summary: dict, policies, lengths, new_tokens: int) -> str:
 
 def plot(rows: dict[str, dict], png: Path, title: str) -> None:
     """One panel per new-token count: overhead (%) over ``none`` against prompt length, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     policies, lengths, new_tokens = axes_of(rows)
     fig, axes = plt.subplots(1, len(new_tokens), figsize=(5.5 * len(new_tokens), 4), squeeze=False, sharey=True)
@@ -97,10 +96,7 @@ def plot(rows: dict[str, dict], png: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("latency over policy none (%)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    save(fig, png, title, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.figures import pyplot, save
 from bench.throughput_readings import readings_table
 
 COLORS = {"plain": "tab:gray", "evict": "tab:blue"}
@@ -58,10 +59,7 @@ def plot_title(doc: dict) -> str:
 
 def plot(doc: dict, path: str | Path) -> None:
     """PNG, 2x2: requests/s and output tok/s; TTFT and TPOT percentiles; running requests and KV tokens vs time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     configs = {n: c for n, c in doc["configs"].items() if c.get("summary")}
     names = list(configs)
@@ -115,11 +113,7 @@ def plot(doc: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
-    fig.suptitle(plot_title(doc), fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, plot_title(doc), dpi=110)
 
 
 # settings that may differ between the runs of one comparison: which config ran, where its files went, and how long
