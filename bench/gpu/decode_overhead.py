@@ -180,15 +180,13 @@ def merge_reports(reports: list[dict]) -> dict:
     if len(devices) != 1:
         raise ValueError(f"reports from different devices {sorted(map(str, devices))}: their timings do not compare")
     configs: dict = {}
-    for report in reports:
+    for call, report in enumerate(reports):
         for name, entry in report["configs"].items():
             if name in configs:
                 raise ValueError(f"config {name!r} is in more than one report")
-            configs[name] = dict(entry)
+            configs[name] = {**entry, "call": call}
     calls = [{k: r.get(k) for k in ("command", "date", "commit", "versions", "settings")} | {
         "configs": list(r["configs"])} for r in reports]
-    for name in configs:
-        configs[name]["call"] = next(i for i, c in enumerate(calls) if name in c["configs"])
     return {"device": devices.pop(), "driver": reports[0].get("driver"), "model": reports[0].get("model"),
             "calls": calls, "configs": configs, "summary": summarize(configs)}
 

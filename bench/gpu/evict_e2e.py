@@ -543,7 +543,8 @@ def main() -> int:
     model = write_tiny_llama(Path("/tmp/tiny-llama-sharp"), initializer_range=0.06)
     servers = launch(model, out, set(filter(None, args.only.split(","))))
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]  # G of a group per layer
-    report = {"command": " ".join(sys.argv), "commit": args.commit, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    report = {"command": " ".join(sys.argv), "commit": args.commit,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "versions": {m: _version(m) for m in ("sglang", "torch", "flashinfer", "triton", "transformers")},
               "servers": {n: s.cmd for n, s in servers.items()}, "checks": {}}
     import torch

@@ -63,9 +63,7 @@ class _Batch:
         self.spec_algorithm = SimpleNamespace(is_none=lambda: True)
 
     def copy(self):
-        copied = _Batch(self.reqs[:], self.forward_mode.extend)
-        copied.forward_mode = self.forward_mode
-        return copied
+        return _Batch(self.reqs[:], self.forward_mode.extend)
 
     def __bool__(self):
         return bool(self.reqs)
