@@ -183,6 +183,34 @@ def _check_kv_cache_dtype(config: EvictionConfig, dtype: str) -> None:
                          "SGL_EVICT_UNVERIFIED_KV_DTYPE=1 to try it")
 
 
+def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str | None:
+    """What in this launch the overlap scheduler was not verified with eviction on (an H100 run of
+    ``bench/gpu/evict_e2e.py``: the same keep-sets and answers as without it), or None: the scheduler then stays
+    on (a user's ``--disable-overlap-schedule`` still turns it off); otherwise eviction turns it off, unless
+    ``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``."""
+    if config.granularity == "per_layer":
+        return "--kv-evict-granularity per_layer"
+    if config.policy in OVERLAP_UNVERIFIED_POLICIES:
+        return f"--kv-evict-policy {config.policy}"
+    if (getattr(args, "tp_size", None) or 1) > 1:
+        return f"--tp-size {args.tp_size}"
+    if (getattr(args, "kv_cache_dtype", None) or "auto") not in _KV_DTYPES_16_BIT:
+        return f"--kv-cache-dtype {args.kv_cache_dtype}"
+    if (getattr(args, "page_size", None) or 1) not in OVERLAP_VERIFIED_PAGE_SIZES:
+        return f"--page-size {args.page_size}"
+    for flag in _BACKEND_FLAGS:
+        backend = getattr(args, flag, None)
+        if backend and backend not in VERIFIED_BACKENDS:
+            return f"--{flag.replace('_', '-')} {backend}"
+    return None
+
+
+#: policies eviction has not run with the overlap scheduler on a GPU (every other one has: evict_e2e *-overlap)
+OVERLAP_UNVERIFIED_POLICIES = ("judgeq", "tova", "random")
+#: page sizes eviction ran with the overlap scheduler on a GPU
+OVERLAP_VERIFIED_PAGE_SIZES = (1, 16)
+
+
 #: attention backends eviction was verified on, end to end on an H100 (bench/results/evict_e2e_*, quality runs)
 VERIFIED_BACKENDS = ("flashinfer", "triton")
 _BACKEND_FLAGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
@@ -324,16 +352,17 @@ def from_cli_args_around(original, cls, args: argparse.Namespace):
         logging.getLogger("sgl_evict").info("kv eviction with --page-size %d: whole pages are evicted", args.page_size)
     if config.enabled:
         # Eviction runs while a prefill's result is processed, and the overlap scheduler launches the next forward
-        # before that processing: with SGL_EVICT_EXPERIMENTAL_OVERLAP=1 it stays on, and the results that evict
-        # are processed first (sgl_evict.engine.overlap; not yet checked on a GPU). A prefill CUDA graph would skip
+        # before that processing: it stays on where a GPU run verified it, and the results that evict are
+        # processed first (sgl_evict.engine.overlap); elsewhere it is turned off. A prefill CUDA graph would skip
         # the Python hook that captures the window queries. SGLang's hybrid SWA pool (SWAKVPool, chosen for models
         # such as gpt-oss and Llama 4; SGLang turns it off for Gemma 2/3 itself) gives sliding-window layers slots
         # of their own, which the holes and compacted rows do not cover: eviction runs on the one pool all layers
         # share. These are turned off before SGLang resolves its arguments.
         off = ["prefill CUDA graphs", "the hybrid SWA memory pool"]
-        if env_setting("SGL_EVICT_EXPERIMENTAL_OVERLAP") != "1":
+        unverified = overlap_unverified(config, args)
+        if unverified and env_setting("SGL_EVICT_EXPERIMENTAL_OVERLAP") != "1":
             args.disable_overlap_schedule = True
-            off.insert(0, "overlap scheduling")
+            off.insert(0, f"overlap scheduling (not verified with {unverified})")
         args.cuda_graph_backend_prefill = "disabled"
         args.disable_hybrid_swa_memory = True
         # the radix tree that counts live slots, not tokens (sgl_evict.engine.hole_radix_cache), from SGLang's

@@ -11,9 +11,9 @@ one after another with the same flags (random weights of a public model shape, F
 | config | server |
 | --- | --- |
 | ``plain`` | SGLang without the plugin: its overlap scheduler and prefill CUDA graphs on (its defaults) |
-| ``plain-sched`` | plain with the scheduler settings eviction imposes by default (overlap and prefill graphs off) |
-| ``evict`` | ``--kv-evict-policy snapkv --kv-evict-budget 0.1`` (overlap off, the plugin's default) |
-| ``evict-overlap`` | the same with ``SGL_EVICT_EXPERIMENTAL_OVERLAP=1`` (SGLang's overlap scheduler kept) |
+| ``plain-sched`` | plain with overlap and prefill CUDA graphs off (the scheduler of ``evict``) |
+| ``evict`` | ``--kv-evict-policy snapkv --kv-evict-budget 0.1 --disable-overlap-schedule`` |
+| ``evict-overlap`` | the same with SGLang's overlap scheduler on (the plugin's default since 2026-12-07) |
 
 The evicting servers answer two kinds of requests, alternating: ``none`` (``custom_params`` turn eviction off: the
 plugin's cost alone, what the issue's 5% is about) and ``snapkv`` (evicted to 10%: less KV to read, so faster
@@ -62,9 +62,9 @@ PLAIN_ENV = {"SGLANG_PLUGINS": "not-sgl-evict"}
 CONFIGS = {
     "plain": ([], PLAIN_ENV, ("plain",)),
     "plain-sched": (["--disable-overlap-schedule", "--disable-prefill-cuda-graph"], PLAIN_ENV, ("plain",)),
-    "evict": (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1"], {}, ("none", "snapkv")),
-    "evict-overlap": (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1"],
-                      {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"}, ("none", "snapkv")),
+    "evict": (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--disable-overlap-schedule"], {},
+              ("none", "snapkv")),
+    "evict-overlap": (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1"], {}, ("none", "snapkv")),
 }
 
 

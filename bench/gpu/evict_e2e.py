@@ -27,7 +27,7 @@ servers started before it too), so the six fit on one GPU:
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (its keep-sets and answers against ``snapkv-fi``'s), opted in with ``SGL_EVICT_UNVERIFIED_BACKEND=1``; run only when named in ``--only`` |
 | ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores), opted in with ``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``; run only when named in ``--only`` |
-| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``NAME-overlap`` | SGLang's overlap scheduler kept on (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``, issue 22 item 2): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run without it), and every ``OVERLAP_TWINS`` server ``NAME`` (chunked prefill, Triton, page 16, dapq, laprox, streaming) again with it, checked against ``NAME``; run only when named in ``--only`` (with ``NAME`` for the comparison) |
+| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``NAME-overlap`` | SGLang's overlap scheduler on, as eviction leaves it where it is verified (issue 22 item 2; the log must say so): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run with ``--disable-overlap-schedule``), and every ``OVERLAP_TWINS`` server ``NAME`` (chunked prefill, Triton, page 16, dapq, laprox, streaming) again with it, checked against ``NAME`` (which then runs with ``--disable-overlap-schedule``); run only when named in ``--only`` (with ``NAME`` for the comparison) |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -109,8 +109,8 @@ UNVERIFIED_FP8 = {"SGL_EVICT_UNVERIFIED_KV_DTYPE": "1"}
 OVERLAP_TWINS = ("snapkv-chunked", "snapkv-tr", "snapkv-page16", "dapq", "laprox", "streaming")
 SCORING_MODES.update({f"{name}-overlap": SCORING_MODES[name] for name in OVERLAP_TWINS if name in SCORING_MODES})
 LSE_CHECKED += tuple(f"{name}-overlap" for name in OVERLAP_TWINS if name in LSE_CHECKED)
-#: SGLang's overlap scheduler stays on with eviction only when opted in (what the -overlap servers verify)
-OVERLAP = {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"}
+#: the servers the -overlap ones are checked against, run with --disable-overlap-schedule
+OVERLAP_REFERENCES = ("snapkv-fi", "laq", *OVERLAP_TWINS)
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -266,17 +266,20 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-fp8": ([*fi, *FP8, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
                        {"SGL_EVICT_LOG_KEEP": "1", **UNVERIFIED_FP8}),
     })
-    # SGLang's overlap scheduler kept on (issue 22 item 2): against plain (which runs it), snapkv-fi and laq
+    # SGLang's overlap scheduler on, the default (issue 22 item 2): against plain, snapkv-fi and laq
     specs.update({
-        "full-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0", *evict], OVERLAP),
+        "full-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", "1.0", *evict], {}),
         "snapkv-overlap": ([*fi, "--kv-evict-policy", "snapkv", "--kv-evict-budget", str(BUDGET), *evict],
-                           {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE, **OVERLAP}),
+                           {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
         "laq-overlap": ([*fi, "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
                          "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict],
-                        {"SGL_EVICT_LOG_KEEP": "1", **OVERLAP}),
+                        {"SGL_EVICT_LOG_KEEP": "1"}),
     })
-    # every OVERLAP_TWINS server again with the overlap scheduler, checked against it (same args, same keep-sets)
-    specs.update({f"{name}-overlap": (specs[name][0], {**specs[name][1], **OVERLAP}) for name in OVERLAP_TWINS})
+    # every OVERLAP_TWINS server again with the overlap scheduler, checked against it (same args, same keep-sets);
+    # the references turn it off themselves: eviction leaves it on where it is verified
+    specs.update({f"{name}-overlap": specs[name] for name in OVERLAP_TWINS})
+    for name in OVERLAP_REFERENCES:
+        specs[name] = ([*specs[name][0], "--disable-overlap-schedule"], specs[name][1])
     named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
@@ -402,6 +405,9 @@ def check_overlap(up: dict, ps: list[list[int]], answers: dict, ids: dict, check
             continue
         text = up[name].log_path.read_text(errors="replace")
         checks[f"{name}: SGLang's overlap scheduler on"] = {"ok": "disable_overlap_schedule=False" in text}
+        if reference in up and reference != "plain":
+            text = up[reference].log_path.read_text(errors="replace")
+            checks[f"{reference}: SGLang's overlap scheduler off"] = {"ok": "disable_overlap_schedule=True" in text}
         if name != "full-overlap":
             check_server(name, up[name], ps, answers, checks)
         if reference not in up:

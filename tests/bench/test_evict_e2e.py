@@ -256,10 +256,11 @@ def test_expected_kept_is_what_the_selector_keeps_with_pages_of_1_16_and_64():
     assert e2e.page_size_of("snapkv-page16-overlap") == 16
 
 
-def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_against_their_twins(
+def test_overlap_servers_start_only_when_named_and_are_checked_against_twins_that_turn_it_off(
         monkeypatch, tmp_path):
-    """Issue 22 item 2: the -overlap servers keep SGLang's overlap scheduler (opt-in set for their launch only) and
-    are checked against the same setting without it; a log without the scheduler on fails the check."""
+    """Issue 22 item 2: the -overlap servers run SGLang's overlap scheduler as eviction leaves it by default (no
+    opt-in) and are checked against the same setting with ``--disable-overlap-schedule``; a log without the
+    scheduler on (or a reference with it on) fails the check."""
     seen = {}
 
     def server(name, port, args, out):
@@ -272,13 +273,13 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
     assert not names & set(e2e.launch(tmp_path, tmp_path, set()))
     launched = e2e.launch(tmp_path, tmp_path, names | set(e2e.OVERLAP_TWINS))
     assert set(launched) == names | set(e2e.OVERLAP_TWINS)
-    assert all(seen[n]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and seen[n]["SGL_EVICT_CHECK_KEPT"] == "1"
+    assert all("SGL_EVICT_EXPERIMENTAL_OVERLAP" not in seen[n] and seen[n]["SGL_EVICT_CHECK_KEPT"] == "1"
                for n in names)
-    assert "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in os.environ
-    for twin in twins:  # a twin is its reference's launch plus the opt-in, and both log their keep-sets
+    assert all("--disable-overlap-schedule" not in launched[n] for n in names)
+    for twin in twins:  # a twin is its reference's launch without the flag, and both log their keep-sets
         reference = twin.removesuffix("-overlap")
-        assert launched[twin] == launched[reference] and seen[reference].get("SGL_EVICT_LOG_KEEP") == "1"
-        assert {k: v for k, v in seen[twin].items() if k != "SGL_EVICT_EXPERIMENTAL_OVERLAP"} == seen[reference]
+        assert launched[reference] == [*launched[twin], "--disable-overlap-schedule"]
+        assert seen[reference].get("SGL_EVICT_LOG_KEEP") == "1" and seen[twin] == seen[reference]
         assert e2e.SCORING_MODES.get(twin) == e2e.SCORING_MODES.get(reference)
         assert (twin in e2e.LSE_CHECKED) == (reference in e2e.LSE_CHECKED)
 
@@ -296,8 +297,12 @@ def test_overlap_servers_start_only_when_named_with_the_opt_in_and_are_checked_a
     compared = []
     monkeypatch.setattr(e2e, "check_server", lambda name, *a: None)
     monkeypatch.setattr(e2e, "check_same_keep_sets", lambda name, server, ref, *a: compared.append((name, ref.name)))
-    e2e.check_overlap({"dapq": up("dapq", False), "dapq-overlap": up("dapq-overlap", True)}, [[7]], {}, {}, {})
-    assert compared == [("dapq-overlap", "dapq")]
+    for reference_on in (False, True):  # the reference must have run without the scheduler
+        checks = {}
+        e2e.check_overlap({"dapq": up("dapq", reference_on), "dapq-overlap": up("dapq-overlap", True)}, [[7]], {},
+                          {}, checks)
+        assert checks["dapq: SGLang's overlap scheduler off"] == {"ok": not reference_on}
+    assert compared == [("dapq-overlap", "dapq")] * 2
 
 
 def test_the_host_lengths_check_reads_the_line_the_plugin_logs(monkeypatch):

@@ -62,16 +62,8 @@ def test_history_rule_is_a_flag(prepare, capsys):
     assert "argument --kv-evict-history: invalid choice: 'all'" in capsys.readouterr().err
 
 
-def test_evicting_server_turns_off_overlap_and_prefill_cuda_graphs(prepare):
-    # eviction runs between a prefill's forward and its result processing, and captures queries in Python
-    args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")
-    assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
-    plain = prepare()
-    assert not plain.disable_overlap_schedule and plain.cuda_graph_backend_prefill is None
-
-
-def test_the_overlap_opt_in_keeps_sglangs_overlap_scheduler_and_a_users_own_flag_still_turns_it_off(
-        prepare, monkeypatch):
+def _logged(monkeypatch):
+    """The sgl_evict logger's messages from here on."""
     import logging
 
     logged = []
@@ -79,18 +71,62 @@ def test_the_overlap_opt_in_keeps_sglangs_overlap_scheduler_and_a_users_own_flag
     handler.emit = lambda record: logged.append(record.getMessage())
     logger = logging.getLogger("sgl_evict")
     monkeypatch.setattr(logger, "level", logging.INFO)
-    logger.addHandler(handler)
-    monkeypatch.setenv("SGL_EVICT_EXPERIMENTAL_OVERLAP", "1")
-    try:
-        args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")
-    finally:
-        logger.removeHandler(handler)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])  # restored after the test
+    return logged
+
+
+def test_evicting_server_keeps_the_overlap_scheduler_and_turns_off_prefill_cuda_graphs(prepare, monkeypatch):
+    # prefill CUDA graphs would skip the Python hook that captures the window queries; the overlap scheduler stays
+    # on where a GPU run verified it (results that evict are processed first: sgl_evict.engine.overlap)
+    logged = _logged(monkeypatch)
+    args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")
     assert not args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
     said = [line for line in logged if line.startswith("kv eviction snapkv")]
     assert said and "prefill CUDA graphs and the hybrid SWA memory pool turned off" in said[0]
     assert "overlap" not in said[0]
+    assert prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1").disable_overlap_schedule is False
+    plain = prepare()
+    assert not plain.disable_overlap_schedule and plain.cuda_graph_backend_prefill is None
+
+
+def test_a_users_own_flag_still_turns_the_overlap_scheduler_off(prepare):
     assert prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1",
                    "--disable-overlap-schedule").disable_overlap_schedule
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--kv-evict-policy", "tova"), "--kv-evict-policy tova"),
+    (("--kv-evict-policy", "snapkv", "--kv-cache-dtype", "fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
+])
+def test_settings_not_verified_with_the_overlap_scheduler_turn_it_off_and_say_which(
+        prepare, monkeypatch, flags, named):
+    monkeypatch.setenv("SGL_EVICT_UNVERIFIED_KV_DTYPE", "1")
+    logged = _logged(monkeypatch)
+    args = prepare(*flags, "--kv-evict-budget", "0.1")
+    assert args.disable_overlap_schedule
+    said = [line for line in logged if line.startswith("kv eviction")]
+    assert said and f"overlap scheduling (not verified with {named})" in said[-1]
+    monkeypatch.setenv("SGL_EVICT_EXPERIMENTAL_OVERLAP", "1")  # the opt-in keeps it on all the same
+    assert not prepare(*flags, "--kv-evict-budget", "0.1").disable_overlap_schedule
+
+
+def test_overlap_unverified_names_the_first_setting_no_gpu_run_covered():
+    from sgl_evict.patches.server_args import overlap_unverified
+
+    def args(**given):
+        return SimpleNamespace(**{"tp_size": 1, "kv_cache_dtype": "auto", "page_size": None,
+                                  "attention_backend": None, "prefill_attention_backend": None,
+                                  "decode_attention_backend": None, **given})
+
+    snapkv = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
+    assert overlap_unverified(snapkv, args()) is None
+    assert overlap_unverified(snapkv, args(page_size=16, attention_backend="flashinfer")) is None
+    assert overlap_unverified(snapkv, args(attention_backend="triton")) is None
+    assert overlap_unverified(snapkv, args(page_size=64)) == "--page-size 64"
+    assert overlap_unverified(snapkv, args(tp_size=2)) == "--tp-size 2"
+    assert overlap_unverified(snapkv, args(decode_attention_backend="fa3")) == "--decode-attention-backend fa3"
+    layered = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer")
+    assert overlap_unverified(layered, args()) == "--kv-evict-granularity per_layer"
 
 
 def test_evicting_server_selects_the_hole_aware_radix_cache(prepare):
@@ -159,7 +195,7 @@ def test_laq_is_served_with_its_lookahead_steps(prepare):
     args = prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-lookahead-steps", "4")
     config = eviction_config(args)
     assert config == EvictionConfig(policy="laq", budget=Budget.parse("0.1"), lookahead_steps=4)
-    assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
+    assert not args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
     assert eviction_config(prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1")).lookahead_steps == 8
     reserved = prepare("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-lookahead-reserve", "3")
     assert eviction_config(reserved).lookahead_reserve == 3.0
@@ -168,7 +204,7 @@ def test_laq_is_served_with_its_lookahead_steps(prepare):
 def test_laprox_is_served(prepare):
     args = prepare("--kv-evict-policy", "laprox", "--kv-evict-budget", "0.1", "--kv-evict-pooling-kernel", "5")
     assert eviction_config(args) == EvictionConfig(policy="laprox", budget=Budget.parse("0.1"), pooling_kernel=5)
-    assert args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
+    assert not args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
 
 
 def _soft_token_file(path):
