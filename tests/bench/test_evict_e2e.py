@@ -157,13 +157,11 @@ def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
         assert checks[name]["ok"] is ok, checks
 
 
-@pytest.mark.parametrize("tag, flag, value, opt_in", [
-    ("fa3", "--attention-backend", "fa3", "SGL_EVICT_UNVERIFIED_BACKEND"),
-    ("fp8", "--kv-cache-dtype", "fp8_e4m3", "SGL_EVICT_UNVERIFIED_KV_DTYPE"),
-])
-def test_unverified_settings_start_only_when_named_and_opt_in(monkeypatch, tmp_path, tag, flag, value, opt_in):
+@pytest.mark.parametrize("tag, flag, value", [("fa3", "--attention-backend", "fa3"),
+                                              ("fp8", "--kv-cache-dtype", "fp8_e4m3")])
+def test_fa3_and_fp8_servers_start_only_when_named_without_an_opt_in(monkeypatch, tmp_path, tag, flag, value):
     """fa3 (issue 22 item 1) and an FP8 KV cache (item 4): plain, budget 1.0 and 10% servers, launched only when
-    named, the evicting ones with the opt-in the launch checks want, set for their launch only."""
+    named, as a user launches them (both verified: no opt-in)."""
     seen = {}
 
     def server(name, port, args, out):
@@ -174,12 +172,21 @@ def test_unverified_settings_start_only_when_named_and_opt_in(monkeypatch, tmp_p
     assert not any(name.endswith(f"-{tag}") for name in e2e.launch(tmp_path, tmp_path, set()))
     named = e2e.launch(tmp_path, tmp_path, {f"plain-{tag}", f"full-{tag}", f"snapkv-{tag}"})
     assert all(args[args.index(flag) + 1] == value for args in named.values())
-    assert seen[f"snapkv-{tag}"][opt_in] == "1" and seen[f"full-{tag}"][opt_in] == "1"
+    assert not any(key.startswith("SGL_EVICT_UNVERIFIED") for env in seen.values() for key in env)
     assert seen[f"plain-{tag}"]["SGLANG_PLUGINS"] and "SGL_EVICT_LOG_KEEP" in seen[f"snapkv-{tag}"]
-    assert opt_in not in os.environ  # set for the launch only
 
 
-def test_another_backend_is_checked_against_flashinfer_keep_set_by_keep_set(tmp_path):
+def test_keep_set_jaccard_pairs_the_first_turn_prompts_in_order(tmp_path):
+    def log(name, sets):
+        path = tmp_path / f"{name}.log"
+        path.write_text("".join(f"sgl-evict: request r{i} keeps positions {json.dumps(s)}\n"
+                                for i, s in enumerate(sets)))
+        return SimpleNamespace(log_path=path, name=name)
+    ours, theirs = log("snapkv-fa3", [[0, 1, 2], [0, 5, 9], [4]]), log("snapkv-fi", [[0, 1, 2], [0, 5, 8], [4]])
+    assert e2e.keep_set_jaccard(ours, theirs, 2) == [1.0, 0.5]
+
+
+def test_the_keep_set_check_compares_prompt_by_prompt_and_answers_where_equal(tmp_path):
     def log(path, sets):
         path.write_text("".join(f"sgl-evict: request r{i} keeps positions {json.dumps(s)}\n"
                                 for i, s in enumerate(sets)))
