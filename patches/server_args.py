@@ -135,8 +135,8 @@ _UNSUPPORTED_WITH_EVICTION = (
     ("--pp-size", (1,), "not run with eviction"),
 )
 #: KV cache dtypes: 16-bit ones (eviction verified), and FP8 ones, which the scoring kernels read (keys widened in
-#: the kernel, SGLang's ``k_scale`` folded into the logit scale, ``v_scale`` into laprox's value norms) but which
-#: no GPU run has verified yet
+#: the kernel, SGLang's ``k_scale`` folded into the logit scale, ``v_scale`` into laprox's value norms); of those,
+#: fp8_e4m3 on FlashInfer with page size 1 ran end to end on an H100 (evict_e2e 2026-12-07), the rest is opt-in
 _KV_DTYPES_16_BIT = ("auto", "bf16", "bfloat16", "fp16", "float16")
 _KV_DTYPES_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
@@ -154,7 +154,7 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
             if value not in working:
                 raise ValueError(f"argument {flag}: not supported together with --kv-evict-policy yet ({why})")
     if config.enabled:
-        _check_kv_cache_dtype(config, getattr(args, "kv_cache_dtype", "auto") or "auto")
+        _check_kv_cache_dtype(config, args)
     page_size = getattr(args, "page_size", None) or 1
     backend = getattr(args, "attention_backend", None)
     # page-granular eviction ran end to end on FlashInfer (bench/results/evict_e2e_*); other backends' paged
@@ -166,9 +166,11 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")
 
 
-def _check_kv_cache_dtype(config: EvictionConfig, dtype: str) -> None:
-    """ValueError naming ``--kv-cache-dtype`` for a KV dtype eviction does not run with: FP8 only when opted in
-    (``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``, until a GPU run verifies it) and not with ``per_layer``; others never."""
+def _check_kv_cache_dtype(config: EvictionConfig, args: argparse.Namespace) -> None:
+    """ValueError naming ``--kv-cache-dtype`` for a KV dtype eviction does not run with: FP8 where a GPU run
+    verified it (:data:`FP8_VERIFIED`), elsewhere only when opted in (``SGL_EVICT_UNVERIFIED_KV_DTYPE=1``), never
+    with ``per_layer``; other dtypes never."""
+    dtype = getattr(args, "kv_cache_dtype", None) or "auto"
     if dtype in _KV_DTYPES_16_BIT:
         return
     if dtype not in _KV_DTYPES_FP8:
@@ -177,10 +179,16 @@ def _check_kv_cache_dtype(config: EvictionConfig, dtype: str) -> None:
     if config.granularity == "per_layer":
         raise ValueError(f"argument --kv-cache-dtype: {dtype} is not built for --kv-evict-granularity per_layer "
                          "(the layered pool is 16-bit)")
-    if env_setting("SGL_EVICT_UNVERIFIED_KV_DTYPE") != "1":
-        raise ValueError(f"argument --kv-cache-dtype: {dtype} with eviction is not yet verified on a GPU (the "
-                         "scoring kernels read FP8 keys, tested on CPU); use a 16-bit KV cache, or set "
-                         "SGL_EVICT_UNVERIFIED_KV_DTYPE=1 to try it")
+    setting = (dtype, getattr(args, "attention_backend", None), getattr(args, "page_size", None) or 1)
+    if setting != FP8_VERIFIED and env_setting("SGL_EVICT_UNVERIFIED_KV_DTYPE") != "1":
+        raise ValueError(f"argument --kv-cache-dtype: with eviction, {FP8_VERIFIED[0]} is verified on a GPU with "
+                         f"--attention-backend {FP8_VERIFIED[1]} and --page-size {FP8_VERIFIED[2]} only (got "
+                         f"{dtype}, {setting[1] or 'the default backend'}, page size {setting[2]}); use those or a "
+                         "16-bit KV cache, or set SGL_EVICT_UNVERIFIED_KV_DTYPE=1 to try it")
+
+
+#: the FP8 setting eviction ran end to end with on an H100: (KV dtype, attention backend, page size)
+FP8_VERIFIED = ("fp8_e4m3", "flashinfer", 1)
 
 
 def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str | None:
@@ -200,7 +208,7 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
         return f"--page-size {args.page_size}"
     for flag in _BACKEND_FLAGS:
         backend = getattr(args, flag, None)
-        if backend and backend not in VERIFIED_BACKENDS:
+        if backend and backend not in OVERLAP_VERIFIED_BACKENDS:
             return f"--{flag.replace('_', '-')} {backend}"
     return None
 
@@ -211,36 +219,45 @@ OVERLAP_UNVERIFIED_POLICIES = ("judgeq", "tova", "random")
 OVERLAP_VERIFIED_PAGE_SIZES = (1, 16)
 
 
-#: attention backends eviction was verified on, end to end on an H100 (bench/results/evict_e2e_*, quality runs)
-VERIFIED_BACKENDS = ("flashinfer", "triton")
+#: attention backends eviction was verified on, end to end on an H100 (bench/results/evict_e2e_*, quality runs);
+#: fa3 on models without sliding-window layers, at page size 1 and with a 16-bit KV cache (evict_e2e 2026-12-07)
+VERIFIED_BACKENDS = ("flashinfer", "triton", "fa3")
+#: the ones of those eviction also ran with SGLang's overlap scheduler on
+OVERLAP_VERIFIED_BACKENDS = ("flashinfer", "triton")
 _BACKEND_FLAGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
 
 
 def choose_attention_backend(args: argparse.Namespace) -> str | None:
     """On a GPU, eviction runs only on a verified attention backend: with none given, sets one (Triton for
     per_layer and for models with sliding-window layers, whose batches SGLang 0.5.17's FlashInfer prefill rejects;
-    FlashInfer otherwise)
-    and returns the line to log; an explicit other backend is a ValueError naming its flag (unless
-    ``SGL_EVICT_UNVERIFIED_BACKEND=1``). SGLang would pick fa3 on Hopper, which nothing here has verified.
-    The CPU device (and others) is left alone."""
+    FlashInfer otherwise: verified with the overlap scheduler too, where SGLang's own pick on Hopper, fa3, is not)
+    and returns the line to log; an explicit other backend (fa3 on a model with sliding-window layers too) is a
+    ValueError naming its flag, unless ``SGL_EVICT_UNVERIFIED_BACKEND=1``. The CPU device (and others) is left
+    alone."""
     if getattr(args, "device", None) not in (None, "cuda"):
         return None
     given = {flag: getattr(args, flag, None) for flag in _BACKEND_FLAGS if getattr(args, flag, None)}
     if given:
+        if env_setting("SGL_EVICT_UNVERIFIED_BACKEND") == "1":
+            return None
         for flag, backend in given.items():
-            if backend not in VERIFIED_BACKENDS and env_setting("SGL_EVICT_UNVERIFIED_BACKEND") != "1":
+            if backend not in VERIFIED_BACKENDS:
                 raise ValueError(f"argument --{flag.replace('_', '-')}: eviction is verified with "
-                                 f"{' and '.join(VERIFIED_BACKENDS)} only (got {backend}); pass one of them, or "
+                                 f"{', '.join(VERIFIED_BACKENDS)} only (got {backend}); pass one of them, or "
                                  "set SGL_EVICT_UNVERIFIED_BACKEND=1 to try this backend")
+            if backend == "fa3" and _has_sliding_window_layers(args):
+                raise ValueError(f"argument --{flag.replace('_', '-')}: eviction on fa3 is verified on models "
+                                 "without sliding-window layers only; pass triton, or set "
+                                 "SGL_EVICT_UNVERIFIED_BACKEND=1 to try fa3")
         return None
     if getattr(args, "kv_evict_granularity", "uniform") == "per_layer":
         args.attention_backend, why = "triton", "the layered pool runs on Triton"
     elif _has_sliding_window_layers(args):
         args.attention_backend, why = "triton", "the model has sliding-window layers"
     else:
-        args.attention_backend, why = "flashinfer", "verified with eviction"
+        args.attention_backend, why = "flashinfer", "verified with eviction and the overlap scheduler"
     return (f"kv eviction: --attention-backend {args.attention_backend} ({why}; SGLang's own default is not "
-            "verified with eviction)")
+            "picked: pass --attention-backend to choose)")
 
 
 def _has_sliding_window_layers(args: argparse.Namespace) -> bool:

@@ -177,7 +177,12 @@ def test_no_flags_means_no_eviction(prepare):
      "argument --radix-cache-backend: not supported together with --kv-evict-policy yet (eviction selects its own "
      "radix cache, sgl-evict"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3"],
-     "argument --kv-cache-dtype: fp8_e4m3 with eviction is not yet verified on a GPU"),
+     "argument --kv-cache-dtype: with eviction, fp8_e4m3 is verified on a GPU with --attention-backend flashinfer "
+     "and --page-size 1 only (got fp8_e4m3, the default backend, page size 1)"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e5m2",
+      "--attention-backend", "flashinfer"],
+     "argument --kv-cache-dtype: with eviction, fp8_e4m3 is verified on a GPU with --attention-backend flashinfer "
+     "and --page-size 1 only (got fp8_e5m2, flashinfer, page size 1)"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "nvfp4"],
      "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet (the scoring kernels read "
      "16-bit or FP8 keys, got nvfp4)"),
@@ -425,16 +430,45 @@ def test_without_a_backend_a_gpu_server_gets_a_verified_one(model_dir, tmp_path)
 
 @pytest.mark.parametrize("flag", ["--attention-backend", "--decode-attention-backend", "--prefill-attention-backend"])
 def test_an_unverified_backend_is_refused_at_launch_naming_its_flag(prepare, capsys, monkeypatch, flag):
-    flags = ("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--device", "cuda", flag, "fa3")
+    flags = ("--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--device", "cuda", flag, "torch_native")
     with pytest.raises(SystemExit) as exit_info:
         prepare(*flags)
     printed = capsys.readouterr().err + str(exit_info.value.code)
-    assert f"argument {flag}: eviction is verified with flashinfer and triton only (got fa3)" in printed
+    assert f"argument {flag}: eviction is verified with flashinfer, triton, fa3 only (got torch_native)" in printed
     assert "Traceback" not in printed
     from sgl_evict.patches.server_args import choose_attention_backend
 
     monkeypatch.setenv("SGL_EVICT_UNVERIFIED_BACKEND", "1")  # the opt-in
-    assert choose_attention_backend(_launch_args("m", **{flag[2:].replace("-", "_"): "fa3"})) is None
+    assert choose_attention_backend(_launch_args("m", **{flag[2:].replace("-", "_"): "torch_native"})) is None
+
+
+def test_fa3_is_taken_as_given_except_on_sliding_window_models_and_runs_without_the_overlap_scheduler(
+        model_dir, tmp_path, monkeypatch):
+    # verified end to end on an H100 on a model without sliding-window layers (evict_e2e 2026-12-07), not with
+    # the overlap scheduler
+    from sgl_evict.patches.server_args import choose_attention_backend, overlap_unverified
+
+    llama = _launch_args(model_dir, attention_backend="fa3")
+    assert choose_attention_backend(llama) is None and llama.attention_backend == "fa3"
+    launched = SimpleNamespace(tp_size=1, kv_cache_dtype="auto", page_size=1, attention_backend="fa3",
+                               prefill_attention_backend=None, decode_attention_backend=None)
+    assert overlap_unverified(EvictionConfig(policy="snapkv", budget=Budget.parse("0.1")), launched) == \
+        "--attention-backend fa3"
+    transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=512,
+                                  architectures=["Gemma3ForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape("argument --decode-attention-backend: eviction on fa3 is "
+                                                   "verified on models without sliding-window layers only")):
+        choose_attention_backend(_launch_args(str(tmp_path), decode_attention_backend="fa3"))
+    monkeypatch.setenv("SGL_EVICT_UNVERIFIED_BACKEND", "1")
+    assert choose_attention_backend(_launch_args(str(tmp_path), attention_backend="fa3")) is None
+
+
+def test_fp8_e4m3_on_flashinfer_is_served_without_the_opt_in(prepare):
+    args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3",
+                   "--attention-backend", "flashinfer")
+    assert args.kv_cache_dtype == "fp8_e4m3" and eviction_config(args).enabled
+    assert args.disable_overlap_schedule  # not run with the overlap scheduler
 
 
 def test_an_fp8_kv_cache_is_let_through_by_its_opt_in_but_never_with_per_layer(prepare, monkeypatch, capsys):
