@@ -210,6 +210,8 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
         backend = getattr(args, flag, None)
         if backend and backend not in OVERLAP_VERIFIED_BACKENDS:
             return f"--{flag.replace('_', '-')} {backend}"
+    if getattr(args, "model_path", None) and _has_sliding_window_layers(args):
+        return "a model with sliding-window layers"
     return None
 
 

@@ -129,6 +129,19 @@ def test_overlap_unverified_names_the_first_setting_no_gpu_run_covered():
     assert overlap_unverified(layered, args()) == "--kv-evict-granularity per_layer"
 
 
+def test_a_model_with_sliding_window_layers_runs_without_the_overlap_scheduler(tmp_path, model_dir):
+    from sgl_evict.patches.server_args import overlap_unverified
+
+    transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=512,
+                                  architectures=["Gemma3ForCausalLM"]).save_pretrained(tmp_path)
+    snapkv = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
+    launched = {"tp_size": 1, "kv_cache_dtype": "auto", "page_size": 1, "attention_backend": "triton"}
+    assert overlap_unverified(snapkv, SimpleNamespace(model_path=str(tmp_path), **launched)) == \
+        "a model with sliding-window layers"
+    assert overlap_unverified(snapkv, SimpleNamespace(model_path=model_dir, **launched)) is None
+
+
 def test_evicting_server_selects_the_hole_aware_radix_cache(prepare):
     from sgl_evict.config import RADIX_CACHE_BACKEND
 
