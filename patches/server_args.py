@@ -204,8 +204,11 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
         return f"--tp-size {args.tp_size}"
     if (getattr(args, "kv_cache_dtype", None) or "auto") not in _KV_DTYPES_16_BIT:
         return f"--kv-cache-dtype {args.kv_cache_dtype}"
-    if (getattr(args, "page_size", None) or 1) not in OVERLAP_VERIFIED_PAGE_SIZES:
-        return f"--page-size {args.page_size}"
+    page_size = getattr(args, "page_size", None) or 1
+    if page_size not in OVERLAP_VERIFIED_PAGE_SIZES:
+        return f"--page-size {page_size}"
+    if page_size > 1 and getattr(args, "attention_backend", None) != "flashinfer":  # pages verified there only
+        return f"--page-size {page_size} on {getattr(args, 'attention_backend', None) or 'the default backend'}"
     for flag in _BACKEND_FLAGS:
         backend = getattr(args, flag, None)
         if backend and backend not in OVERLAP_VERIFIED_BACKENDS:
@@ -217,7 +220,7 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
 
 #: policies eviction has not run with the overlap scheduler on a GPU (every other one has: evict_e2e *-overlap)
 OVERLAP_UNVERIFIED_POLICIES = ("judgeq", "tova", "random")
-#: page sizes eviction ran with the overlap scheduler on a GPU
+#: page sizes eviction ran with the overlap scheduler on a GPU (above 1: on FlashInfer)
 OVERLAP_VERIFIED_PAGE_SIZES = (1, 16)
 
 

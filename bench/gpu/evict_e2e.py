@@ -21,13 +21,14 @@ servers started before it too), so the six fit on one GPU:
 | ``dapq`` | dapq at 10% (window queries re-rotated to the answer's positions), FlashInfer |
 | ``snapkv-page16`` | snapkv at 10% with ``--page-size 16``: whole pages evicted, FlashInfer |
 | ``snapkv-page64`` | the same with ``--page-size 64`` (issue 22 item 5); run only when named in ``--only`` |
+| ``snapkv-tr-page16`` / ``-page64``, ``snapkv-fa3-page16`` / ``-page64`` | snapkv at 10%, whole pages evicted, on Triton and fa3 (opted in with ``SGL_EVICT_EXPERIMENTAL_PAGES=1``; issue 22 item 5): checked as the others, keep-sets' Jaccard with the FlashInfer server at that page size reported; run only when named in ``--only`` |
 | ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain fa3), snapkv at 10% (checked as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, and with ``plain`` run too, whether plain fa3 answers as plain FlashInfer: the two backends round differently); run only when named in ``--only`` |
 | ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores); run only when named in ``--only`` |
-| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``NAME-overlap`` | SGLang's overlap scheduler on, as eviction leaves it where it is verified (issue 22 item 2; the log must say so): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run with ``--disable-overlap-schedule``), and every ``OVERLAP_TWINS`` server ``NAME`` (chunked prefill, Triton, page 16, dapq, laprox, streaming) again with it, checked against ``NAME`` (which then runs with ``--disable-overlap-schedule``); run only when named in ``--only`` (with ``NAME`` for the comparison) |
+| ``full-overlap`` / ``snapkv-overlap`` / ``laq-overlap`` / ``NAME-overlap`` | SGLang's overlap scheduler on, as eviction leaves it where it is verified (issue 22 item 2; the log must say so): budget 1.0 (token for token as ``plain``, which runs it too), snapkv and laq at 10% (keep-sets and answers equal to ``snapkv-fi``'s and ``laq``'s, which run with ``--disable-overlap-schedule``), and every ``OVERLAP_TWINS`` server ``NAME`` (chunked prefill, Triton, page 16, dapq, laprox, streaming) again with it, checked against ``NAME`` (which then runs with ``--disable-overlap-schedule``), and so are ``snapkv-fa3``, ``snapkv-fp8`` and ``snapkv-page64``, whose ``-overlap`` twins need ``SGL_EVICT_EXPERIMENTAL_OVERLAP=1`` (not yet verified with it); run only when named in ``--only`` (with ``NAME`` for the comparison) |
 | ``plain-tr-eager``, ``layered-g1-full``, ``layered-full``, ``layered-snapkv``, ``layered-laprox`` | ``--kv-evict-granularity per_layer`` (Triton, no CUDA graphs, page 1) against plain SGLang with the same backend: one layer group at budget 1.0, a group per layer at 1.0, snapkv and laprox at 10% with a group per layer; run only when named in ``--only`` |
 
 Checks: ``none`` and ``full`` answer token for token like ``plain``; every prompt is evicted to its budget and every
@@ -56,6 +57,8 @@ For ``laq`` "the same policy" is what the server ran: its answer's tokens 2 .. 9
 (the lookahead steps), the later ones on the laq cache, and the harness's laq looks ahead greedily on that same
 snapkv view, so with greedy decoding its lookahead tokens are the server's answer tokens and both score the prompt
 with the same queries: the keep-sets should agree (reported, as for snapkv and laprox).
+Reported, not checked: for ``plain``, ``plain-fp8``, ``snapkv-fi`` and ``snapkv-fp8`` (those that ran), the KV
+each holds for the first-turn prompts (``kv_memory``: the pool dtype SGLang logged, bytes per token, kept slots).
 Writes evict_e2e.json and the server logs to --out; exit status 1 when a check fails.
 """
 
@@ -106,8 +109,20 @@ FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
 OVERLAP_TWINS = ("snapkv-chunked", "snapkv-tr", "snapkv-page16", "dapq", "laprox", "streaming")
 SCORING_MODES.update({f"{name}-overlap": SCORING_MODES[name] for name in OVERLAP_TWINS if name in SCORING_MODES})
 LSE_CHECKED += tuple(f"{name}-overlap" for name in OVERLAP_TWINS if name in LSE_CHECKED)
+#: servers whose -overlap twin needs SGL_EVICT_EXPERIMENTAL_OVERLAP=1 (eviction turns the scheduler off there:
+#: not yet verified with it); run only when named
+OVERLAP_OPT_IN_TWINS = ("snapkv-fa3", "snapkv-fp8", "snapkv-page64")
+OVERLAP = {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"}
+SCORING_MODES.update({f"{name}-overlap": SCORING_MODES[name] for name in OVERLAP_OPT_IN_TWINS})
+LSE_CHECKED += tuple(f"{name}-overlap" for name in OVERLAP_OPT_IN_TWINS if name in LSE_CHECKED)
 #: the servers the -overlap ones are checked against, run with --disable-overlap-schedule
-OVERLAP_REFERENCES = ("snapkv-fi", "laq", *OVERLAP_TWINS)
+OVERLAP_REFERENCES = ("snapkv-fi", "laq", *OVERLAP_TWINS, *OVERLAP_OPT_IN_TWINS)
+#: page-granular eviction on Triton and fa3 (opted in with SGL_EVICT_EXPERIMENTAL_PAGES=1; issue 22 item 5)
+PAGED_OTHER_BACKENDS = {f"snapkv-{tag}-page{page}": (backend, page)
+                        for tag, backend in (("tr", "triton"), ("fa3", "fa3")) for page in (16, 64)}
+SCORING_MODES.update({name: "two-pass" for name in PAGED_OTHER_BACKENDS})
+#: the servers whose KV bytes per prompt are reported (an FP8 cache and eviction together, issue 22 item 4)
+KV_MEMORY_SERVERS = ("plain", "plain-fp8", "snapkv-fi", "snapkv-fp8")
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -275,9 +290,15 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
     # every OVERLAP_TWINS server again with the overlap scheduler, checked against it (same args, same keep-sets);
     # the references turn it off themselves: eviction leaves it on where it is verified
     specs.update({f"{name}-overlap": specs[name] for name in OVERLAP_TWINS})
+    specs.update({f"{name}-overlap": (specs[name][0], {**specs[name][1], **OVERLAP})
+                  for name in OVERLAP_OPT_IN_TWINS})
+    specs.update({name: (["--attention-backend", backend, "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                          str(BUDGET), "--page-size", str(page), *evict],
+                         {"SGL_EVICT_EXPERIMENTAL_PAGES": "1", "SGL_EVICT_LOG_KEEP": "1"})
+                  for name, (backend, page) in PAGED_OTHER_BACKENDS.items()})
     for name in OVERLAP_REFERENCES:
         specs[name] = ([*specs[name][0], "--disable-overlap-schedule"], specs[name][1])
-    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap")
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap", "-tr-page")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -396,7 +417,7 @@ def check_overlap(up: dict, ps: list[list[int]], answers: dict, ids: dict, check
     setting without it: budget 1.0 token for token as ``plain``; snapkv and laq keep what ``snapkv-fi`` and ``laq``
     keep and answer token for token where they do."""
     pairs = (("full-overlap", "plain"), ("snapkv-overlap", "snapkv-fi"), ("laq-overlap", "laq"),
-             *((f"{name}-overlap", name) for name in OVERLAP_TWINS))
+             *((f"{name}-overlap", name) for name in (*OVERLAP_TWINS, *OVERLAP_OPT_IN_TWINS)))
     for name, reference in pairs:
         if name not in up:
             continue
@@ -413,6 +434,27 @@ def check_overlap(up: dict, ps: list[list[int]], answers: dict, ids: dict, check
             checks[f"{name} == plain SGLang, token for token"] = {"ok": ids[name] == ids[reference]}
         else:
             check_same_keep_sets(name, up[name], up[reference], ps, ids, checks)
+
+
+def kv_memory(server, ps: list[list[int]], model: Path) -> dict:
+    """What a server's KV holds for the first-turn prompts: its pool's dtype and size as SGLang logged them, the
+    bytes a token takes in it (the model's layers x KV heads x head dim x K and V x the dtype's size), the slots
+    each prompt kept (its eviction lines; a server that does not evict keeps every token) and their bytes."""
+    text = server.log_path.read_text(errors="replace")
+    found = re.search(r"KV Cache is allocated\. dtype: torch\.(\w+), #tokens: (\d+), K size: ([\d.]+) GB, "
+                      r"V size: ([\d.]+) GB", text)
+    if not found:
+        return {"error": "no 'KV Cache is allocated' line in the log"}
+    dtype, tokens, k_gb, v_gb = found.group(1), int(found.group(2)), float(found.group(3)), float(found.group(4))
+    itemsize = 1 if dtype.startswith("float8") else 2
+    config = json.loads((model / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_token = config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2 * itemsize
+    lengths = {len(p) for p in ps}
+    kept = [k for k, n, _, _ in eviction_lines(server.log_path) if n in lengths][: len(ps)] or [len(p) for p in ps]
+    return {"dtype": dtype, "pool_tokens": tokens, "logged_k_plus_v_gb": k_gb + v_gb, "bytes_per_token": per_token,
+            "pool_gb_from_bytes_per_token": round(tokens * per_token / 2**30, 4), "kept_slots": kept,
+            "kv_bytes_held": per_token * sum(kept)}
 
 
 def keep_set_jaccard(server, reference, prompts: int) -> list[float]:
@@ -582,6 +624,13 @@ def main() -> int:
         for name in ("snapkv-tp2", "laq-tp2"):
             if name in up:
                 check_ranks_agree(name, up[name], ps, checks)
+        for name, (_, page) in PAGED_OTHER_BACKENDS.items():
+            if name in up:
+                check_server(name, up[name], ps, answers, checks)
+                reference = f"snapkv-page{page}"  # FlashInfer at that page size: backends round apart, a report
+                if reference in up:
+                    report[f"{name}_keep_set_jaccard_with_{reference}"] = keep_set_jaccard(
+                        up[name], up[reference], len(ps))
         if "plain-fa3" in ids and "full-fa3" in ids:
             checks["full-fa3 == plain SGLang on fa3, token for token"] = {"ok": ids["plain-fa3"] == ids["full-fa3"]}
         if "snapkv-fa3" in up:
@@ -600,6 +649,7 @@ def main() -> int:
             if "snapkv-fi" in up:  # FP8 keys round the scores: near-ties may change, hence a report, not a check
                 report["snapkv-fp8_keep_set_jaccard_with_snapkv-fi"] = keep_set_jaccard(
                     up["snapkv-fp8"], up["snapkv-fi"], len(ps))
+        report["kv_memory"] = {name: kv_memory(up[name], ps, model) for name in KV_MEMORY_SERVERS if name in up}
         for name in ("layered-g1-full", "layered-full"):
             if "plain-tr-eager" in ids and name in ids:
                 checks[f"{name} == plain SGLang (Triton, eager), token for token"] = {

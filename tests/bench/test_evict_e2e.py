@@ -131,7 +131,7 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     checked = {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"}
     assert checked == set(e2e.LSE_CHECKED) & set(envs)
     named_only = {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8"} | {
-        f"{name}-overlap" for name in e2e.OVERLAP_TWINS}
+        f"{name}-overlap" for name in (*e2e.OVERLAP_TWINS, *e2e.OVERLAP_OPT_IN_TWINS)} | set(e2e.PAGED_OTHER_BACKENDS)
     assert set(e2e.SCORING_MODES) - named_only <= set(envs)
     envs.clear()
     e2e.launch(tmp_path, tmp_path, {"snapkv-page64", "snapkv-fp8"})  # named: launched; FP8 is two-pass, unchecked
@@ -331,3 +331,51 @@ def test_the_host_lengths_check_reads_the_line_the_plugin_logs(monkeypatch):
     finally:
         logger.removeHandler(handler)
     assert len(logged) == 2 and all(e2e.HOST_LENGTHS in line for line in logged)  # at the 1st and the 10th
+
+
+def test_kv_memory_reads_the_pool_sglang_logged_and_the_slots_each_prompt_kept(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 4, "num_key_value_heads": 4,
+                                                   "hidden_size": 512, "num_attention_heads": 8}))
+    ps = [[1] * 700, [2] * 1100]
+
+    def server(name, dtype, gb, evictions):
+        path = tmp_path / f"{name}.log"
+        path.write_text(f"[t] KV Cache is allocated. dtype: torch.{dtype}, #tokens: 40000, K size: {gb} GB, "
+                        f"V size: {gb} GB\n" + "".join(f"sgl-evict: request r kept {k} of {n} tokens, freed "
+                                                      f"{n - k} slots, hid 0\n" for k, n in evictions))
+        return SimpleNamespace(log_path=path, name=name)
+    plain = e2e.kv_memory(server("plain", "bfloat16", 0.08, []), ps, model)
+    assert plain["bytes_per_token"] == 4 * 4 * 64 * 2 * 2 and plain["kept_slots"] == [700, 1100]
+    assert plain["kv_bytes_held"] == 4096 * 1800 and plain["dtype"] == "bfloat16"
+    assert plain["pool_gb_from_bytes_per_token"] == round(40000 * 4096 / 2**30, 4)
+    both = e2e.kv_memory(server("snapkv-fp8", "float8_e4m3fn", 0.04, [(70, 700), (5, 33), (110, 1100)]), ps, model)
+    assert both["bytes_per_token"] == 2048 and both["kept_slots"] == [70, 110]  # a 33-token request is not a prompt
+    assert both["kv_bytes_held"] * 20 == plain["kv_bytes_held"]  # half the bytes, a tenth of the tokens
+    (tmp_path / "broken.log").write_text("no pool line\n")
+    assert "error" in e2e.kv_memory(SimpleNamespace(log_path=tmp_path / "broken.log"), ps, model)
+
+
+def test_paged_triton_and_fa3_servers_and_opt_in_overlap_twins_start_only_when_named(monkeypatch, tmp_path):
+    seen = {}
+
+    def server(name, port, args, out):
+        seen[name] = dict(os.environ)
+        return args
+    monkeypatch.setattr(e2e, "Server", server)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    paged = set(e2e.PAGED_OTHER_BACKENDS)
+    twins = {f"{name}-overlap" for name in e2e.OVERLAP_OPT_IN_TWINS}
+    assert not (paged | twins) & set(e2e.launch(tmp_path, tmp_path, set()))
+    launched = e2e.launch(tmp_path, tmp_path, paged | twins | set(e2e.OVERLAP_OPT_IN_TWINS))
+    for name, (backend, page) in e2e.PAGED_OTHER_BACKENDS.items():
+        args = launched[name]
+        assert args[args.index("--attention-backend") + 1] == backend and e2e.page_size_of(name) == page
+        assert args[args.index("--page-size") + 1] == str(page) and seen[name]["SGL_EVICT_EXPERIMENTAL_PAGES"] == "1"
+        assert e2e.SCORING_MODES[name] == "two-pass"
+    for twin in twins:
+        reference = twin.removesuffix("-overlap")
+        assert seen[twin]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in seen[
+            reference]
+        assert launched[reference] == [*launched[twin], "--disable-overlap-schedule"]

@@ -123,6 +123,7 @@ def test_overlap_unverified_names_the_first_setting_no_gpu_run_covered():
     assert overlap_unverified(snapkv, args(page_size=16, attention_backend="flashinfer")) is None
     assert overlap_unverified(snapkv, args(attention_backend="triton")) is None
     assert overlap_unverified(snapkv, args(page_size=64)) == "--page-size 64"
+    assert overlap_unverified(snapkv, args(page_size=16, attention_backend="triton")) == "--page-size 16 on triton"
     assert overlap_unverified(snapkv, args(tp_size=2)) == "--tp-size 2"
     assert overlap_unverified(snapkv, args(decode_attention_backend="fa3")) == "--decode-attention-backend fa3"
     layered = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer")
