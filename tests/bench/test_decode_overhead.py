@@ -145,7 +145,7 @@ def test_one_server_end_to_end_against_the_stub(monkeypatch, tmp_path):
     report = json.loads((tmp_path / "decode_overhead.json").read_text())
     assert rc == 0 and report["commit"] == "abc"
     assert [s[0] for s in started] == ["plain", "evict-overlap"]
-    assert started[1][2] == {} and "--kv-evict-policy" in started[1][1]
+    assert started[1][2] == {"SGL_EVICT_EXPERIMENTAL_OVERLAP": "1"} and "--kv-evict-policy" in started[1][1]
     assert "--disable-overlap-schedule" not in started[1][1]
     assert set(report["summary"]) == {"plain/plain/1", "plain/plain/3", "evict-overlap/none/1",
                                       "evict-overlap/none/3", "evict-overlap/snapkv/1", "evict-overlap/snapkv/3"}
