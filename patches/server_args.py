@@ -200,6 +200,8 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
         return "--kv-evict-granularity per_layer"
     if config.policy in OVERLAP_UNVERIFIED_POLICIES:
         return f"--kv-evict-policy {config.policy}"
+    if config.soft_tokens:  # requests may ask for judgeq, whose soft tokens run an extra forward in the scheduler
+        return "--kv-evict-soft-tokens"
     if (getattr(args, "tp_size", None) or 1) > 1:
         return f"--tp-size {args.tp_size}"
     if (getattr(args, "kv_cache_dtype", None) or "auto") not in _KV_DTYPES_16_BIT:

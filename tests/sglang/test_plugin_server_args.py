@@ -1,5 +1,6 @@
 """The plugin registers through SGLang's entry point and its flags parse through SGLang's own prepare_server_args."""
 
+import dataclasses
 import re
 from types import SimpleNamespace
 
@@ -123,6 +124,8 @@ def test_overlap_unverified_names_the_first_setting_no_gpu_run_covered():
     assert overlap_unverified(snapkv, args(page_size=16, attention_backend="flashinfer")) is None
     assert overlap_unverified(snapkv, args(attention_backend="triton")) is None
     assert overlap_unverified(snapkv, args(page_size=64)) == "--page-size 64"
+    with_soft_tokens = dataclasses.replace(snapkv, soft_tokens="/some/file")  # a request may ask for judgeq
+    assert overlap_unverified(with_soft_tokens, args()) == "--kv-evict-soft-tokens"
     assert overlap_unverified(snapkv, args(page_size=16, attention_backend="triton")) == "--page-size 16 on triton"
     assert overlap_unverified(snapkv, args(tp_size=2)) == "--tp-size 2"
     assert overlap_unverified(snapkv, args(decode_attention_backend="fa3")) == "--decode-attention-backend fa3"
