@@ -20,6 +20,11 @@ decoded on that keep-set (its first token comes from the prefill, before the cut
 - ``reversible``: the prefix is the previous keep-set, as ``irreversible``; then every logical
   token, dropped ones included (their KV as first computed, assumed held in host memory), is a
   candidate: restored tokens keep their original KV and logical positions.
+- ``reversible-k4``, ``reversible-k2`` (with ``--modes``; issue 25's "keys of held-out tokens
+  fetched from host, or scored from a compact key summary kept on the GPU"): as ``reversible``,
+  but the held-out tokens are scored from their keys rounded to 4 or 2 bits (symmetric, one scale
+  per token and KV head), what a GPU-resident summary would hold; the chosen ones come back with
+  their exact KV. Their records say how much of the exact ``reversible`` keep-set they chose.
 
 Answers are greedy, cut at a new line, scored as the quality suite scores them. Arms whose views and
 prefixes were equal at every turn hold equal caches, so they prefill and decode once.
@@ -45,8 +50,19 @@ from sgl_evict.harness.engine import PrefillState
 from sgl_evict.selection import Budget, KeepSet, protected_mask
 
 MODES = ("irreversible", "server", "reversible")
+#: reversible eviction scoring held-out tokens from keys rounded to this many bits
+SUMMARY_BITS = {"reversible-k4": 4, "reversible-k2": 2}
 #: (a, b) mode pairs compared on the same later turns
-PAIRS = (("irreversible", "reversible"), ("server", "reversible"), ("irreversible", "server"))
+PAIRS = (("irreversible", "reversible"), ("server", "reversible"), ("irreversible", "server"),
+         *(("reversible", mode) for mode in SUMMARY_BITS))
+
+
+def rounded_keys(keys: torch.Tensor, bits: int) -> torch.Tensor:
+    """``keys`` (``[..., head_dim]``) rounded to ``bits``-bit integers with one symmetric scale per
+    vector (its largest magnitude maps to the largest positive level), returned dequantized."""
+    top = 2 ** (bits - 1) - 1
+    scale = keys.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(keys.dtype).tiny) / top
+    return (keys / scale).round().clamp(-top - 1, top) * scale
 
 
 def _positions() -> torch.Tensor:
@@ -157,17 +173,27 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
         arm.store = added if arm.store is None else [
             (torch.cat([k, nk], 2), torch.cat([v, nv], 2))
             for (k, v), (nk, nv) in zip(arm.store, added)]
-    everything = arm.mode == "reversible" and start > 0
+    everything = arm.mode.startswith("reversible") and start > 0
     candidates, scored = torch.cat([arm.prefix, new]), cache
+    exact = scored
     if everything:  # every logical token, from the store
-        candidates, scored = torch.arange(len(ids)), harness._shallow_copy(cache)
+        candidates, exact = torch.arange(len(ids)), harness._shallow_copy(cache)
         for i, (k, v) in zip(harness.layers, arm.store):
-            scored.layers[i].keys, scored.layers[i].values = k, v
+            exact.layers[i].keys, exact.layers[i].values = k, v
+        scored = exact
+        if arm.mode in SUMMARY_BITS:  # held-out tokens scored from their rounded keys
+            held_out = torch.ones(len(ids), dtype=torch.bool)
+            held_out[torch.cat([arm.prefix, new])] = False
+            scored = harness._shallow_copy(exact)
+            for i, (k, v) in zip(harness.layers, arm.store):
+                rounded = k.clone()
+                rounded[:, :, held_out] = rounded_keys(k[:, :, held_out], SUMMARY_BITS[arm.mode])
+                scored.layers[i].keys, scored.layers[i].values = rounded, v
     if _held(harness, scored) != len(candidates):
         raise ValueError(f"{arm.name}: the cache holds {_held(harness, scored)} tokens, its "
                          f"candidates are {len(candidates)}")
     state = PrefillState(torch.tensor([ids]), scored, last_logits, window)
-    key = (arm.trail, arm.policy_name, str(arm.budget), everything)
+    key = (arm.trail, arm.policy_name, str(arm.budget), everything, SUMMARY_BITS.get(arm.mode))
     memo = {} if memo is None else memo
     if key not in memo:
         memo[key] = choose(harness, state, arm.policy, arm.budget)
@@ -175,7 +201,8 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
     resident = candidates[keep.indices[0][0].cpu()]
     was, now = torch.zeros(len(ids), dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool)
     was[torch.cat([arm.resident, new])], now[resident] = True, True
-    arm.cache, arm.resident = harness._compressed_cache(state, keep), resident
+    exact_state = state if exact is scored else PrefillState(state.input_ids, exact, last_logits, window)
+    arm.cache, arm.resident = harness._compressed_cache(exact_state, keep), resident
     # the tree keeps what it holds and takes the new tokens this turn kept
     arm.prefix = torch.cat([arm.prefix, resident[resident >= start]]) if arm.mode == "server" \
         else resident
@@ -214,8 +241,16 @@ class Session:
                     cache = h._shallow_copy(arm.prefix_cache(h))
                     extended[arm.trail] = (cache, *prefill_turn(h, cache, start, new))
         memo: dict = {}
-        return {arm.name: evict(h, arm, *extended[arm.trail], self.ids, start, memo)
-                for arm in self.arms}
+        records = {arm.name: evict(h, arm, *extended[arm.trail], self.ids, start, memo)
+                   for arm in self.arms}
+        exact = {(arm.policy_name, str(arm.budget)): arm.resident for arm in self.arms
+                 if arm.mode == "reversible"}
+        for arm in self.arms:  # how much of the exact reversible keep-set a summary chose
+            ref = exact.get((arm.policy_name, str(arm.budget)))
+            if arm.mode in SUMMARY_BITS and ref is not None and start > 0:
+                ours, theirs = set(arm.resident.tolist()), set(ref.tolist())
+                records[arm.name]["jaccard_vs_exact"] = len(ours & theirs) / max(1, len(ours | theirs))
+        return records
 
     @torch.inference_mode()
     def answers(self, steps: int, stop=frozenset()) -> dict[str, list[int]]:
@@ -290,7 +325,7 @@ def summarize(rows: list[dict]) -> dict:
         out = {"accuracy": wilson(sum(r["correct"] for r in group), len(group)).as_dict(),
                "retention": wilson(sum(r["correct"] for r in solved), len(solved)).as_dict(),
                "first_as_full": _share(group, "first_as_full")}
-        for what in ("resident", "held", "restored", "evicted"):
+        for what in ("resident", "held", "restored", "evicted", "jaccard_vs_exact"):
             values = [r[what] for r in group if what in r]
             if values:
                 out[what] = {"mean": sum(values) / len(values), "max": max(values),
@@ -378,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.1,0.2",
                         help="fractions of each turn's logical length kept")
     parser.add_argument("--policies", default="snapkv,laq")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"of {', '.join((*MODES, *SUMMARY_BITS))}")
     parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-minutes", type=float, default=0,
@@ -395,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(counts) not in (1, len(targets)):
         raise SystemExit("reversible_probe: --samples: one count, or one per target")
     samples = dict(zip(targets, counts * len(targets) if len(counts) == 1 else counts))
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - {*MODES, *SUMMARY_BITS}:
+        raise SystemExit(f"reversible_probe: --modes of {', '.join((*MODES, *SUMMARY_BITS))}")
     try:
         budgets = [Budget(fraction=float(b)) for b in args.budgets.split(",") if b]
     except ValueError as err:
@@ -429,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         conv = conversations(family, target, tokens.count, args.seed, index, args.turns)[0]
         t0 = time.monotonic()
-        arms = make_arms(policies, budgets)
+        arms = make_arms(policies, budgets, modes)
         got = ask_conversation(harness, tokens, conv, arms, args.answer_tokens)
         rows += [{"family": family, "target": target, "conv": index, **r} for r in got]
         done += 1

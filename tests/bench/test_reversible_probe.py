@@ -207,3 +207,45 @@ def test_the_summary_pairs_the_modes_and_counts_retention_on_what_the_full_cache
                                                                         "total": 12}
     assert "restored" not in s["turns"]["doc_qa/64/full/1"]
     assert list(s["turns"])[:3] == ["doc_qa/64/full/0", "doc_qa/64/full/1", "doc_qa/64/full/later"]
+
+
+def test_rounded_keys_keep_each_vectors_largest_magnitude_and_use_the_levels_of_their_bits():
+    keys = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0))
+    for bits in (4, 2):
+        rounded = probe.rounded_keys(keys, bits)
+        top = 2 ** (bits - 1) - 1
+        scale = keys.abs().amax(-1, keepdim=True) / top
+        levels = (rounded / scale).round()
+        assert torch.allclose(rounded, levels * scale) and levels.min() >= -top - 1 and levels.max() <= top
+        assert torch.allclose(rounded.abs().amax(-1), keys.abs().amax(-1))
+        assert ((rounded - keys).abs() <= scale / 2 + 1e-6).all()
+    assert torch.equal(probe.rounded_keys(torch.zeros(1, 4), 4), torch.zeros(1, 4))
+
+
+def test_a_summary_mode_scores_held_out_tokens_from_rounded_keys_and_restores_exact_kv(harness, monkeypatch):
+    modes = ("reversible", "reversible-k4", "reversible-k2")
+    arms = probe.make_arms({"snapkv": make_policy("snapkv")}, [Budget(fraction=0.25)], modes)
+    session = probe.Session(harness, arms)
+    by = {a.mode: a for a in arms}
+    records = [session.add(new) for new in TURNS]
+    assert "jaccard_vs_exact" not in records[0]["snapkv/0.25/reversible-k4"]  # turn 1 scores no held-out token
+    for turn in records[1:]:
+        for mode in ("reversible-k4", "reversible-k2"):
+            assert 0 <= turn[f"snapkv/0.25/{mode}"]["jaccard_vs_exact"] <= 1
+        assert "jaccard_vs_exact" not in turn["snapkv/0.25/reversible"]
+    # two bits move some choices (each arm scores its own held-out keys, not the exact arm's keep-set)
+    assert min(turn["snapkv/0.25/reversible-k2"]["jaccard_vs_exact"] for turn in records[1:]) < 1
+    # the answering cache holds the exact KV of what the summary arm chose, whatever scored it
+    arm = by["reversible-k2"]
+    for i, (k, v) in zip(harness.layers, arm.store):
+        layer = arm.cache.layers[i]
+        assert torch.equal(layer.keys[0, 0], k[0, 0, arm.resident]) and torch.equal(layer.values[0, 0],
+                                                                                    v[0, 0, arm.resident])
+    # with rounding that changes nothing, the summary arm chooses exactly what the exact arm chooses
+    monkeypatch.setattr(probe, "rounded_keys", lambda keys, bits: keys)
+    arms = probe.make_arms({"snapkv": make_policy("snapkv")}, [Budget(fraction=0.25)], modes[:2])
+    session = probe.Session(harness, arms)
+    for new in TURNS:
+        later = session.add(new)
+    assert later["snapkv/0.25/reversible-k4"]["jaccard_vs_exact"] == 1.0
+    assert torch.equal(arms[0].resident, arms[1].resident)
