@@ -44,6 +44,19 @@ def test_ranks_that_keep_different_positions_fail_the_check(tmp_path):
     assert checks["snapkv-tp2: both TP ranks keep the same positions"]["ok"] is False  # an eviction missing
 
 
+def _record_launch_environments(monkeypatch) -> dict:
+    """Makes ``e2e.launch`` start nothing (a server is its args, with no stagger) and returns the dict it fills
+    with each server's environment at launch."""
+    seen = {}
+
+    def server(name, port, args, out):
+        seen[name] = dict(os.environ)
+        return args
+    monkeypatch.setattr(e2e, "Server", server)
+    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    return seen
+
+
 def test_two_gpu_servers_start_only_when_named(monkeypatch, tmp_path):
     monkeypatch.setattr(e2e, "Server", lambda name, port, args, out: args)
     monkeypatch.setattr(e2e, "STAGGER_S", 0)
@@ -162,13 +175,7 @@ def test_a_laq_reserve_is_checked_as_two_evictions(tmp_path, monkeypatch):
 def test_fa3_and_fp8_servers_start_only_when_named_without_an_opt_in(monkeypatch, tmp_path, tag, flag, value):
     """fa3 (issue 22 item 1) and an FP8 KV cache (item 4): plain, budget 1.0 and 10% servers, launched only when
     named, as a user launches them (both verified: no opt-in)."""
-    seen = {}
-
-    def server(name, port, args, out):
-        seen[name] = dict(os.environ)
-        return args
-    monkeypatch.setattr(e2e, "Server", server)
-    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    seen = _record_launch_environments(monkeypatch)
     assert not any(name.endswith(f"-{tag}") for name in e2e.launch(tmp_path, tmp_path, set()))
     named = e2e.launch(tmp_path, tmp_path, {f"plain-{tag}", f"full-{tag}", f"snapkv-{tag}"})
     assert all(args[args.index(flag) + 1] == value for args in named.values())
@@ -268,13 +275,7 @@ def test_overlap_servers_start_only_when_named_and_are_checked_against_twins_tha
     """Issue 22 item 2: the -overlap servers run SGLang's overlap scheduler as eviction leaves it by default (no
     opt-in) and are checked against the same setting with ``--disable-overlap-schedule``; a log without the
     scheduler on (or a reference with it on) fails the check."""
-    seen = {}
-
-    def server(name, port, args, out):
-        seen[name] = dict(os.environ)
-        return args
-    monkeypatch.setattr(e2e, "Server", server)
-    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    seen = _record_launch_environments(monkeypatch)
     twins = {f"{name}-overlap" for name in e2e.OVERLAP_TWINS}
     names = {"full-overlap", "snapkv-overlap", "laq-overlap"} | twins
     assert not names & set(e2e.launch(tmp_path, tmp_path, set()))
@@ -358,13 +359,7 @@ def test_kv_memory_reads_the_pool_sglang_logged_and_the_slots_each_prompt_kept(t
 
 
 def test_paged_triton_and_fa3_servers_and_opt_in_overlap_twins_start_only_when_named(monkeypatch, tmp_path):
-    seen = {}
-
-    def server(name, port, args, out):
-        seen[name] = dict(os.environ)
-        return args
-    monkeypatch.setattr(e2e, "Server", server)
-    monkeypatch.setattr(e2e, "STAGGER_S", 0)
+    seen = _record_launch_environments(monkeypatch)
     paged = set(e2e.PAGED_OTHER_BACKENDS)
     twins = {f"{name}-overlap" for name in e2e.OVERLAP_OPT_IN_TWINS}
     assert not (paged | twins) & set(e2e.launch(tmp_path, tmp_path, set()))
