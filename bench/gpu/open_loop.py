@@ -13,7 +13,7 @@ side). Model shapes come from the public configs (random weights, ``--load-forma
 | ``plain-capped`` | ``plain`` with ``--max-total-tokens CAP`` (the starved-pool regime of earlier runs, labelled) |
 | ``plain-fp8`` | ``plain`` with ``--kv-cache-dtype fp8_e4m3`` (half the bytes per token) |
 | ``plain-hicache`` | ``plain`` with ``--enable-hierarchical-cache`` (SGLang's host-memory tier for radix nodes) |
-| ``plain-evict-sched`` | ``plain`` with the scheduler settings eviction imposes (overlap scheduling off) |
+| ``plain-evict-sched`` | ``plain`` with overlap scheduling off (eviction's scheduler before 2026-12-07, and where overlap is not verified) |
 | ``evict-POLICY-BUDGET`` | SGLang + ``--kv-evict-policy POLICY --kv-evict-budget BUDGET``, e.g. ``evict-laq-0.1`` |
 
 Every config gets the same ``--mem-fraction-static``, ``--max-running-requests``, attention backend and
