@@ -25,6 +25,9 @@ decoded on that keep-set (its first token comes from the prefill, before the cut
   but the held-out tokens are scored from their keys rounded to 4 or 2 bits (symmetric, one scale
   per token and KV head), what a GPU-resident summary would hold; the chosen ones come back with
   their exact KV. Their records say how much of the exact ``reversible`` keep-set they chose.
+- ``reversible-tree`` (with ``--modes``): what a server restoring from host memory can do without
+  changing the radix tree's shared nodes: the prefix is the tree's, as ``server`` (each turn's
+  tokens as that turn kept them), and every logical token is a candidate, as ``reversible``.
 
 Answers are greedy, cut at a new line, scored as the quality suite scores them. Arms whose views and
 prefixes were equal at every turn hold equal caches, so they prefill and decode once.
@@ -52,9 +55,15 @@ from sgl_evict.selection import Budget, KeepSet, protected_mask
 MODES = ("irreversible", "server", "reversible")
 #: reversible eviction scoring held-out tokens from keys rounded to this many bits
 SUMMARY_BITS = {"reversible-k4": 4, "reversible-k2": 2}
+#: every logical token a candidate, prefilled over the radix tree's prefix (as ``server``)
+TREE = "reversible-tree"
+#: modes whose next turn is prefilled over what the tree holds, not over the keep-set
+TREE_PREFIX = ("server", TREE)
 #: (a, b) mode pairs compared on the same later turns
 PAIRS = (("irreversible", "reversible"), ("server", "reversible"), ("irreversible", "server"),
-         *(("reversible", mode) for mode in SUMMARY_BITS))
+         *(("reversible", mode) for mode in SUMMARY_BITS), ("reversible", TREE))
+#: every mode ``--modes`` takes
+ALL_MODES = (*MODES, *SUMMARY_BITS, TREE)
 
 
 def rounded_keys(keys: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,8 +86,8 @@ class Arm:
         cache: the transformers cache it answers with; its compressed layers hold ``resident``.
         resident: ``[R]`` int64 logical positions of this turn's keep-set (its view), ascending.
         prefix: ``[P]`` int64 logical positions the next turn is prefilled over, ascending: the
-            keep-set, or (``server``) what the radix tree holds.
-        store: ``server`` and ``reversible``: per compressed layer ``(keys, values)``, each
+            keep-set, or (``server``, ``reversible-tree``) what the radix tree holds.
+        store: every mode but ``irreversible``: per compressed layer ``(keys, values)``, each
             ``[1, num_kv_heads, seq_len, head_dim]``, of every logical token as it was computed
             when first prefilled (the tree's or host memory's copy).
         trail: ``(resident, prefix)`` of every turn so far: equal trails hold equal caches.
@@ -101,8 +110,8 @@ class Arm:
         return f"{self.policy_name}/{self.budget}/{self.mode}"
 
     def prefix_cache(self, harness):
-        """The cache the next turn is prefilled over: the answer's cache, or (``server``, when the
-        tree holds more) one whose compressed layers hold the tree's tokens from the store."""
+        """The cache the next turn is prefilled over: the answer's cache, or (:data:`TREE_PREFIX`,
+        when the tree holds more) one whose compressed layers hold the tree's tokens from the store."""
         if torch.equal(self.prefix, self.resident):
             return self.cache
         cache = harness._shallow_copy(self.cache)
@@ -204,7 +213,7 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
     exact_state = state if exact is scored else PrefillState(state.input_ids, exact, last_logits, window)
     arm.cache, arm.resident = harness._compressed_cache(exact_state, keep), resident
     # the tree keeps what it holds and takes the new tokens this turn kept
-    arm.prefix = torch.cat([arm.prefix, resident[resident >= start]]) if arm.mode == "server" \
+    arm.prefix = torch.cat([arm.prefix, resident[resident >= start]]) if arm.mode in TREE_PREFIX \
         else resident
     arm.trail += ((tuple(resident.tolist()), tuple(arm.prefix.tolist())),)
     arm.first = int(last_logits.argmax())
@@ -413,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.1,0.2",
                         help="fractions of each turn's logical length kept")
     parser.add_argument("--policies", default="snapkv,laq")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"of {', '.join((*MODES, *SUMMARY_BITS))}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(ALL_MODES)}")
     parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-minutes", type=float, default=0,
@@ -433,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("reversible_probe: --samples: one count, or one per target")
     samples = dict(zip(targets, counts * len(targets) if len(counts) == 1 else counts))
     modes = tuple(m for m in args.modes.split(",") if m)
-    if not modes or set(modes) - {*MODES, *SUMMARY_BITS}:
-        raise SystemExit(f"reversible_probe: --modes of {', '.join((*MODES, *SUMMARY_BITS))}")
+    if not modes or set(modes) - set(ALL_MODES):
+        raise SystemExit(f"reversible_probe: --modes of {', '.join(ALL_MODES)}")
     try:
         budgets = [Budget(fraction=float(b)) for b in args.budgets.split(",") if b]
     except ValueError as err:

@@ -249,3 +249,24 @@ def test_a_summary_mode_scores_held_out_tokens_from_rounded_keys_and_restores_ex
         later = session.add(new)
     assert later["snapkv/0.25/reversible-k4"]["jaccard_vs_exact"] == 1.0
     assert torch.equal(arms[0].resident, arms[1].resident)
+
+
+def test_the_tree_mode_prefills_over_the_trees_prefix_and_scores_every_logical_token(harness):
+    modes = ("reversible", probe.TREE)
+    arms = probe.make_arms({"snapkv": make_policy("snapkv")}, [Budget(fraction=0.25)], modes)
+    session, (rev, tree_arm) = probe.Session(harness, arms), arms
+    first = session.add(TURNS[0])
+    kept_first = set(tree_arm.resident.tolist())
+    second = session.add(TURNS[1])
+    # turn 2: the same prefix as reversible (turn 1's keep-set), so the same candidates and keep-set
+    assert torch.equal(rev.resident, tree_arm.resident)
+    tree = sorted(kept_first | {t for t in tree_arm.resident.tolist() if t >= 120})
+    assert tree_arm.prefix.tolist() == tree and second[tree_arm.name]["held"] == len(tree)
+    assert second[rev.name]["held"] == second[rev.name]["resident"] < len(tree)
+    assert tree_arm.prefix_cache(harness).layers[harness.layers[0]].keys.shape[2] == len(tree)
+    third = session.add(TURNS[2])
+    # turn 3 keeps tokens the tree no longer holds (dropped at turn 1): every logical token competed
+    new = set(range(140, 156))
+    back = set(tree_arm.resident.tolist()) - set(tree) - new
+    assert back and third[tree_arm.name]["resident"] == len(tree_arm.resident)
+    assert first[tree_arm.name] == first[rev.name]
