@@ -356,6 +356,8 @@ def summarize(rows: list[dict]) -> dict:
             twin = arm[: -len(a)] + b
             pairs = [(r["correct"], by[(task, r["conv"], r["turn"], twin)]["correct"])
                      for r in later if (task, r["conv"], r["turn"], twin) in by]
+            if not pairs:  # the twin mode did not run
+                continue
             only_a, only_b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
             out["paired_later"][f"{task}/{arm[: -len(a) - 1]}/{a}_vs_{b}"] = {
                 "n": len(pairs), f"only_{a}": only_a, f"only_{b}": only_b,

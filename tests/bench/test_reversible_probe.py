@@ -182,6 +182,7 @@ def test_a_conversation_gives_one_row_per_turn_and_arm_and_the_summary_counts_th
     later = s["turns"]["doc_qa/256/snapkv/0.3/reversible/later"]["retention"]
     assert (later["k"], later["n"]) == (2, 2)
     assert s["paired_later"]["doc_qa/256/snapkv/0.3/server_vs_reversible"]["n"] == 2
+    assert not any("reversible-k4" in pair for pair in s["paired_later"])  # a mode that did not run
     assert "| doc_qa/256/snapkv/0.3/reversible | 2 |" in probe.table(s)
 
 
