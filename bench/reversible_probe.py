@@ -28,6 +28,9 @@ decoded on that keep-set (its first token comes from the prefill, before the cut
 - ``reversible-tree`` (with ``--modes``): what a server restoring from host memory can do without
   changing the radix tree's shared nodes: the prefix is the tree's, as ``server`` (each turn's
   tokens as that turn kept them), and every logical token is a candidate, as ``reversible``.
+- ``reversible-carry`` (with ``--modes``): as ``reversible-tree``, but the next turn's prefix also
+  holds what this turn restored (a finishing request records it on the leaf it inserts, and the
+  next turn brings it back before its prefill): the tree and the previous keep-set together.
 
 Answers are greedy, cut at a new line, scored as the quality suite scores them. Arms whose views and
 prefixes were equal at every turn hold equal caches, so they prefill and decode once.
@@ -57,13 +60,16 @@ MODES = ("irreversible", "server", "reversible")
 SUMMARY_BITS = {"reversible-k4": 4, "reversible-k2": 2}
 #: every logical token a candidate, prefilled over the radix tree's prefix (as ``server``)
 TREE = "reversible-tree"
+#: as TREE, the next turn prefilled over the tree and what this turn restored
+CARRY = "reversible-carry"
 #: modes whose next turn is prefilled over what the tree holds, not over the keep-set
 TREE_PREFIX = ("server", TREE)
 #: (a, b) mode pairs compared on the same later turns
 PAIRS = (("irreversible", "reversible"), ("server", "reversible"), ("irreversible", "server"),
-         *(("reversible", mode) for mode in SUMMARY_BITS), ("reversible", TREE))
+         *(("reversible", mode) for mode in SUMMARY_BITS), ("reversible", TREE), ("reversible", CARRY),
+         (CARRY, TREE))
 #: every mode ``--modes`` takes
-ALL_MODES = (*MODES, *SUMMARY_BITS, TREE)
+ALL_MODES = (*MODES, *SUMMARY_BITS, TREE, CARRY)
 
 
 def rounded_keys(keys: torch.Tensor, bits: int) -> torch.Tensor:
@@ -86,7 +92,10 @@ class Arm:
         cache: the transformers cache it answers with; its compressed layers hold ``resident``.
         resident: ``[R]`` int64 logical positions of this turn's keep-set (its view), ascending.
         prefix: ``[P]`` int64 logical positions the next turn is prefilled over, ascending: the
-            keep-set, or (``server``, ``reversible-tree``) what the radix tree holds.
+            keep-set, or (``server``, ``reversible-tree``) what the radix tree holds, or
+            (``reversible-carry``) both.
+        tree: ``[T]`` int64 logical positions the radix tree holds live: each turn's new tokens as
+            that turn kept them (the tree keeps the first insert).
         store: every mode but ``irreversible``: per compressed layer ``(keys, values)``, each
             ``[1, num_kv_heads, seq_len, head_dim]``, of every logical token as it was computed
             when first prefilled (the tree's or host memory's copy).
@@ -101,6 +110,7 @@ class Arm:
     cache: object = None
     resident: torch.Tensor = field(default_factory=_positions)
     prefix: torch.Tensor = field(default_factory=_positions)
+    tree: torch.Tensor = field(default_factory=_positions)
     store: list | None = None
     trail: tuple = ()
     first: int = 0
@@ -110,8 +120,9 @@ class Arm:
         return f"{self.policy_name}/{self.budget}/{self.mode}"
 
     def prefix_cache(self, harness):
-        """The cache the next turn is prefilled over: the answer's cache, or (:data:`TREE_PREFIX`,
-        when the tree holds more) one whose compressed layers hold the tree's tokens from the store."""
+        """The cache the next turn is prefilled over: the answer's cache, or (:data:`TREE_PREFIX`
+        and :data:`CARRY`, when the prefix holds more) one whose compressed layers hold the prefix's
+        tokens from the store."""
         if torch.equal(self.prefix, self.resident):
             return self.cache
         cache = harness._shallow_copy(self.cache)
@@ -213,8 +224,13 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
     exact_state = state if exact is scored else PrefillState(state.input_ids, exact, last_logits, window)
     arm.cache, arm.resident = harness._compressed_cache(exact_state, keep), resident
     # the tree keeps what it holds and takes the new tokens this turn kept
-    arm.prefix = torch.cat([arm.prefix, resident[resident >= start]]) if arm.mode in TREE_PREFIX \
-        else resident
+    arm.tree = torch.cat([arm.tree, resident[resident >= start]])
+    if arm.mode in TREE_PREFIX:
+        arm.prefix = arm.tree
+    elif arm.mode == CARRY:  # torch.unique sorts
+        arm.prefix = torch.unique(torch.cat([arm.tree, resident]))
+    else:
+        arm.prefix = resident
     arm.trail += ((tuple(resident.tolist()), tuple(arm.prefix.tolist())),)
     arm.first = int(last_logits.argmax())
     always = int(protected(harness, len(candidates)).sum())

@@ -271,3 +271,23 @@ def test_the_tree_mode_prefills_over_the_trees_prefix_and_scores_every_logical_t
     back = set(tree_arm.resident.tolist()) - set(tree) - new
     assert back and third[tree_arm.name]["resident"] == len(tree_arm.resident)
     assert first[tree_arm.name] == first[rev.name]
+
+
+def test_the_carry_mode_prefills_over_the_tree_and_what_the_previous_turn_restored(harness):
+    modes = (probe.TREE, probe.CARRY)
+    arms = probe.make_arms({"snapkv": make_policy("snapkv")}, [Budget(fraction=0.25)], modes)
+    session, (tree_arm, carry) = probe.Session(harness, arms), arms
+    session.add(TURNS[0])
+    kept_first = set(carry.resident.tolist())
+    second = session.add(TURNS[1])
+    assert torch.equal(carry.resident, tree_arm.resident)  # same prefix and candidates at turn 2
+    tree = kept_first | {t for t in carry.resident.tolist() if t >= 120}
+    restored = set(carry.resident.tolist()) - kept_first - set(range(120, 140))
+    assert restored and carry.tree.tolist() == sorted(tree) == tree_arm.prefix.tolist()
+    assert carry.prefix.tolist() == sorted(tree | restored)
+    assert second[carry.name]["held"] == len(tree | restored) > second[tree_arm.name]["held"] == len(tree)
+    cache = carry.prefix_cache(harness).layers[harness.layers[0]]
+    k, _ = carry.store[0]
+    assert torch.equal(cache.keys, k[:, :, carry.prefix])  # the restored tokens' original keys
+    session.add(TURNS[2])
+    assert set(carry.tree.tolist()) == tree | {t for t in carry.resident.tolist() if t >= 140}
