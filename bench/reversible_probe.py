@@ -181,7 +181,8 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
     new tokens (logical ``start .. len(ids) - 1``). Updates the arm.
 
     Returns ``{"resident", "held", "restored", "evicted", "protected_only"}``: held counts the
-    tokens the conversation keeps in GPU memory after the turn (``server``: the tree's); restored,
+    tokens the next turn is prefilled over (its ``prefix``: the keep-set, the tree's tokens, or with
+    ``reversible-carry`` those and what this turn restored); restored,
     tokens not in the previous keep-set, nor new, that are in this one; evicted, tokens of the
     previous keep-set or new that are not; protected_only, a budget that the sinks and the protected
     tail fill alone. ``memo``: keep-sets chosen this turn (equal trails and candidates share one).
@@ -223,7 +224,7 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
     was[torch.cat([arm.resident, new])], now[resident] = True, True
     exact_state = state if exact is scored else PrefillState(state.input_ids, exact, last_logits, window)
     arm.cache, arm.resident = harness._compressed_cache(exact_state, keep), resident
-    # the tree keeps what it holds and takes the new tokens this turn kept
+    # the tree keeps what it holds and takes the new tokens this turn kept (every mode tracks it)
     arm.tree = torch.cat([arm.tree, resident[resident >= start]])
     if arm.mode in TREE_PREFIX:
         arm.prefix = arm.tree
