@@ -14,7 +14,8 @@
   token and inserts the prompt into the radix tree, evicts from the requests whose prefill finished
   (:func:`sgl_evict.engine.evict_batch.evict_after_prefill`; keys and, for laprox, values read from the pool;
   for judgeq, one extra forward of the soft tokens, :class:`sgl_evict.patches.judgeq.SoftTokenForward`; over a
-  layered pool, one keep-set per layer group, :func:`layered_allocator`).
+  layered pool, one keep-set per layer group, :func:`layered_allocator`; with a host pool, evicted tokens copied
+  to host memory and later turns' kept ones restored, :func:`reversible_tree`).
   Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes; the
   prefill's result (its logits and sampled tokens) is computed before and untouched. After SGLang's processing,
   the holes of the requests still running are counted on the host (:func:`count_prefill_holes`).
@@ -87,6 +88,13 @@ def layered_allocator(allocator):
     from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
 
     return allocator if isinstance(allocator, LayeredTokenToKVPoolAllocator) else None
+
+
+def reversible_tree(tree_cache):
+    """The radix tree when it keeps host copies of evicted tokens (``--kv-evict-host-pool-gb``: a
+    :class:`~sgl_evict.engine.reversible_radix_cache.ReversibleRadixCache`, known by its host pool without importing
+    SGLang's tree), else None."""
+    return tree_cache if getattr(tree_cache, "host_pool", None) is not None else None
 
 
 def check_per_layer_pool(allocator, window_layers: frozenset[int]) -> None:
@@ -205,7 +213,8 @@ def process_batch_result_prefill_around(original, self, batch, result, *args, **
         soft_token_forward = SoftTokenForward(self, batch) if STATE.soft_tokens is not None else None
         evict_after_prefill(batch, STATE, **pool_arguments(self), value_buffer=value_buffer,
                             soft_token_forward=soft_token_forward,
-                            layered=layered_allocator(self.token_to_kv_pool_allocator))
+                            layered=layered_allocator(self.token_to_kv_pool_allocator),
+                            reversible=reversible_tree(getattr(self, "tree_cache", None)))
     processed = original(self, batch, result, *args, **kwargs)
     if STATE.enabled:
         count_prefill_holes(batch, self.req_to_token_pool.req_to_token)

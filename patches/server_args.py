@@ -31,7 +31,7 @@ FLAG_OF_FIELD = {
     "lookahead_reserve": "--kv-evict-lookahead-reserve",
     "soft_tokens": "--kv-evict-soft-tokens", "page_granular": "--kv-evict-page-granular",
     "granularity": "--kv-evict-granularity", "layer_groups": "--kv-evict-layer-groups",
-    "history": "--kv-evict-history",
+    "history": "--kv-evict-history", "host_pool_gb": "--kv-evict-host-pool-gb",
 }
 _DEFAULTS = EvictionConfig()
 
@@ -62,6 +62,16 @@ def _reserve(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value != 0 and not value >= 1:
         raise argparse.ArgumentTypeError(f"0 (off) or a factor of at least 1, got {text}")
+    return value
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in GiB, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
 
 
@@ -103,7 +113,12 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-evict-history", choices=HISTORY_RULES, default=_DEFAULTS.history,
                        help="A request that starts from a cached compressed prefix (a later turn): rescore the whole "
                             "history to the budget of its full length, or keep the prefix as cached and compress "
-                            "only its new tokens to the budget (uniform only).")
+                            "only its new tokens to the budget (uniform only), or restore: rescore every token, "
+                            "evicted ones from host memory, and bring back those kept (needs "
+                            "--kv-evict-host-pool-gb).")
+    group.add_argument("--kv-evict-host-pool-gb", type=_gib, default=_DEFAULTS.host_pool_gb,
+                       help="Host memory (GiB) that keeps evicted tokens' K and V, so later turns with history "
+                            "restore can bring them back (default 0: none).")
 
 
 def config_from_namespace(args: argparse.Namespace) -> EvictionConfig:
@@ -155,6 +170,7 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
                 raise ValueError(f"argument {flag}: not supported together with --kv-evict-policy yet ({why})")
     if config.enabled:
         _check_kv_cache_dtype(config, args)
+    _check_host_pool(config, args)
     page_size = getattr(args, "page_size", None) or 1
     backend = getattr(args, "attention_backend", None)
     # page-granular eviction ran end to end on FlashInfer (bench/results/evict_e2e_*); other backends' paged
@@ -164,6 +180,27 @@ def check_server_support(config: EvictionConfig, args: argparse.Namespace) -> No
         raise ValueError(f"argument --page-size: page-granular eviction (--page-size {page_size}) is verified with "
                          f"--attention-backend flashinfer only (got {backend or 'the default'}); pass it, use "
                          "--page-size 1, or set SGL_EVICT_EXPERIMENTAL_PAGES=1 to try this backend")
+
+
+def _check_host_pool(config: EvictionConfig, args: argparse.Namespace) -> None:
+    """ValueError naming the flag for a host pool (``--kv-evict-host-pool-gb``) the engine cannot use: it keeps
+    copies of evicted tokens for the radix tree's later turns, built for one GPU, single-token pages and the
+    uniform granularity."""
+    if not config.host_pool_gb:
+        return
+    flag = "--kv-evict-host-pool-gb"
+    if not config.enabled:
+        raise ValueError(f"argument {flag}: needs --kv-evict-policy")
+    checks = (
+        ("--page-size", (getattr(args, "page_size", None) or 1) == 1, "runs with --page-size 1 only"),
+        ("--tp-size", (getattr(args, "tp_size", None) or 1) == 1, "runs on one GPU only"),
+        ("--disable-radix-cache", not getattr(args, "disable_radix_cache", False),
+         "later turns find evicted tokens through the radix cache"),
+        ("--kv-evict-granularity", config.granularity == "uniform", "is built for uniform eviction only"),
+    )
+    for other, ok, why in checks:
+        if not ok:
+            raise ValueError(f"argument {other}: {flag} {why}")
 
 
 def _check_kv_cache_dtype(config: EvictionConfig, args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ import hashlib
 import os
 
 from sgl_evict.policies import POLICIES, EvictionPolicy, make_policy
-from sgl_evict.policies.base import LOOKAHEAD
+from sgl_evict.policies.base import LOOKAHEAD, SOFT_TOKENS
 from sgl_evict.selection import Budget
 
 #: the registered policies (:data:`sgl_evict.policies.POLICIES`), in registration order
@@ -18,9 +18,10 @@ GRANULARITIES = ("uniform", "per_layer")
 #: evicting server selects (sgl_evict.engine.hole_radix_cache)
 RADIX_CACHE_BACKEND = "sgl-evict"
 #: what a request that starts from a cached compressed prefix (a later turn) does with it: ``rescore`` the whole
-#: history to the budget of its full length, or ``keep`` the prefix as the radix cache holds it and spend the
-#: budget on its own new tokens (docs/quality.md measures both)
-HISTORY_RULES = ("rescore", "keep")
+#: history to the budget of its full length, ``keep`` the prefix as the radix cache holds it and spend the
+#: budget on its own new tokens (docs/quality.md measures both), or ``restore``: rescore every logical token,
+#: evicted ones from their copies in host memory, and bring back the kept ones (issue 25; needs a host pool)
+HISTORY_RULES = ("rescore", "keep", "restore")
 #: config fields the server's policy object takes, as its own option names (where the policy has that option)
 POLICY_OPTIONS = {"pooling_kernel": "pooling_kernel", "lookahead_steps": "lookahead_steps",
                   "lookahead_reserve": "reserve",
@@ -46,6 +47,8 @@ class EvictionConfig:
     granularity: str = "uniform"
     layer_groups: int | None = None
     history: str = "rescore"
+    #: host memory (GiB) for evicted tokens' K and V (``history`` ``restore``); per server, 0: none
+    host_pool_gb: float = 0.0
 
     def __post_init__(self):
         self._check_types()
@@ -65,6 +68,7 @@ class EvictionConfig:
             raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
         if self.history not in HISTORY_RULES:
             raise ValueError(f"history: {self.history!r} is not one of {', '.join(HISTORY_RULES)}")
+        self._check_restore()
         if POLICIES[self.policy].uses("soft_token_queries"):
             if not self.soft_tokens:
                 raise ValueError(f"soft_tokens: policy {self.policy!r} needs a soft-token file")
@@ -92,6 +96,25 @@ class EvictionConfig:
             raise ValueError(f"soft_tokens: expected a file path, got {self.soft_tokens!r}")
         if self.budget is not None and not isinstance(self.budget, Budget):
             raise ValueError(f"budget: expected a Budget, got {self.budget!r}")
+
+    def _check_restore(self) -> None:
+        """``host_pool_gb`` is a size; ``history`` ``restore`` needs one, and is built for policies scored from the
+        window's keys or from positions only (laq would need the evicted keys again after its lookahead steps,
+        judgeq its soft tokens' forward over them, laprox their value norms) on single-token pages."""
+        gb = self.host_pool_gb
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
+            raise ValueError(f"host_pool_gb: expected a size in GiB of at least 0, got {gb!r}")
+        if self.history != "restore" or not self.enabled:
+            return
+        if not gb:
+            raise ValueError("history: 'restore' needs host memory for evicted tokens: a server started with "
+                             "--kv-evict-host-pool-gb")
+        policy = POLICIES[self.policy]
+        if policy.query_source in (LOOKAHEAD, SOFT_TOKENS) or policy.value_weighted:
+            raise ValueError(f"history: 'restore' is not built for policy {self.policy!r} (snapkv, dapq and the "
+                             "position policies only)")
+        if self.page_granular:
+            raise ValueError("history: 'restore' is not built for page-granular eviction")
 
     def _check_granularity(self) -> None:
         """``granularity`` per_layer (issue 9's layered pool, ``layer_groups`` groups; None: one per layer) needs a
@@ -152,7 +175,7 @@ class EvictionConfig:
         raw = request_params["kv_evict"]
         if not isinstance(raw, dict):
             raise ValueError(f"kv_evict: expected an object such as {{'policy': 'snapkv', 'budget': 0.2}}, got {raw!r}")
-        for name in ("granularity", "layer_groups", "page_granular"):
+        for name in ("granularity", "layer_groups", "page_granular", "host_pool_gb"):
             # the KV pool's layout is per server; a paged pool frees whole pages only (holes mid-page would leak)
             if name in raw and raw[name] != getattr(self, name):
                 raise ValueError(f"{name}: set by the server (--kv-evict-{name.replace('_', '-')}): the KV pool's "

@@ -22,6 +22,7 @@ from sgl_evict.engine.judgeq import SoftTokenQueries
 from sgl_evict.engine.keep import combined_scores, keep_mask, one_read_check, position_scores, window_request
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_requests, mixed_scores
+from sgl_evict.engine.restore import RestoreCandidates, restore_candidates, restore_keep, restore_scores, restore_tokens
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.engine.score_plan import ScoreRequest, score_requests
 from sgl_evict.env import env_setting
@@ -45,7 +46,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
                         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, page_size: int = 1,
                         value_buffer: Callable | None = None,
                         soft_token_forward: Callable[[list], SoftTokenQueries | None] | None = None,
-                        layered=None) -> int:
+                        layered=None, reversible=None) -> int:
     """Evicts from every request of ``batch`` (SGLang's ``ScheduleBatch``) whose prefill it finished.
 
     Args:
@@ -65,6 +66,10 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             :class:`~sgl_evict.engine.layered_allocator.LayeredTokenToKVPoolAllocator` (its pool is the
             ``LayeredMHATokenToKVPool`` that ``key_buffer`` / ``value_buffer`` read); every request then keeps one
             keep-set per layer group (:func:`_evict_per_layer`). None: one keep-set for all layers.
+        reversible: ``--kv-evict-host-pool-gb``: the server's
+            :class:`~sgl_evict.engine.reversible_radix_cache.ReversibleRadixCache`. A request with ``history``
+            ``restore`` then copies its evicted tokens to host memory, and one whose matched prefix has copies
+            rescores every token and brings the kept ones back (:func:`_evict_restoring`). None: no host copies.
 
     Returns:
         slots freed (with ``layered``: group-slots).
@@ -75,6 +80,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     freed = 0
     judged = []
     scored: list[PromptToScore] = []
+    to_restore: list[PromptToScore] = []
     modes = ScoringModes()
     for i, req in enumerate(batch.reqs):
         if not finishes_prefill(req, batch):
@@ -90,10 +96,14 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             logger.warning("sgl-evict: request %s asks for %s, but %s: its cache is kept in full", req.rid,
                            config.policy, missing)
             continue
+        restoring = reversible is not None and config.history == "restore"
+        candidates = restore_candidates(reversible, req, row) if restoring else None
         # what the selector keeps at least: the budget, and the sinks and recent tokens it always protects
         recent = max(config.window, state.protected_recent)
-        live = count_live(row)
+        live = count_live(row) if candidates is None else candidates.count
         if max(config.budget.num_tokens(seq_len), min(seq_len, config.sinks + recent)) >= live:
+            if candidates is not None:  # every held-out token fits: all come back
+                state.restored_tokens += restore_tokens(reversible, req, row, *_backed(candidates))
             continue
         if policy.query_source == SOFT_TOKENS:
             if seq_len + state.soft_tokens.count > req_to_token.shape[1]:
@@ -106,9 +116,15 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             modes.add(policy, {}, "per_layer pool (scored through each group's slots)")
             scored.append(PromptToScore(req, config, row, capture.queries_of(i), {}, layer_rows(layered, row)))
             continue
+        if candidates is not None:
+            modes.add(policy, {}, "restoring from host memory (every logical token rescored)")
+            to_restore.append(PromptToScore(req, config, row, capture.queries_of(i), {},
+                                            offload=reversible.offload, candidates=candidates))
+            continue
         row_lse, why = _window_lse(capture, i, policy, live)
         modes.add(policy, row_lse, why)
-        scored.append(PromptToScore(req, config, row, capture.queries_of(i), row_lse))
+        scored.append(PromptToScore(req, config, row, capture.queries_of(i), row_lse,
+                                    offload=reversible.offload if restoring else None))
     # every request's scores at once: one kernel launch per layer for the requests that share its constants
     all_scores = prefill_scores(scored, capture.scaling, state, key_buffer, value_buffer, attention_mass)
     for entry, scores in zip(scored, all_scores):
@@ -116,6 +132,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
             freed += _evict_per_layer(entry, scores, state, all_reduce, layered)
         else:
             freed += _evict_scored(entry, scores, state, free, all_reduce, page_size, capture.scaling)
+    for entry in to_restore:
+        freed += _evict_restoring(entry, state, free, reversible, key_buffer, attention_mass, capture.scaling)
     if judged:
         freed += _evict_judged(judged, state, req_to_token, key_buffer, free, attention_mass, all_reduce, page_size,
                                soft_token_forward)
@@ -126,7 +144,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
 @dataclasses.dataclass
 class PromptToScore:
     """A request of the batch scored from its prompt: its window queries (layer id -> ``[num_q_heads, n, d]``),
-    the window LSE it may read its keys once with, and (layered pool) its slots in each layer's buffer."""
+    the window LSE it may read its keys once with, (layered pool) its slots in each layer's buffer, and (host pool)
+    where its evicted tokens go and which held-out tokens it may bring back."""
 
     req: object
     config: object
@@ -134,6 +153,10 @@ class PromptToScore:
     queries: dict[int, torch.Tensor]
     row_lse: dict[int, torch.Tensor]
     row_of: Callable[[int], torch.Tensor] | None = None
+    #: history ``restore``: copies dropped own tokens to host memory before their slots are freed
+    offload: Callable | None = None
+    #: history ``restore`` on a prefix with host copies: every logical token this request scores
+    candidates: RestoreCandidates | None = None
 
 
 def _evict_scored(entry: PromptToScore, scores: torch.Tensor, state: EngineState, free: Callable,
@@ -144,7 +167,7 @@ def _evict_scored(entry: PromptToScore, scores: torch.Tensor, state: EngineState
     combined = _rank_combined(scores, all_reduce)
     keep = keep_mask(combined, config, row, page_size, state.protected_recent, req.cache_protected_len)
     if config.policy_object.query_source != LOOKAHEAD:
-        return _evict(req, row, keep, state, free)
+        return _evict(req, row, keep, state, free, entry.offload, combined)
     # the lookahead steps decode on the snapkv view; before they have run, only what falls outside the reserve
     # (the provisional best reserve x budget, when one is set) is dropped
     freed = 0
@@ -392,14 +415,58 @@ def _rank_combined(scores: torch.Tensor, all_reduce: Callable[[torch.Tensor], to
     return combined if all_reduce is None else all_reduce(combined)
 
 
-def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None]) -> int:
-    """Punches ``req``'s dropped tokens into its prompt ``row``, frees the slots it owns, logs; returns slots freed."""
+def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free: Callable[[torch.Tensor], None],
+           offload: Callable | None = None, combined: torch.Tensor | None = None) -> int:
+    """Punches ``req``'s dropped tokens into its prompt ``row``, frees the slots it owns, logs; returns slots freed.
+    ``offload`` (history ``restore``): first copies the K and V of the dropped tokens it owns to host memory
+    (:meth:`~sgl_evict.engine.reversible_radix_cache.ReversibleRadixCache.offload`), the best by ``combined
+    [seq_len]`` scores first when host memory is short."""
     if env_setting("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
         logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
+    owned_dropped = is_live(row) & ~keep
+    owned_dropped[:req.cache_protected_len] = False
+    positions = owned_dropped.nonzero().flatten()
     slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
+    if offload is not None:
+        # before the slots are freed: the next allocation may overwrite their K and V
+        offload(req, positions, slots, row.shape[0], None if combined is None else combined[positions])
     free(slots)
     state.freed_slots += slots.numel()
     state.hidden_tokens += hidden
     logger.info("sgl-evict: request %s kept %d of %d tokens, freed %d slots, hid %d", req.rid, count_live(row),
                 row.shape[0], slots.numel(), hidden)
     return slots.numel()
+
+
+def _backed(candidates: RestoreCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions, host slots, priority)`` of every host-backed hole (all restored, in order)."""
+    positions = candidates.backed.nonzero().flatten()
+    return positions, candidates.host[positions], torch.zeros(positions.numel())
+
+
+def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, reversible, key_buffer: Callable,
+                     attention_mass: Callable, scaling: dict) -> int:
+    """One request whose prefix has host copies (:mod:`sgl_evict.engine.restore`): every logical token scored,
+    the dropped live ones evicted (its own copied to host and freed), the kept host-backed holes restored.
+    Returns slots freed (the restored ones count in ``state.restored_tokens``)."""
+    req, config, row, candidates = entry.req, entry.config, entry.row, entry.candidates
+    policy = config.policy_object
+    host_pool, device_pool = reversible.host_pool, reversible.device_pool
+    start = getattr(device_pool, "start_layer", 0)
+
+    def host_keys(layer: int, host_slots: torch.Tensor) -> torch.Tensor:
+        dtype = key_buffer(layer).dtype
+        return host_pool.keys(layer - start, host_slots, row.device).view(dtype)
+
+    rope = state.rope if policy.query_source == REROTATED_WINDOW else None
+    scores = restore_scores(policy, candidates, row, entry.queries, scaling, key_buffer, host_keys,
+                            attention_mass, rope)
+    keep = restore_keep(scores, config, candidates, state.protected_recent)
+    combined = combined_scores(scores)
+    freed = _evict(req, row, keep & candidates.live, state, free, entry.offload, combined)
+    back = (keep & candidates.backed).nonzero().flatten()
+    restored = restore_tokens(reversible, req, row, back, candidates.host[back], combined[back])
+    state.restored_tokens += restored
+    logger.info("sgl-evict: request %s restored %d of its %d held-out tokens from host memory", req.rid, restored,
+                int(candidates.backed.sum()))
+    return freed

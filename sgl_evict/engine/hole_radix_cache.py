@@ -22,6 +22,7 @@ them, and what the scheduler reads is in token-equivalents (``// G``). With a pl
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
@@ -221,7 +222,9 @@ def build(ctx):
     off with chunked prefill: no tree, no counts to correct; without chunked prefill SGLang builds a disabled
     ``RadixCache``, and this its subclass, whose ``cache_unfinished_req`` still leaves a pending laq request its
     prompt). ValueError naming the flag for a server whose default would be another tree (hierarchical, hybrid,
-    LMCache or FlexKV caches), which counts tokens without knowing of holes."""
+    LMCache or FlexKV caches), which counts tokens without knowing of holes. With ``--kv-evict-host-pool-gb`` the
+    tree keeps host copies of evicted tokens (:class:`~sgl_evict.engine.reversible_radix_cache.ReversibleRadixCache`).
+    """
     if ctx.disable_radix_cache and ctx.effective_chunked_prefill_size is not None:
         from sglang.srt.mem_cache.registry import default_radix_cache_factory
 
@@ -236,4 +239,15 @@ def build(ctx):
     if other:
         raise ValueError(f"--radix-cache-backend {BACKEND}: kv eviction runs on SGLang's RadixCache only, not with "
                          f"{', '.join(other)}")
-    return HoleAwareRadixCache(ctx.params)
+    host_pool_gb = STATE.config.host_pool_gb
+    if not host_pool_gb:
+        return HoleAwareRadixCache(ctx.params)
+    from sgl_evict.engine.host_kv_pool import HostKVPool
+    from sgl_evict.engine.reversible_radix_cache import ReversibleRadixCache
+
+    device_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    host_pool = HostKVPool.for_device_pool(device_pool, int(host_pool_gb * 2**30))
+    logging.getLogger("sgl_evict").info(
+        "sgl-evict: host KV pool of %.1f GiB: evicted K and V of %d tokens (%d bytes each)", host_pool_gb,
+        host_pool.capacity, host_pool.bytes_per_token)
+    return ReversibleRadixCache(ctx.params, host_pool)

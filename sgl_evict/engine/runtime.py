@@ -49,6 +49,7 @@ class EngineState:
         host_length_forwards, uncompacted_forwards: decode forwards whose kept lengths came from ``holes``, and
             those of them that read their rows uncompacted (no request skipped a position); for logs.
         freed_group_slots: ``--kv-evict-granularity per_layer``: group-slots freed since start.
+        restored_tokens: history ``restore``: evicted tokens brought back from host memory since start.
     """
 
     config: EvictionConfig = field(default_factory=EvictionConfig)
@@ -68,6 +69,7 @@ class EngineState:
     freed_group_slots: int = 0
     host_length_forwards: int = 0
     uncompacted_forwards: int = 0
+    restored_tokens: int = 0
 
     def configure(self, config: EvictionConfig) -> None:
         self.config = config

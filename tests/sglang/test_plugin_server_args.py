@@ -200,6 +200,23 @@ def test_no_flags_means_no_eviction(prepare):
       "--attention-backend", "flashinfer"],
      "argument --kv-cache-dtype: with eviction, fp8_e4m3 is verified on a GPU with --attention-backend flashinfer "
      "and --page-size 1 only (got fp8_e5m2, flashinfer, page size 1)"),
+    (["--kv-evict-host-pool-gb", "lots"], "argument --kv-evict-host-pool-gb: expected a size in GiB, got 'lots'"),
+    (["--kv-evict-host-pool-gb", "-2"], "argument --kv-evict-host-pool-gb: must be at least 0, got -2"),
+    (["--kv-evict-host-pool-gb", "4"], "argument --kv-evict-host-pool-gb: needs --kv-evict-policy"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-history", "restore"],
+     "argument --kv-evict-history: 'restore' needs host memory for evicted tokens: a server started with "
+     "--kv-evict-host-pool-gb"),
+    (["--kv-evict-policy", "laq", "--kv-evict-budget", "0.1", "--kv-evict-history", "restore",
+      "--kv-evict-host-pool-gb", "4"], "argument --kv-evict-history: 'restore' is not built for policy 'laq'"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-host-pool-gb", "4", "--page-size",
+      "16", "--attention-backend", "flashinfer"], "argument --page-size: --kv-evict-host-pool-gb runs with "
+     "--page-size 1 only"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-host-pool-gb", "4",
+      "--disable-radix-cache"], "argument --disable-radix-cache: --kv-evict-host-pool-gb later turns find evicted "
+     "tokens through the radix cache"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-host-pool-gb", "4",
+      "--kv-evict-granularity", "per_layer", "--attention-backend", "triton"],
+     "argument --kv-evict-granularity: --kv-evict-host-pool-gb is built for uniform eviction only"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "nvfp4"],
      "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet (the scoring kernels read "
      "16-bit or FP8 keys, got nvfp4)"),
@@ -210,6 +227,13 @@ def test_bad_values_fail_at_launch_naming_the_flag(prepare, capsys, flags, messa
     printed = capsys.readouterr().err + str(exit_info.value.code)
     assert message in printed
     assert "Traceback" not in printed
+
+
+def test_a_host_pool_and_restore_are_flags(prepare):
+    config = eviction_config(prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1",
+                                     "--kv-evict-history", "restore", "--kv-evict-host-pool-gb", "1.5"))
+    assert config.history == "restore" and config.host_pool_gb == 1.5
+    assert eviction_config(prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1")).host_pool_gb == 0
 
 
 def test_laq_is_served_with_its_lookahead_steps(prepare):

@@ -23,6 +23,9 @@ SERVER = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
     ({"budget": {"fraction": 0.1}}, "budget: invalid budget"),
     ({"page_granular": True}, "page_granular: set by the server"),
     ({"granularity": "per_layer"}, "granularity: set by the server"),
+    ({"host_pool_gb": 4}, "host_pool_gb: set by the server (--kv-evict-host-pool-gb)"),
+    ({"history": "restore"}, "history: 'restore' needs host memory for evicted tokens: a server started with "
+                             "--kv-evict-host-pool-gb"),
     ({"bogus": 1}, "kv_evict: unknown field(s) bogus"),
     ({"lookahead_reserve": "2"}, "lookahead_reserve: expected a number, got '2'"),
     ({"lookahead_reserve": True}, "lookahead_reserve: expected a number, got True"),
@@ -66,3 +69,32 @@ def test_budgets_scale_up_capped_at_the_whole_prompt():
     assert Budget.parse("3").scaled(1.1) == Budget(tokens=4)
     with pytest.raises(ValueError):
         Budget.parse("0.1").scaled(0.5)
+
+
+HOST = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), host_pool_gb=2.0)
+
+
+def test_restore_is_a_history_rule_of_servers_with_a_host_pool_in_its_own_namespace():
+    restore = HOST.override({"kv_evict": {"history": "restore"}})
+    assert restore.history == "restore" and restore.host_pool_gb == 2.0
+    assert restore.fingerprint() != HOST.fingerprint()
+    # the pool's size is not part of what is kept: servers with other pools share cached KV
+    assert HOST.fingerprint() == SERVER.fingerprint()
+    assert HOST.override({"kv_evict": {"policy": "streaming", "history": "restore"}}).policy == "streaming"
+    assert HOST.override({"kv_evict": {"policy": "none", "history": "restore"}}).enabled is False
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"policy": "laq", "history": "restore"}, "history: 'restore' is not built for policy 'laq'"),
+    ({"policy": "laprox", "history": "restore"}, "history: 'restore' is not built for policy 'laprox'"),
+])
+def test_restore_refuses_policies_that_need_more_than_the_held_out_keys(raw, message):
+    with pytest.raises(ValueError) as info:
+        HOST.override({"kv_evict": raw})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("gb", [-1, "2", True, float("nan")])
+def test_a_host_pool_size_is_a_non_negative_number(gb):
+    with pytest.raises(ValueError, match="host_pool_gb: expected a size in GiB of at least 0"):
+        EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), host_pool_gb=gb)
