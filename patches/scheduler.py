@@ -19,6 +19,8 @@
   Before the tree insert, so the dropped slots the request owns are freed now and the tree stores the holes; the
   prefill's result (its logits and sampled tokens) is computed before and untouched. After SGLang's processing,
   the holes of the requests still running are counted on the host (:func:`count_prefill_holes`).
+- ``sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend`` (AFTER): with a host pool, a later
+  turn gets back what the previous turn had restored before its prefill forward (:func:`prepare_for_extend_after`).
 - ``sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch`` (AROUND): under the overlap scheduler
   (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``), the result of a batch whose processing evicts is processed before the
   next forward launches (:mod:`sgl_evict.engine.overlap`); the result hooks then wait for their forward first.
@@ -88,6 +90,25 @@ def layered_allocator(allocator):
     from sgl_evict.engine.layered_allocator import LayeredTokenToKVPoolAllocator
 
     return allocator if isinstance(allocator, LayeredTokenToKVPoolAllocator) else None
+
+
+def prepare_for_extend_after(result, batch, *args, **kwargs):
+    """AFTER hook on ``ScheduleBatch.prepare_for_extend``: the batch's rows hold their matched prefixes now, and
+    the forward has not run. A request with ``history`` ``restore`` gets back the tokens the previous turns along
+    its path had restored (:func:`~sgl_evict.engine.restore.restore_before_prefill`), so its prefill, and its
+    first token, see them. A no-op after the first chunk (those tokens are live then)."""
+    tree = reversible_tree(getattr(batch, "tree_cache", None))
+    if tree is None or not STATE.enabled:
+        return None
+    from sgl_evict.engine.restore import restore_before_prefill
+
+    req_to_token = batch.req_to_token_pool.req_to_token
+    for req in batch.reqs:
+        if req.cache_protected_len == 0 or STATE.config_of(req).history != "restore":
+            continue
+        row = req_to_token[req.req_pool_idx, :req.cache_protected_len]
+        STATE.restored_tokens += restore_before_prefill(tree, req, row)
+    return None
 
 
 def reversible_tree(tree_cache):

@@ -74,6 +74,8 @@ def hook_table() -> tuple[Hook, ...]:
         Hook(f"{_SCHEDULER}.__init__", "scheduler.init_around", "around"),
         Hook(f"{_RESULTS}.process_batch_result_prefill", "scheduler.process_batch_result_prefill_around", "around"),
         Hook(f"{_SCHEDULER}.stash_chunked_request", "scheduler.stash_chunked_request_around", "around"),
+        Hook("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
+             "scheduler.prepare_for_extend_after", "after"),
         Hook(f"{_SCHEDULER}.is_disable_overlap_for_batch", "scheduler.is_disable_overlap_for_batch_around",
              "around"),
         Hook(f"{_REQ_TO_TOKEN}.__init__", "req_to_token_pool.init_after", "after"),

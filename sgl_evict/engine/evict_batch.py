@@ -447,7 +447,8 @@ def _backed(candidates: RestoreCandidates) -> tuple[torch.Tensor, torch.Tensor, 
 def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, reversible, key_buffer: Callable,
                      attention_mass: Callable, scaling: dict) -> int:
     """One request whose prefix has host copies (:mod:`sgl_evict.engine.restore`): every logical token scored,
-    the dropped live ones evicted (its own copied to host and freed), the kept host-backed holes restored.
+    the dropped live ones evicted (its own copied to host and freed, restored ones freed), the kept host-backed
+    holes restored.
     Returns slots freed (the restored ones count in ``state.restored_tokens``)."""
     req, config, row, candidates = entry.req, entry.config, entry.row, entry.candidates
     policy = config.policy_object
@@ -463,7 +464,9 @@ def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, r
                             attention_mass, rope)
     keep = restore_keep(scores, config, candidates, state.protected_recent)
     combined = combined_scores(scores)
-    freed = _evict(req, row, keep & candidates.live, state, free, entry.offload, combined)
+    # tokens restored earlier (before this prefill, for the previous turn) and now dropped: the request's to free
+    freed = reversible.drop_restored(req, keep)
+    freed += _evict(req, row, keep & candidates.live, state, free, entry.offload, combined)
     back = (keep & candidates.backed).nonzero().flatten()
     restored = restore_tokens(reversible, req, row, back, candidates.host[back], combined[back])
     state.restored_tokens += restored

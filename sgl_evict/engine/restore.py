@@ -73,9 +73,24 @@ def restore_candidates(tree, req, row: torch.Tensor) -> RestoreCandidates | None
     host = torch.full((row.shape[0],), -1, dtype=torch.int64)
     host[:prefix] = host_prefix
     host[is_live(row).cpu()] = -1  # a live token (the request's own, or the tree's) needs no copy
-    if not bool((host >= 0).any()):
-        return None
+    if not bool((host >= 0).any()) and not tree.has_restored(req):
+        return None  # nothing to bring back, nothing restored to drop: scored as usual
     return RestoreCandidates(is_live(row), host.to(row.device))
+
+
+def restore_before_prefill(tree, req, row: torch.Tensor) -> int:
+    """Brings back, before ``req``'s prefill forward, the tokens the previous turns along its matched path had
+    restored and kept (:meth:`~sgl_evict.engine.reversible_radix_cache.ReversibleRadixCache.carried_positions`):
+    holes of its ``row`` (``[seq_len]``, the matched prefix written) with host copies. Returns tokens restored."""
+    carried = tree.carried_positions(req)
+    if carried.numel() == 0:
+        return 0
+    host_prefix = tree.host_slots_of_prefix(req)
+    if host_prefix is None:
+        return 0
+    holes = (row[:req.cache_protected_len] == HOLE).cpu()
+    positions = carried[holes[carried] & (host_prefix[carried] >= 0)]
+    return restore_tokens(tree, req, row, positions, host_prefix[positions], torch.zeros(positions.numel()))
 
 
 def restore_scores(policy, candidates: RestoreCandidates, row: torch.Tensor, queries: dict, scaling: dict,

@@ -13,8 +13,10 @@ Built instead of :class:`~sgl_evict.engine.hole_radix_cache.HoleAwareRadixCache`
 - **Host memory has its own budget**: when it is full, unlocked nodes' copies go, least recently used first
   (:meth:`drop_host_copies`). That only turns a recoverable hole into a plain one: quality, never correctness.
 - **Restored tokens** (:mod:`sgl_evict.engine.restore`) get device slots the request owns (``req`` attribute
-  :data:`RESTORED`), freed when it leaves (finish, retract, abort all pass ``cache_finished_req``). Shared nodes
-  never change: other sessions match them.
+  :data:`RESTORED`), freed when it leaves (finish, retract, abort all pass ``cache_finished_req``). Shared nodes'
+  values never change: other sessions match them. A finishing request leaves the positions it had restored on
+  the leaf it inserts (:data:`CARRY`), and the next turn through that leaf restores them before its prefill, so
+  its first token already sees them (the harness's ``reversible-carry``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ HOST_SLOTS = "sgl_evict_host_slots"
 HOST_ROW = "sgl_evict_host_row"
 #: Req attribute: ``(positions [m], device slots [m])`` int64 of the tokens restored into the request's row
 RESTORED = "sgl_evict_restored"
+#: TreeNode attribute: ``[m]`` int64 positions (before the node) the request that inserted it had restored and
+#: kept: the next turn through the node brings them back before its prefill
+CARRY = "sgl_evict_carry"
 NO_HOST = -1
 
 
@@ -50,6 +55,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         self.host_pool = host_pool
         self._insert_row = None  # during a request's insert: its HOST_ROW, which new leaves take from
         self._inserted = False
+        self._last_inserted = None  # the node the last insert ended at
         super().__init__(params)
 
     @property
@@ -106,6 +112,9 @@ class ReversibleRadixCache(HoleAwareRadixCache):
             positions, slots = torch.cat((old[0], positions.cpu())), torch.cat((old[1], slots))
         setattr(req, RESTORED, (positions.cpu(), slots))
 
+    def has_restored(self, req) -> bool:
+        return getattr(req, RESTORED, None) is not None
+
     def release_restored(self, req) -> None:
         """Frees the device slots ``req`` restored, and turns their positions in its row back into holes."""
         restored = getattr(req, RESTORED, None)
@@ -128,15 +137,20 @@ class ReversibleRadixCache(HoleAwareRadixCache):
             self.release_request_host(req)
 
     def cache_finished_req(self, req, *args, **kwargs):
-        """Restored slots are freed first (the tree never takes them); host slots as in
-        :meth:`cache_unfinished_req`, all of them freed when nothing is inserted (retract, abort)."""
+        """Restored slots are freed first (the tree never takes them), their positions left on the inserted leaf
+        for the next turn (:data:`CARRY`); host slots as in :meth:`cache_unfinished_req`, all of them freed when
+        nothing is inserted (retract, abort)."""
+        restored = getattr(req, RESTORED, None)
         self.release_restored(req)
-        self._insert_request(req, super().cache_finished_req, req, *args, **kwargs)
+        if self._insert_request(req, super().cache_finished_req, req, *args, **kwargs) and restored is not None:
+            leaf = self._last_inserted
+            if leaf is not None and leaf is not self.root_node:
+                setattr(leaf, CARRY, restored[0].clone())
         self.release_request_host(req)
 
     def _insert_request(self, req, method, *args, **kwargs) -> bool:
         """Runs SGLang's ``method`` with ``req``'s host row as what its insert attaches; whether it inserted."""
-        self._insert_row, self._inserted = getattr(req, HOST_ROW, None), False
+        self._insert_row, self._inserted, self._last_inserted = getattr(req, HOST_ROW, None), False, None
         try:
             method(*args, **kwargs)
             return self._inserted
@@ -145,7 +159,9 @@ class ReversibleRadixCache(HoleAwareRadixCache):
 
     def insert(self, params):
         self._inserted = True
-        return super().insert(params)
+        result = super().insert(params)
+        self._last_inserted = result.last_device_node
+        return result
 
     def _insert_helper(self, node, key, value, *args, **kwargs):
         """A new leaf takes the inserting request's host slots of the positions it covers."""
@@ -168,6 +184,9 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         if host is not None:
             setattr(new_node, HOST_SLOTS, host[:split_len].clone())
             setattr(child, HOST_SLOTS, host[split_len:].clone())
+        carry = getattr(child, CARRY, None)
+        if carry is not None:  # positions before both halves: a turn through either brings them back
+            setattr(new_node, CARRY, carry.clone())
         return new_node
 
     def _delete_leaf(self, node):
@@ -219,6 +238,33 @@ class ReversibleRadixCache(HoleAwareRadixCache):
             node = node.parent
         slots = torch.cat(parts[::-1]) if parts else torch.empty(0, dtype=torch.int64)
         return slots if slots.numel() == req.cache_protected_len else None
+
+    def carried_positions(self, req) -> torch.Tensor:
+        """``[m]`` int64 positions the last turn along ``req``'s matched path had restored and kept (the deepest
+        :data:`CARRY`: it holds what that turn kept of the earlier turns' too), below ``cache_protected_len``."""
+        node = req.last_node
+        while node is not None and node is not self.root_node:
+            carry = getattr(node, CARRY, None)
+            if carry is not None:
+                return carry[carry < req.cache_protected_len]
+            node = node.parent
+        return torch.empty(0, dtype=torch.int64)
+
+    def drop_restored(self, req, keep: torch.Tensor) -> int:
+        """Frees the restored slots of ``req`` whose positions ``keep [seq_len]`` (bool) drops, and turns those
+        positions back into holes; returns slots freed."""
+        restored = getattr(req, RESTORED, None)
+        if restored is None:
+            return 0
+        positions, slots = restored
+        dropped = ~keep.cpu()[positions]
+        if not bool(dropped.any()):
+            return 0
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        row[positions[dropped].to(row.device)] = HOLE
+        self.token_to_kv_pool_allocator.free(slots[dropped.to(slots.device)])
+        setattr(req, RESTORED, (positions[~dropped], slots[~dropped.to(slots.device)]) if not dropped.all() else None)
+        return int(dropped.sum())
 
     def host_slots_held(self) -> int:
         """Host slots the tree's nodes hold (for checks)."""

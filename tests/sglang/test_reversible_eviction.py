@@ -30,7 +30,9 @@ with sglang_or_skip("sglang's radix cache"):
     from sglang.srt.plugins import load_plugins
 
     from sgl_evict.engine.host_kv_pool import HostKVPool
-    from sgl_evict.engine.reversible_radix_cache import HOST_ROW, HOST_SLOTS, RESTORED, ReversibleRadixCache
+    from sgl_evict.engine.reversible_radix_cache import (
+        CARRY, HOST_ROW, HOST_SLOTS, RESTORED, ReversibleRadixCache)
+    from sgl_evict.patches import scheduler
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -116,6 +118,11 @@ class Server:
         req.cache_protected_len, req.last_node, req.prefix_indices = len(prefix), match.last_device_node, prefix
         return req
 
+    def before_prefill(self, req):
+        """SGLang's ``prepare_for_extend`` has written the batch's rows: its AFTER hook runs."""
+        batch = SimpleNamespace(reqs=[req], tree_cache=self.tree, req_to_token_pool=self.req_to_token)
+        scheduler.prepare_for_extend_after(None, batch)
+
     def prefill_end(self, req, queries=None) -> int:
         """The prefill forward's window queries captured, eviction, then SGLang's insert; returns slots freed."""
         batch = self.prefill_forward(req, queries)
@@ -144,6 +151,7 @@ class Server:
 
     def turn(self, length: int, rid: str = "req", first_token: int = 1) -> TurnReq:
         req = self.admit(length, rid, first_token)
+        self.before_prefill(req)
         self.prefill_end(req)
         return req
 
@@ -252,8 +260,6 @@ def test_a_request_owns_its_host_copies_until_its_prompt_is_inserted():
 
 
 def test_the_scheduler_prefill_hook_copies_through_the_servers_tree():
-    from sgl_evict.patches import scheduler
-
     server = Server()
     req = server.admit(40)
     batch = server.prefill_forward(req)
@@ -417,6 +423,55 @@ def test_a_later_turn_keeps_the_harness_keep_set_over_every_token_and_restores_i
     assert torch.equal(server.row(third)[:40], value)
     server.prefill_end(third)
     server.finish(third)
+    server.check()
+
+
+def test_the_next_turn_brings_back_what_the_previous_turn_restored_before_its_prefill():
+    server = Server()
+    server.finish(server.turn(40))
+    second = server.turn(60)
+    restored = getattr(second, RESTORED)[0].clone()
+    assert restored.numel() > 0
+    server.finish(second)
+    leaf = _node_at(server, 60)
+    assert torch.equal(getattr(leaf, CARRY), restored)
+    upper = _node_at(server, 50)  # a split: a turn through either half brings them back
+    assert upper is not leaf and torch.equal(getattr(upper, CARRY), restored)
+    assert torch.equal(getattr(leaf, CARRY), restored)
+    third = server.admit(80)
+    assert (server.row(third)[restored] == HOLE).all()  # the tree holds turn 1's holes there
+    server.before_prefill(third)
+    row = server.row(third)
+    assert is_live(row[restored]).all() and torch.equal(getattr(third, RESTORED)[0], restored)
+    for layer in range(LAYERS):
+        assert torch.equal(server.kv.get_key_buffer(layer)[row[restored]], server.k[layer, restored])
+        assert torch.equal(server.kv.get_value_buffer(layer)[row[restored]], server.v[layer, restored])
+    server.check([third])
+    server.before_prefill(third)  # a later chunk: nothing more
+    assert torch.equal(getattr(third, RESTORED)[0], restored)
+    # after the prefill every token is rescored: the keep-set is the harness rule's, restored tokens it drops
+    # are freed
+    server.prefill_end(third)
+    assert torch.equal(is_live(server.row(third)), _reference_keep(server, 80, server.queries))
+    still = getattr(third, RESTORED)[0]
+    assert is_live(server.row(third)[still]).all(), "a dropped restored token kept its slot"
+    server.check([third])
+    server.finish(third, insert=False)  # retracted: everything it restored goes back
+    server.check()
+
+
+def test_only_the_last_turns_restorations_are_carried():
+    server = Server()
+    for length in (40, 60, 80):
+        server.finish(server.turn(length))
+    second, third = getattr(_node_at(server, 60), CARRY), getattr(_node_at(server, 80), CARRY)
+    dropped_by_third = sorted(set(second.tolist()) - set(third.tolist()))
+    assert dropped_by_third, "the third turn dropped some of what the second restored (this seed)"
+    fourth = server.admit(100)
+    server.before_prefill(fourth)
+    assert torch.equal(getattr(fourth, RESTORED)[0], third)
+    assert (server.row(fourth)[dropped_by_third] == HOLE).all()
+    server.finish(fourth, insert=False)
     server.check()
 
 
