@@ -107,7 +107,11 @@ def prepare_for_extend_after(result, batch, *args, **kwargs):
         if req.cache_protected_len == 0 or STATE.config_of(req).history != "restore":
             continue
         row = req_to_token[req.req_pool_idx, :req.cache_protected_len]
-        STATE.restored_tokens += restore_before_prefill(tree, req, row)
+        restored = restore_before_prefill(tree, req, row)
+        if restored:
+            STATE.restored_tokens += restored
+            logging.getLogger("sgl_evict").info("sgl-evict: request %s brought back %d tokens the previous turn "
+                                                "kept, before its prefill", req.rid, restored)
     return None
 
 

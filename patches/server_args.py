@@ -201,6 +201,12 @@ def _check_host_pool(config: EvictionConfig, args: argparse.Namespace) -> None:
     for other, ok, why in checks:
         if not ok:
             raise ValueError(f"argument {other}: {flag} {why}")
+    from sgl_evict.engine.host_kv_pool import available_host_bytes
+
+    available = available_host_bytes()
+    if config.host_pool_gb * 2**30 > available:
+        raise ValueError(f"argument {flag}: {config.host_pool_gb:g} GiB asked, but this host has "
+                         f"{available / 2**30:.1f} GiB of memory available")
 
 
 def _check_kv_cache_dtype(config: EvictionConfig, args: argparse.Namespace) -> None:

@@ -106,7 +106,7 @@ HOST_LENGTHS = "took their kept lengths from the host's hole counts"
 FP8 = ["--kv-cache-dtype", "fp8_e4m3"]
 #: servers run again as ``NAME-overlap`` with the overlap scheduler and checked against ``NAME`` (chunked prefill: a
 #: prompt's last chunk finishes it while earlier chunks' results queue; Triton; pages; policies scored otherwise)
-OVERLAP_TWINS = ("snapkv-chunked", "snapkv-tr", "snapkv-page16", "dapq", "laprox", "streaming")
+OVERLAP_TWINS = ("snapkv-chunked", "snapkv-tr", "snapkv-page16", "dapq", "laprox", "streaming", "snapkv-restore")
 SCORING_MODES.update({f"{name}-overlap": SCORING_MODES[name] for name in OVERLAP_TWINS if name in SCORING_MODES})
 LSE_CHECKED += tuple(f"{name}-overlap" for name in OVERLAP_TWINS if name in LSE_CHECKED)
 #: servers whose -overlap twin needs SGL_EVICT_EXPERIMENTAL_OVERLAP=1 (eviction turns the scheduler off there:
@@ -239,6 +239,10 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
         "snapkv-page16": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
                            str(BUDGET), "--page-size", str(PAGE), *evict], {"SGL_EVICT_EXPERIMENTAL_PAGES": "1",
                                                                             "SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
+        # reversible eviction (issue 25): evicted K/V copied to a 1 GiB host pool, later turns restore
+        "snapkv-restore": (["--attention-backend", "flashinfer", "--kv-evict-policy", "snapkv", "--kv-evict-budget",
+                            str(BUDGET), "--kv-evict-history", "restore", "--kv-evict-host-pool-gb", "1", *evict],
+                           {"SGL_EVICT_LOG_KEEP": "1"}),
         "random": (["--attention-backend", "flashinfer", "--kv-evict-policy", "random", "--kv-evict-budget",
                     str(BUDGET), *evict], {}),
         "laq": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laq", "--kv-evict-budget", str(BUDGET),
@@ -298,7 +302,7 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                   for name, (backend, page) in PAGED_OTHER_BACKENDS.items()})
     for name in OVERLAP_REFERENCES:
         specs[name] = ([*specs[name][0], "--disable-overlap-schedule"], specs[name][1])
-    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap", "-tr-page")
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap", "-tr-page", "-restore")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -360,6 +364,47 @@ def check_server(name: str, server: Server, ps: list[list[int]], answers: dict, 
         and off["meta_info"].get("cached_tokens") == 0 and half["meta_info"].get("cached_tokens") == 0,
         "logged_after": after, "none_cached_tokens": off["meta_info"].get("cached_tokens"),
         "half_cached_tokens": half["meta_info"].get("cached_tokens")}
+
+
+def restore_lines(log: Path) -> list[tuple[int, int]]:
+    """(restored, held out) of each later turn the server restored after its prefill."""
+    found = re.findall(r"sgl-evict: request \S+ restored (\d+) of its (\d+) held-out tokens", log.read_text())
+    return [tuple(map(int, line)) for line in found]
+
+
+def carried_lines(log: Path) -> list[int]:
+    """Tokens each later turn brought back before its prefill (what the previous turn had restored and kept)."""
+    return [int(n) for n in re.findall(r"sgl-evict: request \S+ brought back (\d+) tokens the previous turn",
+                                       log.read_text())]
+
+
+def conversation(server: Server, turns: int = 3) -> list[dict]:
+    """A conversation of ``turns`` turns on a prompt no other check sends: each turn is the previous turn's prompt,
+    its answer and 40 new tokens."""
+    ids, bodies = prompts(seed=5)[0], []
+    for turn in range(turns):
+        body = greedy(server, ids)
+        bodies.append({"cached_tokens": body["meta_info"].get("cached_tokens"), "prompt_len": len(ids),
+                       "output_ids": body["output_ids"]})
+        ids = ids + body["output_ids"] + prompts(seed=2 + turn)[0][:40]
+    return bodies
+
+
+def check_restore_server(name: str, server: Server, checks: dict, report: dict) -> None:
+    """Issue 25 in a launched server: a three-turn conversation hits the radix cache each turn, later turns
+    restore held-out tokens after their prefill and bring back the previous turn's before it."""
+    before_restore, before_carry = len(restore_lines(server.log_path)), len(carried_lines(server.log_path))
+    turns = conversation(server)
+    restored = restore_lines(server.log_path)[before_restore:]
+    carried = carried_lines(server.log_path)[before_carry:]
+    report[f"{name}_conversation"] = {"turns": turns, "restored": restored, "carried": carried}
+    checks[f"{name}: later turns hit the radix cache"] = {
+        "ok": all(t["cached_tokens"] is not None and t["cached_tokens"] >= p["prompt_len"]
+                  for p, t in zip(turns, turns[1:])), "cached": [t["cached_tokens"] for t in turns]}
+    checks[f"{name}: later turns restored held-out tokens after their prefill"] = {
+        "ok": len(restored) == 2 and all(r > 0 for r, _ in restored), "restored": restored}
+    checks[f"{name}: the third turn brought back the second's before its prefill"] = {
+        "ok": len(carried) == 1 and carried[0] > 0, "carried": carried}
 
 
 def check_laq_override(server: Server, ps: list[list[int]], checks: dict) -> None:
@@ -618,7 +663,8 @@ def main() -> int:
             if "plain" in ids and name in ids:
                 checks[f"{name} == plain SGLang, token for token"] = {"ok": ids["plain"] == ids[name]}
         for name in ("snapkv-fi", "snapkv-tr", "snapkv-chunked", "snapkv-eager", "streaming", "dapq",
-                     "snapkv-page16", "snapkv-page64", "random", "laq", "laprox", "snapkv-tp2", "laq-tp2"):
+                     "snapkv-page16", "snapkv-page64", "random", "laq", "laprox", "snapkv-tp2", "laq-tp2",
+                     "snapkv-restore"):
             if name in up:
                 check_server(name, up[name], ps, answers, checks)
         for name in ("snapkv-tp2", "laq-tp2"):
@@ -641,6 +687,14 @@ def main() -> int:
         if "plain-fa3" in ids and "plain" in ids:
             report["plain-fa3_answers_equal_plain"] = [a == b for a, b in zip(ids["plain-fa3"], ids["plain"])]
         check_overlap(up, ps, answers, ids, checks)
+        for name in ("snapkv-restore", "snapkv-restore-overlap"):
+            if name in up:
+                check_restore_server(name, up[name], checks, report)
+        if "snapkv-restore" in up and "snapkv-restore-overlap" in up:
+            ours, theirs = report["snapkv-restore-overlap_conversation"], report["snapkv-restore_conversation"]
+            checks["snapkv-restore-overlap: the conversation as without the overlap scheduler"] = {
+                "ok": ours["restored"] == theirs["restored"] and ours["carried"] == theirs["carried"]
+                and [t["output_ids"] for t in ours["turns"]] == [t["output_ids"] for t in theirs["turns"]]}
         if "plain-fp8" in ids and "full-fp8" in ids:
             checks["full-fp8 == plain SGLang with an FP8 KV cache, token for token"] = {
                 "ok": ids["plain-fp8"] == ids["full-fp8"]}

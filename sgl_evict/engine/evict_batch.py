@@ -427,14 +427,16 @@ def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free:
     owned_dropped[:req.cache_protected_len] = False
     positions = owned_dropped.nonzero().flatten()
     slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
+    copied = ""
     if offload is not None:
         # before the slots are freed: the next allocation may overwrite their K and V
-        offload(req, positions, slots, row.shape[0], None if combined is None else combined[positions])
+        n = offload(req, positions, slots, row.shape[0], None if combined is None else combined[positions])
+        copied = f", copied {n} to host memory"
     free(slots)
     state.freed_slots += slots.numel()
     state.hidden_tokens += hidden
-    logger.info("sgl-evict: request %s kept %d of %d tokens, freed %d slots, hid %d", req.rid, count_live(row),
-                row.shape[0], slots.numel(), hidden)
+    logger.info("sgl-evict: request %s kept %d of %d tokens, freed %d slots, hid %d%s", req.rid, count_live(row),
+                row.shape[0], slots.numel(), hidden, copied)
     return slots.numel()
 
 

@@ -13,6 +13,8 @@ SGLang's HiCache transfer kernels (``sgl_kernel.kvcacheio``) and a side stream a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 #: the device pool's buffer layouts whose rows are whole tokens (``[slots, heads, dim]``): the ones copied here
@@ -40,17 +42,25 @@ class HostKVPool:
         self._free = torch.arange(capacity, dtype=torch.int64)
 
     @classmethod
-    def for_device_pool(cls, device_pool, host_bytes: int) -> "HostKVPool":
+    def for_device_pool(cls, device_pool, host_bytes: int, available: int | None = None) -> "HostKVPool":
         """A pool of as many tokens as ``host_bytes`` hold, shaped like SGLang's ``device_pool``
-        (``MHATokenToKVPool``). ValueError when ``host_bytes`` holds no token, or the pool's rows are not tokens."""
+        (``MHATokenToKVPool``). ValueError, naming the flag, when ``host_bytes`` holds no token or is more than
+        the host's ``available`` bytes (default: what the OS reports free now), or when the pool's rows are not
+        tokens."""
+        available = available_host_bytes() if available is None else available
+        if host_bytes > available:
+            raise ValueError(f"--kv-evict-host-pool-gb: {host_bytes / 2**30:.1f} GiB asked, but this host has "
+                             f"{available / 2**30:.1f} GiB of memory available")
         layout = getattr(device_pool, "kv_cache_layout", None)
         if layout not in ROW_LAYOUTS or getattr(device_pool, "use_hnd", False):
-            raise ValueError(f"host KV pool: the device pool's layout {layout!r} does not store one row per token")
+            raise ValueError(f"--kv-evict-host-pool-gb: the device pool's layout {layout!r} does not store one row "
+                             "per token")
         k, v = device_pool.k_buffer[0], device_pool.v_buffer[0]
         per_token = len(device_pool.k_buffer) * (k[0].numel() + v[0].numel()) * k.element_size()
         capacity = host_bytes // per_token
         if capacity < 1:
-            raise ValueError(f"host KV pool: {host_bytes} bytes hold no token ({per_token} bytes a token)")
+            raise ValueError(f"--kv-evict-host-pool-gb: {host_bytes} bytes hold no token ({per_token} bytes a "
+                             "token)")
         return cls(capacity, len(device_pool.k_buffer), k.shape[1], k.shape[2], v.shape[2], k.dtype,
                    pin=k.is_cuda)
 
@@ -102,3 +112,15 @@ class HostKVPool:
         """``[n, head_num, head_dim]`` K of ``host_slots`` in one layer (the device pool's storage dtype), on
         ``device``."""
         return self.k[layer][host_slots.to("cpu", torch.int64)].to(device, non_blocking=True)
+
+
+def available_host_bytes() -> int:
+    """Host memory free now, as the OS reports it (Linux ``MemAvailable``; elsewhere the free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

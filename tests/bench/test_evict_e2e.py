@@ -374,3 +374,47 @@ def test_paged_triton_and_fa3_servers_and_opt_in_overlap_twins_start_only_when_n
         assert seen[twin]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in seen[
             reference]
         assert launched[reference] == [*launched[twin], "--disable-overlap-schedule"]
+
+
+class _ConversationServer:
+    """A stand-in restore server: each generate call is one turn, logging what the plugin logs for it."""
+
+    def __init__(self, tmp_path, carry: bool):
+        self.name, self.log_path, self.turn, self.carry = "snapkv-restore", tmp_path / "restore.log", 0, carry
+        self.log_path.write_text("")
+
+    def generate(self, payload):
+        lines = []
+        if self.turn == 2 and self.carry:
+            lines.append("sgl-evict: request r2 brought back 4 tokens the previous turn kept, before its prefill")
+        if self.turn:
+            lines.append(f"sgl-evict: request r{self.turn} restored {3 + self.turn} of its 30 held-out tokens from "
+                         "host memory")
+        with self.log_path.open("a") as log:
+            log.write("".join(f"[2026-12-07 20:00:0{self.turn}] {line}\n" for line in lines))
+        cached = 0 if self.turn == 0 else len(payload["input_ids"]) - 1
+        self.turn += 1
+        return None, {"output_ids": [7] * e2e.NEW_TOKENS, "meta_info": {"cached_tokens": cached}}
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_the_restore_check_reads_a_three_turn_conversation_from_the_log(tmp_path, carry):
+    checks, report = {}, {}
+    e2e.check_restore_server("snapkv-restore", _ConversationServer(tmp_path, carry), checks, report)
+    assert checks["snapkv-restore: later turns hit the radix cache"]["ok"]
+    assert checks["snapkv-restore: later turns restored held-out tokens after their prefill"]["ok"]
+    assert report["snapkv-restore_conversation"]["restored"] == [(4, 30), (5, 30)]
+    assert checks["snapkv-restore: the third turn brought back the second's before its prefill"]["ok"] is carry
+    # the lines read are the ones the plugin writes
+    source = (ROOT / "sgl_evict" / "engine" / "evict_batch.py").read_text()
+    assert "restored %d of its %d held-out tokens" in source
+    assert "brought back %d tokens the previous turn" in (ROOT / "patches" / "scheduler.py").read_text()
+
+
+def test_restore_servers_start_only_when_named(monkeypatch, tmp_path):
+    _record_launch_environments(monkeypatch)
+    assert not any("restore" in name for name in e2e.launch(Path("/m"), tmp_path, set()))
+    servers = e2e.launch(Path("/m"), tmp_path, {"snapkv-restore", "snapkv-restore-overlap"})
+    assert "--kv-evict-host-pool-gb" in servers["snapkv-restore"]
+    assert "--disable-overlap-schedule" in servers["snapkv-restore"]  # the twin's reference
+    assert "--disable-overlap-schedule" not in servers["snapkv-restore-overlap"]

@@ -217,6 +217,8 @@ def test_no_flags_means_no_eviction(prepare):
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-host-pool-gb", "4",
       "--kv-evict-granularity", "per_layer", "--attention-backend", "triton"],
      "argument --kv-evict-granularity: --kv-evict-host-pool-gb is built for uniform eviction only"),
+    (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-host-pool-gb", "1000000"],
+     "argument --kv-evict-host-pool-gb: 1e+06 GiB asked, but this host has"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "nvfp4"],
      "argument --kv-cache-dtype: not supported together with --kv-evict-policy yet (the scoring kernels read "
      "16-bit or FP8 keys, got nvfp4)"),

@@ -215,6 +215,15 @@ def test_sglangs_registry_builds_the_reversible_tree_when_the_server_has_a_host_
     assert type(create_tree_cache(context)) is HoleAwareRadixCache
 
 
+def test_a_host_pool_larger_than_the_hosts_free_memory_is_refused_naming_the_flag():
+    server = Server()
+    with pytest.raises(ValueError, match="--kv-evict-host-pool-gb: 2.0 GiB asked, but this host has 1.0 GiB"):
+        HostKVPool.for_device_pool(server.kv, 2 * 2**30, available=2**30)
+    with pytest.raises(ValueError, match="--kv-evict-host-pool-gb: 100 bytes hold no token"):
+        HostKVPool.for_device_pool(server.kv, 100)
+    assert HostKVPool.for_device_pool(server.kv, 2**20).capacity == 2**20 // (LAYERS * KV_HEADS * DIM * 2 * 4)
+
+
 def _node_at(server, length):
     """The tree node whose key ends at position ``length`` of the shared token sequence."""
     tokens = array("q", range(1, length + 1))
