@@ -484,6 +484,26 @@ def test_only_the_last_turns_restorations_are_carried():
     server.check()
 
 
+def test_every_turns_prefix_and_keep_set_are_the_harness_reversible_carry_ones():
+    """bench/reversible_probe.py's ``reversible-carry`` arm, replayed on sets of positions: the tree takes the new
+    tokens each turn keeps; the next turn is prefilled over the tree's tokens and the last keep-set; every logical
+    token is then a candidate, scored from its K as computed."""
+    server = Server(slots=200, host_tokens=200)
+    tree, resident, previous = set(), set(), 0
+    for length in (40, 60, 80, 100):
+        req = server.admit(length)
+        server.before_prefill(req)
+        prefix = set(is_live(server.row(req)[:previous]).nonzero().flatten().tolist())
+        assert prefix == {p for p in tree | resident if p < previous}, f"turn of {length}: prefilled over"
+        server.prefill_end(req)
+        resident = set(_reference_keep(server, length, server.queries).nonzero().flatten().tolist())
+        assert set(is_live(server.row(req)).nonzero().flatten().tolist()) == resident, f"turn of {length}: kept"
+        tree |= {p for p in resident if p >= previous}
+        server.finish(req)
+        server.check()
+        previous = length
+
+
 def test_a_later_turn_with_room_for_every_token_restores_them_all():
     server = Server()
     server.finish(server.turn(40))
