@@ -56,6 +56,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         self._insert_row = None  # during a request's insert: its HOST_ROW, which new leaves take from
         self._inserted = False
         self._last_inserted = None  # the node the last insert ended at
+        self._host_nodes: set = set()  # nodes with host copies: what the LRU picks from, without a tree walk
         super().__init__(params)
 
     @property
@@ -175,6 +176,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
             taken[:held.numel()] = held
             if (taken != NO_HOST).any():
                 setattr(last_node, HOST_SLOTS, taken)
+                self._host_nodes.add(last_node)
                 held.fill_(NO_HOST)
         return prefix_len, last_node
 
@@ -184,6 +186,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         if host is not None:
             setattr(new_node, HOST_SLOTS, host[:split_len].clone())
             setattr(child, HOST_SLOTS, host[split_len:].clone())
+            self._host_nodes.add(new_node)
         carry = getattr(child, CARRY, None)
         if carry is not None:  # positions before both halves: a turn through either brings them back
             setattr(new_node, CARRY, carry.clone())
@@ -198,6 +201,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         if host is None:
             return 0
         setattr(node, HOST_SLOTS, None)
+        self._host_nodes.discard(node)
         self.host_pool.free(host)
         return int((host != NO_HOST).sum())
 
@@ -206,12 +210,13 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         super().reset()
         if hasattr(self, "host_pool"):  # RadixCache.__init__ resets before our fields exist
             self.host_pool.clear()
+            self._host_nodes.clear()
 
     def drop_host_copies(self, n: int) -> int:
         """Frees at least ``n`` host slots, if it can, from unlocked nodes' copies, least recently used node
         first; returns host slots freed."""
-        nodes = sorted((node for node in self.nodes() if node.lock_ref == 0 and
-                        getattr(node, HOST_SLOTS, None) is not None), key=lambda node: node.last_access_time)
+        nodes = sorted((node for node in self._host_nodes if node.lock_ref == 0),
+                       key=lambda node: node.last_access_time)
         freed = 0
         for node in nodes:
             if freed >= n:
@@ -268,5 +273,4 @@ class ReversibleRadixCache(HoleAwareRadixCache):
 
     def host_slots_held(self) -> int:
         """Host slots the tree's nodes hold (for checks)."""
-        return sum(int((getattr(node, HOST_SLOTS) != NO_HOST).sum()) for node in self.nodes()
-                   if getattr(node, HOST_SLOTS, None) is not None)
+        return sum(int((getattr(node, HOST_SLOTS) != NO_HOST).sum()) for node in self._host_nodes)

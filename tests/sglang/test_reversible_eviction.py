@@ -189,6 +189,9 @@ class Server:
         host_every = host_free + self.tree_host_slots() + host_req
         assert len(host_every) == len(set(host_every)), "a host slot is held twice"
         assert set(host_every) == set(range(self.host.capacity)), "host slots leaked"
+        with_copies = {node for node in self.tree.nodes() if getattr(node, HOST_SLOTS, None) is not None}
+        assert self.tree._host_nodes == with_copies, "the LRU's index of nodes with copies is stale"
+        assert self.tree.host_slots_held() == len(self.tree_host_slots())
 
 
 def test_sglangs_registry_builds_the_reversible_tree_when_the_server_has_a_host_pool():
