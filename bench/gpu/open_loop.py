@@ -15,6 +15,7 @@ side). Model shapes come from the public configs (random weights, ``--load-forma
 | ``plain-hicache`` | ``plain`` with ``--enable-hierarchical-cache`` (SGLang's host-memory tier for radix nodes) |
 | ``plain-evict-sched`` | ``plain`` with overlap scheduling off (eviction's scheduler before 2026-12-07, and where overlap is not verified) |
 | ``evict-POLICY-BUDGET`` | SGLang + ``--kv-evict-policy POLICY --kv-evict-budget BUDGET``, e.g. ``evict-laq-0.1`` |
+| ``evict-POLICY-BUDGET-restore`` | the same with ``--kv-evict-history restore --kv-evict-host-pool-gb GB`` (issue 25) |
 
 Every config gets the same ``--mem-fraction-static``, ``--max-running-requests``, attention backend and
 ``--server-extra``. The whole script keeps within ``--deadline`` seconds: a config whose sweep would not fit is
@@ -51,12 +52,12 @@ from bench.gpu.throughput import (
 from bench.open_loop import add_workload_args, run_sweep, workload_from_args
 
 PLAIN_ENV = {"SGLANG_PLUGINS": "not-sgl-evict"}  # plain SGLang: the plugin's entry point is not loaded
-EVICT_CONFIG = re.compile(r"^evict-([a-z_]+)-([0-9.]+)$")
+EVICT_CONFIG = re.compile(r"^evict-([a-z_]+)-([0-9.]+)(-restore)?$")
 PLAIN_FLAGS = {"plain": [], "plain-fp8": ["--kv-cache-dtype", "fp8_e4m3"],
                "plain-hicache": ["--enable-hierarchical-cache"], "plain-evict-sched": ["--disable-overlap-schedule"]}
 
 
-def config_server(name: str, cap: int) -> tuple[list[str], dict[str, str]]:
+def config_server(name: str, cap: int, host_pool_gb: float = 32) -> tuple[list[str], dict[str, str]]:
     """The flags and environment that make config ``name`` (module table); ValueError for an unknown name."""
     if name in PLAIN_FLAGS:
         return list(PLAIN_FLAGS[name]), dict(PLAIN_ENV)
@@ -64,9 +65,12 @@ def config_server(name: str, cap: int) -> tuple[list[str], dict[str, str]]:
         return ["--max-total-tokens", str(cap)], dict(PLAIN_ENV)
     m = EVICT_CONFIG.match(name)
     if m:
-        return ["--kv-evict-policy", m.group(1), "--kv-evict-budget", m.group(2)], {}
+        flags = ["--kv-evict-policy", m.group(1), "--kv-evict-budget", m.group(2)]
+        if m.group(3):
+            flags += ["--kv-evict-history", "restore", "--kv-evict-host-pool-gb", f"{host_pool_gb:g}"]
+        return flags, {}
     raise ValueError(f"--configs: unknown config {name!r}; choose from {', '.join([*PLAIN_FLAGS, 'plain-capped'])} "
-                     "or evict-POLICY-BUDGET (e.g. evict-laq-0.1)")
+                     "or evict-POLICY-BUDGET[-restore] (e.g. evict-laq-0.1, evict-snapkv-0.1-restore)")
 
 
 def sweep_seconds(rates: int, runs: int, warmup_s: float, window_s: float, drain_s: float) -> float:
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--capped-tokens", type=int, default=120_000, help="plain-capped's --max-total-tokens")
     parser.add_argument("--attention-backend", default="flashinfer")
+    parser.add_argument("--host-pool-gb", type=float, default=32, help="the -restore configs' host KV pool (GiB)")
     parser.add_argument("--server-extra", default="", help="more flags for every server, space-separated")
     parser.add_argument("--start-timeout", type=float, default=360, help="seconds to wait for /health")
     parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole script")
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = workload_from_args(args)
     names = [c for c in args.configs.split(",") if c]
     try:
-        servers = {name: config_server(name, args.capped_tokens) for name in names}
+        servers = {name: config_server(name, args.capped_tokens, args.host_pool_gb) for name in names}
     except ValueError as err:
         raise SystemExit(f"open_loop: {err}") from None
     check_setup()

@@ -13,6 +13,8 @@ from bench.gpu import open_loop
     ("plain-capped", ["--max-total-tokens", "5000"], False),
     ("evict-laq-0.1", ["--kv-evict-policy", "laq", "--kv-evict-budget", "0.1"], True),
     ("evict-snapkv-0.2", ["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.2"], True),
+    ("evict-snapkv-0.1-restore", ["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-evict-history",
+                                  "restore", "--kv-evict-host-pool-gb", "32"], True),
 ])
 def test_config_names_give_their_server_flags(name, flags, plugin):
     got, env = open_loop.config_server(name, cap=5000)
@@ -27,7 +29,7 @@ def test_config_flags_are_copies():
     assert open_loop.config_server("plain-fp8", 1)[0] == ["--kv-cache-dtype", "fp8_e4m3"]
 
 
-@pytest.mark.parametrize("bad", ["fa3", "evict-laq", "evict-LAQ-0.1", "plain-fp16"])
+@pytest.mark.parametrize("bad", ["fa3", "evict-laq", "evict-LAQ-0.1", "plain-fp16", "evict-snapkv-0.1-reversible"])
 def test_an_unknown_config_is_refused_before_any_server_starts(bad, monkeypatch):
     monkeypatch.setattr(open_loop, "check_setup", lambda: pytest.fail("reached the server setup"))
     with pytest.raises(SystemExit) as err:
