@@ -507,6 +507,29 @@ def test_every_turns_prefix_and_keep_set_are_the_harness_reversible_carry_ones()
         previous = length
 
 
+def test_a_chunked_later_turn_keeps_its_carried_tokens_through_its_chunks():
+    server = Server()
+    server.finish(server.turn(40))
+    server.finish(server.turn(60))
+    carried = getattr(_node_at(server, 60), CARRY).clone()
+    req = server.admit(80)
+    server.before_prefill(req)  # chunk 1 (positions 60..69)
+    # between chunks the plugin keeps the chunk with the request (stash hook), SGLang's next prepare_for_extend
+    # writes that prefix back into the row, the hook runs again
+    req.extend_range = SimpleNamespace(end=70)
+    sched = SimpleNamespace(tree_cache=server.tree, req_to_token_pool=server.req_to_token)
+    scheduler.stash_chunked_request_around(lambda *a: pytest.fail("SGLang's insert between chunks"), sched, req)
+    row = server.row(req)
+    assert torch.equal(req.prefix_indices[carried], row[carried]) and is_live(row[carried]).all()
+    server.req_to_token.write((req.req_pool_idx, slice(0, 70)), req.prefix_indices.to(torch.int32))
+    server.before_prefill(req)  # chunk 2: nothing more to bring back
+    assert torch.equal(getattr(req, RESTORED)[0], carried) and req.cache_protected_len == 60
+    server.prefill_end(req)
+    assert torch.equal(is_live(server.row(req)), _reference_keep(server, 80, server.queries))
+    server.finish(req)
+    server.check()
+
+
 def test_a_later_turn_with_room_for_every_token_restores_them_all():
     server = Server()
     server.finish(server.turn(40))
