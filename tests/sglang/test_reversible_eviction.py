@@ -43,6 +43,7 @@ from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, w
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.holes import HOLE, is_live, live, namespaced_extra_key
 from sgl_evict.kernels.paged_scoring import attention_mass_paged
+from sgl_evict.rope import RopeSpec
 from sgl_evict.selection import Budget
 
 load_plugins()
@@ -395,8 +396,9 @@ def _reference_scores(server, length, queries, config=RESTORE):
     STATE.capture.end()
     if config.policy_object.query_source == "positions":
         return position_scores(config.policy_object, row)
+    rope = STATE.rope if config.policy == "dapq" else None
     return window_scores(STATE.capture.queries_of(0), SCALING, keys.__getitem__, row, config.pooling_kernel,
-                         attention_mass_paged)
+                         attention_mass_paged, rope=rope)
 
 
 def _reference_keep(server, length, queries, config=RESTORE):
@@ -558,11 +560,12 @@ def test_restore_without_free_slots_restores_fewer_and_never_the_locked_prefix()
     server.check()
 
 
-@pytest.mark.parametrize("policy", ["streaming"])
-def test_position_policies_restore_by_position(policy):
-    config = EvictionConfig(policy=policy, budget=Budget(tokens=12), window=WINDOW, sinks=2, history="restore",
-                            host_pool_gb=1.0)
+@pytest.mark.parametrize("policy", ["streaming", "dapq"])
+def test_position_and_rerotated_policies_restore_what_the_harness_rule_keeps(policy, monkeypatch):
+    config = EvictionConfig(policy=policy, budget=Budget(tokens=12), window=WINDOW, sinks=2, pooling_kernel=3,
+                            history="restore", host_pool_gb=1.0)
     STATE.configure(config)
+    monkeypatch.setattr(STATE, "rope", RopeSpec(inv_freq=1.0 / (10000 ** (torch.arange(0, DIM, 2).float() / DIM))))
     server = Server(config=config)
     server.finish(server.turn(40))
     req = server.admit(60)
