@@ -99,8 +99,8 @@ class EvictionConfig:
 
     def _check_restore(self) -> None:
         """``host_pool_gb`` is a size; ``history`` ``restore`` needs one, and is built for policies scored from the
-        window's keys or from positions only (laq would need the evicted keys again after its lookahead steps,
-        judgeq its soft tokens' forward over them, laprox their value norms) on single-token pages."""
+        window's queries or from positions (laq would need the evicted keys again after its lookahead steps,
+        judgeq its soft tokens' forward over them) on single-token pages."""
         gb = self.host_pool_gb
         if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
             raise ValueError(f"host_pool_gb: expected a size in GiB of at least 0, got {gb!r}")
@@ -110,9 +110,9 @@ class EvictionConfig:
             raise ValueError("history: 'restore' needs host memory for evicted tokens: a server started with "
                              "--kv-evict-host-pool-gb")
         policy = POLICIES[self.policy]
-        if policy.query_source in (LOOKAHEAD, SOFT_TOKENS) or policy.value_weighted:
-            raise ValueError(f"history: 'restore' is not built for policy {self.policy!r} (snapkv, dapq and the "
-                             "position policies only)")
+        if policy.query_source in (LOOKAHEAD, SOFT_TOKENS):
+            raise ValueError(f"history: 'restore' is not built for policy {self.policy!r} (snapkv, dapq, laprox, "
+                             "tova and the position policies only)")
         if self.page_granular:
             raise ValueError("history: 'restore' is not built for page-granular eviction")
 

@@ -133,7 +133,8 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
         else:
             freed += _evict_scored(entry, scores, state, free, all_reduce, page_size, capture.scaling)
     for entry in to_restore:
-        freed += _evict_restoring(entry, state, free, reversible, key_buffer, attention_mass, capture.scaling)
+        freed += _evict_restoring(entry, state, free, reversible, key_buffer, attention_mass, capture.scaling,
+                                  value_buffer)
     if judged:
         freed += _evict_judged(judged, state, req_to_token, key_buffer, free, attention_mass, all_reduce, page_size,
                                soft_token_forward)
@@ -447,7 +448,7 @@ def _backed(candidates: RestoreCandidates) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, reversible, key_buffer: Callable,
-                     attention_mass: Callable, scaling: dict) -> int:
+                     attention_mass: Callable, scaling: dict, value_buffer: Callable | None = None) -> int:
     """One request whose prefix has host copies (:mod:`sgl_evict.engine.restore`): every logical token scored,
     the dropped live ones evicted (its own copied to host and freed, restored ones freed), the kept host-backed
     holes restored.
@@ -461,9 +462,13 @@ def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, r
         dtype = key_buffer(layer).dtype
         return host_pool.keys(layer - start, host_slots, row.device).view(dtype)
 
+    def host_values(layer: int, host_slots: torch.Tensor) -> torch.Tensor:
+        dtype = value_buffer(layer).dtype
+        return host_pool.values(layer - start, host_slots, row.device).view(dtype)
+
     rope = state.rope if policy.query_source == REROTATED_WINDOW else None
     scores = restore_scores(policy, candidates, row, entry.queries, scaling, key_buffer, host_keys,
-                            attention_mass, rope)
+                            attention_mass, rope, value_buffer, host_values, state.value_norm_factors)
     keep = restore_keep(scores, config, candidates, state.protected_recent)
     combined = combined_scores(scores)
     # tokens restored earlier (before this prefill, for the previous turn) and now dropped: the request's to free

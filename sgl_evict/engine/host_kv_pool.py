@@ -113,6 +113,11 @@ class HostKVPool:
         ``device``."""
         return self.k[layer][host_slots.to("cpu", torch.int64)].to(device, non_blocking=True)
 
+    def values(self, layer: int, host_slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """``[n, head_num, v_head_dim]`` V of ``host_slots`` in one layer, as :meth:`keys` (laprox weighs each
+        token's attention by its value's norm through ``W_o``)."""
+        return self.v[layer][host_slots.to("cpu", torch.int64)].to(device, non_blocking=True)
+
 
 def available_host_bytes() -> int:
     """Host memory free now, as the OS reports it (Linux ``MemAvailable``; elsewhere the free physical pages)."""

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_request
+from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.score_plan import ScoreRequest, score_requests
 from sgl_evict.holes import HOLE, is_live
 from sgl_evict.policies.base import POSITIONS
@@ -94,8 +95,9 @@ def restore_before_prefill(tree, req, row: torch.Tensor) -> int:
 
 
 def restore_scores(policy, candidates: RestoreCandidates, row: torch.Tensor, queries: dict, scaling: dict,
-                   key_buffer: Callable, host_keys: Callable, attention_mass: Callable,
-                   rope=None) -> torch.Tensor:
+                   key_buffer: Callable, host_keys: Callable, attention_mass: Callable, rope=None,
+                   value_buffer: Callable | None = None, host_values: Callable | None = None,
+                   value_norm_factors: dict | None = None) -> torch.Tensor:
     """``[num_layers or 1, num_kv_heads or 1, seq_len]`` scores of every candidate, zero elsewhere.
 
     Args:
@@ -106,6 +108,8 @@ def restore_scores(policy, candidates: RestoreCandidates, row: torch.Tensor, que
         host_keys: ``(layer id, host slots [n])`` -> ``[n, num_kv_heads, head_dim]`` keys from host memory, on the
             device, in the pool's key dtype.
         rope: dapq: the model's RoPE (its window queries are re-rotated); None otherwise.
+        value_buffer, host_values, value_norm_factors: laprox: values as ``key_buffer`` / ``host_keys`` give keys,
+            and layer id -> ``[num_q_heads, head_dim, head_dim]`` factors of the layer's output projection.
     """
     scoring_row = candidates.scoring_row()
     if policy.query_source == POSITIONS:
@@ -117,8 +121,15 @@ def restore_scores(policy, candidates: RestoreCandidates, row: torch.Tensor, que
         keys = key_buffer(layer)
         return torch.cat((keys[:1], keys[live_slots], host_keys(layer, host_slots)))
 
+    value_norms = None
+    if policy.value_weighted:
+        def value_norms(layer: int) -> torch.Tensor:
+            values = value_buffer(layer)
+            held = torch.cat((values[:1], values[live_slots], host_values(layer, host_slots)))
+            return projected_norms(held, scoring_row, value_norm_factors[layer])
+
     used = {layer: policy.used_window(q) for layer, q in queries.items()}
-    request: ScoreRequest = window_request(used, scoring_row, policy.pool_width, rope)
+    request: ScoreRequest = window_request(used, scoring_row, policy.pool_width, rope, value_norms)
     return score_requests([request], scaling, scratch, attention_mass)[0]
 
 

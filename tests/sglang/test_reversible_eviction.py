@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.evict_batch import evict_after_prefill
-from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_scores
+from sgl_evict.engine.keep import combined_scores, keep_mask, laprox_scores, position_scores, window_scores
+from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.holes import HOLE, is_live, live, namespaced_extra_key
 from sgl_evict.kernels.paged_scoring import attention_mass_paged
@@ -128,7 +129,8 @@ class Server:
         """The prefill forward's window queries captured, eviction, then SGLang's insert; returns slots freed."""
         batch = self.prefill_forward(req, queries)
         freed = evict_after_prefill(batch, STATE, self.req_to_token.req_to_token, self.kv.get_key_buffer,
-                                    self.allocator.free, attention_mass_paged, reversible=self.tree)
+                                    self.allocator.free, attention_mass_paged, reversible=self.tree,
+                                    value_buffer=self.kv.get_value_buffer)
         self.tree.cache_unfinished_req(req)
         return freed
 
@@ -396,9 +398,16 @@ def _reference_scores(server, length, queries, config=RESTORE):
     STATE.capture.end()
     if config.policy_object.query_source == "positions":
         return position_scores(config.policy_object, row)
+    policy = config.policy_object
+    window = {layer: policy.used_window(q) for layer, q in STATE.capture.queries_of(0).items()}
+    if config.policy == "laprox":
+        factors = STATE.value_norm_factors
+        values = {layer: torch.cat((torch.zeros(1, KV_HEADS, DIM), server.v[layer, :length]))
+                  for layer in range(LAYERS)}
+        return laprox_scores(window, SCALING, keys.__getitem__, row, policy.pool_width, attention_mass_paged,
+                             lambda layer: projected_norms(values[layer], row, factors[layer]))
     rope = STATE.rope if config.policy == "dapq" else None
-    return window_scores(STATE.capture.queries_of(0), SCALING, keys.__getitem__, row, config.pooling_kernel,
-                         attention_mass_paged, rope=rope)
+    return window_scores(window, SCALING, keys.__getitem__, row, policy.pool_width, attention_mass_paged, rope=rope)
 
 
 def _reference_keep(server, length, queries, config=RESTORE):
@@ -560,12 +569,15 @@ def test_restore_without_free_slots_restores_fewer_and_never_the_locked_prefix()
     server.check()
 
 
-@pytest.mark.parametrize("policy", ["streaming", "dapq"])
-def test_position_and_rerotated_policies_restore_what_the_harness_rule_keeps(policy, monkeypatch):
+@pytest.mark.parametrize("policy", ["streaming", "dapq", "laprox", "tova"])
+def test_every_restorable_policy_restores_what_the_harness_rule_keeps(policy, monkeypatch):
     config = EvictionConfig(policy=policy, budget=Budget(tokens=12), window=WINDOW, sinks=2, pooling_kernel=3,
                             history="restore", host_pool_gb=1.0)
     STATE.configure(config)
     monkeypatch.setattr(STATE, "rope", RopeSpec(inv_freq=1.0 / (10000 ** (torch.arange(0, DIM, 2).float() / DIM))))
+    gen = torch.Generator().manual_seed(7)
+    monkeypatch.setattr(STATE, "value_norm_factors", {layer: torch.randn(KV_HEADS * GROUP, DIM, DIM, generator=gen)
+                                                      for layer in range(LAYERS)})
     server = Server(config=config)
     server.finish(server.turn(40))
     req = server.admit(60)
