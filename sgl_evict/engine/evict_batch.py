@@ -424,9 +424,10 @@ def _evict(req, row: torch.Tensor, keep: torch.Tensor, state: EngineState, free:
     [seq_len]`` scores first when host memory is short."""
     if env_setting("SGL_EVICT_LOG_KEEP") == "1":  # diagnostics: which positions a request kept
         logger.info("sgl-evict: request %s keeps positions %s", req.rid, keep.nonzero().flatten().tolist())
-    owned_dropped = is_live(row) & ~keep
-    owned_dropped[:req.cache_protected_len] = False
-    positions = owned_dropped.nonzero().flatten()
+    if offload is not None:  # read before the row's holes are punched (a nonzero: a sync, only with a host pool)
+        owned_dropped = is_live(row) & ~keep
+        owned_dropped[:req.cache_protected_len] = False
+        positions = owned_dropped.nonzero().flatten()
     slots, hidden = evict_from_row(row, keep, owned_from=req.cache_protected_len)
     copied = ""
     if offload is not None:
@@ -469,8 +470,8 @@ def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, r
     rope = state.rope if policy.query_source == REROTATED_WINDOW else None
     scores = restore_scores(policy, candidates, row, entry.queries, scaling, key_buffer, host_keys,
                             attention_mass, rope, value_buffer, host_values, state.value_norm_factors)
-    keep = restore_keep(scores, config, candidates, state.protected_recent)
     combined = combined_scores(scores)
+    keep = restore_keep(combined, config, candidates, state.protected_recent)
     # tokens restored earlier (before this prefill, for the previous turn) and now dropped: the request's to free
     freed = reversible.drop_restored(req, keep)
     freed += _evict(req, row, keep & candidates.live, state, free, entry.offload, combined)

@@ -19,12 +19,13 @@ held-out keys copied from the host, K only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
 import torch
 
-from sgl_evict.engine.keep import combined_scores, keep_mask, position_scores, window_request
+from sgl_evict.engine.keep import keep_mask, position_scores, window_request
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.score_plan import ScoreRequest, score_requests
 from sgl_evict.holes import HOLE, is_live
@@ -50,6 +51,7 @@ class RestoreCandidates:
     def count(self) -> int:
         return int(self.live.sum()) + int(self.backed.sum())
 
+    @functools.cached_property
     def scoring_row(self) -> torch.Tensor:
         """``[seq_len]`` int32 index of each candidate's key in the scratch (live first, then host-backed, from
         1), ``HOLE`` elsewhere."""
@@ -111,34 +113,34 @@ def restore_scores(policy, candidates: RestoreCandidates, row: torch.Tensor, que
         value_buffer, host_values, value_norm_factors: laprox: values as ``key_buffer`` / ``host_keys`` give keys,
             and layer id -> ``[num_q_heads, head_dim, head_dim]`` factors of the layer's output projection.
     """
-    scoring_row = candidates.scoring_row()
+    scoring_row = candidates.scoring_row
     if policy.query_source == POSITIONS:
         return position_scores(policy, scoring_row)
     live_slots = row[candidates.live].to(torch.int64)
     host_slots = candidates.host[candidates.backed]
 
-    def scratch(layer: int) -> torch.Tensor:
-        keys = key_buffer(layer)
-        return torch.cat((keys[:1], keys[live_slots], host_keys(layer, host_slots)))
+    def scratch(buffer: Callable, from_host: Callable, layer: int) -> torch.Tensor:
+        """One layer's ``buffer`` rows of every candidate, in ``scoring_row`` order (row 0 unused)."""
+        pool = buffer(layer)
+        return torch.cat((pool[:1], pool[live_slots], from_host(layer, host_slots)))
 
     value_norms = None
     if policy.value_weighted:
         def value_norms(layer: int) -> torch.Tensor:
-            values = value_buffer(layer)
-            held = torch.cat((values[:1], values[live_slots], host_values(layer, host_slots)))
-            return projected_norms(held, scoring_row, value_norm_factors[layer])
+            return projected_norms(scratch(value_buffer, host_values, layer), scoring_row, value_norm_factors[layer])
 
     used = {layer: policy.used_window(q) for layer, q in queries.items()}
     request: ScoreRequest = window_request(used, scoring_row, policy.pool_width, rope, value_norms)
-    return score_requests([request], scaling, scratch, attention_mass)[0]
+    return score_requests([request], scaling, functools.partial(scratch, key_buffer, host_keys), attention_mass)[0]
 
 
-def restore_keep(scores: torch.Tensor, config, candidates: RestoreCandidates,
+def restore_keep(combined: torch.Tensor, config, candidates: RestoreCandidates,
                  protected_recent: int) -> torch.Tensor:
-    """``[seq_len]`` bool keep mask over every candidate: the budget of the full logical length, sinks and the
-    recent tail protected (the harness's rule). Positions that are no candidate are never kept."""
-    keep = keep_mask(combined_scores(scores), dataclasses.replace(config, history="rescore"),
-                     candidates.scoring_row(), 1, protected_recent)
+    """``[seq_len]`` bool keep mask over every candidate from their combined scores
+    (:func:`~sgl_evict.engine.keep.combined_scores`): the budget of the full logical length, sinks and the recent
+    tail protected (the harness's rule). Positions that are no candidate are never kept."""
+    keep = keep_mask(combined, dataclasses.replace(config, history="rescore"), candidates.scoring_row, 1,
+                     protected_recent)
     return keep & (candidates.live | candidates.backed)
 
 

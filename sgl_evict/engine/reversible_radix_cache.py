@@ -54,8 +54,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
     def __init__(self, params, host_pool: HostKVPool):
         self.host_pool = host_pool
         self._insert_row = None  # during a request's insert: its HOST_ROW, which new leaves take from
-        self._inserted = False
-        self._last_inserted = None  # the node the last insert ended at
+        self._last_inserted = None  # during a request's insert: the node it ended at (None: nothing inserted)
         self._host_nodes: set = set()  # nodes with host copies: what the LRU picks from, without a tree walk
         super().__init__(params)
 
@@ -133,8 +132,7 @@ class ReversibleRadixCache(HoleAwareRadixCache):
     def cache_unfinished_req(self, req, *args, **kwargs):
         """The request's host slots go to the nodes its insert adds; the rest (duplicates) are freed. A request
         that keeps its prompt (laq pending, holes in its tail) keeps them too."""
-        inserted = self._insert_request(req, super().cache_unfinished_req, req, *args, **kwargs)
-        if inserted:
+        if self._insert_request(req, super().cache_unfinished_req, req, *args, **kwargs) is not None:
             self.release_request_host(req)
 
     def cache_finished_req(self, req, *args, **kwargs):
@@ -143,23 +141,22 @@ class ReversibleRadixCache(HoleAwareRadixCache):
         nothing is inserted (retract, abort)."""
         restored = getattr(req, RESTORED, None)
         self.release_restored(req)
-        if self._insert_request(req, super().cache_finished_req, req, *args, **kwargs) and restored is not None:
-            leaf = self._last_inserted
-            if leaf is not None and leaf is not self.root_node:
-                setattr(leaf, CARRY, restored[0].clone())
+        leaf = self._insert_request(req, super().cache_finished_req, req, *args, **kwargs)
+        if restored is not None and leaf is not None and leaf is not self.root_node:
+            setattr(leaf, CARRY, restored[0].clone())
         self.release_request_host(req)
 
-    def _insert_request(self, req, method, *args, **kwargs) -> bool:
-        """Runs SGLang's ``method`` with ``req``'s host row as what its insert attaches; whether it inserted."""
-        self._insert_row, self._inserted, self._last_inserted = getattr(req, HOST_ROW, None), False, None
+    def _insert_request(self, req, method, *args, **kwargs):
+        """Runs SGLang's ``method`` with ``req``'s host row as what its insert attaches; returns the node the insert
+        ended at, or None when it inserted nothing."""
+        self._insert_row, self._last_inserted = getattr(req, HOST_ROW, None), None
         try:
             method(*args, **kwargs)
-            return self._inserted
+            return self._last_inserted
         finally:
-            self._insert_row = None
+            self._insert_row, self._last_inserted = None, None
 
     def insert(self, params):
-        self._inserted = True
         result = super().insert(params)
         self._last_inserted = result.last_device_node
         return result
