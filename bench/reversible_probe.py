@@ -31,6 +31,10 @@ decoded on that keep-set (its first token comes from the prefill, before the cut
 - ``reversible-carry`` (with ``--modes``): as ``reversible-tree``, but the next turn's prefix also
   holds what this turn restored (a finishing request records it on the leaf it inserts, and the
   next turn brings it back before its prefill): the tree and the previous keep-set together.
+- ``reversible-carry-rerun`` (with ``--modes``): as ``reversible-carry``, but on a later turn the
+  prompt's last token is run again over the restored keep-set, and its logits give the answer's
+  first token (a server would prefill that token as a chunk of its own after the restore). The
+  other modes take the first token from the prefill over the prefix, before anything comes back.
 
 Answers are greedy, cut at a new line, scored as the quality suite scores them. Arms whose views and
 prefixes were equal at every turn hold equal caches, so they prefill and decode once.
@@ -62,14 +66,18 @@ SUMMARY_BITS = {"reversible-k4": 4, "reversible-k2": 2}
 TREE = "reversible-tree"
 #: as TREE, the next turn prefilled over the tree and what this turn restored
 CARRY = "reversible-carry"
+#: as CARRY, the answer's first token from the prompt's last token run again after the restore
+RERUN = "reversible-carry-rerun"
+#: modes whose next turn is prefilled over the tree and what this turn restored
+CARRY_PREFIX = (CARRY, RERUN)
 #: modes whose next turn is prefilled over what the tree holds, not over the keep-set
 TREE_PREFIX = ("server", TREE)
 #: (a, b) mode pairs compared on the same later turns
 PAIRS = (("irreversible", "reversible"), ("server", "reversible"), ("irreversible", "server"),
          *(("reversible", mode) for mode in SUMMARY_BITS), ("reversible", TREE), ("reversible", CARRY),
-         (CARRY, TREE))
+         (CARRY, TREE), (CARRY, RERUN))
 #: every mode ``--modes`` takes
-ALL_MODES = (*MODES, *SUMMARY_BITS, TREE, CARRY)
+ALL_MODES = (*MODES, *SUMMARY_BITS, TREE, CARRY, RERUN)
 
 
 def rounded_keys(keys: torch.Tensor, bits: int) -> torch.Tensor:
@@ -228,16 +236,45 @@ def evict(harness, arm: Arm, cache, last_logits: torch.Tensor, window: dict, ids
     arm.tree = torch.cat([arm.tree, resident[resident >= start]])
     if arm.mode in TREE_PREFIX:
         arm.prefix = arm.tree
-    elif arm.mode == CARRY:  # torch.unique sorts
+    elif arm.mode in CARRY_PREFIX:  # torch.unique sorts
         arm.prefix = torch.unique(torch.cat([arm.tree, resident]))
     else:
         arm.prefix = resident
     arm.trail += ((tuple(resident.tolist()), tuple(arm.prefix.tolist())),)
     arm.first = int(last_logits.argmax())
+    if arm.mode == RERUN and everything:
+        arm.cache, logits = rerun_last(harness, arm.cache, ids)
+        arm.first = int(logits.argmax())
+        arm.trail += (RERUN,)  # its cache differs from its twin's: no shared prefill or answer
     always = int(protected(harness, len(candidates)).sum())
     return {"resident": int(resident.numel()), "held": int(arm.prefix.numel()),
             "restored": int((now & ~was).sum()), "evicted": int((was & ~now).sum()),
             "protected_only": arm.budget.num_tokens(len(ids)) <= always < len(candidates)}
+
+
+def rerun_last(harness, cache, ids: list[int]) -> tuple[object, torch.Tensor]:
+    """``cache`` (not mutated) without the last of ``ids``, which is then run again over it.
+
+    Returns the new cache and the token's ``[vocab]`` logits. Sliding-window layers must record
+    their past (:func:`record_past`), so that they can give the token back."""
+    cache = harness._shallow_copy(cache)
+    compressed = set(harness.layers)
+    for i, layer in enumerate(cache.layers):
+        if i in compressed:  # the keep-set ends with the last token (the protected tail)
+            layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+        else:
+            layer.crop(-1)
+    logits = harness._extend(cache, torch.tensor([len(ids) - 1]),
+                             input_ids=torch.tensor([[ids[-1]]], device=harness.device))
+    return cache, logits[-1]
+
+
+def record_past(cache) -> None:
+    """Lets ``cache``'s sliding-window layers (and their shallow copies) give tokens back:
+    they keep every token (attention still sees the window) until cropped."""
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
 
 
 class Session:
@@ -256,6 +293,8 @@ class Session:
         self.ids = self.ids + list(new)
         if start == 0:
             state = h.prefill(torch.tensor([self.ids], device=h.device))
+            if any(arm.mode == RERUN for arm in self.arms):
+                record_past(state.cache)
             self.full = h._shallow_copy(state.cache)
             self.full_first = int(state.last_logits.argmax())
             extended = {(): (state.cache, state.last_logits, state.window_queries)}

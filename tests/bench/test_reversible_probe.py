@@ -166,6 +166,49 @@ def test_a_sliding_window_model_runs_its_later_turns_through_both_modes():
 
 
 
+def test_rerunning_the_last_token_over_a_whole_cache_gives_the_prefill_logits_back():
+    """Sliding layers (window 16) past their window give the token back only while recording."""
+    from sgl_evict.harness import EvictionHarness
+
+    gemma = EvictionHarness(tiny_gemma3(), window=WINDOW, sinks=SINKS, device="cpu",
+                            protected_recent=16)
+    with torch.inference_mode():
+        state = gemma.prefill(torch.tensor([TURNS[0]]))
+        logits, _ = probe.prefill_turn(gemma, state.cache, 120, TURNS[1])
+        probe.record_past(state.cache)
+        ids = TURNS[0] + TURNS[1]
+        ids2 = ids + TURNS[2]
+        logits2, _ = probe.prefill_turn(gemma, state.cache, len(ids), TURNS[2])
+        cache, again = probe.rerun_last(gemma, state.cache, ids2)
+    assert torch.allclose(again, logits2, atol=1e-4)
+    assert cache.layers[0].get_seq_length() == len(ids2) == cache.layers[1].keys.shape[2]
+    assert state.cache.layers[1].keys.shape[2] == len(ids2)  # the arm's cache is not mutated
+    assert not torch.allclose(logits, logits2, atol=1e-2)
+
+
+def test_the_rerun_mode_keeps_the_carry_keep_set_and_answers_from_its_last_token_run_again(harness):
+    modes = (probe.CARRY, probe.RERUN)
+    arms = probe.make_arms({"snapkv": make_policy("snapkv")}, [Budget(fraction=0.25)], modes)
+    session, (carry, rerun) = probe.Session(harness, arms), arms
+    session.add(TURNS[0])
+    assert carry.first == rerun.first and carry.trail == rerun.trail  # nothing to rerun on turn 1
+    session.add(TURNS[1])
+    assert torch.equal(carry.resident, rerun.resident) and probe.RERUN in rerun.trail
+    ids = TURNS[0] + TURNS[1]
+    keys, values = (torch.stack([kv[j] for kv in rerun.store]) for j in (0, 1))
+    with torch.inference_mode():  # the keep-set from the original KV, less its last token
+        cache = harness._shallow_copy(carry.cache)
+        for i, layer in enumerate(harness.layers):
+            kept, entry = rerun.resident[:-1], cache.layers[layer]
+            entry.keys, entry.values = keys[i][:, :, kept], values[i][:, :, kept]
+        direct = harness._extend(cache, torch.tensor([len(ids) - 1]),
+                                 input_ids=torch.tensor([[ids[-1]]]))[-1]
+    assert rerun.first == int(direct.argmax())
+    assert rerun.cache.layers[0].keys.shape[2] == len(rerun.resident)
+    answers = session.answers(6)
+    assert answers[rerun.name][0] == rerun.first and answers[carry.name][0] == carry.first
+
+
 def test_a_conversation_gives_one_row_per_turn_and_arm_and_the_summary_counts_them(harness):
     text = "".join(chr(c) for c in _ids(90, 5) if chr(c) != "\n")
     turns = (Turn(text, "q1?", ("zz",)), Turn("", "q2?", ("",)), Turn("", "q3?", ("",)))
