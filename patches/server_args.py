@@ -247,13 +247,14 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
         return "--kv-evict-soft-tokens"
     if (getattr(args, "tp_size", None) or 1) > 1:
         return f"--tp-size {args.tp_size}"
-    if (getattr(args, "kv_cache_dtype", None) or "auto") not in _KV_DTYPES_16_BIT:
-        return f"--kv-cache-dtype {args.kv_cache_dtype}"
-    page_size = getattr(args, "page_size", None) or 1
+    page_size, backend = getattr(args, "page_size", None) or 1, getattr(args, "attention_backend", None)
+    dtype = getattr(args, "kv_cache_dtype", None) or "auto"
+    if dtype not in _KV_DTYPES_16_BIT and (dtype, backend, page_size) != FP8_VERIFIED:
+        return f"--kv-cache-dtype {dtype}"
     if page_size not in OVERLAP_VERIFIED_PAGE_SIZES:
         return f"--page-size {page_size}"
-    if page_size > 1 and getattr(args, "attention_backend", None) != "flashinfer":  # pages verified there only
-        return f"--page-size {page_size} on {getattr(args, 'attention_backend', None) or 'the default backend'}"
+    if page_size > 1 and backend != "flashinfer":  # pages verified there only
+        return f"--page-size {page_size} on {backend or 'the default backend'}"
     for flag in _BACKEND_FLAGS:
         backend = getattr(args, flag, None)
         if backend and backend not in OVERLAP_VERIFIED_BACKENDS:
@@ -266,14 +267,14 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
 #: policies eviction has not run with the overlap scheduler on a GPU (every other one has: evict_e2e *-overlap)
 OVERLAP_UNVERIFIED_POLICIES = ("judgeq", "tova", "random")
 #: page sizes eviction ran with the overlap scheduler on a GPU (above 1: on FlashInfer)
-OVERLAP_VERIFIED_PAGE_SIZES = (1, 16)
+OVERLAP_VERIFIED_PAGE_SIZES = (1, 16, 64)
 
 
 #: attention backends eviction was verified on, end to end on an H100 (bench/results/evict_e2e_*, quality runs);
 #: fa3 on models without sliding-window layers, at page size 1 and with a 16-bit KV cache (evict_e2e 2026-12-07)
 VERIFIED_BACKENDS = ("flashinfer", "triton", "fa3")
-#: the ones of those eviction also ran with SGLang's overlap scheduler on
-OVERLAP_VERIFIED_BACKENDS = ("flashinfer", "triton")
+#: the ones of those eviction also ran with SGLang's overlap scheduler on (fa3: evict_e2e 2026-12-07, snapkv)
+OVERLAP_VERIFIED_BACKENDS = ("flashinfer", "triton", "fa3")
 _BACKEND_FLAGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
 
 

@@ -13,7 +13,7 @@ one after another with the same flags (random weights of a public model shape, F
 | ``plain`` | SGLang without the plugin: its overlap scheduler and prefill CUDA graphs on (its defaults) |
 | ``plain-sched`` | plain with overlap and prefill CUDA graphs off (the scheduler of ``evict``) |
 | ``evict`` | ``--kv-evict-policy snapkv --kv-evict-budget 0.1 --disable-overlap-schedule`` |
-| ``evict-overlap`` | the same with SGLang's overlap scheduler on (the plugin's default since 2026-12-07 where verified; ``SGL_EVICT_EXPERIMENTAL_OVERLAP=1`` keeps it on elsewhere, e.g. ``--attention-backend fa3``) |
+| ``evict-overlap`` | the same with SGLang's overlap scheduler on (the plugin's default since 2026-12-07 where verified; ``SGL_EVICT_EXPERIMENTAL_OVERLAP=1`` keeps it on elsewhere, e.g. ``--attention-backend triton --page-size 16``) |
 
 The evicting servers answer two kinds of requests, alternating: ``none`` (``custom_params`` turn eviction off: the
 plugin's cost alone, what the issue's 5% is about) and ``snapkv`` (evicted to 10%: less KV to read, so faster

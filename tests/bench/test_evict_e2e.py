@@ -144,7 +144,7 @@ def test_the_lse_checked_servers_run_with_the_debug_check(monkeypatch, tmp_path)
     checked = {name for name, env in envs.items() if env["SGL_EVICT_CHECK_LSE"] == "1"}
     assert checked == set(e2e.LSE_CHECKED) & set(envs)
     named_only = {"snapkv-tp2", "laq-tp2", "snapkv-fa3", "snapkv-page64", "snapkv-fp8"} | {
-        f"{name}-overlap" for name in (*e2e.OVERLAP_TWINS, *e2e.OVERLAP_OPT_IN_TWINS)} | set(e2e.PAGED_OTHER_BACKENDS)
+        f"{name}-overlap" for name in e2e.OVERLAP_TWINS} | set(e2e.PAGED_OTHER_BACKENDS)
     assert set(e2e.SCORING_MODES) - named_only <= set(envs)
     envs.clear()
     e2e.launch(tmp_path, tmp_path, {"snapkv-page64", "snapkv-fp8"})  # named: launched; FP8 is two-pass, unchecked
@@ -358,21 +358,22 @@ def test_kv_memory_reads_the_pool_sglang_logged_and_the_slots_each_prompt_kept(t
     assert "error" in e2e.kv_memory(SimpleNamespace(log_path=tmp_path / "broken.log"), ps, model)
 
 
-def test_paged_triton_and_fa3_servers_and_opt_in_overlap_twins_start_only_when_named(monkeypatch, tmp_path):
+def test_paged_triton_and_fa3_servers_and_the_fa3_fp8_page64_overlap_twins_start_only_when_named(
+        monkeypatch, tmp_path):
     seen = _record_launch_environments(monkeypatch)
     paged = set(e2e.PAGED_OTHER_BACKENDS)
-    twins = {f"{name}-overlap" for name in e2e.OVERLAP_OPT_IN_TWINS}
-    assert not (paged | twins) & set(e2e.launch(tmp_path, tmp_path, set()))
-    launched = e2e.launch(tmp_path, tmp_path, paged | twins | set(e2e.OVERLAP_OPT_IN_TWINS))
+    references = {"snapkv-fa3", "snapkv-fp8", "snapkv-page64"}
+    twins = {f"{name}-overlap" for name in references}
+    assert not (paged | twins | references) & set(e2e.launch(tmp_path, tmp_path, set()))
+    launched = e2e.launch(tmp_path, tmp_path, paged | twins | references)
     for name, (backend, page) in e2e.PAGED_OTHER_BACKENDS.items():
         args = launched[name]
         assert args[args.index("--attention-backend") + 1] == backend and e2e.page_size_of(name) == page
         assert args[args.index("--page-size") + 1] == str(page) and seen[name]["SGL_EVICT_EXPERIMENTAL_PAGES"] == "1"
         assert e2e.SCORING_MODES[name] == "two-pass"
-    for twin in twins:
+    for twin in twins:  # verified with the overlap scheduler: no opt-in any more
         reference = twin.removesuffix("-overlap")
-        assert seen[twin]["SGL_EVICT_EXPERIMENTAL_OVERLAP"] == "1" and "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in seen[
-            reference]
+        assert "SGL_EVICT_EXPERIMENTAL_OVERLAP" not in seen[twin] | seen[reference]
         assert launched[reference] == [*launched[twin], "--disable-overlap-schedule"]
 
 
@@ -405,6 +406,10 @@ def test_the_restore_check_reads_a_three_turn_conversation_from_the_log(tmp_path
     assert checks["snapkv-restore: later turns restored held-out tokens after their prefill"]["ok"]
     assert report["snapkv-restore_conversation"]["restored"] == [(4, 30), (5, 30)]
     assert checks["snapkv-restore: the third turn brought back the second's before its prefill"]["ok"] is carry
+    # each later prompt: the previous prompt, its answer but the last token (cached by the overlap scheduler
+    # alone), then 40 new tokens
+    lens = [t["prompt_len"] for t in report["snapkv-restore_conversation"]["turns"]]
+    assert lens == [e2e.PROMPT_LENS[0] + k * (e2e.NEW_TOKENS - 1 + 40) for k in range(3)]
     # the lines read are the ones the plugin writes
     source = (ROOT / "sgl_evict" / "engine" / "evict_batch.py").read_text()
     assert "restored %d of its %d held-out tokens" in source

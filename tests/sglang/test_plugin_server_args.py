@@ -123,12 +123,22 @@ def test_overlap_unverified_names_the_first_setting_no_gpu_run_covered():
     assert overlap_unverified(snapkv, args()) is None
     assert overlap_unverified(snapkv, args(page_size=16, attention_backend="flashinfer")) is None
     assert overlap_unverified(snapkv, args(attention_backend="triton")) is None
-    assert overlap_unverified(snapkv, args(page_size=64)) == "--page-size 64"
+    assert overlap_unverified(snapkv, args(page_size=64, attention_backend="flashinfer")) is None
+    assert overlap_unverified(snapkv, args(page_size=64)) == "--page-size 64 on the default backend"
+    assert overlap_unverified(snapkv, args(page_size=128, attention_backend="flashinfer")) == "--page-size 128"
+    # FP8: the one setting a GPU run verified (FP8_VERIFIED), with the overlap scheduler too
+    assert overlap_unverified(snapkv, args(kv_cache_dtype="fp8_e4m3", attention_backend="flashinfer")) is None
+    assert overlap_unverified(snapkv, args(kv_cache_dtype="fp8_e5m2", attention_backend="flashinfer")) == \
+        "--kv-cache-dtype fp8_e5m2"
+    assert overlap_unverified(snapkv, args(kv_cache_dtype="fp8_e4m3", attention_backend="triton")) == \
+        "--kv-cache-dtype fp8_e4m3"
+    assert overlap_unverified(snapkv, args(attention_backend="fa3")) is None
     with_soft_tokens = dataclasses.replace(snapkv, soft_tokens="/some/file")  # a request may ask for judgeq
     assert overlap_unverified(with_soft_tokens, args()) == "--kv-evict-soft-tokens"
     assert overlap_unverified(snapkv, args(page_size=16, attention_backend="triton")) == "--page-size 16 on triton"
     assert overlap_unverified(snapkv, args(tp_size=2)) == "--tp-size 2"
-    assert overlap_unverified(snapkv, args(decode_attention_backend="fa3")) == "--decode-attention-backend fa3"
+    assert overlap_unverified(snapkv, args(decode_attention_backend="trtllm_mha")) == \
+        "--decode-attention-backend trtllm_mha"
     layered = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), granularity="per_layer")
     assert overlap_unverified(layered, args()) == "--kv-evict-granularity per_layer"
 
@@ -485,18 +495,17 @@ def test_an_unverified_backend_is_refused_at_launch_naming_its_flag(prepare, cap
     assert choose_attention_backend(_launch_args("m", **{flag[2:].replace("-", "_"): "torch_native"})) is None
 
 
-def test_fa3_is_taken_as_given_except_on_sliding_window_models_and_runs_without_the_overlap_scheduler(
+def test_fa3_is_taken_as_given_except_on_sliding_window_models_and_keeps_the_overlap_scheduler(
         model_dir, tmp_path, monkeypatch):
-    # verified end to end on an H100 on a model without sliding-window layers (evict_e2e 2026-12-07), not with
-    # the overlap scheduler
+    # verified end to end on an H100 on a model without sliding-window layers (evict_e2e 2026-12-07), with the
+    # overlap scheduler too (the snapkv-fa3-overlap twin: same keep-sets and answers)
     from sgl_evict.patches.server_args import choose_attention_backend, overlap_unverified
 
     llama = _launch_args(model_dir, attention_backend="fa3")
     assert choose_attention_backend(llama) is None and llama.attention_backend == "fa3"
     launched = SimpleNamespace(tp_size=1, kv_cache_dtype="auto", page_size=1, attention_backend="fa3",
                                prefill_attention_backend=None, decode_attention_backend=None)
-    assert overlap_unverified(EvictionConfig(policy="snapkv", budget=Budget.parse("0.1")), launched) == \
-        "--attention-backend fa3"
+    assert overlap_unverified(EvictionConfig(policy="snapkv", budget=Budget.parse("0.1")), launched) is None
     transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                                   num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=512,
                                   architectures=["Gemma3ForCausalLM"]).save_pretrained(tmp_path)
@@ -511,7 +520,7 @@ def test_fp8_e4m3_on_flashinfer_is_served_without_the_opt_in(prepare):
     args = prepare("--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--kv-cache-dtype", "fp8_e4m3",
                    "--attention-backend", "flashinfer")
     assert args.kv_cache_dtype == "fp8_e4m3" and eviction_config(args).enabled
-    assert args.disable_overlap_schedule  # not run with the overlap scheduler
+    assert not args.disable_overlap_schedule  # run with the overlap scheduler too (snapkv-fp8-overlap)
 
 
 def test_an_fp8_kv_cache_is_let_through_by_its_opt_in_but_never_with_per_layer(prepare, monkeypatch, capsys):
