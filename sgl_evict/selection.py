@@ -103,6 +103,15 @@ class KeepSet:
         out = torch.zeros(idx.shape[0], self.seq_len, dtype=torch.bool, device=idx.device)
         return out.scatter_(1, idx, True)
 
+    @classmethod
+    def uniform(cls, positions, num_layers: int, num_kv_heads: int, seq_len: int) -> "KeepSet":
+        """One keep-set for every layer and head (what a ``uniform`` server frees around, e.g. the positions
+        it logs): ``positions`` (kept token positions, any order, no repeats) sorted."""
+        row = torch.as_tensor(list(positions), dtype=torch.int64).sort().values
+        if row.numel() and (int(row[0]) < 0 or int(row[-1]) >= seq_len or bool((row[1:] == row[:-1]).any())):
+            raise ValueError(f"keep-set positions must be distinct and in [0, {seq_len})")
+        return cls([row.expand(num_kv_heads, -1) for _ in range(num_layers)], seq_len)
+
     def total_kept(self) -> int:
         """Kept (layer, head, token) entries, the memory the keep-set costs."""
         return sum(int(i.numel()) for i in self.indices)

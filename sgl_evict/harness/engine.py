@@ -275,7 +275,7 @@ class EvictionHarness:
         return self._select(state, policy, budget, granularity, self.observations(state, policy, budget, granularity))
 
     def _run_cache(self, state, policy, budget, granularity, keep: KeepSet | None = None):
-        if not policy.compresses:
+        if keep is None and not policy.compresses:
             return self._shallow_copy(state.cache), None, [state.seq_len] * len(self.layers)
         keep = keep if keep is not None else self.select(state, policy, budget, granularity)
         return self._compressed_cache(state, keep), keep, [int(i.shape[1]) for i in keep.indices]
@@ -293,8 +293,9 @@ class EvictionHarness:
 
     @torch.inference_mode()
     def token_logprobs(self, state: PrefillState, policy: EvictionPolicy, budget: Budget, granularity: str,
-                       tokens: list[int]) -> list[float]:
-        """Log-probabilities of a continuation ``tokens`` (e.g. a server's answer) under ``policy``'s cache.
+                       tokens: list[int], keep: KeepSet | None = None) -> list[float]:
+        """Log-probabilities of a continuation ``tokens`` (e.g. a server's answer) under ``policy``'s cache, or
+        under ``keep`` when given (e.g. the keep-set a server logged).
 
         ``tokens[0]`` is scored by the prompt's last logits (full cache: eviction happens after them), each later
         token by the compressed cache extended with the tokens before it, at logical positions.
@@ -304,7 +305,7 @@ class EvictionHarness:
         first = torch.log_softmax(state.last_logits, dim=-1)[tokens[0]].item()
         if len(tokens) == 1:
             return [first]
-        cache, _, _ = self._run_cache(state, policy, budget, granularity)
+        cache, _, _ = self._run_cache(state, policy, budget, granularity, keep)
         ids = torch.tensor([tokens[:-1]], device=self.device)
         positions = torch.arange(state.seq_len, state.seq_len + ids.shape[1])
         logp = torch.log_softmax(self._extend(cache, positions, input_ids=ids), dim=-1)

@@ -423,3 +423,39 @@ def test_restore_servers_start_only_when_named(monkeypatch, tmp_path):
     assert "--kv-evict-host-pool-gb" in servers["snapkv-restore"]
     assert "--disable-overlap-schedule" in servers["snapkv-restore"]  # the twin's reference
     assert "--disable-overlap-schedule" not in servers["snapkv-restore-overlap"]
+
+
+def test_servers_answers_are_scored_under_the_keep_sets_they_logged(tmp_path):
+    """A server that decoded on the keep-set it logged passes; one whose answers came from the full cache (a
+    backend ignoring the holes, say) fails."""
+    import torch
+    from tiny_models import tiny_llama
+
+    from sgl_evict import Budget, make_policy
+    from sgl_evict.harness import EvictionHarness
+    from sgl_evict.selection import KeepSet
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = type(tiny_llama())  # the same class, loaded as compare_with_harness loads it
+    harness = EvictionHarness(model.from_pretrained(tmp_path, dtype=torch.bfloat16), window=e2e.WINDOW,
+                              sinks=e2e.SINKS, device="cpu")
+    ids = [int(x) for x in torch.randint(3, 200, (120,), generator=torch.Generator().manual_seed(4))]
+    logged = [*range(4), *range(40, 48), *range(120 - e2e.WINDOW, 120)]  # sinks, a span, the window
+    state = harness.prefill(torch.tensor([ids]))
+    heads = state.cache.layers[harness.layers[0]].keys.shape[1]
+    keep = KeepSet.uniform(logged, len(harness.layers), heads, len(ids))
+    tokens = harness._greedy(harness._compressed_cache(state, keep), int(state.last_logits.argmax()), len(ids), 8)
+
+    def body(policy, fraction, kept=None):
+        lps = harness.token_logprobs(state, make_policy(policy), Budget(fraction=fraction), "uniform", tokens, kept)
+        return {"output_ids": tokens, "meta_info": {"output_token_logprobs": [(lp, t, None)
+                                                                              for lp, t in zip(lps, tokens)]}}
+
+    answers = {"snapkv-tr-page16": [body("snapkv", 0.1, keep)], "snapkv-fa3-page16": [body("none", 1.0)]}
+    checks, report = {}, {}
+    e2e.compare_with_harness(tmp_path, [ids], answers, checks, report,
+                             {name: [logged] for name in answers}, device="cpu")
+    name = "{}: answer scored by the harness closer under its logged keep-set than under the full cache"
+    assert checks[name.format("snapkv-tr-page16")]["ok"]
+    assert not checks[name.format("snapkv-fa3-page16")]["ok"]
+    assert report["harness_logprob_gap_under_logged_keep_sets"]["snapkv-tr-page16"]["logged_keep_set"] < 1e-3

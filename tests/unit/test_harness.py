@@ -9,6 +9,7 @@ from tiny_models import tiny_gemma3, tiny_llama
 
 from sgl_evict import Budget, make_policy
 from sgl_evict.harness import EvictionHarness
+from sgl_evict.selection import KeepSet
 from sgl_evict.soft_tokens import SoftTokens
 
 POLICIES = ["snapkv", "laq", "dapq", "laprox", "streaming", "random"]
@@ -195,6 +196,24 @@ def test_token_logprobs_score_the_greedy_answer_under_the_compressed_cache(setup
     full = harness.token_logprobs(state, make_policy("none"), Budget(fraction=1.0), "uniform", answer)
     assert full[0] == pytest.approx(logp[0])  # the first token comes before eviction
     assert full[1:] != pytest.approx(logp[1:], abs=1e-3)  # later ones see the compressed cache
+
+
+def test_token_logprobs_under_a_given_keep_set_are_those_of_the_cache_it_keeps(setup):
+    _, _, _, harness, state = setup
+    budget = Budget(fraction=0.3)
+    answer = harness.generate(state, make_policy("snapkv"), budget, max_new_tokens=6).tokens
+    chosen = harness.select(state, make_policy("snapkv"), budget, "uniform")
+    heads = chosen.indices[0].shape[0]
+    logged = KeepSet.uniform(chosen.indices[0][0].tolist()[::-1], len(harness.layers), heads, state.seq_len)
+    ours = harness.token_logprobs(state, make_policy("snapkv"), budget, "uniform", answer)
+    none = make_policy("none")  # the keep-set decides, not the policy
+    assert harness.token_logprobs(state, none, budget, "uniform", answer, keep=logged) == pytest.approx(ours)
+    other = KeepSet.uniform(range(state.seq_len - len(logged.indices[0][0]), state.seq_len), len(harness.layers),
+                            heads, state.seq_len)
+    assert harness.token_logprobs(state, none, budget, "uniform", answer, keep=other)[1:] != pytest.approx(
+        ours[1:], abs=1e-3)
+    with pytest.raises(ValueError, match="distinct"):
+        KeepSet.uniform([3, 3], 1, 1, state.seq_len)
 
 
 def test_layer_groups_share_keep_sets_as_the_servers_layered_pool_groups_them():
