@@ -21,6 +21,10 @@
   the holes of the requests still running are counted on the host (:func:`count_prefill_holes`).
 - ``sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend`` (AFTER): with a host pool, a later
   turn gets back what the previous turn had restored before its prefill forward (:func:`prepare_for_extend_after`).
+- ``sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req`` and ``.add_chunked_req`` (AROUND): a later
+  turn that will restore evicted tokens has its last prefill chunk cut one token short, so that the last token
+  runs alone after the restore and the answer's first token sees what came back
+  (:mod:`sgl_evict.engine.last_token`).
 - ``sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch`` (AROUND): under the overlap scheduler
   (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``), the result of a batch whose processing evicts is processed before the
   next forward launches (:mod:`sgl_evict.engine.overlap`); the result hooks then wait for their forward first.
@@ -38,6 +42,7 @@ import logging
 import torch
 
 from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.last_token import cut, last_token_chunk, wants_cut
 from sgl_evict.engine.overlap import must_process_first
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.engine.warmup import layer_shapes, warm_up
@@ -106,6 +111,8 @@ def prepare_for_extend_after(result, batch, *args, **kwargs):
     for req in batch.reqs:
         if req.cache_protected_len == 0 or STATE.config_of(req).history != "restore":
             continue
+        if last_token_chunk(req):  # evicted and restored after the cut chunk already
+            continue
         row = req_to_token[req.req_pool_idx, :req.cache_protected_len]
         restored = restore_before_prefill(tree, req, row)
         if restored:
@@ -113,6 +120,44 @@ def prepare_for_extend_after(result, batch, *args, **kwargs):
             logging.getLogger("sgl_evict").info("sgl-evict: request %s brought back %d tokens the previous turn "
                                                 "kept, before its prefill", req.rid, restored)
     return None
+
+
+def add_one_req_around(original, self, req, *args, **kwargs):
+    """AROUND hook on ``PrefillAdder.add_one_req``: a request whose whole prompt SGLang takes in this batch, and
+    that will restore evicted tokens after it, stops one token short as a chunked request
+    (:mod:`sgl_evict.engine.last_token`); the adder then takes no more requests, as after any chunk."""
+    result = original(self, req, *args, **kwargs)
+    # another request's chunks still running: SGLang holds one chunked request at a time
+    chunking = kwargs.get("has_chunked_req", args[0] if args else False)
+    align = kwargs.get("truncation_align_size", args[1] if len(args) > 1 else None)
+    if (self.can_run_list and self.can_run_list[-1] is req and self.new_chunked_req is None and not chunking
+            and align is None and _may_cut(self, req)):
+        cut(req)
+        self.new_chunked_req = req
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return result if result == AddReqResult.NO_TOKEN else AddReqResult.OTHER
+    return result
+
+
+def add_chunked_req_around(original, self, req, *args, **kwargs):
+    """AROUND hook on ``PrefillAdder.add_chunked_req``: a chunked prompt's last chunk stops one token short as
+    :func:`add_one_req_around`'s does (the request stays SGLang's chunked one)."""
+    result = original(self, req, *args, **kwargs)
+    if result is None and self.can_run_list and self.can_run_list[-1] is req and _may_cut(self, req):
+        cut(req)
+        return req
+    return result
+
+
+def _may_cut(adder, req) -> bool:
+    """Chunked prefill on (SGLang's chunked-request path then carries the last token on), no dLLM or hybrid SWA
+    budget of its own, and :func:`~sgl_evict.engine.last_token.wants_cut`."""
+    if adder.rem_chunk_tokens is None or getattr(adder, "dllm_config", None) is not None:
+        return False
+    if getattr(adder, "is_hybrid_swa", False):
+        return False
+    return wants_cut(req, reversible_tree(adder.tree_cache), STATE)
 
 
 def reversible_tree(tree_cache):

@@ -372,6 +372,12 @@ def restore_lines(log: Path) -> list[tuple[int, int]]:
     return [tuple(map(int, line)) for line in found]
 
 
+def cut_lines(log: Path) -> list[str]:
+    """Request ids of the later turns whose last prompt token ran after their restore (engine/last_token.py)."""
+    return re.findall(r"sgl-evict: request (\S+) restored \d+ of its \d+ held-out tokens from host memory; its last "
+                      r"prompt token runs next", log.read_text())
+
+
 def carried_lines(log: Path) -> list[int]:
     """Tokens each later turn brought back before its prefill (what the previous turn had restored and kept)."""
     return [int(n) for n in re.findall(r"sgl-evict: request \S+ brought back (\d+) tokens the previous turn",
@@ -394,8 +400,10 @@ def conversation(server: Server, turns: int = 3) -> list[dict]:
 
 def check_restore_server(name: str, server: Server, checks: dict, report: dict) -> None:
     """Issue 25 in a launched server: a three-turn conversation hits the radix cache each turn, later turns
-    restore held-out tokens after their prefill and bring back the previous turn's before it."""
+    restore held-out tokens after their prefill (all but its last token, which runs after the restore) and bring
+    back the previous turn's before it."""
     before_restore, before_carry = len(restore_lines(server.log_path)), len(carried_lines(server.log_path))
+    before_cut = len(cut_lines(server.log_path))
     turns = conversation(server)
     restored = restore_lines(server.log_path)[before_restore:]
     carried = carried_lines(server.log_path)[before_carry:]
@@ -407,6 +415,9 @@ def check_restore_server(name: str, server: Server, checks: dict, report: dict) 
         "ok": len(restored) == 2 and all(r > 0 for r, _ in restored), "restored": restored}
     checks[f"{name}: the third turn brought back the second's before its prefill"] = {
         "ok": len(carried) == 1 and carried[0] > 0, "carried": carried}
+    cut = len(cut_lines(server.log_path)) - before_cut
+    checks[f"{name}: later turns ran their last prompt token after the restore"] = {
+        "ok": cut == len(restored) == 2, "cut": cut}
 
 
 def check_laq_override(server: Server, ps: list[list[int]], checks: dict) -> None:

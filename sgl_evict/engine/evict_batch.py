@@ -22,6 +22,7 @@ from sgl_evict.engine.judgeq import SoftTokenQueries
 from sgl_evict.engine.keep import combined_scores, keep_mask, one_read_check, position_scores, window_request
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_requests, mixed_scores
+from sgl_evict.engine.last_token import EVICT_AT, evict_at
 from sgl_evict.engine.restore import RestoreCandidates, restore_candidates, restore_keep, restore_scores, restore_tokens
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.engine.score_plan import ScoreRequest, score_requests
@@ -39,6 +40,15 @@ def finishes_prefill(req, batch) -> bool:
     if req.inflight_middle_chunks > 0 or req.is_retracted or req.finished():
         return False
     return not (batch.decoding_reqs and req in batch.decoding_reqs)
+
+
+def evicts_now(req, batch, index: int) -> bool:
+    """Whether processing this batch's result evicts from ``req`` (``batch.reqs[index]``): its last prefill chunk
+    ran, or, when that chunk was cut one token short (:mod:`sgl_evict.engine.last_token`), the cut one did."""
+    at = evict_at(req)
+    if at is None:
+        return finishes_prefill(req, batch)
+    return int(batch.seq_lens_cpu[index]) == at and not req.is_retracted and not req.finished()
 
 
 def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, key_buffer: Callable,
@@ -83,7 +93,11 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     to_restore: list[PromptToScore] = []
     modes = ScoringModes()
     for i, req in enumerate(batch.reqs):
-        if not finishes_prefill(req, batch):
+        at = evict_at(req)
+        if at is not None and int(batch.seq_lens_cpu[i]) > at:
+            setattr(req, EVICT_AT, None)  # the last token's own chunk, after a cut: evicted already
+            continue
+        if not evicts_now(req, batch, i):
             continue
         config = state.config_of(req)
         seq_len = int(batch.seq_lens_cpu[i])
@@ -478,6 +492,7 @@ def _evict_restoring(entry: PromptToScore, state: EngineState, free: Callable, r
     back = (keep & candidates.backed).nonzero().flatten()
     restored = restore_tokens(reversible, req, row, back, candidates.host[back], combined[back])
     state.restored_tokens += restored
-    logger.info("sgl-evict: request %s restored %d of its %d held-out tokens from host memory", req.rid, restored,
-                int(candidates.backed.sum()))
+    after = "; its last prompt token runs next, over them" if evict_at(req) is not None else ""
+    logger.info("sgl-evict: request %s restored %d of its %d held-out tokens from host memory%s", req.rid, restored,
+                int(candidates.backed.sum()), after)
     return freed

@@ -12,7 +12,7 @@ without the overlap scheduler.
 
 from __future__ import annotations
 
-from sgl_evict.engine.evict_batch import finishes_prefill
+from sgl_evict.engine.evict_batch import evicts_now
 from sgl_evict.engine.runtime import EngineState
 
 
@@ -27,7 +27,8 @@ def lookahead_done(state: EngineState) -> bool:
 
 def must_process_first(unprocessed, state: EngineState) -> bool:
     """Whether the result of ``unprocessed`` must be processed before the next forward launches, because processing
-    it evicts: it finished a prompt that evicts, or it ran a pending laq request's last lookahead step.
+    it evicts: it finished a prompt that evicts (or its chunk cut one token short, ``engine/last_token.py``), or it
+    ran a pending laq request's last lookahead step.
 
     ``unprocessed`` is the batch as it was launched (the copy SGLang queues with its result; None: nothing queued),
     not ``Scheduler.last_batch``: by the time the next launch is decided, ``get_next_batch_to_run`` has merged the
@@ -39,4 +40,5 @@ def must_process_first(unprocessed, state: EngineState) -> bool:
         return True
     if not unprocessed.forward_mode.is_extend():
         return False
-    return any(finishes_prefill(req, unprocessed) and state.config_of(req).enabled for req in unprocessed.reqs)
+    return any(evicts_now(req, unprocessed, i) and state.config_of(req).enabled
+               for i, req in enumerate(unprocessed.reqs))

@@ -390,7 +390,7 @@ class _ConversationServer:
             lines.append("sgl-evict: request r2 brought back 4 tokens the previous turn kept, before its prefill")
         if self.turn:
             lines.append(f"sgl-evict: request r{self.turn} restored {3 + self.turn} of its 30 held-out tokens from "
-                         "host memory")
+                         f"host memory{'; its last prompt token runs next, over them' if self.carry else ''}")
         with self.log_path.open("a") as log:
             log.write("".join(f"[2026-12-07 20:00:0{self.turn}] {line}\n" for line in lines))
         cached = 0 if self.turn == 0 else len(payload["input_ids"]) - 1
@@ -406,13 +406,15 @@ def test_the_restore_check_reads_a_three_turn_conversation_from_the_log(tmp_path
     assert checks["snapkv-restore: later turns restored held-out tokens after their prefill"]["ok"]
     assert report["snapkv-restore_conversation"]["restored"] == [(4, 30), (5, 30)]
     assert checks["snapkv-restore: the third turn brought back the second's before its prefill"]["ok"] is carry
+    assert checks["snapkv-restore: later turns ran their last prompt token after the restore"]["ok"] is carry
     # each later prompt: the previous prompt, its answer but the last token (cached by the overlap scheduler
     # alone), then 40 new tokens
     lens = [t["prompt_len"] for t in report["snapkv-restore_conversation"]["turns"]]
     assert lens == [e2e.PROMPT_LENS[0] + k * (e2e.NEW_TOKENS - 1 + 40) for k in range(3)]
     # the lines read are the ones the plugin writes
     source = (ROOT / "sgl_evict" / "engine" / "evict_batch.py").read_text()
-    assert "restored %d of its %d held-out tokens" in source
+    assert "restored %d of its %d held-out tokens from host memory%s" in source
+    assert "; its last prompt token runs next, over them" in source
     assert "brought back %d tokens the previous turn" in (ROOT / "patches" / "scheduler.py").read_text()
 
 

@@ -26,6 +26,8 @@ with sglang_or_skip("sglang's radix cache"):
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.managers.schedule_batch import Range
+    from sglang.srt.managers.schedule_policy import AddReqResult
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from sglang.srt.plugins import load_plugins
 
@@ -39,6 +41,8 @@ from hypothesis import strategies as st
 
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.evict_batch import evict_after_prefill
+from sgl_evict.engine.last_token import EVICT_AT, evict_at
+from sgl_evict.engine.overlap import must_process_first
 from sgl_evict.engine.keep import combined_scores, keep_mask, laprox_scores, position_scores, window_scores
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.runtime import STATE
@@ -69,9 +73,17 @@ class TurnReq(SimReq):
 
     is_retracted: bool = False
     sampling_params: object = dataclasses.field(default_factory=lambda: SimpleNamespace(custom_params=None))
+    extend_range: object = None
 
     def finished(self) -> bool:
         return False
+
+    @property
+    def full_untruncated_fill_ids(self) -> array:
+        return self.origin_input_ids + self.output_ids
+
+    def set_extend_range(self, start: int, end: int) -> None:
+        self.extend_range = Range(start, end)
 
 
 class Server:
@@ -127,18 +139,22 @@ class Server:
 
     def prefill_end(self, req, queries=None) -> int:
         """The prefill forward's window queries captured, eviction, then SGLang's insert; returns slots freed."""
-        batch = self.prefill_forward(req, queries)
-        freed = evict_after_prefill(batch, STATE, self.req_to_token.req_to_token, self.kv.get_key_buffer,
-                                    self.allocator.free, attention_mass_paged, reversible=self.tree,
-                                    value_buffer=self.kv.get_value_buffer)
+        freed = self.evict(self.prefill_forward(req, queries))
         self.tree.cache_unfinished_req(req)
         return freed
 
-    def prefill_forward(self, req, queries=None):
+    def evict(self, batch) -> int:
+        """The prefill result hook's eviction of ``batch``; returns slots freed."""
+        return evict_after_prefill(batch, STATE, self.req_to_token.req_to_token, self.kv.get_key_buffer,
+                                   self.allocator.free, attention_mass_paged, reversible=self.tree,
+                                   value_buffer=self.kv.get_value_buffer)
+
+    def prefill_forward(self, req, queries=None, start=None, end=None):
         """What the prefill forward leaves for eviction: its window queries captured (random, or ``queries``:
-        layer id -> ``[extend, heads * dim]``, kept in ``self.queries``); returns the batch."""
-        length = len(req.origin_input_ids)
-        extend = length - req.cache_protected_len
+        layer id -> ``[extend, heads * dim]``, kept in ``self.queries``); returns the batch. ``start``, ``end``:
+        the chunk's logical range (default: the prompt after its matched prefix)."""
+        length = len(req.origin_input_ids) if end is None else end
+        extend = length - (req.cache_protected_len if start is None else start)
         STATE.forward_id += 1
         STATE.capture.begin(STATE.forward_id, [extend], "cpu")
         self.queries = queries or {layer: torch.randn(extend, KV_HEADS * GROUP * DIM, generator=self.gen)
@@ -146,7 +162,8 @@ class Server:
         for layer, q in self.queries.items():
             STATE.capture.record(layer, q, KV_HEADS * GROUP, DIM, SCALING[layer])
         STATE.capture.end()
-        return SimpleNamespace(reqs=[req], decoding_reqs=None, seq_lens_cpu=torch.tensor([length]))
+        return SimpleNamespace(reqs=[req], decoding_reqs=None, seq_lens_cpu=torch.tensor([length]),
+                               forward_mode=SimpleNamespace(is_extend=lambda: True))
 
     def finish(self, req, insert: bool = True):
         self.tree.cache_finished_req(req, is_insert=insert, kv_len_to_handle=len(req.origin_input_ids))
@@ -537,6 +554,100 @@ def test_a_chunked_later_turn_keeps_its_carried_tokens_through_its_chunks():
     assert torch.equal(getattr(req, RESTORED)[0], carried) and req.cache_protected_len == 60
     server.prefill_end(req)
     assert torch.equal(is_live(server.row(req)), _reference_keep(server, 80, server.queries))
+    server.finish(req)
+    server.check()
+
+
+def _adder(server, chunk=8192):
+    """What the hooks read of SGLang's ``PrefillAdder``; ``take`` (its original method) appends the request."""
+    adder = SimpleNamespace(can_run_list=[], new_chunked_req=None, rem_chunk_tokens=chunk, tree_cache=server.tree,
+                            dllm_config=None, is_hybrid_swa=False)
+
+    def take(self, req, *args, **kwargs):
+        req.set_extend_range(len(req.prefix_indices), len(req.full_untruncated_fill_ids))
+        self.can_run_list.append(req)
+        return AddReqResult.CONTINUE
+    return adder, take
+
+
+def test_a_later_turn_that_will_restore_has_its_last_chunk_cut_one_token_short():
+    server = Server()
+    first = server.admit(40)
+    adder, take = _adder(server)
+    assert scheduler.add_one_req_around(take, adder, first, False, None) == AddReqResult.CONTINUE
+    assert first.extend_range.end == 40 and adder.new_chunked_req is None  # nothing in host memory to restore
+    server.before_prefill(first)
+    server.prefill_end(first)
+    server.finish(first)
+    req = server.admit(60)
+    adder, take = _adder(server)
+    assert scheduler.add_one_req_around(take, adder, req, has_chunked_req=False,
+                                        truncation_align_size=None) == AddReqResult.OTHER
+    assert (req.extend_range.start, req.extend_range.end) == (40, 59) and adder.new_chunked_req is req
+    assert evict_at(req) == 59
+    # its last chunk, after the cut one, is the last token alone: not cut again
+    req.set_extend_range(59, 60)
+    adder, take = _adder(server)
+    assert scheduler.add_chunked_req_around(lambda self, r: self.can_run_list.append(r), adder, req) is None
+    # a long prompt's last chunk is cut the same way
+    req.set_extend_range(50, 60)
+    adder, _ = _adder(server)
+    assert scheduler.add_chunked_req_around(lambda self, r: self.can_run_list.append(r), adder, req) is req
+    assert req.extend_range.end == 59
+    # chunked prefill off; deterministic alignment; another request's chunks still running
+    for chunk, chunking, align in ((None, False, None), (8192, False, 64), (8192, True, None)):
+        req.set_extend_range(40, 60)
+        adder, take = _adder(server, chunk)
+        scheduler.add_one_req_around(take, adder, req, has_chunked_req=chunking, truncation_align_size=align)
+        assert req.extend_range.end == 60 and adder.new_chunked_req is None
+    setattr(req, EVICT_AT, None)
+    with_rescore = dataclasses.replace(RESTORE, history="rescore")
+    STATE.configure(with_rescore)
+    try:
+        adder, take = _adder(server)
+        scheduler.add_one_req_around(take, adder, req, False, None)
+        assert req.extend_range.end == 60 and evict_at(req) is None
+    finally:
+        STATE.configure(RESTORE)
+    server.finish(req, insert=False)
+    server.check()
+
+
+def test_a_cut_turn_evicts_after_its_cut_chunk_and_its_last_token_runs_over_the_restored_keep_set(caplog):
+    caplog.set_level("INFO", logger="sgl_evict")
+    server = Server()
+    server.finish(server.turn(40))
+    server.finish(server.turn(60))
+    carried = getattr(_node_at(server, 60), CARRY).clone()
+    req = server.admit(80)
+    adder, take = _adder(server)
+    scheduler.add_one_req_around(take, adder, req, False, None)
+    assert (req.extend_range.start, req.extend_range.end) == (60, 79)
+    server.before_prefill(req)  # the previous turn's restorations come back before the cut chunk
+    assert is_live(server.row(req)[carried]).all()
+    batch = server.prefill_forward(req, end=79)
+    req.inflight_middle_chunks = 1  # SGLang's count of the request's chunks in flight, as for any chunk
+    assert must_process_first(batch, STATE)  # the overlap scheduler processes this result before launching more
+    server.evict(batch)
+    req.inflight_middle_chunks = 0  # SGLang's processing of the result
+    assert "held-out tokens from host memory; its last prompt token runs next" in caplog.text
+    row = server.row(req)
+    assert torch.equal(is_live(row[:79]), _reference_keep(server, 79, server.queries))  # scored by the cut chunk
+    dropped = carried[~is_live(row[carried])]
+    assert dropped.numel() > 0, "the cut chunk's keep-set drops some carried tokens (this seed)"
+    restored = getattr(req, RESTORED)[0].clone()
+    # between chunks: the stash hook keeps the chunk with the request, the last token's chunk is prepared
+    sched = SimpleNamespace(tree_cache=server.tree, req_to_token_pool=server.req_to_token)
+    scheduler.stash_chunked_request_around(lambda *a: pytest.fail("SGLang's insert between chunks"), sched, req)
+    req.set_extend_range(79, 80)
+    server.before_prefill(req)  # nothing is brought back again: what the cut chunk dropped stays dropped
+    assert (server.row(req)[dropped] == HOLE).all() and torch.equal(getattr(req, RESTORED)[0], restored)
+    last = server.prefill_forward(req, start=79, end=80)
+    assert not must_process_first(last, STATE)
+    assert server.evict(last) == 0 and torch.equal(server.row(req)[:79], row[:79])  # no second eviction
+    assert evict_at(req) is None
+    server.tree.cache_unfinished_req(req)
+    server.check([req])
     server.finish(req)
     server.check()
 
