@@ -42,7 +42,7 @@ import logging
 import torch
 
 from sgl_evict.engine.evict_batch import evict_after_prefill
-from sgl_evict.engine.last_token import cut, last_token_chunk, wants_cut
+from sgl_evict.engine.last_token import cut, forget_cut, last_token_chunk, wants_cut
 from sgl_evict.engine.overlap import must_process_first
 from sgl_evict.engine.runtime import STATE
 from sgl_evict.engine.warmup import layer_shapes, warm_up
@@ -127,6 +127,8 @@ def add_one_req_around(original, self, req, *args, **kwargs):
     that will restore evicted tokens after it, stops one token short as a chunked request
     (:mod:`sgl_evict.engine.last_token`); the adder then takes no more requests, as after any chunk."""
     result = original(self, req, *args, **kwargs)
+    if self.can_run_list and self.can_run_list[-1] is req:
+        forget_cut(req)  # a retracted request's earlier cut, if any
     # another request's chunks still running: SGLang holds one chunked request at a time
     chunking = kwargs.get("has_chunked_req", args[0] if args else False)
     align = kwargs.get("truncation_align_size", args[1] if len(args) > 1 else None)

@@ -22,7 +22,7 @@ from sgl_evict.engine.judgeq import SoftTokenQueries
 from sgl_evict.engine.keep import combined_scores, keep_mask, one_read_check, position_scores, window_request
 from sgl_evict.engine.laprox import projected_norms
 from sgl_evict.engine.lookahead import PendingLookahead, lookahead_requests, mixed_scores
-from sgl_evict.engine.last_token import EVICT_AT, evict_at
+from sgl_evict.engine.last_token import evict_at, forget_cut
 from sgl_evict.engine.restore import RestoreCandidates, restore_candidates, restore_keep, restore_scores, restore_tokens
 from sgl_evict.engine.runtime import EngineState
 from sgl_evict.engine.score_plan import ScoreRequest, score_requests
@@ -95,7 +95,7 @@ def evict_after_prefill(batch, state: EngineState, req_to_token: torch.Tensor, k
     for i, req in enumerate(batch.reqs):
         at = evict_at(req)
         if at is not None and int(batch.seq_lens_cpu[i]) > at:
-            setattr(req, EVICT_AT, None)  # the last token's own chunk, after a cut: evicted already
+            forget_cut(req)  # the last token's own chunk, after a cut: evicted already
             continue
         if not evicts_now(req, batch, i):
             continue

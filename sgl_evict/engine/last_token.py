@@ -40,6 +40,11 @@ def cut(req) -> None:
     setattr(req, EVICT_AT, end - 1)
 
 
+def forget_cut(req) -> None:
+    """Drops a cut recorded earlier (a request retracted between its cut chunk and its last token's)."""
+    setattr(req, EVICT_AT, None)
+
+
 def evict_at(req) -> int | None:
     """The logical length ``req`` is evicted at after a cut, or None."""
     return getattr(req, EVICT_AT, None)

@@ -600,13 +600,13 @@ def test_a_later_turn_that_will_restore_has_its_last_chunk_cut_one_token_short()
         adder, take = _adder(server, chunk)
         scheduler.add_one_req_around(take, adder, req, has_chunked_req=chunking, truncation_align_size=align)
         assert req.extend_range.end == 60 and adder.new_chunked_req is None
-    setattr(req, EVICT_AT, None)
+    setattr(req, EVICT_AT, 59)  # a retracted request's earlier cut
     with_rescore = dataclasses.replace(RESTORE, history="rescore")
     STATE.configure(with_rescore)
     try:
         adder, take = _adder(server)
         scheduler.add_one_req_around(take, adder, req, False, None)
-        assert req.extend_range.end == 60 and evict_at(req) is None
+        assert req.extend_range.end == 60 and evict_at(req) is None  # taken whole: no cut, none remembered
     finally:
         STATE.configure(RESTORE)
     server.finish(req, insert=False)
