@@ -1,27 +1,30 @@
-"""A later turn that restores evicted tokens prefills its prompt's last token apart, after the restore (issue 25).
+"""A later turn that restores evicted tokens prefills its prompt's last token after the restore
+(issue 25).
 
-The answer's first token comes from the prefill's last logits, and those see the previous turns' keep-sets, not
-what the restore after the prefill brings back. On the HF harness (``bench/reversible_probe.py``, mode
-``reversible-carry-rerun``; laprox at 10% of 8K, held-out seed) running the prompt's last token again over the
-restored keep-set answered 175 of 180 later turns where the prefill's first token answered 168.
+The answer's first token comes from the prefill's last logits, and those see the previous turns'
+keep-sets, not what the restore after the prefill brings back. On the HF harness
+(``bench/reversible_probe.py``, mode ``reversible-carry-rerun``; 10% of 8K, held-out seed) running
+the prompt's last token again over the restored keep-set answered 175 of 180 later turns with
+laprox (165 with snapkv) where the prefill's first token answered 168 (156).
 
-The server gets the same from SGLang's chunked prefill: the scheduler's last chunk of such a request stops one
-token short (:func:`cut`, from the ``PrefillAdder`` hooks in ``patches/scheduler.py``); eviction and restore run
-after that chunk, scored by its window queries (:func:`evicts_now`), and the last token's chunk runs alone over
-the restored keep-set, its logits sampled by SGLang as any prefill's.
+The server gets the same from SGLang's chunked prefill: the scheduler's last chunk of such a request
+stops one token short (:func:`cut`, from the ``PrefillAdder`` hooks in ``patches/scheduler.py``);
+eviction and restore run after that chunk, scored by its window queries, and the last token's chunk
+runs alone over the restored keep-set, its logits sampled by SGLang as any prefill's.
 """
 
 from __future__ import annotations
 
-#: ``Req`` attribute: the logical length the request is evicted at once its last chunk was cut (its prompt's
-#: length less one); None otherwise
+#: ``Req`` attribute: the logical length the request is evicted at once its last chunk was cut (its
+#: prompt's length less one); None otherwise
 EVICT_AT = "_sgl_evict_evict_at"
 
 
 def wants_cut(req, tree, state) -> bool:
-    """Whether ``req``'s next prefill chunk, set (``req.extend_range``) to run to the prompt's end, should stop
-    one token short: eviction on with ``history`` ``restore``, a reversible ``tree`` (None: none), at least two
-    tokens left to prefill and host copies in its matched prefix (something a restore could bring back)."""
+    """Whether ``req``'s next prefill chunk, set (``req.extend_range``) to run to the prompt's end,
+    should stop one token short: eviction on with ``history`` ``restore``, a reversible ``tree``
+    (None: none), at least two tokens left to prefill and host copies in its matched prefix
+    (something a restore could bring back)."""
     if tree is None or not state.enabled:
         return False
     config = state.config_of(req)
@@ -41,7 +44,7 @@ def cut(req) -> None:
 
 
 def forget_cut(req) -> None:
-    """Drops a cut recorded earlier (a request retracted between its cut chunk and its last token's)."""
+    """Drops a cut recorded earlier (done, or its request retracted before its last token ran)."""
     setattr(req, EVICT_AT, None)
 
 
