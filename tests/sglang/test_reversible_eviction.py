@@ -613,6 +613,33 @@ def test_a_later_turn_that_will_restore_has_its_last_chunk_cut_one_token_short()
     server.check()
 
 
+def test_sglangs_own_prefill_adder_cuts_through_the_plugins_hooks(monkeypatch):
+    """SGLang 0.5.17's ``PrefillAdder`` (hooked by ``load_plugins`` above; the context-parallel switches a server
+    publishes stubbed off) takes a restoring later turn as its chunked request, one token short."""
+    import sglang.srt.managers.schedule_policy as schedule_policy
+
+    monkeypatch.setattr(schedule_policy, "is_dsa_prefill_cp_in_seq_split", lambda: False)
+    monkeypatch.setattr(schedule_policy, "is_prefill_context_parallel_enabled", lambda: False)
+    server = Server()
+    server.finish(server.turn(40))
+    reqs = [server.admit(60, rid="a"), server.admit(30, rid="b", first_token=100)]
+    for req in reqs:  # what add_one_req reads of SGLang's Req besides SimReq's fields
+        req.sampling_params = SimpleNamespace(custom_params=None, max_new_tokens=8, ignore_eos=False)
+        req.host_hit_length = req.swa_host_hit_length = 0
+        req.retracted_stain, req.needs_host_load_back = False, lambda: False
+    adder = schedule_policy.PrefillAdder(1, server.tree, server.allocator, None, 1.0, 10000, 8192)
+    assert adder.add_one_req(reqs[0], has_chunked_req=False, truncation_align_size=None) == AddReqResult.OTHER
+    assert adder.new_chunked_req is reqs[0] and (reqs[0].extend_range.start, reqs[0].extend_range.end) == (40, 59)
+    assert evict_at(reqs[0]) == 59
+    fresh = schedule_policy.PrefillAdder(1, server.tree, server.allocator, None, 1.0, 10000, 8192)
+    assert fresh.add_one_req(reqs[1], has_chunked_req=False, truncation_align_size=None) == AddReqResult.CONTINUE
+    assert fresh.new_chunked_req is None and reqs[1].extend_range.end == 30  # another conversation: no host copy
+    for req in reqs:
+        server.tree.dec_lock_ref(req.last_node)
+        server.finish(req, insert=False)
+    server.check()
+
+
 def test_a_cut_turn_evicts_after_its_cut_chunk_and_its_last_token_runs_over_the_restored_keep_set(caplog):
     caplog.set_level("INFO", logger="sgl_evict")
     server = Server()
