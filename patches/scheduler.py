@@ -26,7 +26,7 @@
   runs alone after the restore and the answer's first token sees what came back
   (:mod:`sgl_evict.engine.last_token`).
 - ``sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch`` (AROUND): under the overlap scheduler
-  (``SGL_EVICT_EXPERIMENTAL_OVERLAP=1``), the result of a batch whose processing evicts is processed before the
+  (on where verified), the result of a batch whose processing evicts is processed before the
   next forward launches (:mod:`sgl_evict.engine.overlap`); the result hooks then wait for their forward first.
 - ``sglang.srt.managers.scheduler.Scheduler.stash_chunked_request`` (AROUND): between the chunks of a long prompt
   SGLang inserts the chunks done so far into the radix tree, which then owns their slots, so eviction after the
@@ -127,19 +127,19 @@ def add_one_req_around(original, self, req, *args, **kwargs):
     that will restore evicted tokens after it, stops one token short as a chunked request
     (:mod:`sgl_evict.engine.last_token`); the adder then takes no more requests, as after any chunk."""
     result = original(self, req, *args, **kwargs)
-    if self.can_run_list and self.can_run_list[-1] is req:
-        forget_cut(req)  # a retracted request's earlier cut, if any
+    if not (self.can_run_list and self.can_run_list[-1] is req):
+        return result  # not taken
+    forget_cut(req)  # a retracted request's earlier cut, if any
     # another request's chunks still running: SGLang holds one chunked request at a time
     chunking = kwargs.get("has_chunked_req", args[0] if args else False)
     align = kwargs.get("truncation_align_size", args[1] if len(args) > 1 else None)
-    if (self.can_run_list and self.can_run_list[-1] is req and self.new_chunked_req is None and not chunking
-            and align is None and _may_cut(self, req)):
-        cut(req)
-        self.new_chunked_req = req
-        from sglang.srt.managers.schedule_policy import AddReqResult
+    if self.new_chunked_req is not None or chunking or align is not None or not _may_cut(self, req):
+        return result
+    cut(req)
+    self.new_chunked_req = req
+    from sglang.srt.managers.schedule_policy import AddReqResult
 
-        return result if result == AddReqResult.NO_TOKEN else AddReqResult.OTHER
-    return result
+    return result if result == AddReqResult.NO_TOKEN else AddReqResult.OTHER
 
 
 def add_chunked_req_around(original, self, req, *args, **kwargs):

@@ -256,9 +256,9 @@ def overlap_unverified(config: EvictionConfig, args: argparse.Namespace) -> str 
     if page_size > 1 and backend != "flashinfer":  # pages verified there only
         return f"--page-size {page_size} on {backend or 'the default backend'}"
     for flag in _BACKEND_FLAGS:
-        backend = getattr(args, flag, None)
-        if backend and backend not in OVERLAP_VERIFIED_BACKENDS:
-            return f"--{flag.replace('_', '-')} {backend}"
+        given = getattr(args, flag, None)
+        if given and given not in OVERLAP_VERIFIED_BACKENDS:
+            return f"--{flag.replace('_', '-')} {given}"
     if getattr(args, "model_path", None) and _has_sliding_window_layers(args):
         return "a model with sliding-window layers"
     return None

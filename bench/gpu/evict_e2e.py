@@ -594,6 +594,11 @@ def served_logprobs(harness, state, name: str, policy: str, budget: float, token
     return [ours[0], *view[1:LOOKAHEAD_STEPS + 1], *ours[LOOKAHEAD_STEPS + 1:]]
 
 
+def mean_gap(served: list[float], ours: list[float]) -> float:
+    """Mean |server log-prob - harness log-prob| over an answer's tokens."""
+    return sum(abs(a - b) for a, b in zip(served, ours)) / len(ours)
+
+
 def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks: dict, report: dict,
                          keep_sets: dict[str, list[list[int]]], device: str = "cuda") -> None:
     """Mean |server log-prob - harness log-prob| of each server's answer, same policy vs full cache; overlap of
@@ -625,7 +630,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
                 for key, kept in (("logged_keep_set", keep), ("full_cache", None)):
                     ours = harness.token_logprobs(state, make_policy("snapkv" if kept else "none"),
                                                   Budget(fraction=BUDGET), "uniform", body["output_ids"], kept)
-                    gap[key].append(sum(abs(a - b) for a, b in zip(served, ours)) / len(ours))
+                    gap[key].append(mean_gap(served, ours))
         for name, logged in keep_sets.items():
             if name in overlaps and i < len(logged):
                 policy = harness_policy(policies[name], answers[name][i]["output_ids"] if name in answers else [])
@@ -637,7 +642,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
             tokens = body["output_ids"]
             for key, policy, budget in (("same_policy", policies[name], BUDGET), ("full_cache", "none", 1.0)):
                 ours = served_logprobs(harness, state, name, policy, budget, tokens)
-                gaps[name][key].append(sum(abs(a - b) for a, b in zip(served, ours)) / len(ours))
+                gaps[name][key].append(mean_gap(served, ours))
     summary = {name: {k: sum(v) / len(v) for k, v in g.items()} for name, g in gaps.items()}
     report["harness_logprob_gap"] = summary
     report["snapkv_keep_set_overlap_with_harness"] = overlaps.get("snapkv-fi", [])
