@@ -32,6 +32,7 @@ FLAG_OF_FIELD = {
     "soft_tokens": "--kv-evict-soft-tokens", "page_granular": "--kv-evict-page-granular",
     "granularity": "--kv-evict-granularity", "layer_groups": "--kv-evict-layer-groups",
     "history": "--kv-evict-history", "host_pool_gb": "--kv-evict-host-pool-gb",
+    "continuation": "--kv-evict-continuation",
 }
 _DEFAULTS = EvictionConfig()
 
@@ -90,6 +91,9 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        help="Leading tokens always kept.")
     group.add_argument("--kv-evict-pooling-kernel", type=_int_at_least(1), default=_DEFAULTS.pooling_kernel,
                        help="Odd 1-D pooling kernel over scores.")
+    group.add_argument("--kv-evict-continuation", type=_int_at_least(0), default=_DEFAULTS.continuation,
+                       help="Each token also takes the best score of this many tokens before it, so that a kept "
+                            "token's next tokens (a number's later digits) stay with it (0: off).")
     group.add_argument("--kv-evict-min-prompt-len", type=_int_at_least(0), default=_DEFAULTS.min_prompt_len,
                        help="Prompts shorter than this are not compressed.")
     group.add_argument("--kv-evict-lookahead-steps", type=_int_at_least(1), default=_DEFAULTS.lookahead_steps,

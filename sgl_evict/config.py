@@ -24,7 +24,7 @@ RADIX_CACHE_BACKEND = "sgl-evict"
 HISTORY_RULES = ("rescore", "keep", "restore")
 #: config fields the server's policy object takes, as its own option names (where the policy has that option)
 POLICY_OPTIONS = {"pooling_kernel": "pooling_kernel", "lookahead_steps": "lookahead_steps",
-                  "lookahead_reserve": "reserve",
+                  "lookahead_reserve": "reserve", "continuation": "continuation",
                   "soft_tokens": "soft_tokens_path"}
 
 
@@ -49,6 +49,9 @@ class EvictionConfig:
     history: str = "rescore"
     #: host memory (GiB) for evicted tokens' K and V (``history`` ``restore``); per server, 0: none
     host_pool_gb: float = 0.0
+    #: query-scoring policies: each token also takes the best combined score of this many tokens before it, so
+    #: that a kept token's next tokens stay with it (``sgl_evict.selection.carry_forward``); 0: off
+    continuation: int = 0
 
     def __post_init__(self):
         self._check_types()
@@ -59,13 +62,17 @@ class EvictionConfig:
         for name in ("window", "pooling_kernel", "lookahead_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("sinks", "min_prompt_len"):
+        for name in ("sinks", "min_prompt_len", "continuation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be at least 0, got {getattr(self, name)}")
         if self.lookahead_reserve != 0 and self.lookahead_reserve < 1:
             raise ValueError(f"lookahead_reserve: 0 (off) or a factor of at least 1, got {self.lookahead_reserve}")
         if self.pooling_kernel % 2 == 0:
             raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
+        if self.continuation and self.enabled and "continuation" not in getattr(POLICIES[self.policy],
+                                                                               "__dataclass_fields__", {}):
+            raise ValueError(f"continuation: applies to policies scored by queries, not {self.policy!r} (scored by "
+                             "position)")
         if self.history not in HISTORY_RULES:
             raise ValueError(f"history: {self.history!r} is not one of {', '.join(HISTORY_RULES)}")
         self._check_restore()
@@ -79,7 +86,8 @@ class EvictionConfig:
     def _check_types(self) -> None:
         """ValueError naming the field whose value has the wrong type (a per-request override is JSON: a string
         where a number belongs must fail that request with its reason, not raise a TypeError in the scheduler)."""
-        for name in ("window", "sinks", "pooling_kernel", "min_prompt_len", "lookahead_steps", "layer_groups"):
+        for name in ("window", "sinks", "pooling_kernel", "min_prompt_len", "lookahead_steps", "layer_groups",
+                     "continuation"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool)) and not (value is None and
                                                                                     name == "layer_groups"):
@@ -166,6 +174,8 @@ class EvictionConfig:
             parts.append(f"history={self.history}")
         if self.lookahead_reserve and policy.query_source == LOOKAHEAD:  # likewise
             parts.append(f"reserve={float(self.lookahead_reserve):g}")
+        if self.continuation:  # likewise
+            parts.append(f"continuation={self.continuation}")
         return "kv_evict:" + hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
     def override(self, request_params: dict | None) -> "EvictionConfig":

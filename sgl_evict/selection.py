@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 GRANULARITIES = ("uniform", "per_layer", "per_head")
 
@@ -123,6 +124,23 @@ def protected_mask(seq_len: int, sinks: int, recent: int, device: torch.device |
     return (pos < sinks) | (pos >= seq_len - recent)
 
 
+def carry_forward(scores: torch.Tensor, span: int, live: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores [..., seq_len]`` with each token's score raised to the best of the ``span`` tokens before it.
+
+    A question's window queries attend to the start of a fact they match ("... opens with the code 74"), much
+    less to its later digits, which the answer then copies; carrying a score forward keeps a kept token's next
+    ``span`` tokens with it. ``live [seq_len]`` bool: the positions that may take a score (holes, and candidates
+    with no KV, keep theirs). ``span`` 0 returns ``scores`` itself.
+    """
+    if span < 0:
+        raise ValueError(f"continuation span must be >= 0, got {span}")
+    if span == 0:
+        return scores
+    flat = F.pad(scores.reshape(-1, 1, scores.shape[-1]), (span, 0), value=float("-inf"))
+    carried = F.max_pool1d(flat, span + 1, stride=1).view(scores.shape)
+    return carried if live is None else torch.where(live, carried, scores)
+
+
 def _top_indices(scores: torch.Tensor, protected: torch.Tensor, num_keep: int) -> torch.Tensor:
     """Indices of the ``num_keep`` best tokens of ``scores [..., seq_len]``, protected first, ascending."""
     ranked = scores.masked_fill(protected, float("inf"))
@@ -144,6 +162,7 @@ def select_keep(
     granularity: str = "uniform",
     global_budget: bool = False,
     min_layer_fraction: float = 0.0,
+    continuation: int = 0,
 ) -> KeepSet:
     """Chooses the kept tokens of one request from its scores.
 
@@ -158,6 +177,8 @@ def select_keep(
         min_layer_fraction: ``global_budget`` only, in ``[0, 1]``: every layer first keeps its best
             ``ceil(min_layer_fraction x budget)`` tokens (protected first), so the split cannot leave a layer
             with only its protected tokens; 0 is the plain global split, 1 is ``per_layer`` without it.
+        continuation: each token also takes the best combined score of the ``continuation`` tokens before it
+            (:func:`carry_forward`), so a kept token's next tokens stay with it; 0 is off.
 
     Returns:
         The :class:`KeepSet`. Every layer keeps exactly ``max(budget, protected)`` tokens per KV head,
@@ -188,18 +209,19 @@ def select_keep(
         return [r.expand(num_kv_heads, -1) for r in rows]
 
     if granularity == "uniform":
-        combined = _normalise(scores).mean(dim=(0, 1))
+        combined = carry_forward(_normalise(scores).mean(dim=(0, 1)), continuation)
         row = _top_indices(combined, protected, num_keep)
         return KeepSet(per_layer_rows(row.expand(num_layers, -1)), seq_len)
     if granularity == "per_head":
+        scores = carry_forward(scores, continuation)
         return KeepSet(list(_top_indices(scores, protected, num_keep).unbind(0)), seq_len)
     if not global_budget:
-        combined = _normalise(scores).mean(dim=1)  # [num_layers, seq_len]
+        combined = carry_forward(_normalise(scores).mean(dim=1), continuation)  # [num_layers, seq_len]
         return KeepSet(per_layer_rows(_top_indices(combined, protected, num_keep)), seq_len)
 
     # Global: every layer's floor first (its protected tokens, then its best tokens up to the floor), then the
     # best remaining (layer, token) pairs by raw score.
-    raw = scores.sum(dim=1)  # [num_layers, seq_len]
+    raw = carry_forward(scores.sum(dim=1), continuation)  # [num_layers, seq_len]
     floor = max(int(protected.sum()), math.ceil(min_layer_fraction * num_keep))
     first = torch.zeros_like(raw, dtype=torch.bool).scatter_(1, _top_indices(raw, protected, floor), True)
     combined = raw.masked_fill(first, float("inf")).flatten()
@@ -218,6 +240,7 @@ def select_keep_grouped(
     sinks: int = 4,
     recent: int = 32,
     global_budget: bool = False,
+    continuation: int = 0,
 ) -> KeepSet:
     """``per_layer`` selection where layers of one layer group share a keep-set (the server's layered pool with
     ``--kv-evict-layer-groups``; :class:`sgl_evict.layer_groups.GroupLayout` says which group a layer is in).
@@ -225,7 +248,7 @@ def select_keep_grouped(
     Args:
         scores: ``[num_layers, num_kv_heads, seq_len]`` of the compressed layers.
         groups: ``[num_layers]`` the group of each row of ``scores``; rows of one group share a keep-set.
-        budget, sinks, recent: as for :func:`select_keep`.
+        budget, sinks, recent, continuation: as for :func:`select_keep`.
         global_budget: laprox: raw scores summed over each group's layers and heads, then ``select_keep``'s global
             split over groups (``num_groups x max(budget, protected)`` in total). Otherwise each group keeps
             ``uniform``'s keep-set of its own layers: exactly ``max(budget, protected)``.
@@ -240,9 +263,11 @@ def select_keep_grouped(
     members = [[i for i, g in enumerate(groups) if g == label] for label in labels]
     if global_budget:
         raw = torch.stack([scores[rows].float().sum(dim=0) for rows in members])  # [num_groups, kv_heads, seq_len]
-        per_group = select_keep(raw, budget, sinks, recent, "per_layer", global_budget=True).indices
+        per_group = select_keep(raw, budget, sinks, recent, "per_layer", global_budget=True,
+                                continuation=continuation).indices
     else:
-        per_group = [select_keep(scores[rows], budget, sinks, recent, "uniform").indices[0] for rows in members]
+        per_group = [select_keep(scores[rows], budget, sinks, recent, "uniform",
+                                 continuation=continuation).indices[0] for rows in members]
     indices: list[torch.Tensor] = [torch.empty(0)] * scores.shape[0]
     for rows, kept in zip(members, per_group):
         for i in rows:

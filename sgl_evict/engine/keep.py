@@ -17,7 +17,7 @@ from sgl_evict.holes import is_live
 from sgl_evict.kernels.selection import select_pages
 from sgl_evict.policies import EvictionPolicy, make_policy
 from sgl_evict.rope import RopeSpec
-from sgl_evict.selection import Budget, select_keep
+from sgl_evict.selection import Budget, carry_forward, select_keep
 
 logger = logging.getLogger("sgl_evict")
 
@@ -184,6 +184,12 @@ def combined_scores(scores: torch.Tensor) -> torch.Tensor:
     return (scores / torch.where(total > 0, total, torch.ones_like(total))).sum(dim=(0, 1))
 
 
+def continuation_of(config: EvictionConfig) -> int:
+    """The continuation span ``config``'s policy selects with: ``config.continuation`` where the policy scores by
+    queries (the harness reads it from the policy object), 0 for position policies."""
+    return getattr(config.policy_object, "continuation", 0)
+
+
 def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int = 1,
               protected_recent: int = 0, prefix: int = 0) -> torch.Tensor:
     """``[seq_len]`` bool keep mask of one request from its :func:`combined_scores`: one keep-set for all layers
@@ -193,12 +199,16 @@ def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor,
     leading tokens the request found in the radix cache (``req.cache_protected_len``), which ``history`` ``keep``
     keeps as cached (:func:`_keep_after_prefix`).
 
+    ``config.continuation`` (query-scoring policies): live tokens also take the best score of that many tokens
+    before them (:func:`~sgl_evict.selection.carry_forward`; holes keep their zero).
+
     With ``page_size > 1`` whole pages are kept or dropped (a page's score is the sum of its tokens', the budget
     is rounded up to pages; ``kernels/selection.py``), so every dropped page can be freed. ``row`` is the
     request's ``[seq_len]`` slot row (its pages).
     """
     if config.history == "keep" and prefix > 0:
         return _keep_after_prefix(combined, config, row, page_size, protected_recent, prefix)
+    combined = carry_forward(combined, continuation_of(config), is_live(row))
     seq_len = combined.shape[0]
     recent = max(config.window, protected_recent)
     if page_size == 1:

@@ -219,7 +219,7 @@ class EvictionHarness:
     def _add_lookahead_queries(self, state, policy: LookaheadQCache, budget, granularity, obs) -> None:
         """LAQ: decode ``lookahead_steps`` tokens on a SnapKV-compressed copy, recording their queries."""
         provisional = SnapKV(pooling_kernel=policy.pooling_kernel, pooling_mode=policy.pooling_mode,
-                             gqa_reduce=policy.gqa_reduce)
+                             gqa_reduce=policy.gqa_reduce, continuation=policy.continuation)
         cache = self._compressed_cache(state, self._select(state, provisional, budget, granularity, obs))
         self.ctx.queries = {}
         if policy.lookahead_tokens is not None:
@@ -259,15 +259,16 @@ class EvictionHarness:
         if getattr(policy, "reserve", 0):
             # laq's reserve: only the provisional cache's best reserve x budget tokens stay candidates
             provisional = SnapKV(pooling_kernel=policy.pooling_kernel, pooling_mode=policy.pooling_mode,
-                                 gqa_reduce=policy.gqa_reduce)
+                                 gqa_reduce=policy.gqa_reduce, continuation=policy.continuation)
             wide = self._select(state, provisional, budget.scaled(policy.reserve), granularity, obs)
             scores = scores * torch.stack([wide.mask(i) for i in range(len(obs))]).to(scores.dtype)
         global_budget = granularity == "per_layer" and policy.comparable_across_layers
         recent = max(self.window, self.protected_recent)
+        span = getattr(policy, "continuation", 0)  # query-scoring policies only, as in the server
         if granularity == "per_layer" and self.layout is not None:
             groups = [self.layout.group_of(layer) for layer in self.layers]
-            return select_keep_grouped(scores, groups, budget, self.sinks, recent, global_budget)
-        return select_keep(scores, budget, self.sinks, recent, granularity, global_budget)
+            return select_keep_grouped(scores, groups, budget, self.sinks, recent, global_budget, continuation=span)
+        return select_keep(scores, budget, self.sinks, recent, granularity, global_budget, continuation=span)
 
     @torch.inference_mode()
     def select(self, state: PrefillState, policy: EvictionPolicy, budget: Budget, granularity: str) -> KeepSet:

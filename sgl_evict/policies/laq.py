@@ -48,6 +48,7 @@ class LookaheadQCache(QueryScoringPolicy):
     reserve: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.lookahead_steps < 1:
             raise ValueError(f"laq needs lookahead_steps >= 1, got {self.lookahead_steps}")
         if self.reserve != 0 and self.reserve < 1:

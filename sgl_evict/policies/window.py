@@ -20,6 +20,9 @@ class QueryScoringPolicy(EvictionPolicy):
         pooling_kernel: odd width of the max/avg pooling over neighbouring tokens (1 disables it).
         pooling_mode: ``"max"`` or ``"avg"``.
         gqa_reduce: how a KV head combines its query heads' scores: ``"mean"``, ``"max"`` or ``"sum"``.
+        continuation: at selection, each token also takes the best combined score of this many tokens before it,
+            so that a kept token's next tokens stay with it (:func:`~sgl_evict.selection.carry_forward`; the
+            server's ``--kv-evict-continuation``); 0 is off.
     """
 
     query_source = WINDOW
@@ -32,6 +35,11 @@ class QueryScoringPolicy(EvictionPolicy):
     pooling_kernel: int = 7
     pooling_mode: str = "max"
     gqa_reduce: str = "mean"
+    continuation: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.continuation, bool) or not isinstance(self.continuation, int) or self.continuation < 0:
+            raise ValueError(f"continuation: expected an integer >= 0, got {self.continuation!r}")
 
     @property
     def pool_width(self) -> int:

@@ -196,6 +196,9 @@ def test_no_flags_means_no_eviction(prepare):
     (["--kv-evict-sinks", "x"], "argument --kv-evict-sinks: expected an integer, got 'x'"),
     (["--kv-evict-policy", "snapkv"], "argument --kv-evict-budget: policy 'snapkv' needs a budget"),
     (["--kv-evict-pooling-kernel", "4"], "argument --kv-evict-pooling-kernel: must be odd, got 4"),
+    (["--kv-evict-continuation", "-1"], "argument --kv-evict-continuation: must be at least 0, got -1"),
+    (["--kv-evict-policy", "streaming", "--kv-evict-budget", "0.1", "--kv-evict-continuation", "3"],
+     "argument --kv-evict-continuation: applies to policies scored by queries, not 'streaming'"),
     (["--kv-evict-policy", "judgeq", "--kv-evict-budget", "0.1", "--kv-evict-soft-tokens", "/no/such/file"],
      "argument --kv-evict-soft-tokens: file '/no/such/file' does not exist"),
     (["--kv-evict-policy", "snapkv", "--kv-evict-budget", "0.1", "--enable-hierarchical-cache"],
@@ -262,6 +265,9 @@ def test_laq_is_served_with_its_lookahead_steps(prepare):
 def test_laprox_is_served(prepare):
     args = prepare("--kv-evict-policy", "laprox", "--kv-evict-budget", "0.1", "--kv-evict-pooling-kernel", "5")
     assert eviction_config(args) == EvictionConfig(policy="laprox", budget=Budget.parse("0.1"), pooling_kernel=5)
+    carried = eviction_config(prepare("--kv-evict-policy", "laprox", "--kv-evict-budget", "0.1",
+                                      "--kv-evict-continuation", "3"))
+    assert carried.continuation == 3 and carried.policy_object.continuation == 3
     assert not args.disable_overlap_schedule and args.cuda_graph_backend_prefill == "disabled"
 
 

@@ -707,10 +707,11 @@ def test_restore_without_free_slots_restores_fewer_and_never_the_locked_prefix()
     server.check()
 
 
-@pytest.mark.parametrize("policy", ["streaming", "dapq", "laprox", "tova"])
-def test_every_restorable_policy_restores_what_the_harness_rule_keeps(policy, monkeypatch):
+@pytest.mark.parametrize("policy, continuation", [("streaming", 0), ("dapq", 0), ("laprox", 0), ("tova", 0),
+                                                  ("laprox", 3)])
+def test_every_restorable_policy_restores_what_the_harness_rule_keeps(policy, continuation, monkeypatch):
     config = EvictionConfig(policy=policy, budget=Budget(tokens=12), window=WINDOW, sinks=2, pooling_kernel=3,
-                            history="restore", host_pool_gb=1.0)
+                            history="restore", host_pool_gb=1.0, continuation=continuation)
     STATE.configure(config)
     monkeypatch.setattr(STATE, "rope", RopeSpec(inv_freq=1.0 / (10000 ** (torch.arange(0, DIM, 2).float() / DIM))))
     gen = torch.Generator().manual_seed(7)

@@ -31,6 +31,10 @@ SERVER = EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"))
     ({"lookahead_reserve": True}, "lookahead_reserve: expected a number, got True"),
     ({"lookahead_reserve": 0.5}, "lookahead_reserve: 0 (off) or a factor of at least 1, got 0.5"),
     ({"lookahead_reserve": float("nan")}, "lookahead_reserve: expected a number, got nan"),
+    ({"continuation": "3"}, "continuation: expected an integer, got '3'"),
+    ({"continuation": -1}, "continuation: must be at least 0, got -1"),
+    ({"policy": "streaming", "continuation": 3}, "continuation: applies to policies scored by queries, not "
+                                                 "'streaming'"),
 ])
 def test_a_malformed_override_is_a_value_error_naming_its_field(raw, message):
     with pytest.raises(ValueError) as info:
@@ -98,3 +102,10 @@ def test_restore_refuses_policies_that_need_more_than_the_held_out_keys(raw, mes
 def test_a_host_pool_size_is_a_non_negative_number(gb):
     with pytest.raises(ValueError, match="host_pool_gb: expected a size in GiB of at least 0"):
         EvictionConfig(policy="snapkv", budget=Budget.parse("0.1"), host_pool_gb=gb)
+
+
+def test_continuation_is_a_policy_option_and_its_own_radix_namespace():
+    carried = SERVER.override({"kv_evict": {"continuation": 3}})
+    assert carried.policy_object.continuation == 3 and SERVER.policy_object.continuation == 0
+    assert carried.fingerprint() != SERVER.fingerprint()
+    assert SERVER.override({"kv_evict": {"continuation": 0}}).fingerprint() == SERVER.fingerprint()

@@ -192,6 +192,23 @@ def test_keep_mask_equals_uniform_select_keep():
     assert torch.equal(keep_mask(combined_scores(scores), config, torch.ones(60, dtype=torch.int32)), expected)
 
 
+def test_keep_mask_carries_scores_forward_as_select_keep_does_and_never_onto_holes():
+    scores = torch.rand(3, 2, 60, generator=_gen(6))
+    scores[..., 20] = 5.0
+    config = EvictionConfig(policy="laprox", budget=Budget.parse("0.2"), window=5, sinks=2, continuation=4)
+    expected = select_keep(scores, config.budget, 2, 5, "uniform", continuation=4).mask(0)[0]
+    live_row = torch.arange(1, 61, dtype=torch.int32)
+    assert torch.equal(keep_mask(combined_scores(scores), config, live_row), expected)
+    assert expected[20:25].all()
+    holed = live_row.clone()
+    holed[21:23] = HOLE  # evicted earlier: zero scores, and they must not take 20's
+    keep = keep_mask(combined_scores(scores * (holed != HOLE)), config, holed)
+    assert not keep[21:23].any() and keep[20] and keep[23:25].all()
+    off = EvictionConfig(policy="laprox", budget=Budget.parse("0.2"), window=5, sinks=2)
+    assert torch.equal(keep_mask(combined_scores(scores), off, live_row),
+                       select_keep(scores, config.budget, 2, 5, "uniform").mask(0)[0])
+
+
 def test_page_granular_keep_mask_keeps_whole_pages_within_the_budget():
     page, seq_len = 4, 61  # the last page is partial
     combined = torch.rand(seq_len, generator=_gen(8))

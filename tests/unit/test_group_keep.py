@@ -3,6 +3,7 @@ scores: G = 1 is the engine's uniform keep mask, G = L the harness's per_layer s
 split), any G the per_layer selection over the group's (layer, head) rows; tensor-parallel partial sums select
 the same sets."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from sgl_evict.config import EvictionConfig
 from sgl_evict.engine.group_keep import group_keep_masks, group_scores
 from sgl_evict.engine.keep import combined_scores, keep_mask
-from sgl_evict.selection import Budget, protected_mask, select_keep
+from sgl_evict.holes import HOLE
+from sgl_evict.selection import Budget, protected_mask, select_keep, select_keep_grouped
 
 SINKS, WINDOW = 2, 4
 
@@ -132,3 +134,20 @@ def test_bad_groupings_are_refused():
         group_keep_masks(group_scores(scores, 2, False), config_of(0.2), row, min_group_fraction=0.5)
     with pytest.raises(ValueError, match="token-granular"):
         group_keep_masks(group_scores(scores, 2, True), config_of(0.2), row, page_size=4, global_split=True)
+
+
+@pytest.mark.parametrize("global_split", [False, True])
+def test_groups_carry_scores_forward_as_the_harness_does_and_never_onto_holes(global_split):
+    scores = random_scores(4, 2, 60, 11)
+    scores[0, :, 20] = scores[2, :, 20] = 5.0
+    config = dataclasses.replace(config_of(0.2), policy="laprox", continuation=4)
+    row = torch.arange(1, 61, dtype=torch.int32)
+    combined = group_scores(scores, 2, global_split)
+    masks = group_keep_masks(combined, config, row, global_split=global_split)
+    expected = select_keep_grouped(scores, [0, 0, 1, 1], config.budget, SINKS, WINDOW, global_split,
+                                   continuation=4)
+    assert torch.equal(masks, torch.stack([expected.mask(0)[0], expected.mask(2)[0]]))
+    assert masks[:, 20:25].all()
+    row[21:23] = HOLE
+    holed = group_keep_masks(combined * (row != HOLE), config, row, global_split=global_split)
+    assert not holed[:, 21:23].any() and holed[:, 23:25].all()

@@ -9,7 +9,7 @@ from tiny_models import tiny_gemma3, tiny_llama
 
 from sgl_evict import Budget, make_policy
 from sgl_evict.harness import EvictionHarness
-from sgl_evict.selection import KeepSet
+from sgl_evict.selection import KeepSet, select_keep
 from sgl_evict.soft_tokens import SoftTokens
 
 POLICIES = ["snapkv", "laq", "dapq", "laprox", "streaming", "random"]
@@ -110,6 +110,21 @@ def test_laq_with_a_reserve_chooses_among_the_snapkv_best_only(setup):
     assert all(torch.equal(a, b) for a, b in zip(covering.indices, laq.indices))  # 5 x 20%: every token
     with pytest.raises(ValueError, match="reserve 0 \\(off\\) or at least 1"):
         make_policy("laq", reserve=0.5)
+
+
+@pytest.mark.parametrize("granularity", ["uniform", "per_layer"])
+def test_a_policys_continuation_reaches_the_selection(setup, granularity):
+    _, _, _, harness, state = setup
+    budget, policy = Budget(fraction=0.2), make_policy("laprox", continuation=3)
+    scores = torch.stack([policy.score(o) for o in harness.observations(state, policy, budget, granularity)])
+    recent = max(harness.window, harness.protected_recent)
+    expected = select_keep(scores, budget, harness.sinks, recent, granularity, granularity == "per_layer",
+                           continuation=3)
+    got = harness.select(state, policy, budget, granularity)
+    assert all(torch.equal(a, b) for a, b in zip(got.indices, expected.indices))
+    plain = harness.select(state, make_policy("laprox"), budget, "uniform")
+    carried = harness.select(state, policy, budget, "uniform")
+    assert not torch.equal(carried.indices[0], plain.indices[0])
 
 
 def test_laq_with_its_own_greedy_tokens_forced_keeps_the_same_set(setup):

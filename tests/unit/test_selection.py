@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sgl_evict.layer_groups import GroupLayout
-from sgl_evict.selection import Budget, protected_mask, select_keep, select_keep_grouped
+from sgl_evict.selection import Budget, carry_forward, protected_mask, select_keep, select_keep_grouped
 
 
 @pytest.mark.parametrize("text,fraction,tokens", [("0.1", 0.1, None), ("10%", 0.1, None), (0.25, 0.25, None),
@@ -186,3 +186,38 @@ def test_group_layout_of_gemma3_270m():
                           ((4, 2, frozenset({4})), "outside 0..3")]:
         with pytest.raises(ValueError, match=message):
             GroupLayout(*args)
+
+
+def test_carry_forward_raises_each_score_to_the_best_of_the_span_before_it():
+    scores = torch.tensor([0.0, 5, 1, 1, 1, 0, 0, 2, 0])
+    assert carry_forward(scores, 2).tolist() == [0, 5, 5, 5, 1, 1, 1, 2, 2]
+    assert carry_forward(scores, 0) is scores
+    live = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)  # position 3: a hole keeps its score
+    assert carry_forward(scores, 2, live).tolist() == [0, 5, 5, 1, 1, 1, 1, 2, 2]
+    batched = carry_forward(torch.stack([scores, scores.flip(0)]).view(2, 1, 9), 2)
+    assert batched.shape == (2, 1, 9) and batched[1, 0].tolist() == carry_forward(scores.flip(0), 2).tolist()
+    with pytest.raises(ValueError, match="continuation span must be >= 0"):
+        carry_forward(scores, -1)
+
+
+@pytest.mark.parametrize("granularity", ["uniform", "per_layer", "per_head"])
+def test_continuation_keeps_the_tokens_after_a_peak_instead_of_scattered_ones(granularity):
+    # a fact starts at 10 (what the question matched); its next tokens score low, scattered tokens a little higher
+    scores = torch.full((2, 2, 40), 0.01)
+    scores[..., 10] = 1.0
+    scores[..., [3, 20, 30]] = 0.2
+    without = select_keep(scores, Budget(tokens=4), sinks=0, recent=0, granularity=granularity)
+    with_span = select_keep(scores, Budget(tokens=4), sinks=0, recent=0, granularity=granularity, continuation=3)
+    assert without.indices[0][0].tolist() == [3, 10, 20, 30]
+    assert with_span.indices[0][0].tolist() == [10, 11, 12, 13]
+    grouped = select_keep_grouped(scores, [0, 0], Budget(tokens=4), sinks=0, recent=0, continuation=3)
+    assert grouped.indices[0][0].tolist() == [10, 11, 12, 13]
+
+
+def test_continuation_with_a_global_budget_carries_raw_scores():
+    scores = torch.full((2, 1, 30), 0.01)
+    scores[0, 0, 5] = 1.0
+    kept = [set(select_keep(scores, Budget(tokens=3), sinks=0, recent=0, granularity="per_layer",
+                            global_budget=True, continuation=span).indices[0][0].tolist()) for span in (0, 2)]
+    assert 5 in kept[0] and not {6, 7} & kept[0]
+    assert {5, 6, 7} <= kept[1]
