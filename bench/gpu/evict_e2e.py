@@ -25,6 +25,7 @@ servers started before it too), so the six fit on one GPU:
 | ``random`` | random keep-set at 10% (the cheap baseline), FlashInfer |
 | ``laq`` | laq at 10%: 8 decode steps on the snapkv view, then re-scored with their queries and evicted |
 | ``laprox`` | laprox at 10% (window attention weighted by each value's norm through W_o), FlashInfer |
+| ``laprox-cont3`` | laprox at 10% with ``--kv-evict-continuation 3`` (a kept token's next 3 tokens kept with it): its keep-sets' overlap with the harness's ``laprox+continuation=3``; run only when named in ``--only`` |
 | ``plain-tp2`` / ``snapkv-tp2`` / ``laq-tp2`` | ``--tp 2`` (two GPUs): plain SGLang, snapkv and laq at 10%; run only when named in ``--only`` |
 | ``plain-fa3`` / ``full-fa3`` / ``snapkv-fa3`` | SGLang's ``fa3`` backend (needs the full sgl_kernel: flash_ops, docs/gpu.md): plain, snapkv at budget 1.0 (token for token as plain fa3), snapkv at 10% (checked as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, and with ``plain`` run too, whether plain fa3 answers as plain FlashInfer: the two backends round differently); run only when named in ``--only`` |
 | ``plain-fp8`` / ``full-fp8`` / ``snapkv-fp8`` | ``--kv-cache-dtype fp8_e4m3`` (FlashInfer): plain, snapkv at budget 1.0 (token for token as plain), snapkv at 10% (evicted and freed as the others; its keep-sets' Jaccard with ``snapkv-fi``'s reported, FP8 keys round the scores); run only when named in ``--only`` |
@@ -251,6 +252,9 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                  "--kv-evict-lookahead-steps", str(LOOKAHEAD_STEPS), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "laprox": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laprox", "--kv-evict-budget",
                     str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1", **CHECK_LSE}),
+        # a kept token's next 3 tokens kept with it (--kv-evict-continuation): its keep-sets against the harness's
+        "laprox-cont3": (["--attention-backend", "flashinfer", "--kv-evict-policy", "laprox", "--kv-evict-budget",
+                          str(BUDGET), "--kv-evict-continuation", "3", *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
         "plain-tp2": (["--attention-backend", "flashinfer", "--tp", "2"], {"SGLANG_PLUGINS": "not-sgl-evict"}),
         "snapkv-tp2": (["--attention-backend", "flashinfer", "--tp", "2", "--kv-evict-policy", "snapkv",
                         "--kv-evict-budget", str(BUDGET), *evict], {"SGL_EVICT_LOG_KEEP": "1"}),
@@ -302,7 +306,8 @@ def launch(model: Path, out: Path, only: set[str]) -> dict[str, Server]:
                   for name, (backend, page) in PAGED_OTHER_BACKENDS.items()})
     for name in OVERLAP_REFERENCES:
         specs[name] = ([*specs[name][0], "--disable-overlap-schedule"], specs[name][1])
-    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap", "-tr-page", "-restore")
+    named_only = ("-tp2", "plain-tr-eager", "layered-", "-fa3", "-page64", "-fp8", "-overlap", "-tr-page", "-restore",
+                  "-cont")
     specs = {name: spec for name, spec in specs.items()
              if name in only or (not only and not any(tag in name for tag in named_only))}
     servers = {}
@@ -572,9 +577,11 @@ def harness_policy(policy: str, answer: list[int]):
     (teacher-forced): on this random-weight model greedy choices are near-ties, and the harness's own greedy
     lookahead tokens differ from the server's after a step or two, and with them the queries."""
     from sgl_evict import make_policy
+    from sgl_evict.eval.runner import policy_variant
 
     if policy != "laq":
-        return make_policy(policy)
+        name, options = policy_variant(policy)  # a name, or a variant such as laprox+continuation=3
+        return make_policy(name, **options)
     return make_policy("laq", lookahead_steps=LOOKAHEAD_STEPS, lookahead_tokens=tuple(answer[:LOOKAHEAD_STEPS]))
 
 
@@ -614,6 +621,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     harness = EvictionHarness(hf, window=WINDOW, sinks=SINKS, device=device)
     policies = {"plain": "none", "snapkv-fi": "snapkv", "snapkv-tr": "snapkv", "snapkv-chunked": "snapkv",
                 "snapkv-eager": "snapkv", "streaming": "streaming", "dapq": "dapq", "laq": "laq", "laprox": "laprox",
+                "laprox-cont3": "laprox+continuation=3",
                 "plain-tp2": "none", "snapkv-tp2": "snapkv", "laq-tp2": "laq",
                 "plain-tr-eager": "none", "layered-snapkv": "snapkv", "layered-laprox": "laprox"}
     gaps = {name: {"same_policy": [], "full_cache": []} for name in policies if name in answers}
@@ -648,7 +656,7 @@ def compare_with_harness(model: Path, ps: list[list[int]], answers: dict, checks
     report["snapkv_keep_set_overlap_with_harness"] = overlaps.get("snapkv-fi", [])
     report["laq_keep_set_overlap_with_harness"] = overlaps.get("laq", [])
     report["laprox_keep_set_overlap_with_harness"] = overlaps.get("laprox", [])
-    for name in ("snapkv-tp2", "laq-tp2"):
+    for name in ("snapkv-tp2", "laq-tp2", "laprox-cont3"):
         if name in overlaps:
             report[f"{name}_keep_set_overlap_with_harness"] = overlaps[name]
     for name, gap in summary.items():

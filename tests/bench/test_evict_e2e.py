@@ -427,6 +427,17 @@ def test_restore_servers_start_only_when_named(monkeypatch, tmp_path):
     assert "--disable-overlap-schedule" not in servers["snapkv-restore-overlap"]
 
 
+def test_the_continuation_server_starts_only_when_named_and_is_compared_with_the_harness_variant(
+        monkeypatch, tmp_path):
+    _record_launch_environments(monkeypatch)
+    assert "laprox-cont3" not in e2e.launch(Path("/m"), tmp_path, set())
+    args = e2e.launch(Path("/m"), tmp_path, {"laprox-cont3"})["laprox-cont3"]
+    assert args[args.index("--kv-evict-continuation") + 1] == "3"
+    policy = e2e.harness_policy("laprox+continuation=3", [])
+    assert policy.name == "laprox" and policy.continuation == 3
+    assert e2e.harness_policy("laprox", []).continuation == 0
+
+
 def test_servers_answers_are_scored_under_the_keep_sets_they_logged(tmp_path):
     """A server that decoded on the keep-set it logged passes; one whose answers came from the full cache (a
     backend ignoring the holes, say) fails."""
