@@ -72,6 +72,13 @@ def _eval_defaults():
     return EvalConfig()
 
 
+def _check_output_file(flag: str, path: str, example: str) -> None:
+    """ValueError naming ``flag`` when ``path`` cannot take a file: checked before the model loads, so that an
+    evaluation does not run for half an hour and then fail to write its result."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag}: {path} is a folder; give a file in it, e.g. {Path(path) / example}")
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -115,6 +122,8 @@ def cmd_eval(args) -> int:
                         soft_tokens=args.soft_tokens)
     config.validate()  # before the model loads: a typo should not cost a minute
     _check_device(args.device)
+    _check_output_file("--out", args.out, "eval.json")
+    _check_output_file("--plot", args.plot, "eval.png")
     journal = Path(str(Path(args.out).with_suffix("")) + ".records.jsonl")
     done = _resumed_records(journal, dataclasses.asdict(config)) if args.resume else []
     journal.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,20 @@ def test_bad_model_and_device_are_named(tmp_path, capsys, flags, message):
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, example", [("--out", "eval.json"), ("--plot", "eval.png")])
+def test_an_output_path_that_is_a_folder_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flag,
+                                                                           example):
+    import sgl_evict.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model loaded before the check"))
+    paths = {"--out": str(tmp_path / "x.json"), "--plot": str(tmp_path / "x.png"), flag: str(tmp_path)}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *ARGS, "--out", paths["--out"], "--plot", paths["--plot"]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"{flag}: {tmp_path} is a folder; give a file in it, e.g. {tmp_path / example}" in err
+
+
 def test_cuda_without_cuda_is_named(tmp_path, capsys):
     import torch
 
