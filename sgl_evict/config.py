@@ -195,6 +195,9 @@ class EvictionConfig:
         if unknown:
             raise ValueError(f"kv_evict: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
         values = dict(raw)
+        chosen = POLICIES.get(values.get("policy")) if isinstance(values.get("policy"), str) else None
+        if chosen and "continuation" not in raw and "continuation" not in getattr(chosen, "__dataclass_fields__", {}):
+            values["continuation"] = 0  # the server's continuation does not apply to a position policy it asks for
         if "budget" in values and values["budget"] is not None:
             try:
                 values["budget"] = Budget.parse(values["budget"])

@@ -109,3 +109,8 @@ def test_continuation_is_a_policy_option_and_its_own_radix_namespace():
     assert carried.policy_object.continuation == 3 and SERVER.policy_object.continuation == 0
     assert carried.fingerprint() != SERVER.fingerprint()
     assert SERVER.override({"kv_evict": {"continuation": 0}}).fingerprint() == SERVER.fingerprint()
+    # a request of such a server may still ask for a position policy, which continuation does not apply to
+    streaming = carried.override({"kv_evict": {"policy": "streaming"}})
+    assert streaming.continuation == 0 and streaming.policy == "streaming"
+    with pytest.raises(ValueError, match="continuation: applies to policies scored by queries, not 'streaming'"):
+        carried.override({"kv_evict": {"policy": "streaming", "continuation": 3}})
