@@ -126,15 +126,13 @@ def gemma_harness(probe: str, policy_names: str):
     """``(harness, tokens, policies)``: Gemma 3 270M in the harness with the server's settings (window 32, 4 sinks,
     the model's sliding window protected), its quality-runner ``Tokens`` and ``{name: policy}``; a bad policy name
     exits naming ``probe``'s ``--policies``."""
-    from sgl_evict.eval.runner import policy_variant
+    from sgl_evict.eval.runner import variant_policy
     from sgl_evict.harness import EvictionHarness
     from sgl_evict.harness.models import load_gemma3_270m
-    from sgl_evict.policies import make_policy
     from sgl_evict.quality.runner import Tokens
 
     try:  # a name, or a variant such as laprox+continuation=3
-        policies = {text: make_policy(name, **options) for text in policy_names.split(",") if text
-                    for name, options in [policy_variant(text)]}
+        policies = {text: variant_policy(text) for text in policy_names.split(",") if text}
     except ValueError as err:
         raise SystemExit(f"{probe}: --policies: {err}") from None
     model, tokenizer = load_gemma3_270m()

@@ -69,8 +69,7 @@ class EvictionConfig:
             raise ValueError(f"lookahead_reserve: 0 (off) or a factor of at least 1, got {self.lookahead_reserve}")
         if self.pooling_kernel % 2 == 0:
             raise ValueError(f"pooling_kernel: must be odd, got {self.pooling_kernel}")
-        if self.continuation and self.enabled and "continuation" not in getattr(POLICIES[self.policy],
-                                                                               "__dataclass_fields__", {}):
+        if self.continuation and self.enabled and not _takes_continuation(self.policy):
             raise ValueError(f"continuation: applies to policies scored by queries, not {self.policy!r} (scored by "
                              "position)")
         if self.history not in HISTORY_RULES:
@@ -195,8 +194,9 @@ class EvictionConfig:
         if unknown:
             raise ValueError(f"kv_evict: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
         values = dict(raw)
-        chosen = POLICIES.get(values.get("policy")) if isinstance(values.get("policy"), str) else None
-        if chosen and "continuation" not in raw and "continuation" not in getattr(chosen, "__dataclass_fields__", {}):
+        asked = values.get("policy")
+        if "continuation" not in raw and isinstance(asked, str) and asked in POLICIES and \
+                not _takes_continuation(asked):
             values["continuation"] = 0  # the server's continuation does not apply to a position policy it asks for
         if "budget" in values and values["budget"] is not None:
             try:
@@ -204,6 +204,11 @@ class EvictionConfig:
             except ValueError as err:
                 raise ValueError(f"budget: {err}") from None
         return dataclasses.replace(self, **values)
+
+
+def _takes_continuation(policy: str) -> bool:
+    """Whether registered policy ``policy`` selects with a continuation (the query-scoring ones)."""
+    return "continuation" in getattr(POLICIES[policy], "__dataclass_fields__", {})
 
 
 def soft_token_file_id(path: str) -> str:

@@ -577,11 +577,10 @@ def harness_policy(policy: str, answer: list[int]):
     (teacher-forced): on this random-weight model greedy choices are near-ties, and the harness's own greedy
     lookahead tokens differ from the server's after a step or two, and with them the queries."""
     from sgl_evict import make_policy
-    from sgl_evict.eval.runner import policy_variant
+    from sgl_evict.eval.runner import variant_policy
 
     if policy != "laq":
-        name, options = policy_variant(policy)  # a name, or a variant such as laprox+continuation=3
-        return make_policy(name, **options)
+        return variant_policy(policy)  # a name, or a variant such as laprox+continuation=3
     return make_policy("laq", lookahead_steps=LOOKAHEAD_STEPS, lookahead_tokens=tuple(answer[:LOOKAHEAD_STEPS]))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sgl_evict.config import EvictionConfig
-from sgl_evict.engine.keep import combined_scores, continuation_of, keep_mask
+from sgl_evict.engine.keep import combined_scores, keep_mask
 from sgl_evict.holes import is_live
 from sgl_evict.layer_groups import GroupLayout
 from sgl_evict.selection import carry_forward, select_keep
@@ -62,7 +62,7 @@ def group_keep_masks(scores: torch.Tensor, config: EvictionConfig, row: torch.Te
     if page_size != 1:
         raise ValueError("the global split across layer groups is token-granular only (page_size 1)")
     recent = max(config.window, protected_recent)
-    scores = carry_forward(scores, continuation_of(config), is_live(row))
+    scores = carry_forward(scores, config.continuation, is_live(row))
     kept = select_keep(scores.unsqueeze(1), config.budget, config.sinks, recent, "per_layer", global_budget=True,
                        min_layer_fraction=min_group_fraction)
     return torch.stack([kept.mask(g)[0] for g in range(scores.shape[0])])

@@ -184,12 +184,6 @@ def combined_scores(scores: torch.Tensor) -> torch.Tensor:
     return (scores / torch.where(total > 0, total, torch.ones_like(total))).sum(dim=(0, 1))
 
 
-def continuation_of(config: EvictionConfig) -> int:
-    """The continuation span ``config``'s policy selects with: ``config.continuation`` where the policy scores by
-    queries (the harness reads it from the policy object), 0 for position policies."""
-    return getattr(config.policy_object, "continuation", 0)
-
-
 def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor, page_size: int = 1,
               protected_recent: int = 0, prefix: int = 0) -> torch.Tensor:
     """``[seq_len]`` bool keep mask of one request from its :func:`combined_scores`: one keep-set for all layers
@@ -208,7 +202,7 @@ def keep_mask(combined: torch.Tensor, config: EvictionConfig, row: torch.Tensor,
     """
     if config.history == "keep" and prefix > 0:
         return _keep_after_prefix(combined, config, row, page_size, protected_recent, prefix)
-    combined = carry_forward(combined, continuation_of(config), is_live(row))
+    combined = carry_forward(combined, config.continuation, is_live(row))
     seq_len = combined.shape[0]
     recent = max(config.window, protected_recent)
     if page_size == 1:

@@ -32,6 +32,12 @@ def policy_variant(text: str) -> tuple[str, dict]:
     return name, options
 
 
+def variant_policy(text: str) -> EvictionPolicy:
+    """The policy object of :func:`policy_variant`'s ``text`` (``laprox`` or ``laprox+continuation=3``)."""
+    name, options = policy_variant(text)
+    return make_policy(name, **options)
+
+
 def default_policies() -> list[str]:
     """Every registered policy that compresses and needs no file of its own (soft tokens are trained per model)."""
     return [name for name, cls in POLICIES.items() if cls.compresses and not cls.uses("soft_token_queries")]
